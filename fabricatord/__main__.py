@@ -1,0 +1,3 @@
+from fabricatord.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,496 @@
+"""The `fabricatord` command: each sub-command is a thin shell over the layers below."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from collections.abc import Callable, Sequence
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from fabricatord import __version__
+from fabricatord.config import ConfigError, Settings
+from fabricatord.config import load as load_config
+
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_UNAVAILABLE = 69
+EX_CONFIG = 78
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    from fabricatord.synth.checks import settings_problems
+
+    path = args.config or os.environ.get("FABRICATORD_CONFIG") or None
+    return load_config(Path(path) if path else None, checks=[settings_problems])
+
+
+def _logging(settings: Settings) -> None:
+    from fabricatord.obs.logging import configure
+
+    configure(settings.log.level, settings.log.format, settings.log.phi)
+
+
+def _database(settings: Settings) -> Any:
+    from fabricatord.db import open_database
+
+    return open_database(settings.database_url)
+
+
+def _writer(settings: Settings, database: Any) -> Any:
+    from fabricatord.db import InstanceIndex
+    from fabricatord.dicom.storage import InstanceWriter
+
+    return InstanceWriter(
+        InstanceIndex(database),
+        settings.storage_dir,
+        settings.tmp_dir,
+        settings.dicom.storage_layout,
+        settings.dicom.duplicates,
+    )
+
+
+def _print(*parts: object) -> None:
+    print(*parts, flush=True)
+
+
+class _Progress:
+    """A one-line progress bar on a terminal; silent otherwise."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total = max(total, 1)
+        self.done = 0
+        self.label = label
+        self.enabled = sys.stderr.isatty() and total >= 20
+
+    def __call__(self, step: int) -> None:
+        self.done += step
+        if self.enabled and (self.done % 5 == 0 or self.done == self.total):
+            width = 30
+            filled = width * self.done // self.total
+            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}")
+            if self.done >= self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+# -- check-config ---------------------------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    origin = settings.source or "built-in defaults"
+    _print(f"{origin}: OK ({len(settings.peers)} peers, {len(settings.routes)} routes)")
+    return 0
+
+
+# -- serve ----------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fabricatord.service import run
+
+    settings = _settings(args)
+    _logging(settings)
+    return run(settings)
+
+
+# -- generate -------------------------------------------------------------------------------
+
+
+def _peer(settings: Settings, text: str) -> Any:
+    from fabricatord.dicom.scu import Peer, parse_address
+
+    configured = settings.peer(text)
+    if configured is not None:
+        return Peer(configured.ae_title, configured.host, configured.port, configured.name)
+    address = parse_address(text)
+    if address is None:
+        names = ", ".join(p.name for p in settings.peers) or "none configured"
+        raise CliError(f"unknown peer {text!r}: give a [[peers]] name ({names}) or AET@host:port", EX_USAGE)
+    return address
+
+
+def _timeouts(settings: Settings) -> Any:
+    from fabricatord.config.values import parse_duration
+    from fabricatord.dicom.scu import Timeouts
+
+    d = settings.dicom
+    return Timeouts(
+        parse_duration(d.connect_timeout),
+        parse_duration(d.acse_timeout),
+        parse_duration(d.dimse_timeout),
+        parse_duration(d.network_timeout),
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fabricatord.synth.templates import TEMPLATES
+    from fabricatord.workflow.generation import GenerateOptions, StudyGenerator
+
+    settings = _settings(args)
+    _logging(settings)
+    peer = _peer(settings, args.send) if args.send else None
+    database = _database(settings)
+    writer = None if args.out else _writer(settings, database)
+    if writer is not None:
+        writer.recover()
+    generator = StudyGenerator(settings, database, writer)
+    options = GenerateOptions(
+        modality=args.modality,
+        series=args.series,
+        images=args.images,
+        rows=args.rows,
+        columns=args.columns,
+        study_description=args.description,
+        patient_id=args.patient_id,
+        accession_number=args.accession,
+        transfer_syntax=args.transfer_syntax,
+        out_dir=Path(args.out) if args.out else None,
+    )
+    template = TEMPLATES[args.modality.upper()]
+    override = settings.modality(args.modality)
+    total = (args.series or override.series or template.series) * (args.images or override.images or template.images)
+    for number in range(args.count):
+        study = generator.generate(options, _Progress(total, f"{args.modality.upper()} {number + 1}/{args.count}"))
+        name = study.patient.name.replace("^", " ").strip()
+        _print(f"Study Instance UID: {study.study_instance_uid}")
+        _print(f"Accession Number:   {study.accession_number}")
+        _print(f"Patient:            {name} ({study.patient.patient_id}, {study.patient.sex}, born {study.patient.birth_date})"
+               + (" [new]" if study.patient_created else " [registered]"))
+        rate = len(study.files) / study.seconds if study.seconds else 0
+        _print(f"Files:              {len(study.files)} ({_size(study.bytes)}) in {study.seconds:.2f} s, {rate:.0f}/s")
+        _print(f"Stored under:       {study.files[0].parent.parent if study.files else '-'}")
+        if peer is not None:
+            _send_and_confirm(settings, peer, study.files, study.study_instance_uid)
+        if args.count > 1:
+            _print("")
+    return 0
+
+
+def _send_and_confirm(settings: Settings, peer: Any, files: Sequence[Path], study_uid: str) -> None:
+    from fabricatord.dicom.scu import ScuError, count_study_instances, send
+
+    report = send(peer, settings.node.ae_title, files, _timeouts(settings), _Progress(len(files), "send"))
+    _print(f"Sent to {peer.ae_title}@{peer.host}:{peer.port}: {report.sent} of {len(files)} "
+           f"({report.warnings} with warnings) in {report.seconds:.2f} s")
+    for path, why in report.failed[:10]:
+        _print(f"  failed: {path.name}: {why}")
+    if report.failed:
+        raise CliError(f"{len(report.failed)} of {len(files)} instances were not stored at {peer.ae_title}", EX_UNAVAILABLE)
+    try:
+        found = count_study_instances(peer, settings.node.ae_title, study_uid, _timeouts(settings))
+    except ScuError as exc:
+        raise CliError(f"sent, but the C-FIND confirmation failed: {exc}", EX_UNAVAILABLE) from exc
+    if found != len(files):
+        raise CliError(f"C-FIND at {peer.ae_title} finds {found} instances of the study, expected {len(files)}", EX_UNAVAILABLE)
+    _print(f"Confirmed by C-FIND at {peer.ae_title}: {found} instances of {study_uid}")
+
+
+# -- show -----------------------------------------------------------------------------------
+
+SHOWN = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+    "StudyDate", "StudyTime", "StudyDescription", "StudyInstanceUID", "Modality", "SeriesNumber",
+    "SeriesDescription", "SeriesInstanceUID", "InstanceNumber", "SOPClassUID", "SOPInstanceUID",
+    "Rows", "Columns", "BitsStored", "PhotometricInterpretation", "BurnedInAnnotation",
+)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    path = Path(args.file)
+    try:
+        ds = dcmread(path)
+    except (OSError, InvalidDicomError) as exc:
+        raise CliError(f"{path}: not a readable DICOM file: {exc}", EX_DATAERR) from exc
+    meta = ds.file_meta
+    _print(f"File:               {path} ({_size(path.stat().st_size)})")
+    _print(f"Transfer Syntax:    {meta.TransferSyntaxUID.name} ({meta.TransferSyntaxUID})")
+    for keyword in SHOWN:
+        if keyword in ds:
+            value = ds[keyword].value
+            label = keyword
+            if keyword == "SOPClassUID":
+                value = f"{value.name} ({value})"
+            _print(f"{label + ':':<20}{value}")
+    if args.png:
+        _render_png(ds, Path(args.png))
+        _print(f"Rendered:           {args.png}")
+    return 0
+
+
+def _render_png(ds: Any, out: Path) -> None:
+    import numpy as np
+    from PIL import Image
+    from pydicom.pixels import apply_voi_lut, convert_color_space
+
+    pixels = ds.pixel_array
+    if ds.SamplesPerPixel == 3:
+        if ds.PhotometricInterpretation != "RGB":
+            pixels = convert_color_space(pixels, ds.PhotometricInterpretation, "RGB")
+        image = Image.fromarray(pixels.astype(np.uint8), "RGB")
+    else:
+        if ds.get("NumberOfFrames", 1) > 1:
+            pixels = pixels[0]
+        if "WindowCenter" in ds:
+            pixels = apply_voi_lut(pixels, ds)
+        low, high = float(pixels.min()), float(pixels.max())
+        scaled = (pixels - low) * (255.0 / (high - low or 1.0))
+        if ds.PhotometricInterpretation == "MONOCHROME1":
+            scaled = 255 - scaled
+        image = Image.fromarray(scaled.astype(np.uint8), "L")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+
+
+# -- patients -------------------------------------------------------------------------------
+
+
+def _patient_line(p: Any) -> str:
+    return f"{p.patient_id:<16} {p.sex:<1}  {p.birth_date:<8}  {p.name}"
+
+
+def cmd_patients(args: argparse.Namespace) -> int:
+    from fabricatord.db import PatientRegistry
+
+    settings = _settings(args)
+    database = _database(settings)
+    registry = PatientRegistry(database)
+    if args.action == "list":
+        rows = registry.list(args.limit, args.offset)
+        for p in rows:
+            _print(_patient_line(p))
+        if not rows:
+            _print("no patients registered yet: `fabricatord patients generate` or `fabricatord generate` make some")
+    elif args.action == "search":
+        for p in registry.search(args.text, args.limit):
+            _print(_patient_line(p))
+    elif args.action == "show":
+        found = registry.summary(args.patient_id)
+        if not found:
+            raise CliError(f"no patient with ID {args.patient_id!r}", EX_DATAERR)
+        for item in found:
+            p = item.patient
+            for label, value in (
+                ("Patient ID", p.patient_id), ("Issuer", p.issuer), ("Name", p.name), ("Birth date", p.birth_date),
+                ("Sex", p.sex), ("Address", p.address), ("Phone", p.phone), ("Studies", item.studies),
+                ("Instances", item.instances),
+            ):
+                _print(f"{label + ':':<12} {value}")
+    elif args.action == "generate":
+        from fabricatord.workflow.generation import StudyGenerator
+
+        generator = StudyGenerator(settings, database)
+        for _ in range(args.count):
+            patient, _created = generator.new_patient(sex=args.sex)
+            _print(_patient_line(patient))
+    else:
+        stats = registry.stats()
+        _print(f"patients:  {stats.patients}")
+        for sex, n in sorted(stats.by_sex.items()):
+            _print(f"  sex {sex or '-'}:   {n}")
+        _print(f"studies:   {stats.studies}")
+        _print(f"instances: {stats.instances}")
+    return 0
+
+
+# -- patterns -------------------------------------------------------------------------------
+
+
+def cmd_patterns(args: argparse.Namespace) -> int:
+    from fabricatord.synth.checks import PATTERN_LIMITS
+    from fabricatord.synth.patterns import Pattern, PatternError
+    from fabricatord.workflow.generation import ACCESSION_COUNTER, PATIENT_COUNTER
+
+    settings = _settings(args)
+    try:
+        pattern = Pattern.parse(args.pattern)
+    except PatternError as exc:
+        raise CliError(f"pattern {args.pattern!r}: {exc}", EX_USAGE) from exc
+    field = "accession_pattern" if args.field == "accession" else "patient_id_pattern"
+    attribute, limit = PATTERN_LIMITS[field]
+    synth = settings.synth
+    start, step, counter = (
+        (synth.accession_start, synth.accession_step, ACCESSION_COUNTER)
+        if args.field == "accession"
+        else (synth.patient_id_start, synth.patient_id_step, PATIENT_COUNTER)
+    )
+    first = start
+    if pattern.counter_width is not None:
+        from fabricatord.db import Sequences
+
+        first = Sequences(_database(settings)).peek(counter, start)
+    rng = random.Random(synth.seed)
+    for i in range(args.count):
+        _print(pattern.render(first + i * step if pattern.counter_width else None, date.today(), rng))
+    fits = "fits" if pattern.max_length <= limit else "DOES NOT FIT"
+    print(f"(up to {pattern.max_length} characters: {fits} {attribute} of {limit}; counter not consumed)", file=sys.stderr)
+    return 0
+
+
+# -- echo / send ----------------------------------------------------------------------------
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from fabricatord.dicom.scu import ScuError, echo
+
+    settings = _settings(args)
+    peer = _peer(settings, args.peer)
+    try:
+        seconds = echo(peer, settings.node.ae_title, _timeouts(settings))
+    except ScuError as exc:
+        raise CliError(f"C-ECHO {peer.ae_title}@{peer.host}:{peer.port}: {exc}", EX_UNAVAILABLE) from exc
+    _print(f"C-ECHO {peer.ae_title}@{peer.host}:{peer.port}: success in {seconds * 1000:.1f} ms")
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from fabricatord.config.values import is_valid_uid
+    from fabricatord.dicom.scu import ScuError
+
+    settings = _settings(args)
+    peer = _peer(settings, args.peer)
+    files: list[Path] = []
+    study_uid = ""
+    for item in args.items:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+        elif path.is_file():
+            files.append(path)
+        elif is_valid_uid(item):
+            from fabricatord.db import InstanceIndex
+
+            stored = InstanceIndex(_database(settings)).study_instances(item)
+            if not stored:
+                raise CliError(f"no stored study has Study Instance UID {item}", EX_DATAERR)
+            files.extend(settings.storage_dir / s.path for s in stored)
+            study_uid = item
+        else:
+            raise CliError(f"{item!r} is neither a file, a folder nor a stored Study Instance UID", EX_USAGE)
+    if not files:
+        raise CliError("nothing to send", EX_USAGE)
+    try:
+        if study_uid and len(args.items) == 1:
+            _send_and_confirm(settings, peer, files, study_uid)
+        else:
+            from fabricatord.dicom.scu import send
+
+            report = send(peer, settings.node.ae_title, files, _timeouts(settings), _Progress(len(files), "send"))
+            _print(f"Sent to {peer.ae_title}: {report.sent} of {len(files)} ({_size(report.bytes)}) in {report.seconds:.2f} s")
+            for path, why in report.failed[:20]:
+                _print(f"  failed: {path}: {why}")
+            if report.failed:
+                return EX_UNAVAILABLE
+    except ScuError as exc:
+        raise CliError(str(exc), EX_UNAVAILABLE) from exc
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fabricatord.synth.encoding import TRANSFER_SYNTAXES
+    from fabricatord.synth.templates import MODALITIES
+
+    parser = argparse.ArgumentParser(prog="fabricatord", description="A whole imaging department in one daemon.")
+    parser.add_argument("--version", action="version", version=f"fabricatord {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", metavar="PATH", help="TOML file (default: $FABRICATORD_CONFIG, else built-in defaults)")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command("serve", cmd_serve, "run the daemon")
+    command("check-config", cmd_check_config, "validate a configuration file; every problem is listed")
+
+    gen = command("generate", cmd_generate, "make a synthetic study, store and index it (or write it to --out)")
+    gen.add_argument("--modality", required=True, type=str.upper, choices=MODALITIES)
+    gen.add_argument("--series", type=int, default=0, help="series in the study (default: the template's)")
+    gen.add_argument("--images", type=int, default=0, help="images per series (default: the template's)")
+    gen.add_argument("--rows", type=int, default=0)
+    gen.add_argument("--columns", type=int, default=0)
+    gen.add_argument("--description", default="", help="Study Description")
+    gen.add_argument("--patient-id", default="", help="use this registered patient, or register a new one with this ID")
+    gen.add_argument("--accession", default="", help="Accession Number (default: from [synth] accession_pattern)")
+    gen.add_argument("--transfer-syntax", default="", choices=["", *TRANSFER_SYNTAXES])
+    gen.add_argument("--out", metavar="DIR", help="write plain files here instead of storing and indexing them")
+    gen.add_argument("--send", metavar="PEER", help="C-STORE the study to PEER, then confirm it there by C-FIND")
+    gen.add_argument("--count", type=int, default=1, help="how many studies")
+
+    show = commands.add_parser("show", help="print the key attributes of a DICOM file and render it")
+    show.add_argument("file")
+    show.add_argument("--png", metavar="OUT", help="write the image as PNG")
+    show.set_defaults(handler=cmd_show)
+
+    patients = command("patients", cmd_patients, "the synthetic patient registry")
+    actions = patients.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="registered patients")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--offset", type=int, default=0)
+    actions.add_parser("show", help="one patient with study and instance counts").add_argument("patient_id")
+    search = actions.add_parser("search", help="patients whose ID or name contains TEXT (* and ? wildcards)")
+    search.add_argument("text")
+    search.add_argument("--limit", type=int, default=50)
+    make = actions.add_parser("generate", help="register new synthetic patients")
+    make.add_argument("--count", type=int, default=1)
+    make.add_argument("--sex", choices=["M", "F", "O"])
+    actions.add_parser("stats", help="counts of patients, studies and instances")
+    for sub in actions.choices.values():
+        sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="TOML file")
+
+    patterns = command("patterns", cmd_patterns, "the identifier pattern language")
+    pattern_actions = patterns.add_subparsers(dest="action", required=True, metavar="ACTION")
+    preview = pattern_actions.add_parser("preview", help="what PATTERN makes, without consuming the counter")
+    preview.add_argument("pattern")
+    preview.add_argument("--count", type=int, default=5)
+    preview.add_argument("--field", choices=["accession", "patient-id"], default="accession",
+                         help="whose counter to continue (default: accession)")
+    preview.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="TOML file")
+
+    echo_cmd = command("echo", cmd_echo, "C-ECHO a peer ([[peers]] name or AET@host:port)")
+    echo_cmd.add_argument("peer")
+    send_cmd = command("send", cmd_send, "C-STORE files, folders or a stored study to a peer over one association")
+    send_cmd.add_argument("peer")
+    send_cmd.add_argument("items", nargs="+", metavar="FILE|DIR|STUDY_UID")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not hasattr(args, "config"):
+        args.config = None
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EX_CONFIG
+    except CliError as exc:
+        print(f"fabricatord: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,224 @@
+"""Typed settings, one frozen dataclass per section.
+
+Each field carries its documentation and an optional check in its metadata, so that the loader,
+`check-config` and docs/configuration.md all speak of the same keys.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fabricatord.config.values import (
+    check_ae_title,
+    check_duration,
+    check_duration_range,
+    check_host,
+    check_port,
+    check_positive,
+    check_uid_root,
+)
+
+Check = Callable[[Any], str | None]
+
+
+def key(default: Any, doc: str, check: Check | None = None) -> Any:
+    """A settings field: its default, one line for the docs and an optional value check."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc, "check": check})
+    return field(default=default, metadata={"doc": doc, "check": check})
+
+
+LogFormat = Literal["auto", "json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+Duplicates = Literal["keep", "overwrite"]
+StorageLayout = Literal["study/series", "patient", "date", "flat"]
+Acquisition = Literal["immediate", "delay", "on_query", "manual"]
+TransferSyntaxName = Literal["explicit", "implicit", "rle", "jpeg2000-lossless", "jpegls-lossless"]
+Environment = Literal["test", "prod"]
+Sex = Literal["M", "F", "O"]
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    ae_title: str = key("FABRICATORD", "Our AE title; also the MLLP receiving application.", check_ae_title)
+    data_dir: Path = key(
+        Path("var"),
+        "Database and stored files. A relative path is taken from the config file's folder.",
+    )
+    uid_root: str = key(
+        "2.25",
+        "Root of every UID we make. `2.25` derives UIDs from random UUIDs (PS3.5 B.2); an "
+        "organisational root such as `1.2.826.0.1.3680043.10.999` gets a numeric suffix.",
+        check_uid_root,
+    )
+    database: str = key(
+        "",
+        "SQLAlchemy URL of the database. Empty: SQLite at `data_dir/fabricatord.sqlite`. "
+        "PostgreSQL: `postgresql+psycopg://user:pass@host/db`.",
+    )
+    shutdown_grace: str = key(
+        "10s", "How long in-flight work may run after SIGTERM before it is aborted.", check_duration
+    )
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: LogLevel = key("info", "Lowest level logged.")
+    format: LogFormat = key("auto", "`json` lines, `console` text, or `auto`: console on a terminal, JSON otherwise.")
+    phi: bool = key(False, "Log patient names and IDs. Off: they are replaced by `***`.")
+
+
+@dataclass(frozen=True)
+class DicomSettings:
+    host: str = key("127.0.0.1", "Address the DICOM listener binds.", check_host)
+    port: int = key(11112, "DICOM listener port.", check_port)
+    max_associations: int = key(20, "Concurrent associations; the excess is rejected (RJ 2/3/2).", check_positive)
+    max_pdu: int = key(
+        0,
+        "Largest P-DATA PDU we accept, in bytes; 0 means no limit (fastest for large images).",
+    )
+    acse_timeout: str = key("30s", "Association negotiation and release timeout.", check_duration)
+    dimse_timeout: str = key("30s", "Wait for a DIMSE message.", check_duration)
+    network_timeout: str = key("60s", "An idle association is aborted after this.", check_duration)
+    connect_timeout: str = key("10s", "TCP connect timeout of outgoing associations.", check_duration)
+    require_known_ae: bool = key(False, "Only calling AE titles listed in `[[peers]]` may associate.")
+    max_find_results: int = key(
+        10000, "More matches than this answers C-FIND with 0xA700 (out of resources).", check_positive
+    )
+    duplicates: Duplicates = key(
+        "keep", "A second instance with a known SOP Instance UID but other content: `keep` the first or `overwrite`."
+    )
+    storage_layout: StorageLayout = key(
+        "study/series",
+        "Folders under `data_dir/storage`: `study/series`, `patient` (patient/study/series), "
+        "`date` (YYYY/MM/DD/study/series) or `flat`.",
+    )
+
+
+@dataclass(frozen=True)
+class Hl7Settings:
+    host: str = key("127.0.0.1", "Address the MLLP listener binds.", check_host)
+    port: int = key(2575, "MLLP listener port.", check_port)
+    max_message_bytes: int = key(10 * 1024 * 1024, "Largest HL7 message accepted (bytes).", check_positive)
+    default_charset: str = key(
+        "iso-8859-1", "Charset for messages without MSH-18 that are not valid UTF-8."
+    )
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    host: str = key("127.0.0.1", "Address the HTTP endpoint binds.", check_host)
+    port: int = key(8080, "HTTP port (metrics, health, API).", check_port)
+
+
+@dataclass(frozen=True)
+class ModalityOverride:
+    """`[synth.modality.XX]`: what a study of this modality looks like by default."""
+
+    series: int = key(0, "Series per study; 0 keeps the template's default.")
+    images: int = key(0, "Images per series; 0 keeps the template's default.")
+    rows: int = key(0, "Image rows; 0 keeps the template's default.")
+    columns: int = key(0, "Image columns; 0 keeps the template's default.")
+    study_description: str = key("", "Study Description; empty keeps the template's default.")
+    transfer_syntax: str = key("", "Transfer syntax for this modality; empty uses `[synth] transfer_syntax`.")
+    acquisition: str = key("", "Acquisition policy for this modality; empty uses `[synth] acquisition`.")
+    acquisition_delay: str = key("", "Delay for this modality; empty uses `[synth] acquisition_delay`.")
+
+
+@dataclass(frozen=True)
+class SynthSettings:
+    acquisition: Acquisition = key(
+        "immediate", "What a new worklist item triggers: `immediate`, `delay`, `on_query` or `manual`."
+    )
+    acquisition_delay: str = key(
+        "0s", "For `delay`: a duration (`30s`) or a range (`10s-60s`).", check_duration_range
+    )
+    seed: int | None = key(
+        None,
+        "Same seed into a fresh data_dir: the same patients, identifiers, UIDs and pixels. "
+        "Unset: random.",
+    )
+    locale: str = key("en_US", "Faker locale of names and addresses (`de_DE`, `fr_FR`, `ja_JP` …).")
+    min_age: int = key(1, "Youngest synthetic patient, in years.")
+    max_age: int = key(90, "Oldest synthetic patient, in years.")
+    patient_id_pattern: str = key("PID{7digits}", "Pattern of new Patient IDs (see the pattern language).")
+    patient_id_start: int = key(1, "First value of the Patient ID counter.")
+    patient_id_step: int = key(1, "Step of the Patient ID counter.", check_positive)
+    accession_pattern: str = key("{YYYY}{2letters}{7digits}", "Pattern of new accession numbers.")
+    accession_start: int = key(1, "First value of the accession counter.")
+    accession_step: int = key(1, "Step of the accession counter.", check_positive)
+    issuer_of_patient_id: str = key("FABRICATORD", "Issuer of Patient ID written with every patient.")
+    institution_name: str = key("Fabricatord General Hospital", "Institution Name in generated images.")
+    transfer_syntax: TransferSyntaxName = key(
+        "explicit",
+        "Transfer syntax of generated files: `explicit`, `implicit`, `rle`, "
+        "`jpeg2000-lossless`, `jpegls-lossless`.",
+    )
+    mpps_peer: str = key("self", "Where the simulated modality sends MPPS: `self` or a `[[peers]]` name.")
+    modality: dict[str, ModalityOverride] = key({}, "Per-modality overrides: `[synth.modality.CT]`.")
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    name: str = key("", "Name used by routes and on the command line.")
+    ae_title: str = key("", "The peer's AE title.", check_ae_title)
+    host: str = key("127.0.0.1", "The peer's address.", check_host)
+    port: int = key(104, "The peer's DICOM port.", check_port)
+    environment: Environment = key("test", "`prod` peers receive nothing unless a route says `allow_prod`.")
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    name: str = key("", "Route name, for logs and metrics.")
+    match: dict[str, str] = key({}, "What to match: `source`, `modality`, `calling_ae`, `called_ae`, `study_description`.")
+    to: list[str] = key([], "`[[peers]]` names that receive every matching instance.")
+    allow_prod: bool = key(False, "Allow this route to send to peers with `environment = \"prod\"`.")
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: NodeSettings = field(default_factory=NodeSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    dicom: DicomSettings = field(default_factory=DicomSettings)
+    hl7: Hl7Settings = field(default_factory=Hl7Settings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    synth: SynthSettings = field(default_factory=SynthSettings)
+    peers: list[PeerSettings] = field(default_factory=list)
+    routes: list[RouteSettings] = field(default_factory=list)
+    source: Path | None = None
+    """The file these settings came from; None for built-in defaults."""
+
+    def peer(self, name: str) -> PeerSettings | None:
+        return next((p for p in self.peers if p.name == name), None)
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.node.data_dir / "storage"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.node.data_dir / "tmp"
+
+    @property
+    def database_url(self) -> str:
+        return self.node.database or f"sqlite:///{self.node.data_dir / 'fabricatord.sqlite'}"
+
+    def modality(self, code: str) -> ModalityOverride:
+        return self.synth.modality.get(code.upper(), ModalityOverride())
+
+
+SECTIONS: dict[str, type] = {
+    "node": NodeSettings,
+    "log": LogSettings,
+    "dicom": DicomSettings,
+    "hl7": Hl7Settings,
+    "http": HttpSettings,
+    "synth": SynthSettings,
+}
+TABLE_ARRAYS: dict[str, type] = {"peers": PeerSettings, "routes": RouteSettings}
+
+MODALITY_KEY = re.compile(r"^[A-Z]{2}$")

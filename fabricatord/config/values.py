@@ -1,0 +1,81 @@
+"""Checks and parsers of single values, shared by the loader and the layers that read them."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+# PS3.5 6.2: AE is at most 16 characters of the default repertoire, no backslash or control chars.
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+# PS3.5 9.1: UID components are digits without leading zeros, separated by dots.
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def is_valid_uid(value: str) -> bool:
+    return 0 < len(value) <= 64 and _UID.match(value) is not None
+
+
+def parse_duration(text: str) -> float:
+    """`"30s"`, `"2m"`, `"500ms"` or a bare number of seconds → seconds."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"not a duration: {text!r} (expected e.g. 30s, 2m, 500ms)")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def parse_duration_range(text: str) -> tuple[float, float]:
+    """`"30s"` → (30, 30); `"10s-60s"` → (10, 60)."""
+    low, sep, high = text.partition("-")
+    first = parse_duration(low)
+    last = parse_duration(high) if sep else first
+    if last < first:
+        raise ValueError(f"range {text!r} ends before it starts")
+    return first, last
+
+
+def check_ae_title(value: Any) -> str | None:
+    if not isinstance(value, str) or not _AE_TITLE.match(value) or not value.strip():
+        return "an AE title: 1 to 16 printable ASCII characters, no backslash, not blank"
+    return None
+
+
+def check_uid_root(value: Any) -> str | None:
+    if not isinstance(value, str) or not is_valid_uid(value) or len(value) > 40:
+        return "a UID root: digits and dots such as 2.25 or 1.2.826.0.1.3680043.10.999, at most 40 characters"
+    return None
+
+
+def check_port(value: Any) -> str | None:
+    if not isinstance(value, int) or not 0 <= value <= 65535:
+        return "a TCP port from 0 to 65535 (0 picks a free one)"
+    return None
+
+
+def check_positive(value: Any) -> str | None:
+    if not isinstance(value, int) or value < 1:
+        return "a whole number of at least 1"
+    return None
+
+
+def check_host(value: Any) -> str | None:
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        return "a host name or IP address"
+    return None
+
+
+def check_duration(value: Any) -> str | None:
+    try:
+        parse_duration(str(value))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def check_duration_range(value: Any) -> str | None:
+    try:
+        parse_duration_range(str(value))
+    except ValueError as exc:
+        return str(exc)
+    return None

@@ -1,0 +1,124 @@
+"""One engine per process, SQLite pragmas in one place, migrations applied at start."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+@dataclass(frozen=True)
+class Database:
+    engine: Engine
+    reads: sessionmaker[Session]
+    """Sessions for queries; on SQLite their transactions take no lock until they write."""
+    writes: sessionmaker[Session]
+    """Sessions for changes; on SQLite they take the write lock at BEGIN, so two writers wait
+    on the busy timeout instead of deadlocking when both try to upgrade a read lock."""
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+
+class DatabaseNewerThanCode(RuntimeError):
+    """The database was migrated by a newer fabricatord than this one."""
+
+
+_lock = threading.Lock()
+_databases: dict[str, Database] = {}
+
+
+def open_database(url: str) -> Database:
+    """The process's engine for `url`, migrated to the newest schema."""
+    with _lock:
+        database = _databases.get(url)
+        if database is None:
+            database = _connect(url)
+            migrate(database.engine)
+            _databases[url] = database
+        return database
+
+
+def dispose_all() -> None:
+    """Close every engine; tests and forked children use it."""
+    with _lock:
+        for database in _databases.values():
+            database.engine.dispose()
+        _databases.clear()
+
+
+def _connect(url: str) -> Database:
+    parsed = make_url(url)
+    options: dict[str, Any] = {"future": True}
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database:
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
+    else:
+        options["pool_pre_ping"] = True
+    engine = create_engine(url, **options)
+    if parsed.get_backend_name() == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+        # pysqlite's own transaction handling is switched off in _sqlite_pragmas; BEGIN is ours.
+        event.listen(engine, "begin", _sqlite_begin)
+    writer = engine.execution_options(fabricatord_write=True)
+    return Database(
+        engine,
+        sessionmaker(engine, expire_on_commit=False),
+        sessionmaker(writer, expire_on_commit=False),
+    )
+
+
+def _sqlite_begin(connection: Any) -> None:
+    write = connection.get_execution_options().get("fabricatord_write", False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    # WAL with synchronous=NORMAL can lose committed transactions on power loss: FULL it is.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.close()
+
+
+def _alembic_config(engine: Engine) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    return config
+
+
+def migrate(engine: Engine) -> None:
+    """Apply every migration not yet applied; refuse a database newer than the code."""
+    config = _alembic_config(engine)
+    script = ScriptDirectory.from_config(config)
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    try:
+        known = current is None or script.get_revision(current) is not None
+    except Exception:  # alembic raises several resolution errors for an unknown revision
+        known = False
+    if not known:
+        raise DatabaseNewerThanCode(
+            f"database schema revision {current} is unknown to this fabricatord: it was migrated by a newer version"
+        )
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")

@@ -1,0 +1,241 @@
+"""The index of stored instances (studies → series → instances) and the storage intents."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from fabricatord.db.engine import Database
+from fabricatord.db.models import Instance, Patient, Series, Study, StorageIntent
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """What the index keeps of one instance; plain values, extracted by the DICOM layer."""
+
+    patient_id: str
+    issuer: str
+    patient_name: str
+    birth_date: str
+    sex: str
+    study_instance_uid: str
+    study_date: str
+    study_time: str
+    accession_number: str
+    study_id: str
+    study_description: str
+    referring_physician_name: str
+    series_instance_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    body_part_examined: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    instance_number: int | None
+    transfer_syntax_uid: str
+    path: str
+    size: int
+    digest: str
+    source: str
+    source_ae: str = ""
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: str
+    size: int
+    digest: str
+    transfer_syntax_uid: str
+
+
+@dataclass(frozen=True)
+class Intent:
+    id: int
+    sop_instance_uid: str
+    path: str
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    study_instance_uid: str
+    accession_number: str
+    patient_id: str
+    patient_name: str
+    series: int
+    instances: int
+    size: int
+
+
+class InstanceIndex:
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    def lookup(self, sop_instance_uids: Iterable[str]) -> dict[str, StoredInstance]:
+        uids = list(sop_instance_uids)
+        with self._db.reads() as session:
+            rows = session.scalars(select(Instance).where(Instance.sop_instance_uid.in_(uids)))
+            return {r.sop_instance_uid: _stored(r) for r in rows}
+
+    def add_intents(self, entries: Iterable[tuple[str, str]]) -> list[int]:
+        """Commit (SOP Instance UID, path) intents before their files are renamed into place."""
+        with self._db.writes.begin() as session:
+            rows = [StorageIntent(sop_instance_uid=uid, path=path) for uid, path in entries]
+            session.add_all(rows)
+            session.flush()
+            return [r.id for r in rows]
+
+    def commit(self, entries: list[IndexEntry], intent_ids: Iterable[int]) -> None:
+        """Index `entries` (insert or replace by SOP Instance UID) and retire their intents, atomically."""
+        with self._db.writes.begin() as session:
+            studies: dict[str, int] = {}
+            series: dict[str, int] = {}
+            for entry in entries:
+                study_pk = studies.get(entry.study_instance_uid)
+                if study_pk is None:
+                    study_pk = studies[entry.study_instance_uid] = _study_pk(session, entry)
+                series_pk = series.get(entry.series_instance_uid)
+                if series_pk is None:
+                    series_pk = series[entry.series_instance_uid] = _series_pk(session, entry, study_pk)
+                _upsert_instance(session, entry, series_pk)
+            ids = list(intent_ids)
+            if ids:
+                session.execute(delete(StorageIntent).where(StorageIntent.id.in_(ids)))
+
+    def intents(self) -> list[Intent]:
+        with self._db.reads() as session:
+            rows = session.scalars(select(StorageIntent).order_by(StorageIntent.id))
+            return [Intent(r.id, r.sop_instance_uid, r.path) for r in rows]
+
+    def settle_intent(self, intent: Intent, size: int | None, digest: str | None) -> None:
+        """Retire an intent after a crash; `size`/`digest` refresh a row whose file was replaced."""
+        with self._db.writes.begin() as session:
+            if size is not None and digest is not None:
+                row = session.scalars(
+                    select(Instance).where(
+                        Instance.sop_instance_uid == intent.sop_instance_uid, Instance.path == intent.path
+                    )
+                ).one_or_none()
+                if row is not None:
+                    row.size, row.digest = size, digest
+            session.execute(delete(StorageIntent).where(StorageIntent.id == intent.id))
+
+    def is_indexed(self, sop_instance_uid: str, path: str) -> bool:
+        with self._db.reads() as session:
+            found = session.scalar(
+                select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid, Instance.path == path)
+            )
+            return found is not None
+
+    def study_instances(self, study_instance_uid: str) -> list[StoredInstance]:
+        with self._db.reads() as session:
+            rows = session.scalars(
+                select(Instance)
+                .join(Series, Instance.series_pk == Series.id)
+                .join(Study, Series.study_pk == Study.id)
+                .where(Study.study_instance_uid == study_instance_uid)
+                .order_by(Series.series_number, Instance.instance_number, Instance.id)
+            )
+            return [_stored(r) for r in rows]
+
+    def study_summary(self, study_instance_uid: str) -> StudySummary | None:
+        with self._db.reads() as session:
+            study = session.scalars(
+                select(Study).where(Study.study_instance_uid == study_instance_uid)
+            ).one_or_none()
+            if study is None:
+                return None
+            counts = session.execute(
+                select(func.count(func.distinct(Series.id)), func.count(Instance.id), func.coalesce(func.sum(Instance.size), 0))
+                .select_from(Series)
+                .join(Instance, Instance.series_pk == Series.id)
+                .where(Series.study_pk == study.id)
+            ).one()
+            return StudySummary(
+                study.study_instance_uid,
+                study.accession_number,
+                study.patient.patient_id,
+                study.patient.name,
+                counts[0],
+                counts[1],
+                counts[2],
+            )
+
+
+def _stored(row: Instance) -> StoredInstance:
+    return StoredInstance(row.sop_instance_uid, row.sop_class_uid, row.path, row.size, row.digest, row.transfer_syntax_uid)
+
+
+def _patient_pk(session: Session, entry: IndexEntry) -> int:
+    row = session.scalars(
+        select(Patient).where(Patient.patient_id == entry.patient_id, Patient.issuer == entry.issuer)
+    ).one_or_none()
+    if row is None:
+        row = Patient(
+            patient_id=entry.patient_id,
+            issuer=entry.issuer,
+            name=entry.patient_name,
+            birth_date=entry.birth_date,
+            sex=entry.sex,
+            address="",
+            phone="",
+            synthetic=entry.source == "generated",
+        )
+        session.add(row)
+        session.flush()
+    return row.id
+
+
+def _study_pk(session: Session, entry: IndexEntry) -> int:
+    row = session.scalars(select(Study).where(Study.study_instance_uid == entry.study_instance_uid)).one_or_none()
+    if row is None:
+        row = Study(
+            study_instance_uid=entry.study_instance_uid,
+            patient_pk=_patient_pk(session, entry),
+            study_date=entry.study_date,
+            study_time=entry.study_time,
+            accession_number=entry.accession_number,
+            study_id=entry.study_id,
+            study_description=entry.study_description,
+            referring_physician_name=entry.referring_physician_name,
+        )
+        session.add(row)
+        session.flush()
+    return row.id
+
+
+def _series_pk(session: Session, entry: IndexEntry, study_pk: int) -> int:
+    row = session.scalars(select(Series).where(Series.series_instance_uid == entry.series_instance_uid)).one_or_none()
+    if row is None:
+        row = Series(
+            series_instance_uid=entry.series_instance_uid,
+            study_pk=study_pk,
+            modality=entry.modality,
+            series_number=entry.series_number,
+            series_description=entry.series_description,
+            body_part_examined=entry.body_part_examined,
+        )
+        session.add(row)
+        session.flush()
+    return row.id
+
+
+def _upsert_instance(session: Session, entry: IndexEntry, series_pk: int) -> None:
+    row = session.scalars(select(Instance).where(Instance.sop_instance_uid == entry.sop_instance_uid)).one_or_none()
+    if row is None:
+        row = Instance(sop_instance_uid=entry.sop_instance_uid)
+        session.add(row)
+    row.series_pk = series_pk
+    row.sop_class_uid = entry.sop_class_uid
+    row.instance_number = entry.instance_number
+    row.transfer_syntax_uid = entry.transfer_syntax_uid
+    row.path = entry.path
+    row.size = entry.size
+    row.digest = entry.digest
+    row.source = entry.source
+    row.source_ae = entry.source_ae

@@ -1,0 +1,124 @@
+"""The patient registry: synthetic patients, reused by Patient ID."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from fabricatord.db.engine import Database
+from fabricatord.db.models import Instance, Patient, Series, Study
+
+
+@dataclass(frozen=True)
+class PatientRecord:
+    patient_id: str
+    issuer: str
+    name: str
+    birth_date: str
+    sex: str
+    address: str = ""
+    phone: str = ""
+
+
+@dataclass(frozen=True)
+class PatientSummary:
+    patient: PatientRecord
+    studies: int
+    instances: int
+
+
+@dataclass(frozen=True)
+class RegistryStats:
+    patients: int
+    by_sex: dict[str, int]
+    studies: int
+    instances: int
+
+
+def _record(row: Patient) -> PatientRecord:
+    return PatientRecord(row.patient_id, row.issuer, row.name, row.birth_date, row.sex, row.address, row.phone)
+
+
+class PatientRegistry:
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    def get(self, patient_id: str, issuer: str) -> PatientRecord | None:
+        with self._db.reads() as session:
+            row = self._find(session, patient_id, issuer)
+            return _record(row) if row else None
+
+    def add(self, patient: PatientRecord) -> PatientRecord:
+        """Insert `patient`, or return the one already registered under its ID and issuer."""
+        try:
+            with self._db.writes.begin() as session:
+                existing = self._find(session, patient.patient_id, patient.issuer)
+                if existing is not None:
+                    return _record(existing)
+                session.add(Patient(**patient.__dict__, synthetic=True))
+        except IntegrityError:  # another process added it between our look-up and insert
+            found = self.get(patient.patient_id, patient.issuer)
+            if found is None:
+                raise
+            return found
+        return patient
+
+    def primary_key(self, session: Session, patient_id: str, issuer: str) -> int | None:
+        row = self._find(session, patient_id, issuer)
+        return row.id if row else None
+
+    def list(self, limit: int = 50, offset: int = 0) -> list[PatientRecord]:
+        with self._db.reads() as session:
+            rows = session.scalars(select(Patient).order_by(Patient.id).limit(limit).offset(offset))
+            return [_record(r) for r in rows]
+
+    def search(self, text: str, limit: int = 50) -> list[PatientRecord]:
+        """Patients whose ID or name contains `text`, case-insensitively; `*` and `?` are wildcards."""
+        like = "%" + text.replace("*", "%").replace("?", "_") + "%"
+        with self._db.reads() as session:
+            rows = session.scalars(
+                select(Patient)
+                .where(or_(Patient.patient_id.ilike(like), Patient.name.ilike(like)))
+                .order_by(Patient.id)
+                .limit(limit)
+            )
+            return [_record(r) for r in rows]
+
+    def summary(self, patient_id: str, issuer: str | None = None) -> list[PatientSummary]:
+        with self._db.reads() as session:
+            query = select(Patient).where(Patient.patient_id == patient_id)
+            if issuer is not None:
+                query = query.where(Patient.issuer == issuer)
+            result = []
+            for row in session.scalars(query):
+                studies = session.scalar(select(func.count(Study.id)).where(Study.patient_pk == row.id)) or 0
+                instances = (
+                    session.scalar(
+                        select(func.count(Instance.id))
+                        .join(Series, Instance.series_pk == Series.id)
+                        .join(Study, Series.study_pk == Study.id)
+                        .where(Study.patient_pk == row.id)
+                    )
+                    or 0
+                )
+                result.append(PatientSummary(_record(row), studies, instances))
+            return result
+
+    def stats(self) -> RegistryStats:
+        with self._db.reads() as session:
+            by_sex = {sex or "": n for sex, n in session.execute(select(Patient.sex, func.count()).group_by(Patient.sex))}
+            return RegistryStats(
+                patients=sum(by_sex.values()),
+                by_sex=by_sex,
+                studies=session.scalar(select(func.count(Study.id))) or 0,
+                instances=session.scalar(select(func.count(Instance.id))) or 0,
+            )
+
+    @staticmethod
+    def _find(session: Session, patient_id: str, issuer: str) -> Patient | None:
+        return session.scalars(
+            select(Patient).where(Patient.patient_id == patient_id, Patient.issuer == issuer)
+        ).one_or_none()

@@ -1,0 +1,312 @@
+"""Stored files: the folder layouts and the atomic writer every DICOM-writing path shares.
+
+Write order (ROBUSTNESS.md): temporary file in `data_dir/tmp` → fsync → intent committed →
+rename → fsync of the folder → index row committed (the intent retired in the same
+transaction). A reader never sees half a file or a row without its file; a crash leaves at most
+a temporary file (swept at start) or an intent that `recover` settles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from itertools import islice
+from pathlib import Path
+from typing import Literal
+
+from pydicom.dataset import Dataset
+
+from fabricatord.config.values import is_valid_uid
+from fabricatord.db import IndexEntry, InstanceIndex
+from fabricatord.dicom.part10 import Part10Encoder
+from fabricatord.obs import metrics
+from fabricatord.obs.faults import faultpoint
+
+Layout = Literal["study/series", "patient", "date", "flat"]
+Outcome = Literal["new", "identical", "kept", "overwritten"]
+_UID_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+class InvalidInstance(ValueError):
+    """The dataset cannot be stored as it is; the message names the attribute."""
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    sop_instance_uid: str
+    path: Path
+    size: int
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    temporary_files_removed: int
+    orphans_removed: int
+    rows_refreshed: int
+
+
+def relative_path(ds: Dataset, layout: Layout) -> str:
+    """Where an instance lives under `storage/`, built only from validated UIDs and digits."""
+    for attribute in _UID_ATTRIBUTES:
+        value = str(ds.get(attribute, ""))
+        if not is_valid_uid(value):
+            raise InvalidInstance(f"{attribute} {value[:80]!r} is not a valid UID")
+    study, series, sop = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    if layout == "flat":
+        return f"{sop}.dcm"
+    if layout == "patient":
+        key = f"{ds.get('PatientID', '')}\\{ds.get('IssuerOfPatientID', '')}".encode()
+        # A digest names the patient's folder: Patient IDs are free text a peer chose.
+        return f"P{hashlib.sha256(key).hexdigest()[:16]}/{study}/{series}/{sop}.dcm"
+    if layout == "date":
+        date = str(ds.get("StudyDate", ""))
+        day = f"{date[:4]}/{date[4:6]}/{date[6:8]}" if len(date) == 8 and date.isdigit() else "undated"
+        return f"{day}/{study}/{series}/{sop}.dcm"
+    return f"{study}/{series}/{sop}.dcm"
+
+
+def index_entry(ds: Dataset, path: str, size: int, digest: str, source: str, source_ae: str) -> IndexEntry:
+    return IndexEntry(
+        patient_id=_text(ds, "PatientID", 64),
+        issuer=_text(ds, "IssuerOfPatientID", 64),
+        patient_name=_text(ds, "PatientName", 324),
+        birth_date=_text(ds, "PatientBirthDate", 8),
+        sex=_text(ds, "PatientSex", 1),
+        study_instance_uid=ds.StudyInstanceUID,
+        study_date=_text(ds, "StudyDate", 8),
+        study_time=_text(ds, "StudyTime", 16),
+        accession_number=_text(ds, "AccessionNumber", 16),
+        study_id=_text(ds, "StudyID", 16),
+        study_description=_text(ds, "StudyDescription", 64),
+        referring_physician_name=_text(ds, "ReferringPhysicianName", 324),
+        series_instance_uid=ds.SeriesInstanceUID,
+        modality=_text(ds, "Modality", 16),
+        series_number=_integer(ds, "SeriesNumber"),
+        series_description=_text(ds, "SeriesDescription", 64),
+        body_part_examined=_text(ds, "BodyPartExamined", 16),
+        sop_instance_uid=ds.SOPInstanceUID,
+        sop_class_uid=ds.SOPClassUID,
+        instance_number=_integer(ds, "InstanceNumber"),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        path=path,
+        size=size,
+        digest=digest,
+        source=source,
+        source_ae=source_ae[:16],
+    )
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value)[:limit]
+
+
+def _integer(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class _Pending:
+    """A staged instance: its file is durable in tmp; only its index entry is kept in memory."""
+
+    entry: IndexEntry
+    tmp: Path
+    outcome: Outcome = "new"
+    replaced: str | None = None
+
+    @property
+    def uid(self) -> str:
+        return self.entry.sop_instance_uid
+
+    @property
+    def relative(self) -> str:
+        return self.entry.path
+
+
+class InstanceWriter:
+    """Writes instances durably into `storage_dir` and indexes them; thread-safe."""
+
+    def __init__(
+        self,
+        index: InstanceIndex,
+        storage_dir: Path,
+        tmp_dir: Path,
+        layout: Layout = "study/series",
+        duplicates: Literal["keep", "overwrite"] = "keep",
+    ) -> None:
+        self._index = index
+        self._storage = storage_dir
+        self._tmp = tmp_dir
+        self._layout = layout
+        self._duplicates = duplicates
+        # Held from the duplicate look-up to the commit, so two writers of one SOP Instance UID
+        # cannot both decide it is new; the slow part (encode, write, fsync) runs outside it.
+        self._commit_lock = threading.Lock()
+        self._known_dirs: set[Path] = set()
+        self._local = threading.local()
+        self._storage.mkdir(parents=True, exist_ok=True)
+        self._tmp.mkdir(parents=True, exist_ok=True)
+
+    def write(self, ds: Dataset, source: str, source_ae: str = "") -> WriteResult:
+        return next(self.write_many([ds], source, source_ae))
+
+    def write_many(
+        self, datasets: Iterable[Dataset], source: str, source_ae: str = "", batch: int = 64
+    ) -> Iterator[WriteResult]:
+        """Store `datasets` in batches that share one intent commit and one index commit.
+
+        A batch holds index entries, not datasets: memory stays flat whatever its size.
+        """
+        iterator = iter(datasets)
+        while True:
+            pending: list[_Pending] = []
+            try:
+                for ds in islice(iterator, batch):
+                    pending.append(self._stage(ds, source, source_ae))
+                if not pending:
+                    return
+                yield from self._commit(pending, source)
+            finally:
+                for item in pending:
+                    item.tmp.unlink(missing_ok=True)
+
+    def _stage(self, ds: Dataset, source: str, source_ae: str) -> _Pending:
+        with metrics.STORAGE_WRITE_SECONDS.time():
+            encoder = getattr(self._local, "encoder", None)
+            if encoder is None:
+                encoder = self._local.encoder = Part10Encoder()
+            try:
+                relative = relative_path(ds, self._layout)
+                parts = encoder.encode_parts(ds)
+            except InvalidInstance:
+                metrics.STORAGE_WRITE_FAILURES.labels("invalid").inc()
+                raise
+            except Exception as exc:
+                metrics.STORAGE_WRITE_FAILURES.labels("encode").inc()
+                raise InvalidInstance(f"cannot encode the dataset: {exc}") from exc
+            fd_path = self._tmp / f"{ds.SOPInstanceUID}.{os.getpid()}.{threading.get_ident()}.part"
+            digest = hashlib.sha256()
+            for part in parts:
+                digest.update(part)
+            size = write_durably(fd_path, parts)
+            faultpoint("store.after_tmp_write")
+            return _Pending(index_entry(ds, relative, size, digest.hexdigest(), source, source_ae), fd_path)
+
+    def _commit(self, pending: list[_Pending], source: str) -> Iterator[WriteResult]:
+        with self._commit_lock:
+            known = self._index.lookup(p.uid for p in pending)
+            moving = []
+            for item in pending:
+                existing = known.get(item.uid)
+                if existing is None:
+                    moving.append(item)
+                elif existing.digest == item.entry.digest:
+                    item.outcome = "identical"
+                    item.entry = replace(item.entry, path=existing.path)
+                elif self._duplicates == "keep":
+                    item.outcome = "kept"
+                    item.entry = replace(item.entry, path=existing.path)
+                else:
+                    item.outcome = "overwritten"
+                    item.replaced = existing.path if existing.path != item.relative else None
+                    moving.append(item)
+            intents = self._index.add_intents((p.uid, p.relative) for p in moving) if moving else []
+            faultpoint("store.after_intent")
+            folders = set()
+            for item in moving:
+                final = self._storage / item.relative
+                self._ensure_dir(final.parent)
+                os.replace(item.tmp, final)
+                folders.add(final.parent)
+            for folder in folders:
+                _fsync_dir(folder)
+            faultpoint("store.after_rename")
+            if moving:
+                self._index.commit([p.entry for p in moving], intents)
+            faultpoint("store.after_commit")
+            for item in moving:
+                if item.replaced:
+                    (self._storage / item.replaced).unlink(missing_ok=True)
+        for item in pending:
+            metrics.INSTANCES_STORED.labels(source, item.outcome).inc()
+            if item.outcome in ("new", "overwritten"):
+                metrics.STORED_BYTES.inc(item.entry.size)
+            yield WriteResult(item.uid, self._storage / item.relative, item.entry.size, item.outcome)
+
+    def _ensure_dir(self, folder: Path) -> None:
+        if folder in self._known_dirs:
+            return
+        missing = []
+        probe = folder
+        while not probe.exists():
+            missing.append(probe)
+            probe = probe.parent
+        for created in reversed(missing):
+            created.mkdir(exist_ok=True)
+            # The new folder's own entry must be durable too, or a crash can orphan the file.
+            _fsync_dir(created.parent)
+        self._known_dirs.add(folder)
+
+    def recover(self) -> RecoveryReport:
+        """After a crash: remove temporary files and settle every intent left behind."""
+        removed = 0
+        for leftover in self._tmp.iterdir():
+            if leftover.is_file():
+                leftover.unlink()
+                removed += 1
+        orphans = refreshed = 0
+        for intent in self._index.intents():
+            final = self._storage / intent.path
+            if self._index.is_indexed(intent.sop_instance_uid, intent.path):
+                # An overwrite that crashed after its rename: the row must describe the new file.
+                data = final.read_bytes() if final.exists() else None
+                size = len(data) if data is not None else None
+                digest = hashlib.sha256(data).hexdigest() if data is not None else None
+                self._index.settle_intent(intent, size, digest)
+                refreshed += data is not None
+            else:
+                if final.exists():
+                    final.unlink()
+                    orphans += 1
+                self._index.settle_intent(intent, None, None)
+        return RecoveryReport(removed, orphans, refreshed)
+
+
+def write_durably(path: Path, parts: list[bytes]) -> int:
+    """Write `parts` to a new file at `path` and fsync it; returns the size."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        size = _write_all(fd, parts)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return size
+
+
+def _write_all(fd: int, parts: list[bytes]) -> int:
+    views = [memoryview(p) for p in parts if p]
+    total = sum(len(v) for v in views)
+    while views:
+        written = os.writev(fd, views[:1024])
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+    return total
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""Observability: logging set-up, every Prometheus metric, and the test fault hook (layer 1)."""

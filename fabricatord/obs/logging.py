@@ -1,0 +1,55 @@
+"""structlog set-up: JSON lines off a terminal, readable text on one."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+PHI_KEYS = frozenset({"patient_name", "patient_id", "patient_birth_date"})
+
+
+def _redact_phi(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    for name in PHI_KEYS & event.keys():
+        event[name] = "***"
+    return event
+
+
+def configure(level: str = "info", fmt: str = "auto", phi: bool = False) -> None:
+    """Route structlog and the standard library (pynetdicom, alembic) through one renderer."""
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if not phi:
+        shared.append(_redact_phi)
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # pynetdicom logs every PDU at INFO; its own warnings and errors are what we want to see.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    return structlog.stdlib.get_logger(name)  # type: ignore[no-any-return]

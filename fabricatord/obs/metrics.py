@@ -1,0 +1,55 @@
+"""Every Prometheus metric fabricatord exports, declared once.
+
+Names are `fabricatord_*`; counters end in `_total`; durations are `_seconds` histograms.
+Labels are bounded: a peer is labelled by its `[[peers]]` name, anything else as `other`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+INSTANCES_GENERATED = Counter(
+    "fabricatord_instances_generated_total",
+    "Synthetic instances generated, by modality.",
+    ["modality"],
+)
+INSTANCES_STORED = Counter(
+    "fabricatord_instances_stored_total",
+    "Instances written to storage and indexed, by source (generated, received) and outcome "
+    "(new, identical, kept, overwritten).",
+    ["source", "outcome"],
+)
+STORED_BYTES = Counter(
+    "fabricatord_stored_bytes_total",
+    "Bytes of DICOM files written to storage.",
+)
+STORAGE_WRITE_SECONDS = Histogram(
+    "fabricatord_storage_write_seconds",
+    "Time to write one instance durably: temporary file, fsync, rename, index commit.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+STORAGE_WRITE_FAILURES = Counter(
+    "fabricatord_storage_write_failures_total",
+    "Instances that could not be stored, by reason.",
+    ["reason"],
+)
+STUDY_GENERATION_SECONDS = Histogram(
+    "fabricatord_study_generation_seconds",
+    "Time to generate and store one synthetic study, by modality.",
+    ["modality"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+PATIENTS_CREATED = Counter(
+    "fabricatord_patients_created_total",
+    "Synthetic patients added to the registry.",
+)
+SCU_OPERATIONS = Counter(
+    "fabricatord_scu_operations_total",
+    "DIMSE operations we sent as SCU, by service, peer name and status class.",
+    ["service", "peer", "status"],
+)
+BUILD_INFO = Gauge(
+    "fabricatord_build_info",
+    "Always 1; the version label says which fabricatord runs.",
+    ["version"],
+)

@@ -1,0 +1,159 @@
+"""Shared fixtures: settings in a temporary data_dir, real peers found or skipped, a PostgreSQL server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from fabricatord.config import Settings, load
+from fabricatord.db import dispose_all
+from fabricatord.synth.checks import settings_problems
+
+REQUIRE_PEERS = os.environ.get("FABRICATORD_REQUIRE_PEERS") == "1"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def need(tool: str) -> str:
+    """The path of `tool`; skip without it, or fail when CI requires every peer."""
+    path = shutil.which(tool)
+    if path is None:
+        message = f"{tool} is not installed (scripts/test installs it through apt as root)"
+        if REQUIRE_PEERS:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 20.0, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+@pytest.fixture(autouse=True)
+def _strict_pydicom() -> Iterator[None]:
+    """Tests read what we write with pydicom's validation raising (highdicom does the same)."""
+    config = pydicom.config.settings
+    before = (config.reading_validation_mode, config.writing_validation_mode)
+    config.reading_validation_mode = config.writing_validation_mode = pydicom.config.RAISE
+    yield
+    config.reading_validation_mode, config.writing_validation_mode = before
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[[str], Path]:
+    def write(text: str, name: str = "fabricatord.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, write_config: Callable[[str], Path]) -> Iterator[Callable[..., Settings]]:
+    def make(extra: str = "", database: str = "") -> Settings:
+        db_line = f'database = "{database}"\n' if database else ""
+        path = write_config(f'[node]\ndata_dir = "data"\n{db_line}{extra}')
+        return load(path, environ={}, checks=[settings_problems])
+
+    yield make
+    dispose_all()
+
+
+@dataclass
+class PostgresServer:
+    url: str
+
+    def fresh_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(self.url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def _postgres_bin() -> Path | None:
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), reverse=True)
+    return candidates[0].parent if candidates else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A private PostgreSQL on a free port, run as the `postgres` user when we are root."""
+    bindir = _postgres_bin()
+    if bindir is None:
+        message = "PostgreSQL server binaries are not installed (apt postgresql)"
+        if REQUIRE_PEERS:
+            pytest.fail(message)
+        pytest.skip(message)
+    # Not under pytest's tmp folder: that is private to root, and the server runs as postgres.
+    base = Path(tempfile.mkdtemp(prefix="fabricatord-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        # The server refuses to run as root.
+        shutil.chown(base, "postgres", "postgres")
+        os.chmod(base, 0o700)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data = base / "data"
+    port = free_port()
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "fabricatord"],
+                   check=True, capture_output=True)
+    log = base / "server.log"
+    subprocess.run(
+        [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "start", "-o",
+         f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off"],
+        check=True, capture_output=True,
+    )
+    try:
+        yield PostgresServer(f"postgresql+psycopg://fabricatord@127.0.0.1:{port}/postgres")
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each database test runs on SQLite and on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'db.sqlite'}"
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        yield server.fresh_database(f"t_{os.getpid()}_{abs(hash(request.node.nodeid)) % 10**8}")
+    dispose_all()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`fabricatord ARGS` as a user runs it: a separate process."""
+    full_env = {**os.environ, **(env or {})}
+    result = subprocess.run([sys.executable, "-m", "fabricatord", *args], capture_output=True, text=True,
+                            env=full_env, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"fabricatord {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result

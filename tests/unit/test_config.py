@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fabricatord.config import ConfigError, load
+from fabricatord.synth.checks import settings_problems
+from tests.conftest import ROOT
+
+DESIGN_EXAMPLE = """
+[node]
+ae_title = "FABRICATORD"
+data_dir = "var"
+
+[dicom]
+host = "127.0.0.1"
+port = 11112
+
+[hl7]
+host = "127.0.0.1"
+port = 2575
+
+[http]
+host = "127.0.0.1"
+port = 8080
+
+[synth]
+acquisition = "immediate"
+acquisition_delay = "0s"
+seed = 1234
+
+[[peers]]
+name = "orthanc"
+ae_title = "ORTHANC"
+host = "127.0.0.1"
+port = 4242
+
+[[routes]]
+name = "generated-to-orthanc"
+match = { source = "generated" }
+to = ["orthanc"]
+"""
+
+
+def problems(path: Path, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load(path, environ=environ or {}, checks=[settings_problems])
+    return [str(p) for p in info.value.problems]
+
+
+def test_defaults_without_a_file() -> None:
+    settings = load(None, environ={})
+    assert settings.node.ae_title == "FABRICATORD"
+    assert (settings.dicom.port, settings.hl7.port, settings.http.port) == (11112, 2575, 8080)
+    assert settings.http.host == "127.0.0.1"
+    assert settings.node.data_dir.is_absolute()
+    assert settings.database_url.startswith("sqlite:///")
+
+
+def test_design_example_and_shipped_file_are_valid(write_config) -> None:
+    settings = load(write_config(DESIGN_EXAMPLE), environ={}, checks=[settings_problems])
+    assert settings.synth.seed == 1234
+    assert settings.peer("orthanc") is not None and settings.peer("orthanc").port == 4242
+    assert settings.routes[0].match == {"source": "generated"}
+    shipped = load(ROOT / "conf" / "fabricatord.toml", environ={}, checks=[settings_problems])
+    assert shipped.node.data_dir == (ROOT / "var").resolve() or shipped.node.data_dir == ROOT / "conf" / ".." / "var"
+
+
+def test_relative_data_dir_is_taken_from_the_file_folder(write_config, tmp_path: Path) -> None:
+    settings = load(write_config('[node]\ndata_dir = "here"\n'), environ={})
+    assert settings.node.data_dir == tmp_path / "here"
+
+
+def test_environment_overrides_scalars(write_config) -> None:
+    path = write_config("[dicom]\nport = 104\n")
+    settings = load(path, environ={"FABRICATORD__DICOM__PORT": "11113", "FABRICATORD__LOG__PHI": "true",
+                                   "FABRICATORD__SYNTH__SEED": "7"})
+    assert settings.dicom.port == 11113
+    assert settings.log.phi is True
+    assert settings.synth.seed == 7
+
+
+def test_every_problem_is_reported_with_file_and_key(write_config) -> None:
+    path = write_config(
+        """
+[node]
+ae_title = "A TITLE THAT IS FAR TOO LONG"
+colour = "blue"
+
+[dicom]
+port = "eleven"
+duplicates = "reject"
+
+[bogus]
+x = 1
+"""
+    )
+    found = problems(path, {"FABRICATORD__DICOM__MAX_ASSOCIATIONS": "many"})
+    text = "\n".join(found)
+    assert all(line.startswith(str(path)) or line.startswith("environment") for line in found)
+    assert "node.ae_title" in text and "AE title" in text
+    assert "node.colour: unknown key" in text
+    assert "dicom.port: expected a whole number, got 'eleven'" in text
+    assert "dicom.duplicates: expected one of 'keep', 'overwrite'" in text
+    assert "bogus: unknown section" in text
+    assert "dicom.max_associations" in text and "from the environment" in text
+    assert len(found) == 6
+
+
+def test_unknown_environment_key_is_named(write_config) -> None:
+    found = problems(write_config(""), {"FABRICATORD__DICOM__PROT": "1"})
+    assert found == ["environment: FABRICATORD__DICOM__PROT: not a scalar key FABRICATORD__SECTION__KEY of a known section"]
+
+
+def test_routes_and_peers_are_cross_checked(write_config) -> None:
+    path = write_config(
+        """
+[[peers]]
+name = "pacs"
+ae_title = "PACS"
+environment = "prod"
+
+[[peers]]
+name = "pacs"
+ae_title = "PACS2"
+
+[[routes]]
+name = "r1"
+match = { source = "sometimes", colour = "x" }
+to = ["pacs", "nowhere"]
+"""
+    )
+    text = "\n".join(problems(path))
+    assert "peers[1].name: peer name 'pacs' is used twice" in text
+    assert "routes[0].match.source" in text
+    assert "routes[0].match.colour: unknown match key" in text
+    assert "no [[peers]] entry is named 'nowhere'" in text
+    assert "peer 'pacs' is prod: the route must say allow_prod = true" in text
+
+
+def test_pattern_that_cannot_fit_its_vr_is_a_config_error(write_config) -> None:
+    path = write_config('[synth]\naccession_pattern = "{YYYY}{MM}{DD}{9digits}"\npatient_id_pattern = "X{oops}"\n')
+    text = "\n".join(problems(path))
+    assert "synth.accession_pattern" in text and "up to 17 characters" in text and "SH" in text
+    assert "synth.patient_id_pattern: unknown placeholder {oops}" in text
+
+
+def test_modality_overrides(write_config) -> None:
+    settings = load(write_config("[synth.modality.CT]\nimages = 200\n"), environ={}, checks=[settings_problems])
+    assert settings.modality("ct").images == 200
+    assert settings.modality("MR").images == 0
+    text = "\n".join(problems(write_config("[synth.modality.XX]\nimages = 2\n[synth.modality.ct]\nimages = 1\n")))
+    assert "synth.modality.XX: no template for XX" in text
+    assert "synth.modality.ct: expected a two-letter upper-case modality" in text
+
+
+def test_unreadable_and_invalid_toml(tmp_path: Path, write_config) -> None:
+    assert "cannot read" in problems(tmp_path / "missing.toml")[0]
+    assert "not valid TOML" in problems(write_config("[node\n"))[0]

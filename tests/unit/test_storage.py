@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom import config, dcmread
+from pydicom.dataelem import DataElement
+
+from fabricatord.db import InstanceIndex, open_database
+from fabricatord.dicom.storage import InstanceWriter, InvalidInstance, relative_path
+from tests.helpers import study
+
+
+def writer_for(url: str, tmp_path: Path, duplicates: str = "keep", layout: str = "study/series") -> InstanceWriter:
+    return InstanceWriter(InstanceIndex(open_database(url)), tmp_path / "storage", tmp_path / "tmp", layout, duplicates)  # type: ignore[arg-type]
+
+
+def test_layouts_use_only_uids_and_digits() -> None:
+    ds = study("CT", images=1)[0]
+    study_uid, series_uid, sop_uid = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    assert relative_path(ds, "study/series") == f"{study_uid}/{series_uid}/{sop_uid}.dcm"
+    assert relative_path(ds, "flat") == f"{sop_uid}.dcm"
+    assert relative_path(ds, "date") == f"2026/11/23/{study_uid}/{series_uid}/{sop_uid}.dcm"
+    patient = relative_path(ds, "patient")
+    assert patient.startswith("P") and ds.PatientID not in patient and patient.endswith(f"{series_uid}/{sop_uid}.dcm")
+
+
+@pytest.mark.parametrize("bad", ["../../../../tmp/evil", "1.2.3/4", "1.2.03", "1.2.840." + "1" * 70])
+def test_a_uid_that_is_not_a_uid_never_becomes_a_path(bad: str, tmp_path: Path) -> None:
+    ds = study("CT", images=1)[0]
+    # What a peer can send: pydicom reads it without complaint.
+    ds["SOPInstanceUID"] = DataElement(0x00080018, "UI", bad, validation_mode=config.IGNORE)
+    with pytest.raises(InvalidInstance, match="SOPInstanceUID"):
+        relative_path(ds, "study/series")
+
+
+def test_write_index_and_read_back(database_url: str, tmp_path: Path) -> None:
+    writer = writer_for(database_url, tmp_path)
+    datasets = study("CT", images=5)
+    results = list(writer.write_many(datasets, "generated"))
+    assert [r.outcome for r in results] == ["new"] * 5
+    for ds, result in zip(datasets, results, strict=True):
+        assert result.path.is_file() and result.path.stat().st_size == result.size
+        assert dcmread(result.path).SOPInstanceUID == ds.SOPInstanceUID
+    index = InstanceIndex(open_database(database_url))
+    summary = index.study_summary(datasets[0].StudyInstanceUID)
+    assert summary is not None and (summary.series, summary.instances) == (1, 5)
+    assert summary.size == sum(r.size for r in results)
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_duplicates_keep_overwrite_identical(database_url: str, tmp_path: Path) -> None:
+    keep = writer_for(database_url, tmp_path, "keep")
+    ds = study("CT", images=1)[0]
+    first = keep.write(ds, "received", "MODALITY")
+    assert keep.write(ds, "received").outcome == "identical"
+    original = first.path.read_bytes()
+    ds.PatientName = "Other^Content"
+    assert keep.write(ds, "received").outcome == "kept"
+    assert first.path.read_bytes() == original
+    overwrite = writer_for(database_url, tmp_path, "overwrite")
+    result = overwrite.write(ds, "received")
+    assert result.outcome == "overwritten"
+    assert str(dcmread(result.path).PatientName) == "Other^Content"
+    stored = InstanceIndex(open_database(database_url)).lookup([ds.SOPInstanceUID])[ds.SOPInstanceUID]
+    assert stored.size == result.path.stat().st_size
+    assert overwrite.write(ds, "received").outcome == "identical"
+
+
+def test_recovery_settles_intents_and_sweeps_tmp(database_url: str, tmp_path: Path) -> None:
+    writer = writer_for(database_url, tmp_path)
+    index = InstanceIndex(open_database(database_url))
+    ds = study("CT", images=1)[0]
+    # What a crash between the rename and the index commit leaves behind:
+    orphan = tmp_path / "storage" / relative_path(ds, "study/series")
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"half a story")
+    index.add_intents([(ds.SOPInstanceUID, relative_path(ds, "study/series"))])
+    (tmp_path / "tmp" / "leftover.part").write_bytes(b"x")
+    report = writer.recover()
+    assert (report.temporary_files_removed, report.orphans_removed) == (1, 1)
+    assert not orphan.exists() and index.intents() == []
+    assert writer.write(ds, "generated").outcome == "new"
