@@ -173,8 +173,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         name = study.patient.name.replace("^", " ").strip()
         _print(f"Study Instance UID: {study.study_instance_uid}")
         _print(f"Accession Number:   {study.accession_number}")
-        _print(f"Patient:            {name} ({study.patient.patient_id}, {study.patient.sex}, born {study.patient.birth_date})"
-               + (" [new]" if study.patient_created else " [registered]"))
+        patient = study.patient
+        state = "new" if study.patient_created else "registered"
+        _print(f"Patient:            {name} ({patient.patient_id}, {patient.sex}, born {patient.birth_date}) [{state}]")
         rate = len(study.files) / study.seconds if study.seconds else 0
         _print(f"Files:              {len(study.files)} ({_size(study.bytes)}) in {study.seconds:.2f} s, {rate:.0f}/s")
         _print(f"Stored under:       {study.files[0].parent.parent if study.files else '-'}")
@@ -189,28 +190,54 @@ def _send_and_confirm(settings: Settings, peer: Any, files: Sequence[Path], stud
     from fabricatord.dicom.scu import ScuError, count_study_instances, send
 
     report = send(peer, settings.node.ae_title, files, _timeouts(settings), _Progress(len(files), "send"))
-    _print(f"Sent to {peer.ae_title}@{peer.host}:{peer.port}: {report.sent} of {len(files)} "
-           f"({report.warnings} with warnings) in {report.seconds:.2f} s")
+    _print(
+        f"Sent to {peer.ae_title}@{peer.host}:{peer.port}: {report.sent} of {len(files)} "
+        f"({report.warnings} with warnings) in {report.seconds:.2f} s"
+    )
     for path, why in report.failed[:10]:
         _print(f"  failed: {path.name}: {why}")
     if report.failed:
-        raise CliError(f"{len(report.failed)} of {len(files)} instances were not stored at {peer.ae_title}", EX_UNAVAILABLE)
+        raise CliError(
+            f"{len(report.failed)} of {len(files)} instances were not stored at {peer.ae_title}",
+            EX_UNAVAILABLE,
+        )
     try:
         found = count_study_instances(peer, settings.node.ae_title, study_uid, _timeouts(settings))
     except ScuError as exc:
         raise CliError(f"sent, but the C-FIND confirmation failed: {exc}", EX_UNAVAILABLE) from exc
     if found != len(files):
-        raise CliError(f"C-FIND at {peer.ae_title} finds {found} instances of the study, expected {len(files)}", EX_UNAVAILABLE)
+        raise CliError(
+            f"C-FIND at {peer.ae_title} finds {found} instances of the study, expected {len(files)}",
+            EX_UNAVAILABLE,
+        )
     _print(f"Confirmed by C-FIND at {peer.ae_title}: {found} instances of {study_uid}")
 
 
 # -- show -----------------------------------------------------------------------------------
 
 SHOWN = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
-    "StudyDate", "StudyTime", "StudyDescription", "StudyInstanceUID", "Modality", "SeriesNumber",
-    "SeriesDescription", "SeriesInstanceUID", "InstanceNumber", "SOPClassUID", "SOPInstanceUID",
-    "Rows", "Columns", "BitsStored", "PhotometricInterpretation", "BurnedInAnnotation",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyDate",
+    "StudyTime",
+    "StudyDescription",
+    "StudyInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "SeriesInstanceUID",
+    "InstanceNumber",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "Rows",
+    "Columns",
+    "BitsStored",
+    "PhotometricInterpretation",
+    "BurnedInAnnotation",
 )
 
 
@@ -242,7 +269,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def _render_png(ds: Any, out: Path) -> None:
     import numpy as np
     from PIL import Image
-    from pydicom.pixels import apply_voi_lut, convert_color_space
+    from pydicom.pixels.processing import apply_voi_lut, convert_color_space
 
     pixels = ds.pixel_array
     if ds.SamplesPerPixel == 3:
@@ -277,7 +304,7 @@ def cmd_patients(args: argparse.Namespace) -> int:
     database = _database(settings)
     registry = PatientRegistry(database)
     if args.action == "list":
-        rows = registry.list(args.limit, args.offset)
+        rows = registry.page(args.limit, args.offset)
         for p in rows:
             _print(_patient_line(p))
         if not rows:
@@ -292,8 +319,14 @@ def cmd_patients(args: argparse.Namespace) -> int:
         for item in found:
             p = item.patient
             for label, value in (
-                ("Patient ID", p.patient_id), ("Issuer", p.issuer), ("Name", p.name), ("Birth date", p.birth_date),
-                ("Sex", p.sex), ("Address", p.address), ("Phone", p.phone), ("Studies", item.studies),
+                ("Patient ID", p.patient_id),
+                ("Issuer", p.issuer),
+                ("Name", p.name),
+                ("Birth date", p.birth_date),
+                ("Sex", p.sex),
+                ("Address", p.address),
+                ("Phone", p.phone),
+                ("Studies", item.studies),
                 ("Instances", item.instances),
             ):
                 _print(f"{label + ':':<12} {value}")
@@ -344,7 +377,10 @@ def cmd_patterns(args: argparse.Namespace) -> int:
     for i in range(args.count):
         _print(pattern.render(first + i * step if pattern.counter_width else None, date.today(), rng))
     fits = "fits" if pattern.max_length <= limit else "DOES NOT FIT"
-    print(f"(up to {pattern.max_length} characters: {fits} {attribute} of {limit}; counter not consumed)", file=sys.stderr)
+    print(
+        f"(up to {pattern.max_length} characters: {fits} {attribute} of {limit}; counter not consumed)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -396,8 +432,15 @@ def cmd_send(args: argparse.Namespace) -> int:
         else:
             from fabricatord.dicom.scu import send
 
-            report = send(peer, settings.node.ae_title, files, _timeouts(settings), _Progress(len(files), "send"))
-            _print(f"Sent to {peer.ae_title}: {report.sent} of {len(files)} ({_size(report.bytes)}) in {report.seconds:.2f} s")
+            report = send(
+                peer,
+                settings.node.ae_title,
+                files,
+                _timeouts(settings),
+                _Progress(len(files), "send"),
+            )
+            size = _size(report.bytes)
+            _print(f"Sent to {peer.ae_title}: {report.sent} of {len(files)} ({size}) in {report.seconds:.2f} s")
             for path, why in report.failed[:20]:
                 _print(f"  failed: {path}: {why}")
             if report.failed:
@@ -420,21 +463,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--config", metavar="PATH", help="TOML file (default: $FABRICATORD_CONFIG, else built-in defaults)")
+        sub.add_argument(
+            "--config",
+            metavar="PATH",
+            help="TOML file (default: $FABRICATORD_CONFIG, else built-in defaults)",
+        )
         sub.set_defaults(handler=handler)
         return sub
 
     command("serve", cmd_serve, "run the daemon")
     command("check-config", cmd_check_config, "validate a configuration file; every problem is listed")
 
-    gen = command("generate", cmd_generate, "make a synthetic study, store and index it (or write it to --out)")
+    gen = command(
+        "generate",
+        cmd_generate,
+        "make a synthetic study, store and index it (or write it to --out)",
+    )
     gen.add_argument("--modality", required=True, type=str.upper, choices=MODALITIES)
     gen.add_argument("--series", type=int, default=0, help="series in the study (default: the template's)")
     gen.add_argument("--images", type=int, default=0, help="images per series (default: the template's)")
     gen.add_argument("--rows", type=int, default=0)
     gen.add_argument("--columns", type=int, default=0)
     gen.add_argument("--description", default="", help="Study Description")
-    gen.add_argument("--patient-id", default="", help="use this registered patient, or register a new one with this ID")
+    gen.add_argument(
+        "--patient-id",
+        default="",
+        help="use this registered patient, or register a new one with this ID",
+    )
     gen.add_argument("--accession", default="", help="Accession Number (default: from [synth] accession_pattern)")
     gen.add_argument("--transfer-syntax", default="", choices=["", *TRANSFER_SYNTAXES])
     gen.add_argument("--out", metavar="DIR", help="write plain files here instead of storing and indexing them")
@@ -467,8 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
     preview = pattern_actions.add_parser("preview", help="what PATTERN makes, without consuming the counter")
     preview.add_argument("pattern")
     preview.add_argument("--count", type=int, default=5)
-    preview.add_argument("--field", choices=["accession", "patient-id"], default="accession",
-                         help="whose counter to continue (default: accession)")
+    preview.add_argument(
+        "--field",
+        choices=["accession", "patient-id"],
+        default="accession",
+        help="whose counter to continue (default: accession)",
+    )
     preview.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="TOML file")
 
     echo_cmd = command("echo", cmd_echo, "C-ECHO a peer ([[peers]] name or AET@host:port)")

@@ -43,8 +43,9 @@ class _Health(Resource):
 
 def http_site() -> Site:
     root = Resource()
-    root.putChild(b"metrics", _Metrics())
-    root.putChild(b"healthz", _Health())
+    children: dict[bytes, Any] = {b"metrics": _Metrics(), b"healthz": _Health()}
+    for path, child in children.items():
+        root.putChild(path, child)
     return Site(root)
 
 
@@ -79,14 +80,15 @@ def run(settings: Settings) -> int:
     except Exception as exc:
         log.error("startup failed", error=str(exc))
         return 1
+    the_reactor: Any = reactor
     root.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", root.stopService)  # type: ignore[attr-defined]
+    the_reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
     log.info(
         "fabricatord started",
         version=__version__,
         data_dir=str(settings.node.data_dir),
         http=f"{settings.http.host}:{settings.http.port}",
     )
-    reactor.run()  # type: ignore[attr-defined]
+    the_reactor.run()
     log.info("fabricatord stopped")
     return 0

@@ -11,7 +11,13 @@ from fabricatord.synth.builder import StudyRequest, build_instances, plan_study
 from fabricatord.synth.patients import make_patient
 
 
-def study(modality: str = "CT", images: int = 3, seed: int = 1, transfer_syntax: str = "explicit", **kwargs: object) -> list[Dataset]:
+def study(
+    modality: str = "CT",
+    images: int = 3,
+    seed: int = 1,
+    transfer_syntax: str = "explicit",
+    **kwargs: object,
+) -> list[Dataset]:
     rng = random.Random(seed)
     patient = make_patient("PID0000001", "FABRICATORD", rng, date(2026, 11, 23))
     request = StudyRequest(modality, patient, "2026AB0000001", images=images, transfer_syntax=transfer_syntax, **kwargs)  # type: ignore[arg-type]

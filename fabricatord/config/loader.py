@@ -97,7 +97,11 @@ def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str], problems
         fields = {f.name: f for f in dataclasses.fields(section_cls)} if section_cls else {}
         if len(parts) != 2 or parts[1] not in fields or parts[1] == "modality":
             problems.append(
-                ConfigProblem("environment", name, "not a scalar key FABRICATORD__SECTION__KEY of a known section")
+                ConfigProblem(
+                    "environment",
+                    name,
+                    "not a scalar key FABRICATORD__SECTION__KEY of a known section",
+                )
             )
             continue
         raw.setdefault(parts[0], {})[parts[1]] = _EnvValue(value)
@@ -199,7 +203,10 @@ class _Builder:
                 converted = {}
                 for code, table in value.items():
                     if not MODALITY_KEY.match(code) or not isinstance(table, dict):
-                        self.problem(f"{where}.{code}", "expected a two-letter upper-case modality table such as CT")
+                        self.problem(
+                            f"{where}.{code}",
+                            "expected a two-letter upper-case modality table such as CT",
+                        )
                         continue
                     converted[code] = self.section(ModalityOverride, table, f"{where}.{code}")
         if converted is _INVALID:
@@ -257,7 +264,10 @@ def _cross_check(settings: Settings) -> Iterable[tuple[str, str]]:
         where = f"routes[{index}]"
         for match_key, pattern in route.match.items():
             if match_key not in ROUTE_MATCH_KEYS:
-                yield f"{where}.match.{match_key}", f"unknown match key (known: {', '.join(sorted(ROUTE_MATCH_KEYS))})"
+                yield (
+                    f"{where}.match.{match_key}",
+                    f"unknown match key (known: {', '.join(sorted(ROUTE_MATCH_KEYS))})",
+                )
             elif match_key == "source" and pattern not in ROUTE_SOURCES:
                 yield f"{where}.match.source", "expected generated, received or any"
             elif match_key == "study_description":
@@ -268,12 +278,18 @@ def _cross_check(settings: Settings) -> Iterable[tuple[str, str]]:
         if not route.to:
             yield f"{where}.to", "a route needs at least one peer"
         for target in route.to:
-            peer = settings.peer(target)
-            if peer is None:
+            destination = settings.peer(target)
+            if destination is None:
                 yield f"{where}.to", f"no [[peers]] entry is named {target!r}"
-            elif peer.environment == "prod" and not route.allow_prod:
-                yield f"{where}.to", f"peer {target!r} is prod: the route must say allow_prod = true"
+            elif destination.environment == "prod" and not route.allow_prod:
+                yield (
+                    f"{where}.to",
+                    f"peer {target!r} is prod: the route must say allow_prod = true",
+                )
     if settings.synth.mpps_peer != "self" and settings.peer(settings.synth.mpps_peer) is None:
-        yield "synth.mpps_peer", f"expected 'self' or a [[peers]] name, got {settings.synth.mpps_peer!r}"
+        yield (
+            "synth.mpps_peer",
+            f"expected 'self' or a [[peers]] name, got {settings.synth.mpps_peer!r}",
+        )
     if not 0 <= settings.synth.min_age <= settings.synth.max_age <= 120:
         yield "synth.min_age", "expected 0 <= min_age <= max_age <= 120"

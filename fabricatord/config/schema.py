@@ -87,10 +87,13 @@ class DicomSettings:
     connect_timeout: str = key("10s", "TCP connect timeout of outgoing associations.", check_duration)
     require_known_ae: bool = key(False, "Only calling AE titles listed in `[[peers]]` may associate.")
     max_find_results: int = key(
-        10000, "More matches than this answers C-FIND with 0xA700 (out of resources).", check_positive
+        10000,
+        "More matches than this answers C-FIND with 0xA700 (out of resources).",
+        check_positive,
     )
     duplicates: Duplicates = key(
-        "keep", "A second instance with a known SOP Instance UID but other content: `keep` the first or `overwrite`."
+        "keep",
+        "A second instance with a known SOP Instance UID but other content: `keep` the first or `overwrite`.",
     )
     storage_layout: StorageLayout = key(
         "study/series",
@@ -104,9 +107,7 @@ class Hl7Settings:
     host: str = key("127.0.0.1", "Address the MLLP listener binds.", check_host)
     port: int = key(2575, "MLLP listener port.", check_port)
     max_message_bytes: int = key(10 * 1024 * 1024, "Largest HL7 message accepted (bytes).", check_positive)
-    default_charset: str = key(
-        "iso-8859-1", "Charset for messages without MSH-18 that are not valid UTF-8."
-    )
+    default_charset: str = key("iso-8859-1", "Charset for messages without MSH-18 that are not valid UTF-8.")
 
 
 @dataclass(frozen=True)
@@ -132,15 +133,13 @@ class ModalityOverride:
 @dataclass(frozen=True)
 class SynthSettings:
     acquisition: Acquisition = key(
-        "immediate", "What a new worklist item triggers: `immediate`, `delay`, `on_query` or `manual`."
+        "immediate",
+        "What a new worklist item triggers: `immediate`, `delay`, `on_query` or `manual`.",
     )
-    acquisition_delay: str = key(
-        "0s", "For `delay`: a duration (`30s`) or a range (`10s-60s`).", check_duration_range
-    )
+    acquisition_delay: str = key("0s", "For `delay`: a duration (`30s`) or a range (`10s-60s`).", check_duration_range)
     seed: int | None = key(
         None,
-        "Same seed into a fresh data_dir: the same patients, identifiers, UIDs and pixels. "
-        "Unset: random.",
+        "Same seed into a fresh data_dir: the same patients, identifiers, UIDs and pixels. Unset: random.",
     )
     locale: str = key("en_US", "Faker locale of names and addresses (`de_DE`, `fr_FR`, `ja_JP` …).")
     min_age: int = key(1, "Youngest synthetic patient, in years.")
@@ -155,8 +154,7 @@ class SynthSettings:
     institution_name: str = key("Fabricatord General Hospital", "Institution Name in generated images.")
     transfer_syntax: TransferSyntaxName = key(
         "explicit",
-        "Transfer syntax of generated files: `explicit`, `implicit`, `rle`, "
-        "`jpeg2000-lossless`, `jpegls-lossless`.",
+        "Transfer syntax of generated files: `explicit`, `implicit`, `rle`, `jpeg2000-lossless`, `jpegls-lossless`.",
     )
     mpps_peer: str = key("self", "Where the simulated modality sends MPPS: `self` or a `[[peers]]` name.")
     modality: dict[str, ModalityOverride] = key({}, "Per-modality overrides: `[synth.modality.CT]`.")
@@ -174,9 +172,11 @@ class PeerSettings:
 @dataclass(frozen=True)
 class RouteSettings:
     name: str = key("", "Route name, for logs and metrics.")
-    match: dict[str, str] = key({}, "What to match: `source`, `modality`, `calling_ae`, `called_ae`, `study_description`.")
+    match: dict[str, str] = key(
+        {}, "What to match: `source`, `modality`, `calling_ae`, `called_ae`, `study_description`."
+    )
     to: list[str] = key([], "`[[peers]]` names that receive every matching instance.")
-    allow_prod: bool = key(False, "Allow this route to send to peers with `environment = \"prod\"`.")
+    allow_prod: bool = key(False, 'Allow this route to send to peers with `environment = "prod"`.')
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from fabricatord.db.engine import Database
-from fabricatord.db.models import Instance, Patient, Series, Study, StorageIntent
+from fabricatord.db.models import Instance, Patient, Series, StorageIntent, Study
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,8 @@ class InstanceIndex:
             if size is not None and digest is not None:
                 row = session.scalars(
                     select(Instance).where(
-                        Instance.sop_instance_uid == intent.sop_instance_uid, Instance.path == intent.path
+                        Instance.sop_instance_uid == intent.sop_instance_uid,
+                        Instance.path == intent.path,
                     )
                 ).one_or_none()
                 if row is not None:
@@ -145,13 +146,15 @@ class InstanceIndex:
 
     def study_summary(self, study_instance_uid: str) -> StudySummary | None:
         with self._db.reads() as session:
-            study = session.scalars(
-                select(Study).where(Study.study_instance_uid == study_instance_uid)
-            ).one_or_none()
+            study = session.scalars(select(Study).where(Study.study_instance_uid == study_instance_uid)).one_or_none()
             if study is None:
                 return None
             counts = session.execute(
-                select(func.count(func.distinct(Series.id)), func.count(Instance.id), func.coalesce(func.sum(Instance.size), 0))
+                select(
+                    func.count(func.distinct(Series.id)),
+                    func.count(Instance.id),
+                    func.coalesce(func.sum(Instance.size), 0),
+                )
                 .select_from(Series)
                 .join(Instance, Instance.series_pk == Series.id)
                 .where(Series.study_pk == study.id)
@@ -168,7 +171,14 @@ class InstanceIndex:
 
 
 def _stored(row: Instance) -> StoredInstance:
-    return StoredInstance(row.sop_instance_uid, row.sop_class_uid, row.path, row.size, row.digest, row.transfer_syntax_uid)
+    return StoredInstance(
+        row.sop_instance_uid,
+        row.sop_class_uid,
+        row.path,
+        row.size,
+        row.digest,
+        row.transfer_syntax_uid,
+    )
 
 
 def _patient_pk(session: Session, entry: IndexEntry) -> int:

@@ -70,7 +70,7 @@ class PatientRegistry:
         row = self._find(session, patient_id, issuer)
         return row.id if row else None
 
-    def list(self, limit: int = 50, offset: int = 0) -> list[PatientRecord]:
+    def page(self, limit: int = 50, offset: int = 0) -> list[PatientRecord]:
         with self._db.reads() as session:
             rows = session.scalars(select(Patient).order_by(Patient.id).limit(limit).offset(offset))
             return [_record(r) for r in rows]
@@ -109,7 +109,9 @@ class PatientRegistry:
 
     def stats(self) -> RegistryStats:
         with self._db.reads() as session:
-            by_sex = {sex or "": n for sex, n in session.execute(select(Patient.sex, func.count()).group_by(Patient.sex))}
+            by_sex = {
+                sex or "": n for sex, n in session.execute(select(Patient.sex, func.count()).group_by(Patient.sex))
+            }
             return RegistryStats(
                 patients=sum(by_sex.values()),
                 by_sex=by_sex,

@@ -19,7 +19,12 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
+
+# Generated at import time by pynetdicom, so invisible to type checkers.
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 
 from fabricatord.obs import metrics
 
@@ -71,7 +76,7 @@ def _nodelay(event: Any) -> None:
     event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-_HANDLERS = [(evt.EVT_CONN_OPEN, _nodelay)]
+_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, _nodelay)]
 
 
 def _application(calling_ae: str, timeouts: Timeouts) -> AE:
@@ -129,7 +134,7 @@ def _contexts(files: Sequence[Path]) -> list[tuple[str, list[str]]]:
     contexts: list[tuple[str, list[str]]] = []
     native = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
     for sop_class, syntax in wanted:
-        syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian] if syntax in native else [syntax]
+        syntaxes: list[str] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian] if syntax in native else [syntax]
         if (sop_class, syntaxes) not in contexts:
             contexts.append((sop_class, syntaxes))
     if len(contexts) > MAX_CONTEXTS:
@@ -165,7 +170,7 @@ def send(
             code = int(status.Status) if "Status" in status else None
             outcome = _status_class(code)
             metrics.SCU_OPERATIONS.labels("C-STORE", peer.name, outcome).inc()
-            if outcome == "failure" or outcome == "none":
+            if outcome in {"failure", "none"}:
                 report.failed.append((path, _show_status(code)))
             else:
                 report.sent += 1
@@ -180,9 +185,7 @@ def send(
     return report
 
 
-def count_study_instances(
-    peer: Peer, calling_ae: str, study_instance_uid: str, timeouts: Timeouts = Timeouts()
-) -> int:
+def count_study_instances(peer: Peer, calling_ae: str, study_instance_uid: str, timeouts: Timeouts = Timeouts()) -> int:
     """How many instances of the study the peer holds, by Study Root C-FIND.
 
     Counted series by series at IMAGE level, the hierarchical query every archive answers
@@ -226,4 +229,3 @@ def _find(assoc: Any, query: Dataset, peer: Peer) -> list[Dataset]:
 
 def _show_status(code: int | None) -> str:
     return "no response (timeout or abort)" if code is None else f"status 0x{code:04X}"
-

@@ -89,7 +89,17 @@ def plan_study(request: StudyRequest, rng: random.Random, uid_root: str, now: da
     )
     texts = [request.patient.name, request.patient.address, request.referring_physician_name]
     charset = None if all(t.isascii() for t in texts) else "ISO_IR 192"
-    return StudyPlan(request, template, study_uid, frame_uid, started, series, series_uids, charset, instance_uids)
+    return StudyPlan(
+        request,
+        template,
+        study_uid,
+        frame_uid,
+        started,
+        series,
+        series_uids,
+        charset,
+        instance_uids,
+    )
 
 
 def build_instances(plan: StudyPlan) -> Iterator[Dataset]:
@@ -98,7 +108,11 @@ def build_instances(plan: StudyPlan) -> Iterator[Dataset]:
         shared = _series_dataset(plan, series_index)
         canvas = Canvas(series.rows, series.columns, plan.template.rgb)
         painter = SeriesPainter(
-            canvas, _header_lines(plan, series_index), series.number, series.images, plan.template.lookup()
+            canvas,
+            _header_lines(plan, series_index),
+            series.number,
+            series.images,
+            plan.template.lookup(),
         )
         for index in range(series.images):
             sop_uid = plan.instance_uids[series_index][index]
@@ -136,10 +150,10 @@ def _dash_date(value: str) -> str:
 def _file_meta(plan: StudyPlan, sop_uid: str) -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.FileMetaInformationVersion = b"\x00\x01"
-    meta.MediaStorageSOPClassUID = plan.template.sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPClassUID = UID(plan.template.sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = plan.transfer_syntax_uid
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     return meta
 

@@ -10,7 +10,10 @@ from fabricatord.synth.patterns import Pattern, PatternError
 from fabricatord.synth.templates import TEMPLATES
 
 # PS3.5 6.2: AccessionNumber is SH (16 characters), PatientID is LO (64 characters).
-PATTERN_LIMITS = {"patient_id_pattern": ("PatientID (LO)", 64), "accession_pattern": ("AccessionNumber (SH)", 16)}
+PATTERN_LIMITS = {
+    "patient_id_pattern": ("PatientID (LO)", 64),
+    "accession_pattern": ("AccessionNumber (SH)", 16),
+}
 
 
 def settings_problems(settings: Settings) -> Iterator[tuple[str, str]]:
@@ -28,8 +31,22 @@ def settings_problems(settings: Settings) -> Iterator[tuple[str, str]]:
             )
     for code, override in settings.synth.modality.items():
         if code not in TEMPLATES:
-            yield f"synth.modality.{code}", f"no template for {code} (known: {', '.join(TEMPLATES)})"
+            yield (
+                f"synth.modality.{code}",
+                f"no template for {code} (known: {', '.join(TEMPLATES)})",
+            )
         if override.transfer_syntax and override.transfer_syntax not in TRANSFER_SYNTAXES:
-            yield f"synth.modality.{code}.transfer_syntax", f"expected one of {', '.join(TRANSFER_SYNTAXES)}"
-        if override.acquisition and override.acquisition not in ("immediate", "delay", "on_query", "manual"):
-            yield f"synth.modality.{code}.acquisition", "expected immediate, delay, on_query or manual"
+            yield (
+                f"synth.modality.{code}.transfer_syntax",
+                f"expected one of {', '.join(TRANSFER_SYNTAXES)}",
+            )
+        if override.acquisition and override.acquisition not in (
+            "immediate",
+            "delay",
+            "on_query",
+            "manual",
+        ):
+            yield (
+                f"synth.modality.{code}.acquisition",
+                "expected immediate, delay, on_query or manual",
+            )

@@ -28,7 +28,7 @@ _NATIVE = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
 
 def available_transfer_syntaxes() -> list[str]:
     """The names whose encoder is installed (JPEG 2000 and JPEG-LS need their plugins)."""
-    from pydicom.pixels import get_encoder
+    from pydicom.pixels.encoders.base import get_encoder
 
     names = []
     for name, uid in TRANSFER_SYNTAXES.items():

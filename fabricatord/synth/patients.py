@@ -23,7 +23,10 @@ class Demographics:
 
     @property
     def age_years(self) -> int:
-        return _age(date(int(self.birth_date[:4]), int(self.birth_date[4:6]), int(self.birth_date[6:8])), date.today())
+        return _age(
+            date(int(self.birth_date[:4]), int(self.birth_date[4:6]), int(self.birth_date[6:8])),
+            date.today(),
+        )
 
 
 def _age(born: date, on: date) -> int:
@@ -33,7 +36,7 @@ def _age(born: date, on: date) -> int:
 def _clean(text: str, limit: int) -> str:
     """One line of the default repertoire's shape: no backslash, no control characters, at most `limit`."""
     flat = ", ".join(part.strip() for part in text.splitlines() if part.strip())
-    return "".join(c for c in flat if c.isprintable() and c != "\\" and c != "^")[:limit]
+    return "".join(c for c in flat if c.isprintable() and c not in "\\^")[:limit]
 
 
 _fakers: dict[str, Faker] = {}

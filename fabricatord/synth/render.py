@@ -98,7 +98,10 @@ class SeriesPainter:
         # The disc: a box around its largest extent and each pixel's squared distance to its centre.
         self._max_radius = max(2, int(min(rx, ry) * 0.6))
         r = self._max_radius
-        self._box = (slice(max(cy - r, 0), min(cy + r + 1, rows)), slice(max(cx + offset - r, 0), min(cx + offset + r + 1, columns)))
+        self._box = (
+            slice(max(cy - r, 0), min(cy + r + 1, rows)),
+            slice(max(cx + offset - r, 0), min(cx + offset + r + 1, columns)),
+        )
         yy, xx = np.ogrid[self._box[0], self._box[1]]
         self._distance2 = (yy - cy) ** 2 + (xx - cx - offset) ** 2
         bright = np.array([200, 160, 60] if canvas.rgb else [200], dtype=np.uint8)

@@ -8,7 +8,6 @@ stored.
 from __future__ import annotations
 
 import abc
-
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,9 +73,7 @@ class Template:
     window: tuple[int, int] | None = None
 
     def plans(self, series: int, images: int, rows: int, columns: int) -> list[SeriesPlan]:
-        return [
-            SeriesPlan(n, self.series_description(n), images, rows, columns) for n in range(1, series + 1)
-        ]
+        return [SeriesPlan(n, self.series_description(n), images, rows, columns) for n in range(1, series + 1)]
 
     def series_description(self, number: int) -> str:
         return f"{self.modality} series {number}"
@@ -351,6 +348,15 @@ class SCTemplate(Template):
 
 
 TEMPLATES: dict[str, Template] = {
-    t.modality: t for t in (CRTemplate(), DXTemplate(), CTTemplate(), MRTemplate(), USTemplate(), MGTemplate(), SCTemplate())
+    t.modality: t
+    for t in (
+        CRTemplate(),
+        DXTemplate(),
+        CTTemplate(),
+        MRTemplate(),
+        USTemplate(),
+        MGTemplate(),
+        SCTemplate(),
+    )
 }
 MODALITIES = tuple(TEMPLATES)

@@ -60,13 +60,25 @@ class GeneratedStudy:
 
 def demographics(record: PatientRecord) -> Demographics:
     return Demographics(
-        record.patient_id, record.issuer, record.name, record.birth_date, record.sex, record.address, record.phone
+        record.patient_id,
+        record.issuer,
+        record.name,
+        record.birth_date,
+        record.sex,
+        record.address,
+        record.phone,
     )
 
 
 def _record(patient: Demographics) -> PatientRecord:
     return PatientRecord(
-        patient.patient_id, patient.issuer, patient.name, patient.birth_date, patient.sex, patient.address, patient.phone
+        patient.patient_id,
+        patient.issuer,
+        patient.name,
+        patient.birth_date,
+        patient.sex,
+        patient.address,
+        patient.phone,
     )
 
 
@@ -101,7 +113,14 @@ class StudyGenerator:
                 counter = self._sequences.take(PATIENT_COUNTER, synth.patient_id_start, synth.patient_id_step)[0]
             patient_id = self._patient_pattern.render(counter, date.today(), rng)
         made = make_patient(
-            patient_id, synth.issuer_of_patient_id, rng, date.today(), synth.locale, synth.min_age, synth.max_age, sex
+            patient_id,
+            synth.issuer_of_patient_id,
+            rng,
+            date.today(),
+            synth.locale,
+            synth.min_age,
+            synth.max_age,
+            sex,
         )
         stored = self._patients.add(_record(made))
         created = stored == _record(made)

@@ -74,8 +74,14 @@ def test_relative_data_dir_is_taken_from_the_file_folder(write_config, tmp_path:
 
 def test_environment_overrides_scalars(write_config) -> None:
     path = write_config("[dicom]\nport = 104\n")
-    settings = load(path, environ={"FABRICATORD__DICOM__PORT": "11113", "FABRICATORD__LOG__PHI": "true",
-                                   "FABRICATORD__SYNTH__SEED": "7"})
+    settings = load(
+        path,
+        environ={
+            "FABRICATORD__DICOM__PORT": "11113",
+            "FABRICATORD__LOG__PHI": "true",
+            "FABRICATORD__SYNTH__SEED": "7",
+        },
+    )
     assert settings.dicom.port == 11113
     assert settings.log.phi is True
     assert settings.synth.seed == 7
@@ -110,7 +116,9 @@ x = 1
 
 def test_unknown_environment_key_is_named(write_config) -> None:
     found = problems(write_config(""), {"FABRICATORD__DICOM__PROT": "1"})
-    assert found == ["environment: FABRICATORD__DICOM__PROT: not a scalar key FABRICATORD__SECTION__KEY of a known section"]
+    assert found == [
+        "environment: FABRICATORD__DICOM__PROT: not a scalar key FABRICATORD__SECTION__KEY of a known section"
+    ]
 
 
 def test_routes_and_peers_are_cross_checked(write_config) -> None:

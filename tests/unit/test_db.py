@@ -8,7 +8,14 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from fabricatord.db import DatabaseNewerThanCode, PatientRecord, PatientRegistry, Sequences, dispose_all, open_database
+from fabricatord.db import (
+    DatabaseNewerThanCode,
+    PatientRecord,
+    PatientRegistry,
+    Sequences,
+    dispose_all,
+    open_database,
+)
 from fabricatord.db.models import Base
 
 
@@ -62,7 +69,10 @@ def test_models_match_migrations(database_url: str) -> None:
 def test_sqlite_pragmas(tmp_path: Path) -> None:
     database = open_database(f"sqlite:///{tmp_path / 'p.sqlite'}")
     with database.engine.connect() as connection:
-        values = [connection.exec_driver_sql(f"PRAGMA {p}").scalar() for p in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")]
+        values = [
+            connection.exec_driver_sql(f"PRAGMA {p}").scalar()
+            for p in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+        ]
     assert values == ["wal", 2, 1, 10000]
 
 

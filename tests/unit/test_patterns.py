@@ -34,8 +34,14 @@ def test_counter_overflow_is_refused_not_wrapped() -> None:
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("{3digits}{2digits}", "at most one"), ("A{x}", "unknown placeholder"), ("A}", "unbalanced"),
-     ("A\\B", "backslash"), ("", "empty"), ("{0digits}", "unknown placeholder")],
+    [
+        ("{3digits}{2digits}", "at most one"),
+        ("A{x}", "unknown placeholder"),
+        ("A}", "unbalanced"),
+        ("A\\B", "backslash"),
+        ("", "empty"),
+        ("{0digits}", "unknown placeholder"),
+    ],
 )
 def test_bad_patterns(text: str, message: str) -> None:
     with pytest.raises(PatternError, match=message):

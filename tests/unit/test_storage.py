@@ -12,7 +12,13 @@ from tests.helpers import study
 
 
 def writer_for(url: str, tmp_path: Path, duplicates: str = "keep", layout: str = "study/series") -> InstanceWriter:
-    return InstanceWriter(InstanceIndex(open_database(url)), tmp_path / "storage", tmp_path / "tmp", layout, duplicates)  # type: ignore[arg-type]
+    return InstanceWriter(
+        InstanceIndex(open_database(url)),
+        tmp_path / "storage",
+        tmp_path / "tmp",
+        layout,
+        duplicates,
+    )  # type: ignore[arg-type]
 
 
 def test_layouts_use_only_uids_and_digits() -> None:

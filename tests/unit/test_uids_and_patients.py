@@ -9,7 +9,11 @@ from fabricatord.synth.uids import UidFactory
 
 
 def test_uids_are_valid_unique_and_reproducible() -> None:
-    for root in ("2.25", "1.2.826.0.1.3680043.10.999", "1.2.3.4.5.6.7.8.9.10.11.12.13.14.15.16.17.1"):
+    for root in (
+        "2.25",
+        "1.2.826.0.1.3680043.10.999",
+        "1.2.3.4.5.6.7.8.9.10.11.12.13.14.15.16.17.1",
+    ):
         factory = UidFactory(root, random.Random(5))
         uids = [factory.new() for _ in range(2000)]
         assert len(set(uids)) == len(uids)
