@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 
 from fabricatord import __version__
+from fabricatord.synth.elements import put
 from fabricatord.synth.encoding import TRANSFER_SYNTAXES, encode_pixels
 from fabricatord.synth.patients import Demographics
 from fabricatord.synth.render import BANNER, Canvas, SeriesPainter
@@ -106,6 +107,7 @@ def build_instances(plan: StudyPlan) -> Iterator[Dataset]:
     """Every instance of the study, in series order, each a complete dataset with file meta."""
     for series_index, series in enumerate(plan.series):
         shared = _series_dataset(plan, series_index)
+        meta = _file_meta(plan)
         canvas = Canvas(series.rows, series.columns, plan.template.rgb)
         painter = SeriesPainter(
             canvas,
@@ -117,10 +119,11 @@ def build_instances(plan: StudyPlan) -> Iterator[Dataset]:
         for index in range(series.images):
             sop_uid = plan.instance_uids[series_index][index]
             ds = Dataset(dict(shared))
-            ds.SOPInstanceUID = sop_uid
-            ds.InstanceNumber = str(index + 1)
+            put(ds, "SOPInstanceUID", sop_uid)
+            put(ds, "InstanceNumber", str(index + 1))
             plan.template.image_attributes(ds, series, index)
-            ds.file_meta = _file_meta(plan, sop_uid)
+            ds.file_meta = FileMetaDataset(dict(meta))
+            put(ds.file_meta, "MediaStorageSOPInstanceUID", sop_uid)
             encode_pixels(ds, painter.paint(index, sop_uid), plan.transfer_syntax_uid)
             yield ds
 
@@ -147,11 +150,11 @@ def _dash_date(value: str) -> str:
     return f"{value[:4]}-{value[4:6]}-{value[6:]}" if len(value) == 8 else value
 
 
-def _file_meta(plan: StudyPlan, sop_uid: str) -> FileMetaDataset:
+def _file_meta(plan: StudyPlan) -> FileMetaDataset:
+    """The file meta every image of the study shares; each adds its own SOP Instance UID."""
     meta = FileMetaDataset()
     meta.FileMetaInformationVersion = b"\x00\x01"
     meta.MediaStorageSOPClassUID = UID(plan.template.sop_class_uid)
-    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = plan.transfer_syntax_uid
     meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME

@@ -24,6 +24,7 @@ from pydicom.uid import (
     UltrasoundImageStorage,
 )
 
+from fabricatord.synth.elements import put
 from fabricatord.synth.render import lookup_table
 
 
@@ -111,10 +112,10 @@ class _Projection(Template, abc.ABC):
 
     def image_attributes(self, ds: Dataset, plan: SeriesPlan, index: int) -> None:
         view = plan.views[index]
-        ds.ViewPosition = view.view_position
-        ds.PatientOrientation = view.patient_orientation
+        put(ds, "ViewPosition", view.view_position)
+        put(ds, "PatientOrientation", view.patient_orientation)
         if view.laterality:
-            ds.ImageLaterality = view.laterality
+            put(ds, "ImageLaterality", view.laterality)
 
 
 class CRTemplate(_Projection):
@@ -236,8 +237,8 @@ class _Sectional(Template):
         start = -(plan.images - 1) * self.slice_thickness / 2
         location = start + index * self.slice_thickness
         corner = -half_width * np.array(row) - half_height * np.array(column) + location * normal
-        ds.ImagePositionPatient = [f"{v:.2f}" for v in corner]
-        ds.SliceLocation = f"{location:.2f}"
+        put(ds, "ImagePositionPatient", [f"{v:.2f}" for v in corner])
+        put(ds, "SliceLocation", f"{location:.2f}")
 
 
 class CTTemplate(_Sectional):
@@ -323,7 +324,7 @@ class USTemplate(Template):
         ds.PlanarConfiguration = 0
 
     def image_attributes(self, ds: Dataset, plan: SeriesPlan, index: int) -> None:
-        ds.PatientOrientation = ""
+        put(ds, "PatientOrientation", "")
 
 
 class SCTemplate(Template):
@@ -344,7 +345,7 @@ class SCTemplate(Template):
         ds.BodyPartExamined = self.body_part
 
     def image_attributes(self, ds: Dataset, plan: SeriesPlan, index: int) -> None:
-        ds.PatientOrientation = ""
+        put(ds, "PatientOrientation", "")
 
 
 TEMPLATES: dict[str, Template] = {
