@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
@@ -27,6 +30,7 @@ from fabricatord.obs.faults import faultpoint
 
 Layout = Literal["study/series", "patient", "date", "flat"]
 Outcome = Literal["new", "identical", "kept", "overwritten"]
+_IO_THREADS = 2
 _UID_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
@@ -113,6 +117,14 @@ def _integer(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """An instance ready to write: its file in chunks, and its index entry with size and digest."""
+
+    parts: list[bytes]
+    entry: IndexEntry
+
+
 @dataclass
 class _Pending:
     """A staged instance: its file is durable in tmp; only its index entry is kept in memory."""
@@ -152,53 +164,69 @@ class InstanceWriter:
         self._commit_lock = threading.Lock()
         self._known_dirs: set[Path] = set()
         self._local = threading.local()
+        self._io = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="storage-io")
         self._storage.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
 
     def write(self, ds: Dataset, source: str, source_ae: str = "") -> WriteResult:
         return next(self.write_many([ds], source, source_ae))
 
-    def write_many(
-        self, datasets: Iterable[Dataset], source: str, source_ae: str = "", batch: int = 64
-    ) -> Iterator[WriteResult]:
-        """Store `datasets` in batches that share one intent commit and one index commit.
+    def prepare(self, ds: Dataset, source: str, source_ae: str = "") -> Encoded:
+        """Validate and encode `ds`; thread-safe, so a producer thread can do it ahead of the writes."""
+        encoder = getattr(self._local, "encoder", None)
+        if encoder is None:
+            encoder = self._local.encoder = Part10Encoder()
+        try:
+            relative = relative_path(ds, self._layout)
+            parts = encoder.encode_parts(ds)
+        except InvalidInstance:
+            metrics.STORAGE_WRITE_FAILURES.labels("invalid").inc()
+            raise
+        except Exception as exc:
+            metrics.STORAGE_WRITE_FAILURES.labels("encode").inc()
+            raise InvalidInstance(f"cannot encode the dataset: {exc}") from exc
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
+        size = sum(len(part) for part in parts)
+        return Encoded(parts, index_entry(ds, relative, size, digest.hexdigest(), source, source_ae))
 
-        A batch holds index entries, not datasets: memory stays flat whatever its size.
-        """
-        iterator = iter(datasets)
+    def write_many(
+        self, items: Iterable[Dataset | Encoded], source: str, source_ae: str = "", batch: int = 64
+    ) -> Iterator[WriteResult]:
+        """Store datasets (or instances `prepare` encoded) in batches that share one intent commit
+        and one index commit. A batch holds index entries, not files: memory stays flat."""
+        iterator = iter(items)
         while True:
             pending: list[_Pending] = []
+            in_flight: deque[Future[_Pending]] = deque()
             try:
-                for ds in islice(iterator, batch):
-                    pending.append(self._stage(ds, source, source_ae))
+                # Temporary files are written two at a time: copying into the page cache and
+                # fsync run in the kernel without the GIL, so a second writer uses the second core.
+                for item in islice(iterator, batch):
+                    encoded = item if isinstance(item, Encoded) else self.prepare(item, source, source_ae)
+                    in_flight.append(self._io.submit(self._stage, encoded))
+                    if len(in_flight) >= _IO_THREADS:
+                        pending.append(in_flight.popleft().result())
+                while in_flight:
+                    pending.append(in_flight.popleft().result())
                 if not pending:
                     return
                 yield from self._commit(pending, source)
             finally:
-                for item in pending:
-                    item.tmp.unlink(missing_ok=True)
+                for future in in_flight:
+                    with suppress(Exception):
+                        pending.append(future.result())
+                for staged in pending:
+                    staged.tmp.unlink(missing_ok=True)
 
-    def _stage(self, ds: Dataset, source: str, source_ae: str) -> _Pending:
+    def _stage(self, encoded: Encoded) -> _Pending:
         with metrics.STORAGE_WRITE_SECONDS.time():
-            encoder = getattr(self._local, "encoder", None)
-            if encoder is None:
-                encoder = self._local.encoder = Part10Encoder()
-            try:
-                relative = relative_path(ds, self._layout)
-                parts = encoder.encode_parts(ds)
-            except InvalidInstance:
-                metrics.STORAGE_WRITE_FAILURES.labels("invalid").inc()
-                raise
-            except Exception as exc:
-                metrics.STORAGE_WRITE_FAILURES.labels("encode").inc()
-                raise InvalidInstance(f"cannot encode the dataset: {exc}") from exc
-            fd_path = self._tmp / f"{ds.SOPInstanceUID}.{os.getpid()}.{threading.get_ident()}.part"
-            digest = hashlib.sha256()
-            for part in parts:
-                digest.update(part)
-            size = write_durably(fd_path, parts)
+            uid = encoded.entry.sop_instance_uid
+            tmp = self._tmp / f"{uid}.{os.getpid()}.{threading.get_ident()}.part"
+            write_durably(tmp, encoded.parts)
             faultpoint("store.after_tmp_write")
-            return _Pending(index_entry(ds, relative, size, digest.hexdigest(), source, source_ae), fd_path)
+            return _Pending(encoded.entry, tmp)
 
     def _commit(self, pending: list[_Pending], source: str) -> Iterator[WriteResult]:
         with self._commit_lock:

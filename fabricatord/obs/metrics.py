@@ -25,7 +25,7 @@ STORED_BYTES = Counter(
 )
 STORAGE_WRITE_SECONDS = Histogram(
     "fabricatord_storage_write_seconds",
-    "Time to write one instance durably: temporary file, fsync, rename, index commit.",
+    "Time to write one instance's temporary file in data_dir/tmp and fsync it.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 STORAGE_WRITE_FAILURES = Counter(

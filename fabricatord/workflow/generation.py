@@ -158,14 +158,17 @@ class StudyGenerator:
         )
         plan = plan_study(request, rng, self._settings.node.uid_root, datetime.now())
         result = GeneratedStudy(plan.study_instance_uid, accession, patient, modality, patient_created=created)
-        # Rendering runs a step ahead on its own thread while this one writes and fsyncs: the
-        # disk work releases the GIL, so the two overlap. Two slices in flight keep memory flat.
-        instances = _counted(prefetch(build_instances(plan), depth=2), modality)
+        instances = _counted(build_instances(plan), modality)
+        # Rendering and encoding run a step ahead on their own thread while this one writes and
+        # fsyncs: the disk work releases the GIL, so the two overlap. Two slices in flight keep
+        # memory flat.
         with metrics.STUDY_GENERATION_SECONDS.labels(modality).time():
             if options.out_dir is not None:
-                writes = self._write_folder(instances, options.out_dir)
+                writes = self._write_folder(prefetch(instances, depth=2), options.out_dir)
             elif self._writer is not None:
-                writes = ((w.path, w.size) for w in self._writer.write_many(instances, "generated"))
+                writer = self._writer
+                encoded = prefetch((writer.prepare(ds, "generated") for ds in instances), depth=2)
+                writes = ((w.path, w.size) for w in writer.write_many(encoded, "generated"))
             else:
                 raise ValueError("no storage and no output folder to write to")
             for path, size in writes:
