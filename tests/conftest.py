@@ -54,6 +54,25 @@ def wait_for_port(port: int, timeout: float = 20.0, process: subprocess.Popen[by
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
+def wait_for_echo(
+    port: int, ae_title: str = "ANY", timeout: float = 20.0, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Wait until a DICOM peer answers C-ECHO. A bare TCP probe would hold single-threaded
+    peers such as DCMTK's storescp in their association timeout."""
+    from fabricatord.dicom.scu import Peer, ScuError, Timeouts, echo
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before answering C-ECHO on {port}")
+        try:
+            echo(Peer(ae_title, "127.0.0.1", port), "PROBE", Timeouts(connect=1, acse=2, dimse=2, network=2))
+            return
+        except (ScuError, OSError):
+            time.sleep(0.05)
+    raise TimeoutError(f"no C-ECHO answer on 127.0.0.1:{port} after {timeout} s")
+
+
 @pytest.fixture(autouse=True)
 def _strict_pydicom() -> Iterator[None]:
     """Tests read what we write with pydicom's validation raising (highdicom does the same)."""

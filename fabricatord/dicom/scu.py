@@ -30,6 +30,7 @@ from fabricatord.obs import metrics
 
 _ADDRESS = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1–255
+SEND_ATTEMPTS = 2
 STATUS_SUCCESS = 0x0000
 STATUS_PENDING = frozenset({0xFF00, 0xFF01})
 
@@ -60,6 +61,8 @@ class SendReport:
     sent: int = 0
     warnings: int = 0
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    resent: int = 0
+    """Files sent again on a new association after getting no response."""
     bytes: int = 0
     seconds: float = 0.0
 
@@ -149,7 +152,12 @@ def send(
     timeouts: Timeouts = Timeouts(),
     progress: Callable[[int], None] | None = None,
 ) -> SendReport:
-    """C-STORE every file over one association, each as it is stored (no re-encoding)."""
+    """C-STORE every file, each as it is stored (no re-encoding), over one association.
+
+    A file that gets no response at all (the association was aborted, or pynetdicom 3.0.4 lost
+    the response to its reactor race, see docs/upstream.md) is sent once more on a new
+    association: C-STORE of the same instance is idempotent at any archive.
+    """
     ae = _application(calling_ae, timeouts)
     for sop_class, syntaxes in _contexts(files):
         ae.add_requested_context(sop_class, syntaxes)
@@ -158,20 +166,16 @@ def send(
     assoc = _associate(ae, peer)
     try:
         for path in files:
-            if not assoc.is_established:
-                report.failed.append((path, "association lost"))
-                continue
-            try:
-                status = assoc.send_c_store(path)
-            except ValueError as exc:  # no accepted context for this file's class and syntax
-                report.failed.append((path, str(exc)))
-                metrics.SCU_OPERATIONS.labels("C-STORE", peer.name, "failure").inc()
-                continue
-            code = int(status.Status) if "Status" in status else None
+            for attempt in range(1, SEND_ATTEMPTS + 1):
+                if not assoc.is_established:
+                    assoc = _associate(ae, peer)
+                code, why = _store_one(assoc, path, peer)
+                if code is not None or attempt == SEND_ATTEMPTS:
+                    break
+                report.resent += 1
             outcome = _status_class(code)
-            metrics.SCU_OPERATIONS.labels("C-STORE", peer.name, outcome).inc()
-            if outcome in {"failure", "none"}:
-                report.failed.append((path, _show_status(code)))
+            if why is not None or outcome in {"failure", "none"}:
+                report.failed.append((path, why or _show_status(code)))
             else:
                 report.sent += 1
                 report.warnings += outcome == "warning"
@@ -183,6 +187,18 @@ def send(
             assoc.release()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _store_one(assoc: Any, path: Path, peer: Peer) -> tuple[int | None, str | None]:
+    """(status, None) for an answer; (None, reason) when the file cannot go on this association."""
+    try:
+        status = assoc.send_c_store(path)
+    except ValueError as exc:  # no accepted context for this file's class and syntax
+        metrics.SCU_OPERATIONS.labels("C-STORE", peer.name, "failure").inc()
+        return 0xA900, str(exc)
+    code = int(status.Status) if "Status" in status else None
+    metrics.SCU_OPERATIONS.labels("C-STORE", peer.name, _status_class(code)).inc()
+    return code, None
 
 
 def count_study_instances(peer: Peer, calling_ae: str, study_instance_uid: str, timeouts: Timeouts = Timeouts()) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, need, run_cli, wait_for_port
+from tests.conftest import free_port, need, run_cli, wait_for_echo
 
 pytestmark = pytest.mark.integration
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -40,7 +40,7 @@ def storescp(tmp_path: Path) -> Iterator[Peer]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for_port(port, process=process)
+        wait_for_echo(port, process=process)
         yield Peer("STORESCP", port, folder)
     finally:
         process.terminate()
@@ -66,7 +66,7 @@ def dcmqrscp(tmp_path: Path) -> Iterator[Peer]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for_port(port, process=process)
+        wait_for_echo(port, "QRSCP", process=process)
         yield Peer("QRSCP", port, folder)
     finally:
         process.terminate()
@@ -141,3 +141,28 @@ def test_send_of_an_unknown_study_uid_says_so(tmp_path: Path, storescp: Peer) ->
     config = config_with_peer(tmp_path, storescp)
     result = run_cli("send", "archive", "1.2.3.4", "--config", str(config), check=False)
     assert result.returncode == 65 and "no stored study" in result.stderr
+
+
+def test_a_peer_that_aborts_every_store_fails_each_file_without_hanging(tmp_path: Path) -> None:
+    folder = tmp_path / "received"
+    folder.mkdir()
+    port = free_port()
+    # DCMTK's storescp --abort-after: abort the association after each C-STORE-RQ, never answer.
+    process = subprocess.Popen(
+        [need("storescp"), "--abort-after", "-od", str(folder), str(port)],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_echo(port, process=process)
+        out = tmp_path / "out"
+        env = {"FABRICATORD__NODE__DATA_DIR": str(tmp_path / "data"), "FABRICATORD__DICOM__DIMSE_TIMEOUT": "3s"}
+        run_cli("generate", "--modality", "SC", "--images", "2", "--out", str(out), env=env)
+        result = run_cli("send", f"ANY@127.0.0.1:{port}", str(out), check=False, timeout=120, env=env)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert result.returncode == 69
+    assert "0 of 2" in result.stdout
+    assert result.stdout.count("no response (timeout or abort)") == 2
