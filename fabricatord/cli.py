@@ -269,16 +269,16 @@ def cmd_show(args: argparse.Namespace) -> int:
 def _render_png(ds: Any, out: Path) -> None:
     import numpy as np
     from PIL import Image
-    from pydicom.pixels.processing import apply_voi_lut, convert_color_space
+    from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
-    pixels = ds.pixel_array
+    pixels = ds.pixel_array  # colour comes back as RGB whatever the stored colour space
     if ds.SamplesPerPixel == 3:
-        if ds.PhotometricInterpretation != "RGB":
-            pixels = convert_color_space(pixels, ds.PhotometricInterpretation, "RGB")
         image = Image.fromarray(pixels.astype(np.uint8), "RGB")
     else:
         if ds.get("NumberOfFrames", 1) > 1:
             pixels = pixels[0]
+        # Stored values → modality values (HU for CT) → the window the image asks for.
+        pixels = apply_modality_lut(pixels, ds)
         if "WindowCenter" in ds:
             pixels = apply_voi_lut(pixels, ds)
         low, high = float(pixels.min()), float(pixels.max())

@@ -46,9 +46,10 @@ def configure(level: str = "info", fmt: str = "auto", phi: bool = False) -> None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # pynetdicom logs every PDU at INFO; its own warnings and errors are what we want to see.
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
-    logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
+    # These libraries narrate every PDU, migration step and codec tile at INFO; their warnings
+    # and errors are what an operator needs.
+    for chatty in ("pynetdicom", "alembic", "openjpeg", "pylibjpeg"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -124,7 +124,8 @@ def build_instances(plan: StudyPlan) -> Iterator[Dataset]:
             plan.template.image_attributes(ds, series, index)
             ds.file_meta = FileMetaDataset(dict(meta))
             put(ds.file_meta, "MediaStorageSOPInstanceUID", sop_uid)
-            encode_pixels(ds, painter.paint(index, sop_uid), plan.transfer_syntax_uid)
+            label = plan.template.image_label(series, index)
+            encode_pixels(ds, painter.paint(index, sop_uid, label), plan.transfer_syntax_uid)
             yield ds
 
 

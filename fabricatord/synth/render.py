@@ -142,7 +142,7 @@ class SeriesPainter:
         ink = self._final(strip[..., None].repeat(3, axis=2) if self.canvas.rgb else strip)
         np.maximum(region, ink, out=region)
 
-    def paint(self, index: int, sop_instance_uid: str) -> bytes:
+    def paint(self, index: int, sop_instance_uid: str, label: str = "") -> bytes:
         """The pixel bytes (little endian) of image `index` (from 0) of the series."""
         pixels = self._base.copy()
         phase = (index + 0.5) / max(self.images, 1)
@@ -150,7 +150,8 @@ class SeriesPainter:
         region = pixels[self._box]
         region[self._distance2 <= radius * radius] = self._disc_value
         y = self._text_top
-        for line in (f"Image {index + 1} of {self.images}", "SOP Instance UID:", sop_instance_uid):
+        number = f"Image {index + 1} of {self.images}" + (f"   {label}" if label else "")
+        for line in (number, "SOP Instance UID:", sop_instance_uid):
             self._stamp(pixels, line, y)
             y += self._line
         return pixels.astype(pixels.dtype.newbyteorder("<"), copy=False).tobytes()

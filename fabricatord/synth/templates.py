@@ -72,6 +72,8 @@ class Template:
     rgb = False
     photometric = "MONOCHROME2"
     window: tuple[int, int] | None = None
+    patient_sex: str | None = None
+    """The sex of a new patient made for this modality; None: either."""
 
     def plans(self, series: int, images: int, rows: int, columns: int) -> list[SeriesPlan]:
         return [SeriesPlan(n, self.series_description(n), images, rows, columns) for n in range(1, series + 1)]
@@ -89,6 +91,10 @@ class Template:
 
     def image_attributes(self, ds: Dataset, plan: SeriesPlan, index: int) -> None:
         """Attributes of image `index` (from 0) of its series."""
+
+    def image_label(self, plan: SeriesPlan, index: int) -> str:
+        """What the image's own text says after its number, such as its view."""
+        return ""
 
 
 class _Projection(Template, abc.ABC):
@@ -109,6 +115,9 @@ class _Projection(Template, abc.ABC):
             description = "/".join(dict.fromkeys(v.name for v in chosen))
             plans.append(SeriesPlan(number, description, images, rows, columns, chosen))
         return plans
+
+    def image_label(self, plan: SeriesPlan, index: int) -> str:
+        return plan.views[index].name
 
     def image_attributes(self, ds: Dataset, plan: SeriesPlan, index: int) -> None:
         view = plan.views[index]
@@ -186,6 +195,7 @@ class MGTemplate(DXTemplate):
     series, images, rows, columns = 1, 4, 2560, 2048
     pixel_spacing = "0.1"
     anatomy = ("76752008", "SCT", "Breast")
+    patient_sex = "F"
 
     def default_views(self) -> tuple[View, ...]:
         cc = ("399162004", "SCT", "cranio-caudal")

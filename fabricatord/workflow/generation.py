@@ -141,7 +141,7 @@ class StudyGenerator:
         if modality not in TEMPLATES:
             raise ValueError(f"unknown modality {options.modality!r} (known: {', '.join(TEMPLATES)})")
         override = self._settings.modality(modality)
-        patient, created = self.new_patient(options.patient_id)
+        patient, created = self.new_patient(options.patient_id, TEMPLATES[modality].patient_sex)
         rng = self._rng(STUDY_COUNTER)
         accession = options.accession_number or self.next_accession(rng)
         request = StudyRequest(

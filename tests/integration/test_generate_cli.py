@@ -117,3 +117,15 @@ def test_show_refuses_a_file_that_is_not_dicom(tmp_path: Path) -> None:
     junk.write_bytes(b"not dicom at all")
     result = run_cli("show", str(junk), check=False)
     assert result.returncode == 65 and "not a readable DICOM file" in result.stderr
+
+
+def test_mammography_patients_are_women_and_views_are_named(tmp_path: Path) -> None:
+    config = config_file(tmp_path, "[synth]\nseed = 5\n")
+    for _ in range(3):
+        out = run_cli("generate", "--config", str(config), "--modality", "MG").stdout
+        assert ", F, born" in field(out, "Patient")
+    files = sorted((tmp_path / "data" / "storage").rglob("*.dcm"))
+    views = {dcmread(f).ViewCodeSequence[0].CodeMeaning for f in files}
+    lateralities = sorted(dcmread(f).ImageLaterality for f in files)
+    assert views == {"cranio-caudal", "medio-lateral oblique"}
+    assert lateralities == ["L"] * 6 + ["R"] * 6

@@ -5,9 +5,12 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from pydicom import dcmread
 
+from fabricatord.cli import main
 from fabricatord.synth.encoding import TRANSFER_SYNTAXES
 from fabricatord.synth.templates import MODALITIES
 from tests.conftest import need, run_cli
@@ -57,3 +60,11 @@ def test_template_passes_dciodvfy_dcmdump_and_strict_pydicom(
         assert ds.BurnedInAnnotation == "YES"
         pixels = ds.pixel_array
         assert pixels.shape[:2] == (ds.Rows, ds.Columns) and pixels.max() > pixels.min()
+    png = tmp_path / "first.png"
+    assert main(["show", str(files[0]), "--png", str(png)]) == 0
+    with Image.open(png) as image:
+        assert image.size == (ds.Columns, ds.Rows)
+        assert image.mode == ("RGB" if ds.SamplesPerPixel == 3 else "L")
+        if image.mode == "RGB":  # the banner is yellow: a wrong colour conversion loses it
+            rgb = np.asarray(image).astype(int)
+            assert np.any((rgb[..., 0] > 200) & (rgb[..., 1] > 170) & (rgb[..., 2] < 80))
