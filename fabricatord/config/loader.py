@@ -83,7 +83,7 @@ def load(
         raise ConfigError(problems)
     node = settings.node
     if not node.data_dir.is_absolute():
-        node = dataclasses.replace(node, data_dir=base_dir / node.data_dir)
+        node = dataclasses.replace(node, data_dir=Path(os.path.normpath(base_dir / node.data_dir)))
     return dataclasses.replace(settings, node=node, source=path)
 
 
@@ -188,7 +188,7 @@ class _Builder:
         elif hint is Path:
             expected = "a path"
             text = value.text if from_env else value
-            converted = self.base_dir / text if isinstance(text, str) and text else _INVALID
+            converted = Path(os.path.normpath(self.base_dir / text)) if isinstance(text, str) and text else _INVALID
         elif origin is list and args == (str,):
             expected = "an array of strings"
             ok = isinstance(value, list) and all(isinstance(v, str) for v in value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -73,6 +74,42 @@ def dcmqrscp(tmp_path: Path) -> Iterator[Peer]:
         process.wait(timeout=10)
 
 
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Peer]:
+    """A real PACS: Orthanc with its own storage, answering C-FIND from any AE."""
+    folder = tmp_path / "orthanc"
+    folder.mkdir()
+    port = free_port()
+    config = tmp_path / "orthanc.json"
+    config.write_text(
+        json.dumps(
+            {
+                "Name": "fabricatord-test",
+                "DicomAet": "ORTHANC",
+                "DicomPort": port,
+                "HttpPort": free_port(),
+                "HttpServerEnabled": False,
+                "StorageDirectory": str(folder),
+                "IndexDirectory": str(folder),
+                "DicomAlwaysAllowFind": True,
+                "DicomAlwaysAllowStore": True,
+                "DicomAlwaysAllowEcho": True,
+                "Plugins": [],
+                "RemoteAccessAllowed": False,
+            }
+        )
+    )
+    process = subprocess.Popen(
+        [need("Orthanc"), str(config)], env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for_echo(port, "ORTHANC", timeout=60, process=process)
+        yield Peer("ORTHANC", port, folder)
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
 def config_with_peer(tmp_path: Path, peer: Peer) -> Path:
     path = tmp_path / "fabricatord.toml"
     path.write_text(
@@ -135,6 +172,13 @@ def test_generate_send_confirms_by_cfind(tmp_path: Path, dcmqrscp: Peer) -> None
     # A stored study sent again by its UID, to the same archive: confirmed again.
     again = run_cli("send", "archive", study_uid, "--config", str(config)).stdout
     assert "Confirmed by C-FIND at QRSCP: 9 instances" in again
+
+
+def test_generate_send_confirms_at_orthanc(tmp_path: Path, orthanc: Peer) -> None:
+    config = config_with_peer(tmp_path, orthanc)
+    out = run_cli("generate", "--config", str(config), "--modality", "CT", "--images", "25", "--send", "archive").stdout
+    assert "Sent to ORTHANC@127.0.0.1" in out and "25 of 25 (0 with warnings)" in out
+    assert "Confirmed by C-FIND at ORTHANC: 25 instances" in out
 
 
 def test_send_of_an_unknown_study_uid_says_so(tmp_path: Path, storescp: Peer) -> None:
