@@ -180,35 +180,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _print(f"Files:              {len(study.files)} ({_size(study.bytes)}) in {study.seconds:.2f} s, {rate:.0f}/s")
         _print(f"Stored under:       {study.files[0].parent.parent if study.files else '-'}")
         if peer is not None:
-            _send_and_confirm(settings, peer, study.files, study.study_instance_uid)
+            if _send_files(settings, peer, study.files).failed:
+                raise CliError(f"the study was not stored completely at {peer.ae_title}", EX_UNAVAILABLE)
+            _confirm(settings, peer, study.study_instance_uid, len(study.files))
         if args.count > 1:
             _print("")
     return 0
 
 
-def _send_and_confirm(settings: Settings, peer: Any, files: Sequence[Path], study_uid: str) -> None:
-    from fabricatord.dicom.scu import ScuError, count_study_instances, send
+def _send_files(settings: Settings, peer: Any, files: Sequence[Path]) -> Any:
+    """C-STORE `files` to `peer` and say how it went; returns the report."""
+    from fabricatord.dicom.scu import send
 
     report = send(peer, settings.node.ae_title, files, _timeouts(settings), _Progress(len(files), "send"))
     _print(
         f"Sent to {peer.ae_title}@{peer.host}:{peer.port}: {report.sent} of {len(files)} "
-        f"({report.warnings} with warnings) in {report.seconds:.2f} s"
+        f"({_size(report.bytes)}, {report.warnings} with warnings) in {report.seconds:.2f} s"
     )
-    for path, why in report.failed[:10]:
-        _print(f"  failed: {path.name}: {why}")
-    if report.failed:
-        raise CliError(
-            f"{len(report.failed)} of {len(files)} instances were not stored at {peer.ae_title}",
-            EX_UNAVAILABLE,
-        )
+    if report.resent:
+        _print(f"  {report.resent} sent again on a new association after getting no response")
+    for path, why in report.failed[:20]:
+        _print(f"  failed: {path}: {why}")
+    return report
+
+
+def _confirm(settings: Settings, peer: Any, study_uid: str, expected: int) -> None:
+    """Ask the peer by C-FIND whether it holds the whole study."""
+    from fabricatord.dicom.scu import ScuError, count_study_instances
+
     try:
         found = count_study_instances(peer, settings.node.ae_title, study_uid, _timeouts(settings))
     except ScuError as exc:
         raise CliError(f"sent, but the C-FIND confirmation failed: {exc}", EX_UNAVAILABLE) from exc
-    if found != len(files):
+    if found != expected:
         raise CliError(
-            f"C-FIND at {peer.ae_title} finds {found} instances of the study, expected {len(files)}",
-            EX_UNAVAILABLE,
+            f"C-FIND at {peer.ae_title} finds {found} instances of the study, expected {expected}", EX_UNAVAILABLE
         )
     _print(f"Confirmed by C-FIND at {peer.ae_title}: {found} instances of {study_uid}")
 
@@ -407,7 +413,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     settings = _settings(args)
     peer = _peer(settings, args.peer)
     files: list[Path] = []
-    study_uid = ""
+    studies: dict[str, int] = {}
+    """Stored studies named on the command line, with their instance counts, to confirm."""
     for item in args.items:
         path = Path(item)
         if path.is_dir():
@@ -417,34 +424,26 @@ def cmd_send(args: argparse.Namespace) -> int:
         elif is_valid_uid(item):
             from fabricatord.db import InstanceIndex
 
-            stored = InstanceIndex(_database(settings)).study_instances(item)
-            if not stored:
+            index = InstanceIndex(_database(settings))
+            summary = index.study_summary(item)
+            if summary is None:
                 raise CliError(f"no stored study has Study Instance UID {item}", EX_DATAERR)
+            _print(
+                f"Study {item}: accession {summary.accession_number or '-'}, patient {summary.patient_id}, "
+                f"{summary.instances} instances in {summary.series} series ({_size(summary.size)})"
+            )
+            stored = index.study_instances(item)
             files.extend(settings.storage_dir / s.path for s in stored)
-            study_uid = item
+            studies[item] = len(stored)
         else:
             raise CliError(f"{item!r} is neither a file, a folder nor a stored Study Instance UID", EX_USAGE)
     if not files:
         raise CliError("nothing to send", EX_USAGE)
     try:
-        if study_uid and len(args.items) == 1:
-            _send_and_confirm(settings, peer, files, study_uid)
-        else:
-            from fabricatord.dicom.scu import send
-
-            report = send(
-                peer,
-                settings.node.ae_title,
-                files,
-                _timeouts(settings),
-                _Progress(len(files), "send"),
-            )
-            size = _size(report.bytes)
-            _print(f"Sent to {peer.ae_title}: {report.sent} of {len(files)} ({size}) in {report.seconds:.2f} s")
-            for path, why in report.failed[:20]:
-                _print(f"  failed: {path}: {why}")
-            if report.failed:
-                return EX_UNAVAILABLE
+        if _send_files(settings, peer, files).failed:
+            return EX_UNAVAILABLE
+        for study_uid, count in studies.items():
+            _confirm(settings, peer, study_uid, count)
     except ScuError as exc:
         raise CliError(str(exc), EX_UNAVAILABLE) from exc
     return 0

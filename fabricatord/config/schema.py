@@ -39,7 +39,6 @@ StorageLayout = Literal["study/series", "patient", "date", "flat"]
 Acquisition = Literal["immediate", "delay", "on_query", "manual"]
 TransferSyntaxName = Literal["explicit", "implicit", "rle", "jpeg2000-lossless", "jpegls-lossless"]
 Environment = Literal["test", "prod"]
-Sex = Literal["M", "F", "O"]
 
 
 @dataclass(frozen=True)

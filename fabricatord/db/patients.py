@@ -66,10 +66,6 @@ class PatientRegistry:
             return found
         return patient
 
-    def primary_key(self, session: Session, patient_id: str, issuer: str) -> int | None:
-        row = self._find(session, patient_id, issuer)
-        return row.id if row else None
-
     def page(self, limit: int = 50, offset: int = 0) -> list[PatientRecord]:
         with self._db.reads() as session:
             rows = session.scalars(select(Patient).order_by(Patient.id).limit(limit).offset(offset))

@@ -8,7 +8,7 @@ stored.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
@@ -47,7 +47,6 @@ class SeriesPlan:
     rows: int
     columns: int
     views: tuple[View, ...] = ()
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
@@ -234,13 +233,10 @@ class _Sectional(Template):
         ds.PositionReferenceIndicator = ""
         ds.PixelSpacing = [f"{self.pixel_spacing:g}", f"{self.pixel_spacing:g}"]
         ds.SliceThickness = f"{self.slice_thickness:g}"
-        ds.ImageOrientationPatient = [f"{v:g}" for v in self._orientation(plan)]
-
-    def _orientation(self, plan: SeriesPlan) -> tuple[float, ...]:
-        return self.orientation
+        ds.ImageOrientationPatient = [f"{v:g}" for v in self.orientation]
 
     def image_attributes(self, ds: Dataset, plan: SeriesPlan, index: int) -> None:
-        row, column = self._orientation(plan)[:3], self._orientation(plan)[3:]
+        row, column = self.orientation[:3], self.orientation[3:]
         normal = np.cross(row, column)
         half_width = plan.columns * self.pixel_spacing / 2
         half_height = plan.rows * self.pixel_spacing / 2
