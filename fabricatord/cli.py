@@ -267,6 +267,8 @@ def cmd_show(args: argparse.Namespace) -> int:
                 value = f"{value.name} ({value})"
             _print(f"{label + ':':<20}{value}")
     if args.png:
+        if "PixelData" not in ds:
+            raise CliError(f"{path}: has no pixel data to render", EX_DATAERR)
         _render_png(ds, Path(args.png))
         _print(f"Rendered:           {args.png}")
     return 0

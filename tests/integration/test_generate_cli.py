@@ -129,3 +129,18 @@ def test_mammography_patients_are_women_and_views_are_named(tmp_path: Path) -> N
     lateralities = sorted(dcmread(f).ImageLaterality for f in files)
     assert views == {"cranio-caudal", "medio-lateral oblique"}
     assert lateralities == ["L"] * 6 + ["R"] * 6
+
+
+def test_config_from_the_environment_and_show_without_pixels(tmp_path: Path) -> None:
+    config = config_file(tmp_path)
+    checked = run_cli("check-config", env={"FABRICATORD_CONFIG": str(config)}).stdout
+    assert checked.startswith(f"{config}: OK")
+    out = run_cli("generate", "--modality", "SC", env={"FABRICATORD_CONFIG": str(config)}).stdout
+    image = next((tmp_path / "data" / "storage").rglob("*.dcm"))
+    assert field(out, "Study Instance UID") in str(image)
+    ds = dcmread(image)
+    del ds.PixelData
+    bare = tmp_path / "bare.dcm"
+    ds.save_as(bare, enforce_file_format=True)
+    result = run_cli("show", str(bare), "--png", str(tmp_path / "x.png"), check=False)
+    assert result.returncode == 65 and "has no pixel data" in result.stderr
