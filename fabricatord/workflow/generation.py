@@ -8,7 +8,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,7 +29,7 @@ T = TypeVar("T")
 PATIENT_COUNTER = "patient_id"
 ACCESSION_COUNTER = "accession"
 STUDY_COUNTER = "study"
-"""Counts generated studies; with a seed, study n draws from Random(f"{seed}:{n}")."""
+"""Counts generated studies: with a seed, study n draws from Random(f"{seed}:study:{n}")."""
 
 
 @dataclass(frozen=True)
@@ -58,28 +58,14 @@ class GeneratedStudy:
     patient_created: bool = False
 
 
+# The registry's record and synth's demographics have the same fields: synth stays free of the
+# database, and the two convert by name.
 def demographics(record: PatientRecord) -> Demographics:
-    return Demographics(
-        record.patient_id,
-        record.issuer,
-        record.name,
-        record.birth_date,
-        record.sex,
-        record.address,
-        record.phone,
-    )
+    return Demographics(**asdict(record))
 
 
 def _record(patient: Demographics) -> PatientRecord:
-    return PatientRecord(
-        patient.patient_id,
-        patient.issuer,
-        patient.name,
-        patient.birth_date,
-        patient.sex,
-        patient.address,
-        patient.phone,
-    )
+    return PatientRecord(**asdict(patient))
 
 
 class StudyGenerator:
