@@ -46,19 +46,6 @@ def _database(settings: Settings) -> Any:
     return open_database(settings.database_url)
 
 
-def _writer(settings: Settings, database: Any) -> Any:
-    from fabricatord.db import InstanceIndex
-    from fabricatord.dicom.storage import InstanceWriter
-
-    return InstanceWriter(
-        InstanceIndex(database),
-        settings.storage_dir,
-        settings.tmp_dir,
-        settings.dicom.storage_layout,
-        settings.dicom.duplicates,
-    )
-
-
 def _print(*parts: object) -> None:
     print(*parts, flush=True)
 
@@ -142,6 +129,7 @@ def _timeouts(settings: Settings) -> Any:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from fabricatord.service import storage_writer
     from fabricatord.synth.templates import TEMPLATES
     from fabricatord.workflow.generation import GenerateOptions, StudyGenerator
 
@@ -149,7 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _logging(settings)
     peer = _peer(settings, args.send) if args.send else None
     database = _database(settings)
-    writer = None if args.out else _writer(settings, database)
+    writer = None if args.out else storage_writer(settings, database)
     if writer is not None:
         writer.recover()
     generator = StudyGenerator(settings, database, writer)

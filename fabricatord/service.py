@@ -17,7 +17,7 @@ from twisted.web.server import Request, Site
 
 from fabricatord import __version__
 from fabricatord.config import Settings
-from fabricatord.db import InstanceIndex, open_database
+from fabricatord.db import Database, InstanceIndex, open_database
 from fabricatord.dicom.storage import InstanceWriter
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
@@ -49,16 +49,20 @@ def http_site() -> Site:
     return Site(root)
 
 
-def build(settings: Settings, reactor_: Any = reactor) -> MultiService:
-    """Every part of the daemon as one service tree."""
-    database = open_database(settings.database_url)
-    writer = InstanceWriter(
+def storage_writer(settings: Settings, database: Database) -> InstanceWriter:
+    """The atomic writer over `data_dir/storage`, as the settings shape it."""
+    return InstanceWriter(
         InstanceIndex(database),
         settings.storage_dir,
         settings.tmp_dir,
         settings.dicom.storage_layout,
         settings.dicom.duplicates,
     )
+
+
+def build(settings: Settings, reactor_: Any = reactor) -> MultiService:
+    """Every part of the daemon as one service tree."""
+    writer = storage_writer(settings, open_database(settings.database_url))
     report = writer.recover()
     log.info(
         "storage recovered",
