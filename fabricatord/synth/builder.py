@@ -88,7 +88,7 @@ def plan_study(request: StudyRequest, rng: random.Random, uid_root: str, now: da
     started = now.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(
         seconds=rng.randrange(7 * 3600, 18 * 3600)
     )
-    texts = [request.patient.name, request.patient.address, request.referring_physician_name]
+    texts = [request.patient.name, request.referring_physician_name, request.study_description]
     charset = None if all(t.isascii() for t in texts) else "ISO_IR 192"
     return StudyPlan(
         request,
@@ -134,7 +134,8 @@ def _header_lines(plan: StudyPlan, series_index: int) -> list[str]:
     series = plan.series[series_index]
     return [
         BANNER,
-        f"Patient: {patient.name.replace('^', ', ', 1).replace('^', ' ')}   ID: {patient.patient_id}",
+        # The alphabetic component group: the one every font on a bare machine can draw.
+        f"Patient: {patient.name.split('=')[0].replace('^', ', ', 1).replace('^', ' ')}   ID: {patient.patient_id}",
         f"Born: {_dash_date(patient.birth_date)}   Sex: {patient.sex}",
         f"Accession: {plan.request.accession_number}",
         f"Study date: {plan.started:%Y-%m-%d}   Modality: {plan.template.series_modality}",

@@ -36,7 +36,7 @@ def _age(born: date, on: date) -> int:
 def _clean(text: str, limit: int) -> str:
     """One line of the default repertoire's shape: no backslash, no control characters, at most `limit`."""
     flat = ", ".join(part.strip() for part in text.splitlines() if part.strip())
-    return "".join(c for c in flat if c.isprintable() and c not in "\\^")[:limit]
+    return "".join(c for c in flat if c.isprintable() and c not in "\\^=")[:limit]
 
 
 _fakers: dict[str, Faker] = {}
@@ -47,6 +47,18 @@ def _faker(locale: str) -> Faker:
     if locale not in _fakers:
         _fakers[locale] = Faker(locale)
     return _fakers[locale]
+
+
+def _person_name(faker: Faker, sex: str) -> str:
+    """DICOM PN. Where the locale knows a name's writings (ja_JP), all three component groups,
+    alphabetic=ideographic=phonetic, as Japanese modalities send them (PS3.5 6.2.1.2)."""
+    if hasattr(faker, "last_name_pair"):
+        first = {"M": faker.first_name_male_pair, "F": faker.first_name_female_pair}.get(sex, faker.first_name_pair)()
+        family = faker.last_name_pair()  # (ideographic, phonetic, romanized)
+        groups = [(family[2], first[2]), (family[0], first[0]), (family[1], first[1])]
+        return "=".join(f"{_clean(f, 32)}^{_clean(g, 31)}" for f, g in groups)
+    given = faker.first_name_male() if sex == "M" else faker.first_name_female() if sex == "F" else faker.first_name()
+    return f"{_clean(faker.last_name(), 32)}^{_clean(given, 31)}"
 
 
 def make_patient(
@@ -62,15 +74,13 @@ def make_patient(
     faker = _faker(locale)
     faker.seed_instance(rng.getrandbits(64))
     sex = sex or rng.choice("MF")
-    given = faker.first_name_male() if sex == "M" else faker.first_name_female() if sex == "F" else faker.first_name()
-    family = faker.last_name()
     youngest = today - timedelta(days=round(min_age * 365.25))
     oldest = today - timedelta(days=round((max_age + 1) * 365.25) - 1)
     born = oldest + timedelta(days=rng.randrange((youngest - oldest).days + 1))
     return Demographics(
         patient_id=patient_id,
         issuer=issuer,
-        name=f"{_clean(family, 64)}^{_clean(given, 64)}",
+        name=_person_name(faker, sex),
         birth_date=born.strftime("%Y%m%d"),
         sex=sex,
         address=_clean(faker.address(), 64),

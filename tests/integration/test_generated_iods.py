@@ -68,3 +68,22 @@ def test_template_passes_dciodvfy_dcmdump_and_strict_pydicom(
         if image.mode == "RGB":  # the banner is yellow: a wrong colour conversion loses it
             rgb = np.asarray(image).astype(int)
             assert np.any((rgb[..., 0] > 200) & (rgb[..., 1] > 170) & (rgb[..., 2] < 80))
+
+
+@pytest.mark.parametrize("locale", ["ja_JP", "de_DE", "el_GR"])
+def test_other_locales_are_valid_and_carry_their_character_set(locale: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {"FABRICATORD__NODE__DATA_DIR": str(tmp_path / "data"), "FABRICATORD__SYNTH__LOCALE": locale}
+    run_cli("generate", "--modality", "MR", "--images", "1", "--series", "1", "--out", str(out), env=env)
+    path = next(out.rglob("*.dcm"))
+    errors, warnings = dciodvfy_findings(path)
+    assert errors == [] and warnings == []
+    ds = dcmread(path)
+    name = ds.PatientName
+    if locale == "ja_JP":
+        assert ds.SpecificCharacterSet == "ISO_IR 192"
+        assert str(name.alphabetic).isascii() and not str(name.ideographic).isascii() and name.phonetic
+    elif not str(name).isascii():
+        assert ds.SpecificCharacterSet == "ISO_IR 192"
+    else:
+        assert "SpecificCharacterSet" not in ds
