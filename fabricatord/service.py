@@ -1,7 +1,8 @@
 """The composition root: builds every part from settings, starts them in order, stops them in reverse.
 
-Today the daemon opens (and migrates) the database, settles storage left by a crash, and serves
-`/metrics` and `/healthz` over HTTP; the DICOM and MLLP listeners join this tree as services.
+Today the daemon opens (and migrates) the database, settles storage left by a crash, runs the
+DICOM node (C-ECHO and C-STORE so far) and serves `/metrics` and `/healthz` over HTTP; the MLLP
+listener joins this tree as a service of its own.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fabricatord.db import Database, InstanceIndex, open_database
 from fabricatord.dicom.storage import InstanceWriter
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
+from fabricatord.servers.dicom import DicomNode
 
 log = get_logger(__name__)
 
@@ -71,6 +73,7 @@ def build(settings: Settings, reactor_: Any = reactor) -> MultiService:
         rows_refreshed=report.rows_refreshed,
     )
     root = MultiService()
+    DicomNode(settings, writer).setServiceParent(root)
     http = endpoints.TCP4ServerEndpoint(reactor_, settings.http.port, interface=settings.http.host)
     StreamServerEndpointService(http, http_site()).setServiceParent(root)
     return root

@@ -37,7 +37,8 @@ class Part10Encoder:
     def encode_parts(self, ds: Dataset) -> list[bytes]:
         """The file as a list of chunks, to be written with one `writev` and no joining copy."""
         syntax = ds.file_meta.TransferSyntaxUID
-        if not syntax.is_little_endian or syntax.is_deflated or "SpecificCharacterSet" in ds:
+        decoded = ds.original_encoding != (None, None)  # read from bytes: raw elements, maybe VR-less
+        if decoded or not syntax.is_little_endian or syntax.is_deflated or "SpecificCharacterSet" in ds:
             return [encode_plain(ds)]
         implicit = syntax == ImplicitVRLittleEndian
         head = DicomBytesIO()

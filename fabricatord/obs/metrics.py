@@ -43,6 +43,11 @@ PATIENTS_CREATED = Counter(
     "fabricatord_patients_created_total",
     "Synthetic patients added to the registry.",
 )
+DIMSE_OPERATIONS = Counter(
+    "fabricatord_dimse_operations_total",
+    "DIMSE operations we answered as SCP, by service, calling peer ([[peers]] name or other) and outcome.",
+    ["service", "peer", "status"],
+)
 SCU_OPERATIONS = Counter(
     "fabricatord_scu_operations_total",
     "DIMSE operations we sent as SCU, by service, peer name and status class.",

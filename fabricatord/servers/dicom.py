@@ -1,0 +1,153 @@
+"""The DICOM node: pynetdicom serves associations on its own threads; handlers turn events into
+writer and workflow calls and answer with a DIMSE status.
+
+Handlers never touch the Twisted reactor: they run on pynetdicom's association threads.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+# Generated at import time by pynetdicom, so invisible to type checkers.
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from twisted.application.service import Service
+
+from fabricatord.config import Settings
+from fabricatord.config.values import is_valid_uid, parse_duration
+from fabricatord.dicom.storage import InstanceWriter, InvalidInstance
+from fabricatord.obs import metrics
+from fabricatord.obs.logging import get_logger
+
+log = get_logger(__name__)
+
+# PS3.4 B.2.3 and PS3.7 C: the statuses our C-STORE SCP answers with.
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+MAX_ERROR_COMMENT = 64  # Error Comment is LO
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    status = Dataset()
+    status.Status = code
+    if comment:
+        status.ErrorComment = comment[:MAX_ERROR_COMMENT]
+    return status
+
+
+class DicomNode(Service):
+    """The DICOM listener as a Twisted service: started and stopped with the rest of the daemon."""
+
+    def __init__(self, settings: Settings, writer: InstanceWriter) -> None:
+        self._settings = settings
+        self._writer = writer
+        self._server: Any = None
+        self._peer_names = {p.ae_title: p.name for p in settings.peers}
+
+    @property
+    def port(self) -> int:
+        """The bound port (the configured one, or the one the system chose for port 0)."""
+        return int(self._server.server_address[1])
+
+    def _application(self) -> AE:
+        dicom = self._settings.dicom
+        ae = AE(ae_title=self._settings.node.ae_title)
+        ae.maximum_associations = dicom.max_associations
+        ae.maximum_pdu_size = dicom.max_pdu
+        ae.acse_timeout = parse_duration(dicom.acse_timeout)
+        ae.dimse_timeout = parse_duration(dicom.dimse_timeout)
+        ae.network_timeout = parse_duration(dicom.network_timeout)
+        # PS3.8 9.3.1: an association for another AE title is rejected (RJ 1/1/7).
+        ae.require_called_aet = True
+        if dicom.require_known_ae:
+            ae.require_calling_aet = sorted(self._peer_names)
+        ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            assert context.abstract_syntax is not None
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    def startService(self) -> None:
+        dicom = self._settings.dicom
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, _nodelay),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self._server = self._application().start_server((dicom.host, dicom.port), block=False, evt_handlers=handlers)
+        log.info("dicom listener started", host=dicom.host, port=self.port, ae_title=self._settings.node.ae_title)
+        super().startService()
+
+    def stopService(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        super().stopService()
+
+    def _peer_label(self, event: Any) -> str:
+        """A bounded metric label: the `[[peers]]` name of the calling AE, or `other`."""
+        calling = str(event.assoc.requestor.ae_title).strip()
+        return self._peer_names.get(calling, "other")
+
+    def _on_echo(self, event: Any) -> int:
+        metrics.DIMSE_OPERATIONS.labels("C-ECHO", self._peer_label(event), "success").inc()
+        return STATUS_SUCCESS
+
+    def _on_store(self, event: Any) -> Dataset:
+        calling = str(event.assoc.requestor.ae_title).strip()
+        request = event.request
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            problem = _mismatch(request, ds)
+            if problem:
+                return self._answer_store(event, STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, problem)
+            result = self._writer.write(ds, "received", calling)
+        except InvalidInstance as exc:
+            return self._answer_store(event, STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+        except OSError as exc:
+            log.error("c-store could not write", calling_ae=calling, error=str(exc))
+            return self._answer_store(event, STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror}")
+        except Exception as exc:
+            log.error("c-store could not decode the dataset", calling_ae=calling, error=str(exc))
+            return self._answer_store(event, STATUS_CANNOT_UNDERSTAND, f"cannot decode the dataset: {exc}")
+        log.info(
+            "c-store",
+            calling_ae=calling,
+            sop_instance_uid=result.sop_instance_uid,
+            outcome=result.outcome,
+            bytes=result.size,
+        )
+        return self._answer_store(event, STATUS_SUCCESS)
+
+    def _answer_store(self, event: Any, code: int, comment: str = "") -> Dataset:
+        outcome = "success" if code == STATUS_SUCCESS else "failure"
+        metrics.DIMSE_OPERATIONS.labels("C-STORE", self._peer_label(event), outcome).inc()
+        if comment:
+            log.warning("c-store refused", status=f"0x{code:04X}", reason=comment)
+        return _status(code, comment)
+
+
+def _mismatch(request: Any, ds: Dataset) -> str:
+    """Why the dataset does not belong to the request it came with (PS3.4 B.2.3), or ''."""
+    sop_instance = str(ds.get("SOPInstanceUID", ""))
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if not is_valid_uid(sop_instance):
+        return "SOP Instance UID missing or not a UID"
+    if not is_valid_uid(sop_class):
+        return "SOP Class UID missing or not a UID"
+    if sop_instance != str(request.AffectedSOPInstanceUID):
+        return "SOP Instance UID differs from the command's"
+    if sop_class != str(request.AffectedSOPClassUID):
+        return "SOP Class UID differs from the command's"
+    return ""
+
+
+def _nodelay(event: Any) -> None:
+    # Without it a small PDU waits for a delayed ACK: ~40 ms per response on Linux.
+    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
