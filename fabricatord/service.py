@@ -64,7 +64,8 @@ def storage_writer(settings: Settings, database: Database) -> InstanceWriter:
 
 def build(settings: Settings, reactor_: Any = reactor) -> MultiService:
     """Every part of the daemon as one service tree."""
-    writer = storage_writer(settings, open_database(settings.database_url))
+    database = open_database(settings.database_url)
+    writer = storage_writer(settings, database)
     report = writer.recover()
     log.info(
         "storage recovered",
@@ -73,7 +74,7 @@ def build(settings: Settings, reactor_: Any = reactor) -> MultiService:
         rows_refreshed=report.rows_refreshed,
     )
     root = MultiService()
-    DicomNode(settings, writer).setServiceParent(root)
+    DicomNode(settings, database, writer).setServiceParent(root)
     http = endpoints.TCP4ServerEndpoint(reactor_, settings.http.port, interface=settings.http.host)
     StreamServerEndpointService(http, http_site()).setServiceParent(root)
     return root

@@ -7,17 +7,24 @@ Handlers never touch the Twisted reactor: they run on pynetdicom's association t
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
 # Generated at import time by pynetdicom, so invisible to type checkers.
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 from twisted.application.service import Service
 
 from fabricatord.config import Settings
 from fabricatord.config.values import is_valid_uid, parse_duration
+from fabricatord.db import Database
+from fabricatord.dicom import query
 from fabricatord.dicom.storage import InstanceWriter, InvalidInstance
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
@@ -29,6 +36,10 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+STATUS_PENDING = 0xFF00
+STATUS_PENDING_UNSUPPORTED_KEYS = 0xFF01
+STATUS_CANCEL = 0xFE00
 MAX_ERROR_COMMENT = 64  # Error Comment is LO
 
 
@@ -43,8 +54,9 @@ def _status(code: int, comment: str = "") -> Dataset:
 class DicomNode(Service):
     """The DICOM listener as a Twisted service: started and stopped with the rest of the daemon."""
 
-    def __init__(self, settings: Settings, writer: InstanceWriter) -> None:
+    def __init__(self, settings: Settings, database: Database, writer: InstanceWriter) -> None:
         self._settings = settings
+        self._database = database
         self._writer = writer
         self._server: Any = None
         self._peer_names = {p.ae_title: p.name for p in settings.peers}
@@ -67,6 +79,8 @@ class DicomNode(Service):
         if dicom.require_known_ae:
             ae.require_calling_aet = sorted(self._peer_names)
         ae.add_supported_context(Verification)
+        ae.add_supported_context(PatientRootQueryRetrieveInformationModelFind)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
         for context in AllStoragePresentationContexts:
             assert context.abstract_syntax is not None
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
@@ -78,6 +92,7 @@ class DicomNode(Service):
             (evt.EVT_CONN_OPEN, _nodelay),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_FIND, self._on_find),
         ]
         self._server = self._application().start_server((dicom.host, dicom.port), block=False, evt_handlers=handlers)
         log.info("dicom listener started", host=dicom.host, port=self.port, ae_title=self._settings.node.ae_title)
@@ -131,6 +146,38 @@ class DicomNode(Service):
         if comment:
             log.warning("c-store refused", status=f"0x{code:04X}", reason=comment)
         return _status(code, comment)
+
+    def _on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        """Study and Patient Root C-FIND: pending answers from one SQL query, C-CANCEL honoured."""
+        peer = self._peer_label(event)
+        model = str(event.request.AffectedSOPClassUID)
+        try:
+            find = query.build(event.identifier, model)
+            rows = query.run(self._database, find, self._settings.dicom.max_find_results)
+        except query.QueryError as exc:
+            metrics.DIMSE_OPERATIONS.labels("C-FIND", peer, "failure").inc()
+            yield _status(STATUS_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
+            return
+        except Exception as exc:
+            log.error("c-find failed", error=str(exc))
+            metrics.DIMSE_OPERATIONS.labels("C-FIND", peer, "failure").inc()
+            yield _status(STATUS_CANNOT_UNDERSTAND, f"cannot process the query: {exc}"), None
+            return
+        limit = self._settings.dicom.max_find_results
+        if len(rows) > limit:
+            # C-FIND has no warning status: refusing is the only honest answer (PS3.4 C.4.1.1.4).
+            metrics.DIMSE_OPERATIONS.labels("C-FIND", peer, "failure").inc()
+            yield _status(STATUS_OUT_OF_RESOURCES, f"more than {limit} matches; narrow the query"), None
+            return
+        pending = STATUS_PENDING_UNSUPPORTED_KEYS if find.unsupported else STATUS_PENDING
+        for answer in query.answers(self._database, find, rows, self._settings.node.ae_title):
+            if event.is_cancelled:
+                metrics.DIMSE_OPERATIONS.labels("C-FIND", peer, "cancel").inc()
+                yield STATUS_CANCEL, None
+                return
+            yield pending, answer
+        metrics.DIMSE_OPERATIONS.labels("C-FIND", peer, "success").inc()
+        log.info("c-find", level=find.level, matches=len(rows), unsupported=find.unsupported or None)
 
 
 def _mismatch(request: Any, ds: Dataset) -> str:

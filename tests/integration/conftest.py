@@ -1,0 +1,110 @@
+"""Fixtures of the integration tests: the daemon started as a user starts it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port, need, run_cli, wait_for_echo
+
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+@dataclass
+class Daemon:
+    port: int
+    http_port: int
+    data_dir: Path
+    config: Path
+    process: subprocess.Popen[str]
+
+    def rows(self) -> dict[str, tuple[str, int]]:
+        with sqlite3.connect(self.data_dir / "fabricatord.sqlite") as connection:
+            return {
+                uid: (path, size)
+                for uid, path, size in connection.execute("SELECT sop_instance_uid, path, size FROM instances")
+            }
+
+    def files(self) -> set[str]:
+        storage = self.data_dir / "storage"
+        return {str(p.relative_to(storage)) for p in storage.rglob("*.dcm")}
+
+    def stop(self) -> str:
+        self.process.send_signal(signal.SIGTERM)
+        _, stderr = self.process.communicate(timeout=30)
+        return stderr
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def start(extra: str = "", env: dict[str, str] | None = None) -> Daemon:
+        port, http_port = free_port(), free_port()
+        config = tmp_path / "fabricatord.toml"
+        config.write_text(f'[node]\ndata_dir = "data"\n[dicom]\nport = {port}\n[http]\nport = {http_port}\n{extra}')
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fabricatord", "serve", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        daemon = Daemon(port, http_port, tmp_path / "data", config, process)
+        started.append(daemon)
+        wait_for_echo(port, "FABRICATORD", process=process)  # type: ignore[arg-type]
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.communicate(timeout=30)
+
+
+def generated(tmp_path: Path, modality: str, images: int, syntax: str = "explicit") -> list[Path]:
+    out = tmp_path / f"out-{modality}-{syntax}"
+    run_cli(
+        "generate",
+        "--modality",
+        modality,
+        "--images",
+        str(images),
+        "--series",
+        "1",
+        "--out",
+        str(out),
+        "--transfer-syntax",
+        syntax,
+        env={"FABRICATORD__NODE__DATA_DIR": str(tmp_path / "gen")},
+    )
+    return sorted(out.rglob("*.dcm"))
+
+
+def storescu(port: int, files: list[Path], *options: str) -> subprocess.CompletedProcess[str]:
+    """DCMTK storescu; `-xr` or `-xv` make it propose RLE or JPEG 2000 for compressed files."""
+    return subprocess.run(
+        [
+            need("storescu"),
+            *options,
+            "-aet",
+            "MODALITY",
+            "-aec",
+            "FABRICATORD",
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
