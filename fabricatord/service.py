@@ -83,13 +83,13 @@ def build(settings: Settings, reactor_: Any = reactor) -> MultiService:
 def run(settings: Settings) -> int:
     """Start the tree, run until SIGTERM or SIGINT, stop it in reverse order."""
     metrics.BUILD_INFO.labels(__version__).set(1)
+    the_reactor: Any = reactor
     try:
         root = build(settings)
-    except Exception as exc:
+        root.startService()
+    except Exception as exc:  # a port in use, an unwritable data_dir, a newer database: one clear line
         log.error("startup failed", error=str(exc))
         return 1
-    the_reactor: Any = reactor
-    root.startService()
     the_reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
     log.info(
         "fabricatord started",

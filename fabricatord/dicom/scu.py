@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,11 +75,11 @@ def parse_address(text: str) -> Peer | None:
     return Peer(match.group("ae").strip(), match.group("host"), int(match.group("port")))
 
 
-def _nodelay(event: Any) -> None:
+def nodelay(event: Any) -> None:
     event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, _nodelay)]
+_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, nodelay)]
 
 
 def _application(calling_ae: str, timeouts: Timeouts) -> AE:
@@ -128,15 +128,19 @@ def echo(peer: Peer, calling_ae: str, timeouts: Timeouts = Timeouts()) -> float:
 
 
 def _contexts(files: Sequence[Path]) -> list[tuple[str, list[str]]]:
-    """One presentation context per SOP class and stored transfer syntax; native ones also
-    offer both little-endian syntaxes, so a peer that declines one still gets the file."""
     wanted: dict[tuple[str, str], None] = {}
     for path in files:
         meta = read_file_meta_info(path)
         wanted[(str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))] = None
+    return storage_contexts(wanted)
+
+
+def storage_contexts(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """One presentation context per SOP class and stored transfer syntax; native ones also
+    offer both little-endian syntaxes, so a peer that declines one still gets the file."""
     contexts: list[tuple[str, list[str]]] = []
     native = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
-    for sop_class, syntax in wanted:
+    for sop_class, syntax in dict.fromkeys(pairs):
         syntaxes: list[str] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian] if syntax in native else [syntax]
         if (sop_class, syntaxes) not in contexts:
             contexts.append((sop_class, syntaxes))

@@ -48,7 +48,7 @@ def configure(level: str = "info", fmt: str = "auto", phi: bool = False) -> None
     root.setLevel(level.upper())
     # These libraries narrate every PDU, migration step and codec tile at INFO; their warnings
     # and errors are what an operator needs.
-    for chatty in ("pynetdicom", "alembic", "openjpeg", "pylibjpeg"):
+    for chatty in ("pynetdicom", "alembic", "openjpeg", "pylibjpeg", "faker"):
         logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
 
 

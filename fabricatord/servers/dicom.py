@@ -10,13 +10,18 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
 
 # Generated at import time by pynetdicom, so invisible to type checkers.
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
 from twisted.application.service import Service
@@ -25,6 +30,7 @@ from fabricatord.config import Settings
 from fabricatord.config.values import is_valid_uid, parse_duration
 from fabricatord.db import Database
 from fabricatord.dicom import query
+from fabricatord.dicom.scu import nodelay, storage_contexts
 from fabricatord.dicom.storage import InstanceWriter, InvalidInstance
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
@@ -41,6 +47,8 @@ STATUS_PENDING = 0xFF00
 STATUS_PENDING_UNSUPPORTED_KEYS = 0xFF01
 STATUS_CANCEL = 0xFE00
 MAX_ERROR_COMMENT = 64  # Error Comment is LO
+MAX_SUBOPERATIONS = 65535  # the sub-operation counts are US (PS3.7 C.4.2.1.4)
+STUDY_ROOT_RETRIEVE = frozenset({"1.2.840.10008.5.1.4.1.2.2.2", "1.2.840.10008.5.1.4.1.2.2.3"})
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -79,20 +87,31 @@ class DicomNode(Service):
         if dicom.require_known_ae:
             ae.require_calling_aet = sorted(self._peer_names)
         ae.add_supported_context(Verification)
-        ae.add_supported_context(PatientRootQueryRetrieveInformationModelFind)
-        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        for model in (
+            PatientRootQueryRetrieveInformationModelFind,
+            StudyRootQueryRetrieveInformationModelFind,
+            PatientRootQueryRetrieveInformationModelMove,
+            StudyRootQueryRetrieveInformationModelMove,
+            PatientRootQueryRetrieveInformationModelGet,
+            StudyRootQueryRetrieveInformationModelGet,
+        ):
+            ae.add_supported_context(model)
         for context in AllStoragePresentationContexts:
             assert context.abstract_syntax is not None
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            # scp_role: a C-GET requestor may take the Storage SCP role on this association
+            # (PS3.7 D.3.3.4); without that role selection its C-GET gets no sub-operations.
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
         return ae
 
     def startService(self) -> None:
         dicom = self._settings.dicom
         handlers: list[Any] = [
-            (evt.EVT_CONN_OPEN, _nodelay),
+            (evt.EVT_CONN_OPEN, nodelay),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_C_MOVE, self._on_move),
+            (evt.EVT_C_GET, self._on_get),
         ]
         self._server = self._application().start_server((dicom.host, dicom.port), block=False, evt_handlers=handlers)
         log.info("dicom listener started", host=dicom.host, port=self.port, ae_title=self._settings.node.ae_title)
@@ -178,6 +197,69 @@ class DicomNode(Service):
             yield pending, answer
         metrics.DIMSE_OPERATIONS.labels("C-FIND", peer, "success").inc()
         log.info("c-find", level=find.level, matches=len(rows), unsupported=find.unsupported or None)
+
+    def _instances(self, event: Any) -> list[Any]:
+        """The stored instances a C-MOVE or C-GET identifier names, at any level, relationally."""
+        identifier = Dataset()
+        identifier.update(event.identifier)
+        level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+        if level not in query.LEVELS:
+            raise query.QueryError(f"Query/Retrieve Level {level!r} is not PATIENT, STUDY, SERIES or IMAGE")
+        if level == "PATIENT" and str(event.request.AffectedSOPClassUID) in STUDY_ROOT_RETRIEVE:
+            raise query.QueryError("the Study Root model has no PATIENT level")
+        identifier.QueryRetrieveLevel = "IMAGE"
+        find = query.build(identifier, query.PATIENT_ROOT)
+        return [row[-1] for row in query.run(self._database, find, MAX_SUBOPERATIONS)]
+
+    def _datasets(self, event: Any, instances: list[Any]) -> Iterator[tuple[int, Dataset | None]]:
+        for instance in instances:
+            if event.is_cancelled:
+                yield STATUS_CANCEL, None
+                return
+            yield STATUS_PENDING, dcmread(self._settings.storage_dir / instance.path)
+
+    def _on_move(self, event: Any) -> Iterator[Any]:
+        """C-MOVE to a `[[peers]]` AE title; pynetdicom runs the C-STORE sub-operations."""
+        peer = self._peer_label(event)
+        destination = self._settings.peer_by_ae(str(event.move_destination))
+        if destination is None:
+            metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "failure").inc()
+            log.warning("c-move to an unknown destination", destination=str(event.move_destination).strip())
+            yield None, None  # pynetdicom answers 0xA801, move destination unknown
+            return
+        try:
+            instances = self._instances(event)
+        except query.QueryError as exc:
+            metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "failure").inc()
+            # pynetdicom takes a failure status only after it has associated with the
+            # destination; a Verification context is all that association needs.
+            yield destination.host, destination.port, {"contexts": [build_context(Verification)]}
+            yield 1
+            yield _status(STATUS_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
+            return
+        pairs = [(i.sop_class_uid, i.transfer_syntax_uid) for i in instances]
+        contexts = [build_context(sop_class, syntaxes) for sop_class, syntaxes in storage_contexts(pairs)]
+        handlers = [(evt.EVT_CONN_OPEN, nodelay)]
+        yield destination.host, destination.port, {"contexts": contexts, "evt_handlers": handlers}
+        yield len(instances)
+        yield from self._datasets(event, instances)
+        metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "success").inc()
+        log.info("c-move", destination=destination.name, instances=len(instances))
+
+    def _on_get(self, event: Any) -> Iterator[Any]:
+        """C-GET: the sub-operations go back over the requestor's own association."""
+        peer = self._peer_label(event)
+        try:
+            instances = self._instances(event)
+        except query.QueryError as exc:
+            metrics.DIMSE_OPERATIONS.labels("C-GET", peer, "failure").inc()
+            yield 1
+            yield _status(STATUS_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
+            return
+        yield len(instances)
+        yield from self._datasets(event, instances)
+        metrics.DIMSE_OPERATIONS.labels("C-GET", peer, "success").inc()
+        log.info("c-get", instances=len(instances))
 
 
 def _mismatch(request: Any, ds: Dataset) -> str:

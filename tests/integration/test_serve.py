@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -40,3 +41,21 @@ def test_serve_health_metrics_and_sigterm(tmp_path: Path) -> None:
         _, stderr = process.communicate(timeout=20)
     assert process.returncode == 0, stderr
     assert '"event": "fabricatord stopped"' in stderr and '"temporary_files_removed": 1' in stderr
+
+
+def test_a_port_in_use_stops_the_start_with_one_clear_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "fabricatord.toml"
+        config.write_text(f'[node]\ndata_dir = "data"\n[dicom]\nport = {port}\n[http]\nport = {free_port()}\n')
+        result = subprocess.run(
+            [sys.executable, "-m", "fabricatord", "serve", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert '"event": "startup failed"' in result.stderr and "Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
