@@ -18,6 +18,7 @@ from fabricatord.config import load as load_config
 EX_USAGE = 64
 EX_DATAERR = 65
 EX_UNAVAILABLE = 69
+EX_CANTCREAT = 73
 EX_CONFIG = 78
 
 
@@ -129,6 +130,7 @@ def _timeouts(settings: Settings) -> Any:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from fabricatord.dicom.storage import OutOfSpace
     from fabricatord.service import storage_writer
     from fabricatord.synth.templates import TEMPLATES
     from fabricatord.workflow.generation import GenerateOptions, StudyGenerator
@@ -157,7 +159,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     override = settings.modality(args.modality)
     total = (args.series or override.series or template.series) * (args.images or override.images or template.images)
     for number in range(args.count):
-        study = generator.generate(options, _Progress(total, f"{args.modality.upper()} {number + 1}/{args.count}"))
+        try:
+            study = generator.generate(options, _Progress(total, f"{args.modality.upper()} {number + 1}/{args.count}"))
+        except OutOfSpace as exc:
+            raise CliError(f"not stored: {exc}", EX_CANTCREAT) from exc
         name = study.patient.name.replace("^", " ").strip()
         _print(f"Study Instance UID: {study.study_instance_uid}")
         _print(f"Accession Number:   {study.accession_number}")

@@ -18,6 +18,7 @@ from twisted.web.server import Request, Site
 
 from fabricatord import __version__
 from fabricatord.config import Settings
+from fabricatord.config.values import parse_size
 from fabricatord.db import Database, InstanceIndex, open_database
 from fabricatord.dicom.storage import InstanceWriter
 from fabricatord.obs import metrics
@@ -59,6 +60,8 @@ def storage_writer(settings: Settings, database: Database) -> InstanceWriter:
         settings.tmp_dir,
         settings.dicom.storage_layout,
         settings.dicom.duplicates,
+        parse_size(settings.dicom.storage_quota),
+        parse_size(settings.dicom.min_free_space),
     )
 
 

@@ -19,6 +19,7 @@ from fabricatord.config.values import (
     check_host,
     check_port,
     check_positive,
+    check_size,
     check_uid_root,
 )
 
@@ -98,6 +99,16 @@ class DicomSettings:
         "study/series",
         "Folders under `data_dir/storage`: `study/series`, `patient` (patient/study/series), "
         "`date` (YYYY/MM/DD/study/series) or `flat`.",
+    )
+    storage_quota: str = key(
+        "0",
+        "Most bytes stored instances may take (`50GiB`, `500MB`); beyond it C-STORE answers 0xA700. `0`: no quota.",
+        check_size,
+    )
+    min_free_space: str = key(
+        "0",
+        "Free space the disk of data_dir keeps; an instance that would leave less is refused with 0xA700. `0`: none.",
+        check_size,
     )
 
 

@@ -35,6 +35,37 @@ def parse_duration_range(text: str) -> tuple[float, float]:
     return first, last
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$")
+_UNIT_BYTES = {
+    None: 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+    "TiB": 2**40,
+}
+
+
+def parse_size(text: str) -> int:
+    """`"50GiB"`, `"500MB"`, `"0"` → bytes."""
+    match = _SIZE.match(text)
+    if match is None:
+        raise ValueError(f"not a size: {text!r} (expected e.g. 500MB, 50GiB, 0)")
+    return int(float(match.group(1)) * _UNIT_BYTES[match.group(2)])
+
+
+def check_size(value: Any) -> str | None:
+    try:
+        parse_size(str(value))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def check_ae_title(value: Any) -> str | None:
     if not isinstance(value, str) or not _AE_TITLE.match(value) or not value.strip():
         return "an AE title: 1 to 16 printable ASCII characters, no backslash, not blank"

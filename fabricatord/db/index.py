@@ -122,6 +122,11 @@ class InstanceIndex:
             if ids:
                 session.execute(delete(StorageIntent).where(StorageIntent.id.in_(ids)))
 
+    def total_size(self) -> int:
+        """Bytes of every indexed file."""
+        with self._db.reads() as session:
+            return int(session.scalar(select(func.coalesce(func.sum(Instance.size), 0))) or 0)
+
     def intents(self) -> list[Intent]:
         with self._db.reads() as session:
             rows = session.scalars(select(StorageIntent).order_by(StorageIntent.id))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -36,6 +37,10 @@ _UID_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesI
 
 class InvalidInstance(ValueError):
     """The dataset cannot be stored as it is; the message names the attribute."""
+
+
+class OutOfSpace(Exception):
+    """Storing the instance would pass the storage quota or the free-space watermark."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,8 @@ class InstanceWriter:
         tmp_dir: Path,
         layout: Layout = "study/series",
         duplicates: Literal["keep", "overwrite"] = "keep",
+        quota_bytes: int = 0,
+        min_free_bytes: int = 0,
     ) -> None:
         self._index = index
         self._storage = storage_dir
@@ -165,6 +172,10 @@ class InstanceWriter:
         self._known_dirs: set[Path] = set()
         self._local = threading.local()
         self._io = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="storage-io")
+        self._quota = quota_bytes
+        self._min_free = min_free_bytes
+        self._used: int | None = None
+        """Bytes the index says storage holds; read once, then kept up to date by our commits."""
         self._storage.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
 
@@ -220,7 +231,23 @@ class InstanceWriter:
                 for staged in pending:
                     staged.tmp.unlink(missing_ok=True)
 
+    def _check_space(self, size: int) -> None:
+        if self._min_free:
+            free = shutil.disk_usage(self._tmp).free
+            if free - size < self._min_free:
+                metrics.STORAGE_WRITE_FAILURES.labels("disk_full").inc()
+                raise OutOfSpace(f"free space {free // 2**20} MiB is below the watermark")
+        if self._quota:
+            with self._commit_lock:
+                if self._used is None:
+                    self._used = self._index.total_size()
+                used = self._used
+            if used + size > self._quota:
+                metrics.STORAGE_WRITE_FAILURES.labels("quota").inc()
+                raise OutOfSpace(f"storage quota reached ({used // 2**20} MiB used)")
+
     def _stage(self, encoded: Encoded) -> _Pending:
+        self._check_space(encoded.entry.size)
         with metrics.STORAGE_WRITE_SECONDS.time():
             uid = encoded.entry.sop_instance_uid
             tmp = self._tmp / f"{uid}.{os.getpid()}.{threading.get_ident()}.part"
@@ -259,6 +286,10 @@ class InstanceWriter:
             faultpoint("store.after_rename")
             if moving:
                 self._index.commit([p.entry for p in moving], intents)
+                if self._used is not None:
+                    self._used += sum(
+                        p.entry.size - known[p.uid].size if p.uid in known else p.entry.size for p in moving
+                    )
             faultpoint("store.after_commit")
             for item in moving:
                 if item.replaced:

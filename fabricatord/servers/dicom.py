@@ -31,7 +31,7 @@ from fabricatord.config.values import is_valid_uid, parse_duration
 from fabricatord.db import Database
 from fabricatord.dicom import query
 from fabricatord.dicom.scu import nodelay, storage_contexts
-from fabricatord.dicom.storage import InstanceWriter, InvalidInstance
+from fabricatord.dicom.storage import InstanceWriter, InvalidInstance, OutOfSpace
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
 
@@ -144,6 +144,8 @@ class DicomNode(Service):
             result = self._writer.write(ds, "received", calling)
         except InvalidInstance as exc:
             return self._answer_store(event, STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+        except OutOfSpace as exc:
+            return self._answer_store(event, STATUS_OUT_OF_RESOURCES, str(exc))
         except OSError as exc:
             log.error("c-store could not write", calling_ae=calling, error=str(exc))
             return self._answer_store(event, STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror}")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from tests.conftest import need, run_cli
 from tests.integration.conftest import DCMTK_ENV, Daemon, generated, storescu
@@ -127,3 +128,32 @@ def test_require_known_ae_rejects_strangers(start_daemon: Callable[..., Daemon],
         timeout=60,
     )
     assert stranger.returncode != 0 and "Calling AE Title Not Recognized" in stranger.stderr
+
+
+def test_storage_quota_answers_out_of_resources_and_queries_go_on(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        CTImageStorage,
+        StudyRootQueryRetrieveInformationModelFind,
+    )
+
+    daemon = start_daemon(env={"FABRICATORD__DICOM__STORAGE_QUOTA": "1MiB"})
+    slices = [dcmread(p) for p in generated(tmp_path, "CT", 3)]  # about 0.5 MiB each
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", daemon.port, ae_title="FABRICATORD")
+    try:
+        statuses = [assoc.send_c_store(ds) for ds in slices]
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.SOPInstanceUID = ""
+        found = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+    finally:
+        assoc.release()
+    assert [s.Status for s in statuses] == [0x0000, 0xA700, 0xA700]
+    assert "quota" in statuses[1].ErrorComment
+    assert [int(s.Status) for s, _ in found] == [0xFF00, 0x0000]
+    assert len(daemon.rows()) == 1 and list((daemon.data_dir / "tmp").iterdir()) == []

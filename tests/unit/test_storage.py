@@ -7,7 +7,8 @@ from pydicom import config, dcmread
 from pydicom.dataelem import DataElement
 
 from fabricatord.db import InstanceIndex, open_database
-from fabricatord.dicom.storage import InstanceWriter, InvalidInstance, relative_path
+from fabricatord.dicom.part10 import Part10Encoder
+from fabricatord.dicom.storage import InstanceWriter, InvalidInstance, OutOfSpace, relative_path
 from tests.helpers import study
 
 
@@ -87,3 +88,23 @@ def test_recovery_settles_intents_and_sweeps_tmp(database_url: str, tmp_path: Pa
     assert (report.temporary_files_removed, report.orphans_removed) == (1, 1)
     assert not orphan.exists() and index.intents() == []
     assert writer.write(ds, "generated").outcome == "new"
+
+
+def test_quota_and_watermark_refuse_without_leaving_anything(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'q.sqlite'}"
+    index = InstanceIndex(open_database(url))
+    first, second, third = study("CT", images=3)
+    size = len(Part10Encoder().encode(first))
+    writer = InstanceWriter(index, tmp_path / "storage", tmp_path / "tmp", quota_bytes=2 * size + size // 2)
+    assert writer.write(first, "received").outcome == "new"
+    assert writer.write(second, "received").outcome == "new"
+    with pytest.raises(OutOfSpace, match="quota"):
+        writer.write(third, "received")
+    # A new writer reads what is used from the index.
+    again = InstanceWriter(index, tmp_path / "storage", tmp_path / "tmp", quota_bytes=2 * size + size // 2)
+    with pytest.raises(OutOfSpace, match="quota"):
+        again.write(third, "received")
+    full = InstanceWriter(index, tmp_path / "storage", tmp_path / "tmp", min_free_bytes=2**60)
+    with pytest.raises(OutOfSpace, match="watermark"):
+        full.write(third, "received")
+    assert list((tmp_path / "tmp").iterdir()) == [] and len(index.lookup([third.SOPInstanceUID])) == 0
