@@ -17,6 +17,7 @@ from fabricatord.config.values import (
     check_duration,
     check_duration_range,
     check_host,
+    check_networks,
     check_port,
     check_positive,
     check_size,
@@ -86,6 +87,9 @@ class DicomSettings:
     network_timeout: str = key("60s", "An idle association is aborted after this.", check_duration)
     connect_timeout: str = key("10s", "TCP connect timeout of outgoing associations.", check_duration)
     require_known_ae: bool = key(False, "Only calling AE titles listed in `[[peers]]` may associate.")
+    allowed_hosts: list[str] = key(
+        [], "Addresses or networks (`10.1.2.3`, `10.1.0.0/16`) that may connect; empty: any.", check_networks
+    )
     max_find_results: int = key(
         10000,
         "More matches than this answers C-FIND with 0xA700 (out of resources).",
@@ -177,6 +181,12 @@ class PeerSettings:
     host: str = key("127.0.0.1", "The peer's address.", check_host)
     port: int = key(104, "The peer's DICOM port.", check_port)
     environment: Environment = key("test", "`prod` peers receive nothing unless a route says `allow_prod`.")
+    # What this peer may ask of us, as Orthanc's AllowEcho/AllowStore/AllowFind/AllowMove/AllowGet.
+    allow_echo: bool = key(True, "May C-ECHO us.")
+    allow_store: bool = key(True, "May C-STORE into us.")
+    allow_find: bool = key(True, "May C-FIND (query/retrieve).")
+    allow_move: bool = key(True, "May C-MOVE from us.")
+    allow_get: bool = key(True, "May C-GET from us.")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
 
@@ -63,6 +64,15 @@ def check_size(value: Any) -> str | None:
         parse_size(str(value))
     except ValueError as exc:
         return str(exc)
+    return None
+
+
+def check_networks(value: Any) -> str | None:
+    try:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)
+    except (TypeError, ValueError):
+        return "IP addresses or networks such as 127.0.0.1 or 10.0.0.0/8"
     return None
 
 

@@ -48,6 +48,11 @@ DIMSE_OPERATIONS = Counter(
     "DIMSE operations we answered as SCP, by service, calling peer ([[peers]] name or other) and outcome.",
     ["service", "peer", "status"],
 )
+ASSOCIATIONS_REFUSED = Counter(
+    "fabricatord_associations_refused_total",
+    "Connections or associations we refused before any DIMSE, by reason (host).",
+    ["reason"],
+)
 SCU_OPERATIONS = Counter(
     "fabricatord_scu_operations_total",
     "DIMSE operations we sent as SCU, by service, peer name and status class.",

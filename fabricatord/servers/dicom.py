@@ -6,6 +6,7 @@ Handlers never touch the Twisted reactor: they run on pynetdicom's association t
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -46,6 +47,7 @@ STATUS_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 STATUS_PENDING = 0xFF00
 STATUS_PENDING_UNSUPPORTED_KEYS = 0xFF01
 STATUS_CANCEL = 0xFE00
+STATUS_NOT_AUTHORIZED = 0x0124  # PS3.7 C.5: Refused, not authorized
 MAX_ERROR_COMMENT = 64  # Error Comment is LO
 MAX_SUBOPERATIONS = 65535  # the sub-operation counts are US (PS3.7 C.4.2.1.4)
 STUDY_ROOT_RETRIEVE = frozenset({"1.2.840.10008.5.1.4.1.2.2.2", "1.2.840.10008.5.1.4.1.2.2.3"})
@@ -68,6 +70,8 @@ class DicomNode(Service):
         self._writer = writer
         self._server: Any = None
         self._peer_names = {p.ae_title: p.name for p in settings.peers}
+        self._peers = {p.ae_title: p for p in reversed(settings.peers)}  # the first entry wins
+        self._networks = [ipaddress.ip_network(h, strict=False) for h in settings.dicom.allowed_hosts]
 
     @property
     def port(self) -> int:
@@ -106,7 +110,7 @@ class DicomNode(Service):
     def startService(self) -> None:
         dicom = self._settings.dicom
         handlers: list[Any] = [
-            (evt.EVT_CONN_OPEN, nodelay),
+            (evt.EVT_CONN_OPEN, self._on_connect),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find),
@@ -123,35 +127,68 @@ class DicomNode(Service):
             self._server = None
         super().stopService()
 
+    def _on_connect(self, event: Any) -> None:
+        nodelay(event)
+        if self._networks:
+            address = ipaddress.ip_address(event.address[0])
+            if not any(address in network for network in self._networks):
+                log.warning("connection from a host not in allowed_hosts", address=str(address))
+                metrics.ASSOCIATIONS_REFUSED.labels("host").inc()
+                # Nothing has been read yet: closing the connection is the whole answer, as DCMTK
+                # and Orthanc give it; pynetdicom's reader sees the closed socket and ends.
+                event.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+
+    def _refused(self, event: Any, service: str) -> bool:
+        """True when the calling AE is a `[[peers]]` entry that may not use `service`."""
+        calling = str(event.assoc.requestor.ae_title).strip()
+        peer = self._peers.get(calling)
+        if peer is None or getattr(peer, f"allow_{service.split('-')[1].lower()}"):
+            return False
+        log.warning("operation not allowed for this peer", calling_ae=calling, service=service)
+        metrics.DIMSE_OPERATIONS.labels(service, peer.name, "refused").inc()
+        return True
+
     def _peer_label(self, event: Any) -> str:
         """A bounded metric label: the `[[peers]]` name of the calling AE, or `other`."""
         calling = str(event.assoc.requestor.ae_title).strip()
         return self._peer_names.get(calling, "other")
 
     def _on_echo(self, event: Any) -> int:
+        if self._refused(event, "C-ECHO"):
+            return STATUS_NOT_AUTHORIZED
         metrics.DIMSE_OPERATIONS.labels("C-ECHO", self._peer_label(event), "success").inc()
         return STATUS_SUCCESS
 
     def _on_store(self, event: Any) -> Dataset:
+        if self._refused(event, "C-STORE"):
+            return _status(STATUS_NOT_AUTHORIZED, "this AE may not store here")
+        code, comment = self._store(event)
+        outcome = "success" if code == STATUS_SUCCESS else "failure"
+        metrics.DIMSE_OPERATIONS.labels("C-STORE", self._peer_label(event), outcome).inc()
+        if comment:
+            log.warning("c-store refused", status=f"0x{code:04X}", reason=comment)
+        return _status(code, comment)
+
+    def _store(self, event: Any) -> tuple[int, str]:
+        """Write the instance durably; (status, Error Comment)."""
         calling = str(event.assoc.requestor.ae_title).strip()
-        request = event.request
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
-            problem = _mismatch(request, ds)
+            problem = _mismatch(event.request, ds)
             if problem:
-                return self._answer_store(event, STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, problem)
+                return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, problem
             result = self._writer.write(ds, "received", calling)
         except InvalidInstance as exc:
-            return self._answer_store(event, STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+            return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)
         except OutOfSpace as exc:
-            return self._answer_store(event, STATUS_OUT_OF_RESOURCES, str(exc))
+            return STATUS_OUT_OF_RESOURCES, str(exc)
         except OSError as exc:
             log.error("c-store could not write", calling_ae=calling, error=str(exc))
-            return self._answer_store(event, STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror}")
+            return STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror}"
         except Exception as exc:
             log.error("c-store could not decode the dataset", calling_ae=calling, error=str(exc))
-            return self._answer_store(event, STATUS_CANNOT_UNDERSTAND, f"cannot decode the dataset: {exc}")
+            return STATUS_CANNOT_UNDERSTAND, f"cannot decode the dataset: {exc}"
         log.info(
             "c-store",
             calling_ae=calling,
@@ -159,18 +196,14 @@ class DicomNode(Service):
             outcome=result.outcome,
             bytes=result.size,
         )
-        return self._answer_store(event, STATUS_SUCCESS)
-
-    def _answer_store(self, event: Any, code: int, comment: str = "") -> Dataset:
-        outcome = "success" if code == STATUS_SUCCESS else "failure"
-        metrics.DIMSE_OPERATIONS.labels("C-STORE", self._peer_label(event), outcome).inc()
-        if comment:
-            log.warning("c-store refused", status=f"0x{code:04X}", reason=comment)
-        return _status(code, comment)
+        return STATUS_SUCCESS, ""
 
     def _on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         """Study and Patient Root C-FIND: pending answers from one SQL query, C-CANCEL honoured."""
         peer = self._peer_label(event)
+        if self._refused(event, "C-FIND"):
+            yield _status(STATUS_NOT_AUTHORIZED, "this AE may not query here"), None
+            return
         model = str(event.request.AffectedSOPClassUID)
         try:
             find = query.build(event.identifier, model)
@@ -223,6 +256,9 @@ class DicomNode(Service):
     def _on_move(self, event: Any) -> Iterator[Any]:
         """C-MOVE to a `[[peers]]` AE title; pynetdicom runs the C-STORE sub-operations."""
         peer = self._peer_label(event)
+        if self._refused(event, "C-MOVE"):
+            yield None, None  # pynetdicom can only refuse a C-MOVE this early as 0xA801
+            return
         destination = self._settings.peer_by_ae(str(event.move_destination))
         if destination is None:
             metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "failure").inc()
@@ -251,6 +287,10 @@ class DicomNode(Service):
     def _on_get(self, event: Any) -> Iterator[Any]:
         """C-GET: the sub-operations go back over the requestor's own association."""
         peer = self._peer_label(event)
+        if self._refused(event, "C-GET"):
+            yield 1
+            yield _status(STATUS_NOT_AUTHORIZED, "this AE may not retrieve from here"), None
+            return
         try:
             instances = self._instances(event)
         except query.QueryError as exc:

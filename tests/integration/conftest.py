@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, need, run_cli, wait_for_echo
+from tests.conftest import free_port, need, run_cli, wait_for_echo, wait_for_port
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -47,10 +47,12 @@ class Daemon:
 def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def start(extra: str = "", env: dict[str, str] | None = None) -> Daemon:
+    def start(extra: str = "", env: dict[str, str] | None = None, dicom_extra: str = "", wait: bool = True) -> Daemon:
         port, http_port = free_port(), free_port()
         config = tmp_path / "fabricatord.toml"
-        config.write_text(f'[node]\ndata_dir = "data"\n[dicom]\nport = {port}\n[http]\nport = {http_port}\n{extra}')
+        config.write_text(
+            f'[node]\ndata_dir = "data"\n[dicom]\nport = {port}\n{dicom_extra}[http]\nport = {http_port}\n{extra}'
+        )
         process = subprocess.Popen(
             [sys.executable, "-m", "fabricatord", "serve", "--config", str(config)],
             stdout=subprocess.PIPE,
@@ -60,7 +62,10 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         )
         daemon = Daemon(port, http_port, tmp_path / "data", config, process)
         started.append(daemon)
-        wait_for_echo(port, "FABRICATORD", process=process)  # type: ignore[arg-type]
+        if wait:
+            wait_for_echo(port, "FABRICATORD", process=process)  # type: ignore[arg-type]
+        else:  # the node may refuse the probe itself; the HTTP port says it is up
+            wait_for_port(http_port, process=process)  # type: ignore[arg-type]
         return daemon
 
     yield start

@@ -157,3 +157,39 @@ def test_storage_quota_answers_out_of_resources_and_queries_go_on(
     assert "quota" in statuses[1].ErrorComment
     assert [int(s.Status) for s, _ in found] == [0xFF00, 0x0000]
     assert len(daemon.rows()) == 1 and list((daemon.data_dir / "tmp").iterdir()) == []
+
+
+def test_per_peer_permissions(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification  # type: ignore[attr-defined]
+
+    daemon = start_daemon(
+        '\n[[peers]]\nname = "ct"\nae_title = "MODALITY"\nport = 104\nallow_echo = false\nallow_find = false\n'
+    )
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", daemon.port, ae_title="FABRICATORD")
+    try:
+        echo = assoc.send_c_echo()
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        found = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+    finally:
+        assoc.release()
+    assert echo.Status == 0x0124
+    assert found[0][0].Status == 0x0124 and "may not query" in found[0][0].ErrorComment
+    assert storescu(daemon.port, generated(tmp_path, "SC", 1)).returncode == 0  # storing is still allowed
+
+
+def test_allowed_hosts_closes_other_connections(start_daemon: Callable[..., Daemon]) -> None:
+    daemon = start_daemon(dicom_extra='allowed_hosts = ["10.0.0.0/8"]\n', wait=False)
+    result = subprocess.run(
+        [need("echoscu"), "-aec", "FABRICATORD", "127.0.0.1", str(daemon.port)],
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert "connection from a host not in allowed_hosts" in daemon.stop()
