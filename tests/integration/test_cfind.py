@@ -211,3 +211,54 @@ def test_statuses_unsupported_keys_too_many_and_bad_levels(archive: tuple[Daemon
     nonsense.QueryRetrieveLevel = "STUDY"
     nonsense.StudyDate = "2020-99"  # what a careless client sends
     assert _find(daemon, nonsense)[0][0] == 0xA900
+
+
+def test_c_cancel_stops_the_answers(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    daemon = start_daemon()
+    out = run_cli(
+        "generate",
+        "--config",
+        str(daemon.config),
+        "--modality",
+        "CT",
+        "--images",
+        "300",
+        "--rows",
+        "64",
+        "--columns",
+        "64",
+        "--send",
+        f"FABRICATORD@127.0.0.1:{daemon.port}",
+    ).stdout
+    study = re.search(r"Study Instance UID:\s+(\S+)", out).group(1)  # type: ignore[union-attr]
+    folder = tmp_path / "cancelled"
+    folder.mkdir()
+    result = subprocess.run(
+        [
+            need("findscu"),
+            "-S",
+            "-aec",
+            "FABRICATORD",
+            "--cancel",
+            "1",
+            "-X",
+            "-od",
+            str(folder),
+            "-v",
+            "-k",
+            "QueryRetrieveLevel=IMAGE",
+            "-k",
+            f"StudyInstanceUID={study}",
+            "-k",
+            "SOPInstanceUID",
+            "127.0.0.1",
+            str(daemon.port),
+        ],
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Received Final Find Response (Cancel: MatchingTerminatedDueToCancelRequest)" in result.stderr
+    assert 1 <= len(list(folder.glob("rsp*.dcm"))) < 300
