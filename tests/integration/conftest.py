@@ -18,6 +18,11 @@ from tests.conftest import free_port, need, run_cli, wait_for_echo, wait_for_por
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
+def dcmtk(tool: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """A DCMTK command line tool, with TCP_NODELAY as the benchmarks give it, output captured."""
+    return subprocess.run([need(tool), *args], env=DCMTK_ENV, capture_output=True, text=True, timeout=timeout)
+
+
 @dataclass
 class Daemon:
     port: int
@@ -96,20 +101,15 @@ def generated(tmp_path: Path, modality: str, images: int, syntax: str = "explici
 
 def storescu(port: int, files: list[Path], *options: str) -> subprocess.CompletedProcess[str]:
     """DCMTK storescu; `-xr` or `-xv` make it propose RLE or JPEG 2000 for compressed files."""
-    return subprocess.run(
-        [
-            need("storescu"),
-            *options,
-            "-aet",
-            "MODALITY",
-            "-aec",
-            "FABRICATORD",
-            "127.0.0.1",
-            str(port),
-            *map(str, files),
-        ],
-        env=DCMTK_ENV,
-        capture_output=True,
-        text=True,
+    return dcmtk(
+        "storescu",
+        *options,
+        "-aet",
+        "MODALITY",
+        "-aec",
+        "FABRICATORD",
+        "127.0.0.1",
+        str(port),
+        *map(str, files),
         timeout=120,
     )

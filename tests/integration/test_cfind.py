@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,8 +10,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from tests.conftest import need, run_cli
-from tests.integration.conftest import DCMTK_ENV, Daemon
+from tests.conftest import run_cli
+from tests.integration.conftest import Daemon, dcmtk
 
 pytestmark = pytest.mark.integration
 
@@ -39,24 +38,19 @@ def archive(start_daemon: Callable[..., Daemon], tmp_path: Path) -> tuple[Daemon
 def findscu(daemon: Daemon, tmp_path: Path, model: str, *keys: str) -> list[Dataset]:
     out = tmp_path / f"find-{len(list(tmp_path.glob('find-*')))}"
     out.mkdir()
-    result = subprocess.run(
-        [
-            need("findscu"),
-            model,
-            "-aet",
-            "PACS",
-            "-aec",
-            "FABRICATORD",
-            "-X",
-            "-od",
-            str(out),
-            *(arg for key in keys for arg in ("-k", key)),
-            "127.0.0.1",
-            str(daemon.port),
-        ],
-        env=DCMTK_ENV,
-        capture_output=True,
-        text=True,
+    result = dcmtk(
+        "findscu",
+        model,
+        "-aet",
+        "PACS",
+        "-aec",
+        "FABRICATORD",
+        "-X",
+        "-od",
+        str(out),
+        *(arg for key in keys for arg in ("-k", key)),
+        "127.0.0.1",
+        str(daemon.port),
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
@@ -233,30 +227,25 @@ def test_c_cancel_stops_the_answers(start_daemon: Callable[..., Daemon], tmp_pat
     study = re.search(r"Study Instance UID:\s+(\S+)", out).group(1)  # type: ignore[union-attr]
     folder = tmp_path / "cancelled"
     folder.mkdir()
-    result = subprocess.run(
-        [
-            need("findscu"),
-            "-S",
-            "-aec",
-            "FABRICATORD",
-            "--cancel",
-            "1",
-            "-X",
-            "-od",
-            str(folder),
-            "-v",
-            "-k",
-            "QueryRetrieveLevel=IMAGE",
-            "-k",
-            f"StudyInstanceUID={study}",
-            "-k",
-            "SOPInstanceUID",
-            "127.0.0.1",
-            str(daemon.port),
-        ],
-        env=DCMTK_ENV,
-        capture_output=True,
-        text=True,
+    result = dcmtk(
+        "findscu",
+        "-S",
+        "-aec",
+        "FABRICATORD",
+        "--cancel",
+        "1",
+        "-X",
+        "-od",
+        str(folder),
+        "-v",
+        "-k",
+        "QueryRetrieveLevel=IMAGE",
+        "-k",
+        f"StudyInstanceUID={study}",
+        "-k",
+        "SOPInstanceUID",
+        "127.0.0.1",
+        str(daemon.port),
         timeout=60,
     )
     assert result.returncode == 0, result.stderr

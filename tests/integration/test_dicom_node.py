@@ -13,7 +13,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from tests.conftest import need, run_cli
-from tests.integration.conftest import DCMTK_ENV, Daemon, generated, storescu
+from tests.integration.conftest import DCMTK_ENV, Daemon, dcmtk, generated, storescu
 
 pytestmark = pytest.mark.integration
 
@@ -120,12 +120,8 @@ def test_require_known_ae_rejects_strangers(start_daemon: Callable[..., Daemon],
     )
     files = generated(tmp_path, "SC", 1)
     assert storescu(daemon.port, files).returncode == 0
-    stranger = subprocess.run(
-        [need("storescu"), "-aet", "STRANGER", "-aec", "FABRICATORD", "127.0.0.1", str(daemon.port), str(files[0])],
-        env=DCMTK_ENV,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    stranger = dcmtk(
+        "storescu", "-aet", "STRANGER", "-aec", "FABRICATORD", "127.0.0.1", str(daemon.port), str(files[0]), timeout=60
     )
     assert stranger.returncode != 0 and "Calling AE Title Not Recognized" in stranger.stderr
 
@@ -184,12 +180,6 @@ def test_per_peer_permissions(start_daemon: Callable[..., Daemon], tmp_path: Pat
 
 def test_allowed_hosts_closes_other_connections(start_daemon: Callable[..., Daemon]) -> None:
     daemon = start_daemon(dicom_extra='allowed_hosts = ["10.0.0.0/8"]\n', wait=False)
-    result = subprocess.run(
-        [need("echoscu"), "-aec", "FABRICATORD", "127.0.0.1", str(daemon.port)],
-        env=DCMTK_ENV,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = dcmtk("echoscu", "-aec", "FABRICATORD", "127.0.0.1", str(daemon.port), timeout=30)
     assert result.returncode != 0
     assert "connection from a host not in allowed_hosts" in daemon.stop()

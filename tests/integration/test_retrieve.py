@@ -12,7 +12,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from tests.conftest import free_port, need, run_cli, wait_for_echo
-from tests.integration.conftest import DCMTK_ENV, Daemon
+from tests.integration.conftest import DCMTK_ENV, Daemon, dcmtk
 
 pytestmark = pytest.mark.integration
 
@@ -65,26 +65,21 @@ def test_movescu_moves_a_study_to_a_configured_peer(
     node: tuple[Daemon, list[str]], destination: tuple[int, Path]
 ) -> None:
     daemon, studies = node
-    result = subprocess.run(
-        [
-            need("movescu"),
-            "-S",
-            "-aet",
-            "PACS",
-            "-aec",
-            "FABRICATORD",
-            "-aem",
-            "DEST",
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            f"StudyInstanceUID={studies[0]}",
-            "127.0.0.1",
-            str(daemon.port),
-        ],
-        env=DCMTK_ENV,
-        capture_output=True,
-        text=True,
+    result = dcmtk(
+        "movescu",
+        "-S",
+        "-aet",
+        "PACS",
+        "-aec",
+        "FABRICATORD",
+        "-aem",
+        "DEST",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"StudyInstanceUID={studies[0]}",
+        "127.0.0.1",
+        str(daemon.port),
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
@@ -95,55 +90,45 @@ def test_movescu_moves_a_study_to_a_configured_peer(
 
 def test_getscu_gets_a_series_over_its_own_association(node: tuple[Daemon, list[str]], tmp_path: Path) -> None:
     daemon, studies = node
-    series = subprocess.run(
-        [
-            need("findscu"),
-            "-S",
-            "-aec",
-            "FABRICATORD",
-            "-X",
-            "-od",
-            str(tmp_path),
-            "-k",
-            "QueryRetrieveLevel=SERIES",
-            "-k",
-            f"StudyInstanceUID={studies[1]}",
-            "-k",
-            "SeriesInstanceUID",
-            "127.0.0.1",
-            str(daemon.port),
-        ],
-        env=DCMTK_ENV,
-        capture_output=True,
-        text=True,
+    series = dcmtk(
+        "findscu",
+        "-S",
+        "-aec",
+        "FABRICATORD",
+        "-X",
+        "-od",
+        str(tmp_path),
+        "-k",
+        "QueryRetrieveLevel=SERIES",
+        "-k",
+        f"StudyInstanceUID={studies[1]}",
+        "-k",
+        "SeriesInstanceUID",
+        "127.0.0.1",
+        str(daemon.port),
         timeout=60,
     )
     assert series.returncode == 0
     series_uid = dcmread(next(tmp_path.glob("rsp*.dcm"))).SeriesInstanceUID
     out = tmp_path / "got"
     out.mkdir()
-    result = subprocess.run(
-        [
-            need("getscu"),
-            "-S",
-            "-aet",
-            "VIEWER",
-            "-aec",
-            "FABRICATORD",
-            "-od",
-            str(out),
-            "-k",
-            "QueryRetrieveLevel=SERIES",
-            "-k",
-            f"StudyInstanceUID={studies[1]}",
-            "-k",
-            f"SeriesInstanceUID={series_uid}",
-            "127.0.0.1",
-            str(daemon.port),
-        ],
-        env=DCMTK_ENV,
-        capture_output=True,
-        text=True,
+    result = dcmtk(
+        "getscu",
+        "-S",
+        "-aet",
+        "VIEWER",
+        "-aec",
+        "FABRICATORD",
+        "-od",
+        str(out),
+        "-k",
+        "QueryRetrieveLevel=SERIES",
+        "-k",
+        f"StudyInstanceUID={studies[1]}",
+        "-k",
+        f"SeriesInstanceUID={series_uid}",
+        "127.0.0.1",
+        str(daemon.port),
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
