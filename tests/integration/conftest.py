@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,20 @@ import pytest
 from tests.conftest import free_port, need, run_cli, wait_for_echo, wait_for_port
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+@contextmanager
+def running_peer(command: list[str], port: int, ae_title: str, timeout: float = 20) -> Iterator[None]:
+    """A real peer (DCMTK, Orthanc) started for a test, ready when it answers C-ECHO, always stopped."""
+    process = subprocess.Popen(
+        [need(command[0]), *command[1:]], env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for_echo(port, ae_title, timeout=timeout, process=process)  # type: ignore[arg-type]
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
 
 
 def dcmtk(tool: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,8 +10,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from tests.conftest import free_port, need, run_cli, wait_for_echo
-from tests.integration.conftest import DCMTK_ENV, Daemon, dcmtk
+from tests.conftest import free_port, run_cli
+from tests.integration.conftest import Daemon, dcmtk, running_peer
 
 pytestmark = pytest.mark.integration
 
@@ -22,18 +21,8 @@ def destination(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     folder = tmp_path / "destination"
     folder.mkdir()
     port = free_port()
-    process = subprocess.Popen(
-        [need("storescp"), "+xa", "-aet", "DEST", "-od", str(folder), str(port)],
-        env=DCMTK_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_echo(port, "DEST", process=process)  # type: ignore[arg-type]
+    with running_peer(["storescp", "+xa", "-aet", "DEST", "-od", str(folder), str(port)], port, "DEST"):
         yield port, folder
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.fixture

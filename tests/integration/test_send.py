@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port, need, run_cli, wait_for_echo
+from tests.integration.conftest import running_peer
 
 pytestmark = pytest.mark.integration
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -34,18 +35,8 @@ def storescp(tmp_path: Path) -> Iterator[Peer]:
     folder = tmp_path / "received"
     folder.mkdir()
     port = free_port()
-    process = subprocess.Popen(
-        [need("storescp"), "-aet", "STORESCP", "-od", str(folder), "--accept-all", str(port)],
-        env=DCMTK_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_echo(port, process=process)
+    with running_peer(["storescp", "-aet", "STORESCP", "-od", str(folder), "--accept-all", str(port)], port, "ANY"):
         yield Peer("STORESCP", port, folder)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.fixture
@@ -60,18 +51,8 @@ def dcmqrscp(tmp_path: Path) -> Iterator[Peer]:
         "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
         f"AETable BEGIN\nQRSCP {folder} RW (500, 1024mb) ANY\nAETable END\n"
     )
-    process = subprocess.Popen(
-        [need("dcmqrscp"), "-c", str(config), "--disable-host-lookup"],
-        env=DCMTK_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_echo(port, "QRSCP", process=process)
+    with running_peer(["dcmqrscp", "-c", str(config), "--disable-host-lookup"], port, "QRSCP"):
         yield Peer("QRSCP", port, folder)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.fixture
@@ -99,15 +80,8 @@ def orthanc(tmp_path: Path) -> Iterator[Peer]:
             }
         )
     )
-    process = subprocess.Popen(
-        [need("Orthanc"), str(config)], env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        wait_for_echo(port, "ORTHANC", timeout=60, process=process)
+    with running_peer(["Orthanc", str(config)], port, "ORTHANC", timeout=60):
         yield Peer("ORTHANC", port, folder)
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
 
 
 def config_with_peer(tmp_path: Path, peer: Peer) -> Path:
