@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 
 from fabricatord.config.values import is_valid_uid
 from fabricatord.db import IndexEntry, InstanceIndex
-from fabricatord.dicom.part10 import Part10Encoder
+from fabricatord.dicom.part10 import Part10Encoder, encode_received
 from fabricatord.obs import metrics
 from fabricatord.obs.faults import faultpoint
 
@@ -179,17 +179,22 @@ class InstanceWriter:
         self._storage.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
 
-    def write(self, ds: Dataset, source: str, source_ae: str = "") -> WriteResult:
-        return next(self.write_many([ds], source, source_ae))
+    def write(self, ds: Dataset, source: str, source_ae: str = "", received: bytes | None = None) -> WriteResult:
+        item: Dataset | Encoded = ds if received is None else self.prepare(ds, source, source_ae, received)
+        return next(self.write_many([item], source, source_ae))
 
-    def prepare(self, ds: Dataset, source: str, source_ae: str = "") -> Encoded:
-        """Validate and encode `ds`; thread-safe, so a producer thread can do it ahead of the writes."""
+    def prepare(self, ds: Dataset, source: str, source_ae: str = "", received: bytes | None = None) -> Encoded:
+        """Validate and encode `ds`; thread-safe, so a producer thread can do it ahead of the writes.
+
+        `received`: the dataset's bytes as a peer sent them, stored unchanged after our file meta
+        (no decode and re-encode; `ds` then only supplies the attributes the index needs).
+        """
         encoder = getattr(self._local, "encoder", None)
         if encoder is None:
             encoder = self._local.encoder = Part10Encoder()
         try:
             relative = relative_path(ds, self._layout)
-            parts = encoder.encode_parts(ds)
+            parts = encode_received(ds.file_meta, received) if received is not None else encoder.encode_parts(ds)
         except InvalidInstance:
             metrics.STORAGE_WRITE_FAILURES.labels("invalid").inc()
             raise

@@ -178,7 +178,8 @@ class DicomNode(Service):
             problem = _mismatch(event.request, ds)
             if problem:
                 return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, problem
-            result = self._writer.write(ds, "received", calling)
+            # Stored as sent: the peer's bytes go to disk, the decoded view only feeds the index.
+            result = self._writer.write(ds, "received", calling, event.encoded_dataset(include_meta=False))
         except InvalidInstance as exc:
             return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)
         except OutOfSpace as exc:

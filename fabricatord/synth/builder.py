@@ -15,16 +15,13 @@ from datetime import datetime, timedelta
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 
-from fabricatord import __version__
+from fabricatord import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, __version__
 from fabricatord.synth.elements import put
 from fabricatord.synth.encoding import TRANSFER_SYNTAXES, encode_pixels
 from fabricatord.synth.patients import Demographics
 from fabricatord.synth.render import BANNER, Canvas, SeriesPainter
 from fabricatord.synth.templates import TEMPLATES, SeriesPlan, Template
 from fabricatord.synth.uids import UidFactory
-
-IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1438.1"
-IMPLEMENTATION_VERSION_NAME = f"FABRICATORD_{__version__.replace('.', '')}"[:16]
 
 
 @dataclass(frozen=True)
