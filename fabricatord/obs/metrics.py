@@ -48,6 +48,26 @@ DIMSE_OPERATIONS = Counter(
     "DIMSE operations we answered as SCP, by service, calling peer ([[peers]] name or other) and outcome.",
     ["service", "peer", "status"],
 )
+ASSOCIATIONS_ACTIVE = Gauge(
+    "fabricatord_associations_active",
+    "Associations established with us and not yet ended.",
+)
+ASSOCIATIONS = Counter(
+    "fabricatord_associations_total",
+    "Associations requested of us, by calling peer ([[peers]] name or other) and how they went "
+    "(established, rejected, released, aborted).",
+    ["peer", "result"],
+)
+DIMSE_SECONDS = Histogram(
+    "fabricatord_dimse_seconds",
+    "Time we took to answer a DIMSE request (for C-MOVE and C-GET, the whole retrieve), by service.",
+    ["service"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+RECEIVED_BYTES = Counter(
+    "fabricatord_received_bytes_total",
+    "Dataset bytes received by C-STORE.",
+)
 ASSOCIATIONS_REFUSED = Counter(
     "fabricatord_associations_refused_total",
     "Connections or associations we refused before any DIMSE, by reason (host).",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -72,6 +74,8 @@ class DicomNode(Service):
         self._peer_names = {p.ae_title: p.name for p in settings.peers}
         self._peers = {p.ae_title: p for p in reversed(settings.peers)}  # the first entry wins
         self._networks = [ipaddress.ip_network(h, strict=False) for h in settings.dicom.allowed_hosts]
+        self._active: set[int] = set()
+        self._active_lock = threading.Lock()
 
     @property
     def port(self) -> int:
@@ -113,9 +117,13 @@ class DicomNode(Service):
             (evt.EVT_CONN_OPEN, self._on_connect),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_C_FIND, self._on_find),
-            (evt.EVT_C_MOVE, self._on_move),
-            (evt.EVT_C_GET, self._on_get),
+            (evt.EVT_C_FIND, lambda event: _timed("C-FIND", self._on_find(event))),
+            (evt.EVT_C_MOVE, lambda event: _timed("C-MOVE", self._on_move(event))),
+            (evt.EVT_C_GET, lambda event: _timed("C-GET", self._on_get(event))),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_REJECTED, self._on_ended),
+            (evt.EVT_RELEASED, self._on_ended),
+            (evt.EVT_ABORTED, self._on_ended),
         ]
         self._server = self._application().start_server((dicom.host, dicom.port), block=False, evt_handlers=handlers)
         log.info("dicom listener started", host=dicom.host, port=self.port, ae_title=self._settings.node.ae_title)
@@ -137,6 +145,21 @@ class DicomNode(Service):
                 # Nothing has been read yet: closing the connection is the whole answer, as DCMTK
                 # and Orthanc give it; pynetdicom's reader sees the closed socket and ends.
                 event.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+
+    def _on_established(self, event: Any) -> None:
+        with self._active_lock:
+            self._active.add(id(event.assoc))
+        metrics.ASSOCIATIONS_ACTIVE.inc()
+        metrics.ASSOCIATIONS.labels(self._peer_label(event), "established").inc()
+
+    def _on_ended(self, event: Any) -> None:
+        result = {"EVT_REJECTED": "rejected", "EVT_RELEASED": "released"}.get(event.event.name, "aborted")
+        metrics.ASSOCIATIONS.labels(self._peer_label(event), result).inc()
+        with self._active_lock:  # an abort during negotiation ends what never was established
+            was_active = id(event.assoc) in self._active
+            self._active.discard(id(event.assoc))
+        if was_active:
+            metrics.ASSOCIATIONS_ACTIVE.dec()
 
     def _refused(self, event: Any, service: str) -> bool:
         """True when the calling AE is a `[[peers]]` entry that may not use `service`."""
@@ -162,7 +185,9 @@ class DicomNode(Service):
     def _on_store(self, event: Any) -> Dataset:
         if self._refused(event, "C-STORE"):
             return _status(STATUS_NOT_AUTHORIZED, "this AE may not store here")
+        started = time.perf_counter()
         code, comment = self._store(event)
+        metrics.DIMSE_SECONDS.labels("C-STORE").observe(time.perf_counter() - started)
         outcome = "success" if code == STATUS_SUCCESS else "failure"
         metrics.DIMSE_OPERATIONS.labels("C-STORE", self._peer_label(event), outcome).inc()
         if comment:
@@ -179,7 +204,9 @@ class DicomNode(Service):
             if problem:
                 return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, problem
             # Stored as sent: the peer's bytes go to disk, the decoded view only feeds the index.
-            result = self._writer.write(ds, "received", calling, event.encoded_dataset(include_meta=False))
+            received = event.encoded_dataset(include_meta=False)
+            metrics.RECEIVED_BYTES.inc(len(received))
+            result = self._writer.write(ds, "received", calling, received)
         except InvalidInstance as exc:
             return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)
         except OutOfSpace as exc:
@@ -303,6 +330,15 @@ class DicomNode(Service):
         yield from self._datasets(event, instances)
         metrics.DIMSE_OPERATIONS.labels("C-GET", peer, "success").inc()
         log.info("c-get", instances=len(instances))
+
+
+def _timed(service: str, answers: Iterator[Any]) -> Iterator[Any]:
+    """The answers of a generator handler, timed from the first to the last."""
+    started = time.perf_counter()
+    try:
+        yield from answers
+    finally:
+        metrics.DIMSE_SECONDS.labels(service).observe(time.perf_counter() - started)
 
 
 def _mismatch(request: Any, ds: Dataset) -> str:

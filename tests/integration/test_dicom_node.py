@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import urllib.request
@@ -71,6 +72,14 @@ def test_storescu_stores_and_indexes_in_every_transfer_syntax(
         text = response.read().decode()
     assert 'fabricatord_dimse_operations_total{peer="other",service="C-STORE",status="success"} 20.0' in text
     assert 'fabricatord_instances_stored_total{outcome="identical",source="received"} 10.0' in text
+    assert 'fabricatord_dimse_seconds_count{service="C-STORE"} 20.0' in text
+    assert "fabricatord_associations_active 0.0" in text
+    established = re.search(r'fabricatord_associations_total\{peer="other",result="established"\} (\S+)', text)
+    released = re.search(r'fabricatord_associations_total\{peer="other",result="released"\} (\S+)', text)
+    assert established and released and float(established.group(1)) == float(released.group(1)) >= 6
+    received = re.search(r"^fabricatord_received_bytes_total (\S+)$", text, re.MULTILINE)
+    sizes = sum(f.stat().st_size for f in sent)  # the files add preamble and file meta to each dataset
+    assert received and 2 * 0.9 * sizes < float(received.group(1)) < 2 * sizes
 
 
 def test_a_sop_instance_uid_that_is_not_a_uid_is_refused(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
