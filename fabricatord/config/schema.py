@@ -215,10 +215,6 @@ class Settings:
     def peer(self, name: str) -> PeerSettings | None:
         return next((p for p in self.peers if p.name == name), None)
 
-    def peer_by_ae(self, ae_title: str) -> PeerSettings | None:
-        """The peer a C-MOVE destination names (DESIGN: looked up by `[[peers]].ae_title`)."""
-        return next((p for p in self.peers if p.ae_title == ae_title.strip()), None)
-
     @property
     def storage_dir(self) -> Path:
         return self.node.data_dir / "storage"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from typing import Any
 
 # PS3.5 6.2: AE is at most 16 characters of the default repertoire, no backslash or control chars.
@@ -59,14 +60,6 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNIT_BYTES[match.group(2)])
 
 
-def check_size(value: Any) -> str | None:
-    try:
-        parse_size(str(value))
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
 def check_networks(value: Any) -> str | None:
     try:
         for item in value:
@@ -106,17 +99,19 @@ def check_host(value: Any) -> str | None:
     return None
 
 
-def check_duration(value: Any) -> str | None:
-    try:
-        parse_duration(str(value))
-    except ValueError as exc:
-        return str(exc)
-    return None
+def _parsable(parser: Callable[[str], object]) -> Callable[[Any], str | None]:
+    """A check that a value parses: the parser's own message is the complaint."""
+
+    def check(value: Any) -> str | None:
+        try:
+            parser(str(value))
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    return check
 
 
-def check_duration_range(value: Any) -> str | None:
-    try:
-        parse_duration_range(str(value))
-    except ValueError as exc:
-        return str(exc)
-    return None
+check_size = _parsable(parse_size)
+check_duration = _parsable(parse_duration)
+check_duration_range = _parsable(parse_duration_range)

@@ -71,7 +71,6 @@ class DicomNode(Service):
         self._database = database
         self._writer = writer
         self._server: Any = None
-        self._peer_names = {p.ae_title: p.name for p in settings.peers}
         self._peers = {p.ae_title: p for p in reversed(settings.peers)}  # the first entry wins
         self._networks = [ipaddress.ip_network(h, strict=False) for h in settings.dicom.allowed_hosts]
         self._active: set[int] = set()
@@ -93,7 +92,7 @@ class DicomNode(Service):
         # PS3.8 9.3.1: an association for another AE title is rejected (RJ 1/1/7).
         ae.require_called_aet = True
         if dicom.require_known_ae:
-            ae.require_calling_aet = sorted(self._peer_names)
+            ae.require_calling_aet = sorted(self._peers)
         ae.add_supported_context(Verification)
         for model in (
             PatientRootQueryRetrieveInformationModelFind,
@@ -173,8 +172,8 @@ class DicomNode(Service):
 
     def _peer_label(self, event: Any) -> str:
         """A bounded metric label: the `[[peers]]` name of the calling AE, or `other`."""
-        calling = str(event.assoc.requestor.ae_title).strip()
-        return self._peer_names.get(calling, "other")
+        peer = self._peers.get(str(event.assoc.requestor.ae_title).strip())
+        return peer.name if peer is not None else "other"
 
     def _on_echo(self, event: Any) -> int:
         if self._refused(event, "C-ECHO"):
@@ -287,7 +286,8 @@ class DicomNode(Service):
         if self._refused(event, "C-MOVE"):
             yield None, None  # pynetdicom can only refuse a C-MOVE this early as 0xA801
             return
-        destination = self._settings.peer_by_ae(str(event.move_destination))
+        # DESIGN.md: a C-MOVE destination is looked up by `[[peers]].ae_title`.
+        destination = self._peers.get(str(event.move_destination).strip())
         if destination is None:
             metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "failure").inc()
             log.warning("c-move to an unknown destination", destination=str(event.move_destination).strip())
