@@ -44,7 +44,9 @@ class Daemon:
     http_port: int
     data_dir: Path
     config: Path
-    process: subprocess.Popen[str]
+    process: subprocess.Popen[bytes]
+    log: Path
+    """The daemon's stderr. A file, not a pipe: an unread pipe fills up and stalls the daemon."""
 
     def rows(self) -> dict[str, tuple[str, int]]:
         with sqlite3.connect(self.data_dir / "fabricatord.sqlite") as connection:
@@ -58,9 +60,10 @@ class Daemon:
         return {str(p.relative_to(storage)) for p in storage.rglob("*.dcm")}
 
     def stop(self) -> str:
+        """SIGTERM, wait, and return everything the daemon logged."""
         self.process.send_signal(signal.SIGTERM)
-        _, stderr = self.process.communicate(timeout=30)
-        return stderr
+        self.process.wait(timeout=30)
+        return self.log.read_text()
 
 
 @pytest.fixture
@@ -73,14 +76,15 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         config.write_text(
             f'[node]\ndata_dir = "data"\n[dicom]\nport = {port}\n{dicom_extra}[http]\nport = {http_port}\n{extra}'
         )
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fabricatord", "serve", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        daemon = Daemon(port, http_port, tmp_path / "data", config, process)
+        log = tmp_path / f"daemon-{len(started)}.log"
+        with log.open("wb") as sink:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "fabricatord", "serve", "--config", str(config)],
+                stdout=sink,
+                stderr=sink,
+                env={**os.environ, **(env or {})},
+            )
+        daemon = Daemon(port, http_port, tmp_path / "data", config, process, log)
         started.append(daemon)
         if wait:
             wait_for_echo(port, "FABRICATORD", process=process)  # type: ignore[arg-type]
@@ -92,7 +96,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     for daemon in started:
         if daemon.process.poll() is None:
             daemon.process.kill()
-            daemon.process.communicate(timeout=30)
+            daemon.process.wait(timeout=30)
 
 
 def generated(tmp_path: Path, modality: str, images: int, syntax: str = "explicit") -> list[Path]:

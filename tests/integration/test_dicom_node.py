@@ -112,7 +112,7 @@ def test_kill_during_store_loses_nothing_acknowledged(start_daemon: Callable[...
     crashing = start_daemon(env={"FABRICATORD_FAULTPOINT": "store.after_rename:kill"})
     result = storescu(crashing.port, files)
     assert result.returncode != 0
-    crashing.process.communicate(timeout=30)
+    crashing.process.wait(timeout=30)
     assert crashing.process.returncode == -signal.SIGKILL
     assert crashing.rows() == {}  # the kill came after the rename, before the index commit
     daemon = start_daemon()  # recovery at start settles what the kill left
