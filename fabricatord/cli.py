@@ -7,7 +7,7 @@ import os
 import random
 import sys
 from collections.abc import Callable, Sequence
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -348,6 +348,105 @@ def cmd_patients(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- worklist and audit ----------------------------------------------------------------------
+
+
+def _code(text: str) -> tuple[str, str, str]:
+    """`VALUE^SCHEME^MEANING` (HL7 CE order) as a code triplet."""
+    if not text:
+        return "", "", ""
+    parts = [*text.split("^"), "", ""][:3]
+    if len(parts[0]) > 16 or not parts[1]:
+        raise CliError(f"a code is VALUE^SCHEME^MEANING with a value of at most 16 characters, not {text!r}", EX_USAGE)
+    return parts[0], parts[1], parts[2]
+
+
+def _start(text: str) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"--start takes an ISO date and time such as 2026-11-23T14:30, not {text!r}", EX_USAGE) from None
+
+
+def cmd_worklist(args: argparse.Namespace) -> int:
+    from fabricatord.db.worklist import ACTIONABLE, STEP_STATES, UnknownPatient, Worklist
+
+    settings = _settings(args)
+    _logging(settings)
+    database = _database(settings)
+    if args.action == "add":
+        from fabricatord.workflow.worklist import Scheduler, WorklistRequest
+
+        request = WorklistRequest(
+            modality=args.modality,
+            station_ae=args.station,
+            station_name=args.station_name,
+            location=args.location,
+            start=_start(args.start),
+            patient_id=args.patient_id,
+            accession_number=args.accession,
+            procedure_description=args.description,
+            procedure_code=_code(args.procedure_code),
+            protocol_code=_code(args.protocol_code),
+            referring_physician=args.referring,
+            requesting_physician=args.requesting,
+            performing_physician=args.performing,
+            priority=args.priority,
+        )
+        scheduler = Scheduler(settings, database)
+        for _ in range(args.count):
+            try:
+                made = scheduler.add(request)
+            except (ValueError, UnknownPatient) as exc:
+                raise CliError(str(exc), EX_DATAERR) from None
+            _print(
+                f"{made.sps_id}  accession {made.accession_number}  {args.modality} at {args.station}  "
+                f"{made.start:%Y-%m-%d %H:%M}  {made.patient.patient_id} {made.patient.name}  "
+                f"study {made.study_instance_uid}"
+            )
+        return 0
+    statuses = STEP_STATES if args.all else ([args.status.upper()] if args.status else ACTIONABLE)
+    items = Worklist(database).items(statuses, args.station, args.date, args.limit)
+    for item in items:
+        start = f"{item.start[:4]}-{item.start[4:6]}-{item.start[6:8]} {item.start[8:10]}:{item.start[10:12]}"
+        fetched = f"  fetched by {','.join(item.fetched_by)}" if item.fetched_by else ""
+        _print(
+            f"{item.sps_id:<12} {item.status:<12} {item.modality:<3} {item.station_ae:<16} {start}  "
+            f"{item.accession_number:<16} {item.patient_id:<12} {item.patient_name}  {item.description}{fetched}"
+        )
+    if not items:
+        _print("no worklist items match: `fabricatord worklist add` makes some")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from fabricatord.db.audit import AuditLog
+
+    settings = _settings(args)
+    since = None
+    if args.since:
+        from fabricatord.config.values import parse_duration
+
+        try:
+            since = datetime.now(UTC) - timedelta(seconds=parse_duration(args.since))
+        except ValueError as exc:
+            raise CliError(f"--since: {exc}", EX_USAGE) from None
+    records = AuditLog(_database(settings)).search(
+        args.operation, args.calling_ae, args.association, since, args.failures, args.limit
+    )
+    for r in reversed(records):
+        at = r.at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        _print(
+            f"{at}  {r.association:<6} {r.operation:<11} {r.calling_ae:<16} {r.peer_address:<21} "
+            f"{r.status:<9} {r.instances:>6} {_size(r.bytes):>9} {r.seconds * 1000:>9.1f} ms  {r.detail}".rstrip()
+        )
+    if not records:
+        _print("no audit events match")
+    return 0
+
+
 # -- patterns -------------------------------------------------------------------------------
 
 
@@ -523,6 +622,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="whose counter to continue (default: accession)",
     )
     preview.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="TOML file")
+
+    worklist = command("worklist", cmd_worklist, "the Modality Worklist: scheduled procedure steps")
+    worklist_actions = worklist.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = worklist_actions.add_parser("add", help="schedule an order: one requested procedure with one step")
+    add.add_argument("--modality", required=True, type=str.upper, choices=MODALITIES)
+    add.add_argument("--station", required=True, metavar="AE", help="Scheduled Station AE Title")
+    add.add_argument("--station-name", default="", help="Scheduled Station Name")
+    add.add_argument("--location", default="", help="Scheduled Procedure Step Location")
+    add.add_argument("--start", default="", help="SPS start, ISO date and time (default: now)")
+    add.add_argument("--patient-id", default="", help="a registered patient (default: a new synthetic one)")
+    add.add_argument("--accession", default="", help="Accession Number (default: from [synth] accession_pattern)")
+    add.add_argument("--description", default="", help="Requested Procedure Description")
+    add.add_argument("--procedure-code", default="", metavar="VALUE^SCHEME^MEANING")
+    add.add_argument("--protocol-code", default="", metavar="VALUE^SCHEME^MEANING", help="Scheduled Protocol Code")
+    add.add_argument("--referring", default="", help="Referring Physician's Name (Last^First)")
+    add.add_argument("--requesting", default="", help="Requesting Physician")
+    add.add_argument("--performing", default="", help="Scheduled Performing Physician's Name")
+    add.add_argument("--priority", default="", choices=["", "STAT", "HIGH", "ROUTINE", "MEDIUM", "LOW"])
+    add.add_argument("--count", type=int, default=1, help="how many orders")
+    listing = worklist_actions.add_parser("list", help="scheduled steps by start time (actionable ones by default)")
+    listing.add_argument("--status", default="", help="only steps in this state")
+    listing.add_argument("--all", action="store_true", help="steps in every state")
+    listing.add_argument("--station", default="", metavar="AE")
+    listing.add_argument("--date", default="", metavar="YYYYMMDD")
+    listing.add_argument("--limit", type=int, default=100)
+    for sub in worklist_actions.choices.values():
+        sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="TOML file")
+
+    audit = command("audit", cmd_audit, "the transaction log: associations and DIMSE operations, newest last")
+    audit.add_argument("--operation", default="", help="ASSOCIATION, C-ECHO, C-STORE, C-FIND, MWL, C-MOVE, C-GET")
+    audit.add_argument("--calling-ae", default="")
+    audit.add_argument("--association", default="", help="one association's ID (first column)")
+    audit.add_argument("--since", default="", metavar="DURATION", help="only the last DURATION (`10m`, `2h`)")
+    audit.add_argument("--failures", action="store_true", help="only what did not succeed")
+    audit.add_argument("--limit", type=int, default=100)
 
     echo_cmd = command("echo", cmd_echo, "C-ECHO a peer ([[peers]] name or AET@host:port)")
     echo_cmd.add_argument("peer")

@@ -1,8 +1,8 @@
 """The composition root: builds every part from settings, starts them in order, stops them in reverse.
 
-Today the daemon opens (and migrates) the database, settles storage left by a crash, runs the
-DICOM node (C-ECHO and C-STORE so far) and serves `/metrics` and `/healthz` over HTTP; the MLLP
-listener joins this tree as a service of its own.
+Today the daemon opens (and migrates) the database, settles storage left by a crash, starts the
+audit trail's writer, runs the DICOM node and serves `/metrics` and `/healthz` over HTTP; the
+MLLP listener joins this tree as a service of its own.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints, reactor
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -24,6 +24,7 @@ from fabricatord.dicom.storage import InstanceWriter
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
 from fabricatord.servers.dicom import DicomNode
+from fabricatord.workflow.audit import AuditTrail
 
 log = get_logger(__name__)
 
@@ -52,6 +53,21 @@ def http_site() -> Site:
     return Site(root)
 
 
+class _AuditService(Service):
+    """Runs the audit trail's writer; started before the listeners, so stopped after them."""
+
+    def __init__(self, trail: AuditTrail) -> None:
+        self._trail = trail
+
+    def startService(self) -> None:
+        self._trail.start()
+        super().startService()
+
+    def stopService(self) -> None:
+        self._trail.stop()
+        super().stopService()
+
+
 def storage_writer(settings: Settings, database: Database) -> InstanceWriter:
     """The atomic writer over `data_dir/storage`, as the settings shape it."""
     return InstanceWriter(
@@ -77,7 +93,9 @@ def build(settings: Settings, reactor_: Any = reactor) -> MultiService:
         rows_refreshed=report.rows_refreshed,
     )
     root = MultiService()
-    DicomNode(settings, database, writer).setServiceParent(root)
+    audit = AuditTrail(database)
+    _AuditService(audit).setServiceParent(root)
+    DicomNode(settings, database, writer, audit).setServiceParent(root)
     http = endpoints.TCP4ServerEndpoint(reactor_, settings.http.port, interface=settings.http.host)
     StreamServerEndpointService(http, http_site()).setServiceParent(root)
     return root

@@ -90,6 +90,12 @@ class DicomSettings:
     allowed_hosts: list[str] = key(
         [], "Addresses or networks (`10.1.2.3`, `10.1.0.0/16`) that may connect; empty: any.", check_networks
     )
+    worklist_filter_by_calling_ae: bool = key(
+        False,
+        "A worklist query without a Scheduled Station AE Title gets only the steps scheduled for the calling AE, "
+        "as Orthanc's `FilterIssuerAet`.",
+    )
+    audit: bool = key(True, "Record every association and DIMSE operation in the audit table (`fabricatord audit`).")
     max_find_results: int = key(
         10000,
         "More matches than this answers C-FIND with 0xA700 (out of resources).",
@@ -185,6 +191,7 @@ class PeerSettings:
     allow_echo: bool = key(True, "May C-ECHO us.")
     allow_store: bool = key(True, "May C-STORE into us.")
     allow_find: bool = key(True, "May C-FIND (query/retrieve).")
+    allow_find_worklist: bool = key(True, "May query the Modality Worklist.")
     allow_move: bool = key(True, "May C-MOVE from us.")
     allow_get: bool = key(True, "May C-GET from us.")
 

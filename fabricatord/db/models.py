@@ -11,6 +11,7 @@ from datetime import datetime
 from sqlalchemy import (
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -125,6 +126,112 @@ class StorageIntent(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(String(512))
+
+
+class Order(Base):
+    """Owner: `fabricatord.db.worklist`. An imaging order, as the order filler keeps it."""
+
+    __tablename__ = "orders"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
+    placer_order_number: Mapped[str] = mapped_column(String(64), default="", index=True)  # ORC-2 / OBR-2
+    filler_order_number: Mapped[str] = mapped_column(String(64), default="", index=True)  # ORC-3 / OBR-3
+    accession_number: Mapped[str] = mapped_column(String(16), index=True)  # (0008,0050) | SH, 1
+    status: Mapped[str] = mapped_column(String(16), default="SCHEDULED")
+    referring_physician_name: Mapped[str] = mapped_column(String(324), default="")  # (0008,0090) | PN, 1
+    requesting_physician: Mapped[str] = mapped_column(String(324), default="")  # (0032,1032) | PN, 1-n
+    requesting_service: Mapped[str] = mapped_column(String(64), default="")  # (0032,1033) | LO, 1
+    admission_id: Mapped[str] = mapped_column(String(64), default="")  # (0038,0010) | LO, 1
+    current_patient_location: Mapped[str] = mapped_column(String(64), default="")  # (0038,0300) | LO, 1
+    source: Mapped[str] = mapped_column(String(16), default="cli")  # cli | hl7
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    patient: Mapped[Patient] = relationship()
+    procedures: Mapped[list[RequestedProcedure]] = relationship(back_populates="order")
+
+
+class RequestedProcedure(Base):
+    """Owner: `fabricatord.db.worklist`. One study to be made for an order."""
+
+    __tablename__ = "requested_procedures"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    order_pk: Mapped[int] = mapped_column(ForeignKey("orders.id", ondelete="CASCADE"), index=True)
+    requested_procedure_id: Mapped[str] = mapped_column(String(16), index=True)  # (0040,1001) | SH, 1
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)  # (0020,000D) | UI, 1
+    description: Mapped[str] = mapped_column(String(64), default="")  # (0032,1060) | LO, 1
+    code_value: Mapped[str] = mapped_column(String(16), default="")  # (0032,1064) > (0008,0100)
+    code_scheme: Mapped[str] = mapped_column(String(16), default="")  # > (0008,0102)
+    code_meaning: Mapped[str] = mapped_column(String(64), default="")  # > (0008,0104)
+    priority: Mapped[str] = mapped_column(String(16), default="")  # (0040,1003) | SH, 1
+
+    order: Mapped[Order] = relationship(back_populates="procedures")
+    steps: Mapped[list[ScheduledStep]] = relationship(back_populates="procedure")
+
+
+class ScheduledStep(Base):
+    """Owner: `fabricatord.db.worklist`. A worklist item: one Scheduled Procedure Step.
+
+    `start_datetime` is date and time as one sortable string (YYYYMMDDHHMMSS), for the
+    combined date-time range matching of PS3.4 C.2.2.2.5.
+    """
+
+    __tablename__ = "scheduled_steps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    procedure_pk: Mapped[int] = mapped_column(ForeignKey("requested_procedures.id", ondelete="CASCADE"), index=True)
+    sps_id: Mapped[str] = mapped_column(String(16), index=True)  # (0040,0009) | SH, 1
+    station_ae: Mapped[str] = mapped_column(String(16), default="", index=True)  # (0040,0001) | AE, 1-n
+    station_name: Mapped[str] = mapped_column(String(16), default="")  # (0040,0010) | SH, 1-n
+    location: Mapped[str] = mapped_column(String(16), default="")  # (0040,0011) | SH, 1
+    modality: Mapped[str] = mapped_column(String(16), index=True)  # (0008,0060) | CS, 1
+    start_date: Mapped[str] = mapped_column(String(8), index=True)  # (0040,0002) | DA, 1
+    start_time: Mapped[str] = mapped_column(String(16))  # (0040,0003) | TM, 1
+    start_datetime: Mapped[str] = mapped_column(String(14), index=True)
+    performing_physician: Mapped[str] = mapped_column(String(324), default="")  # (0040,0006) | PN, 1
+    description: Mapped[str] = mapped_column(String(64), default="")  # (0040,0007) | LO, 1
+    protocol_code_value: Mapped[str] = mapped_column(String(16), default="")  # (0040,0008) > (0008,0100)
+    protocol_code_scheme: Mapped[str] = mapped_column(String(16), default="")
+    protocol_code_meaning: Mapped[str] = mapped_column(String(64), default="")
+    premedication: Mapped[str] = mapped_column(String(64), default="")  # (0040,0012) | LO, 1
+    contrast_agent: Mapped[str] = mapped_column(String(64), default="")  # (0032,1070) | LO, 1
+    status: Mapped[str] = mapped_column(String(16), default="SCHEDULED", index=True)  # (0040,0020) | CS, 1
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    procedure: Mapped[RequestedProcedure] = relationship(back_populates="steps")
+
+
+class WorklistFetch(Base):
+    """Owner: `fabricatord.db.worklist`. A worklist item answered to a calling AE (for `on_query`)."""
+
+    __tablename__ = "worklist_fetches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step_pk: Mapped[int] = mapped_column(ForeignKey("scheduled_steps.id", ondelete="CASCADE"), index=True)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    fetched_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class AuditEvent(Base):
+    """Owner: `fabricatord.db.audit`. One association or DIMSE operation, kept for `fabricatord audit`."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    association: Mapped[str] = mapped_column(String(16), default="", index=True)
+    """Our short ID of the association: ties its operations together."""
+    operation: Mapped[str] = mapped_column(String(32), index=True)  # ASSOCIATION, C-STORE, C-FIND …
+    calling_ae: Mapped[str] = mapped_column(String(16), default="", index=True)
+    called_ae: Mapped[str] = mapped_column(String(16), default="")
+    peer_address: Mapped[str] = mapped_column(String(64), default="")
+    status: Mapped[str] = mapped_column(String(32), default="")  # 0x0000, released, rejected …
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    detail: Mapped[str] = mapped_column(String(256), default="")
 
 
 Index("ix_patients_patient_id", Patient.patient_id)

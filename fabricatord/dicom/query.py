@@ -87,7 +87,8 @@ class FindQuery:
     """Keys with a value that we matched as universal (answer 0xFF01)."""
 
 
-def _value(element: DataElement) -> str:
+def element_text(element: DataElement) -> str:
+    """The value of a query key as the text matching reads."""
     value = element.value
     if value is None:
         return ""
@@ -175,7 +176,7 @@ def build(identifier: Dataset, model: str) -> FindQuery:
         if keyword in _ALWAYS or element.tag.is_private or element.tag.element == 0:
             continue
         query.requested.append(keyword or str(element.tag))
-        text = _value(element) if element.VR != "SQ" else ""
+        text = element_text(element) if element.VR != "SQ" else ""
         key = KEYS.get(keyword)
         if key is not None and LEVELS.index(key.level) <= depth:
             where = condition(key.column, dictionary_VR(element.tag), text)

@@ -73,10 +73,19 @@ ASSOCIATIONS_REFUSED = Counter(
     "Connections or associations we refused before any DIMSE, by reason (host).",
     ["reason"],
 )
+MWL_QUERIES = Counter(
+    "fabricatord_mwl_queries_total",
+    "Modality Worklist queries answered, by calling peer and result (hit: at least one item, miss: none).",
+    ["peer", "result"],
+)
 SCU_OPERATIONS = Counter(
     "fabricatord_scu_operations_total",
     "DIMSE operations we sent as SCU, by service, peer name and status class.",
     ["service", "peer", "status"],
+)
+AUDIT_DROPPED = Counter(
+    "fabricatord_audit_dropped_total",
+    "Audit events not written: the backlog was full or the database refused them.",
 )
 BUILD_INFO = Gauge(
     "fabricatord_build_info",

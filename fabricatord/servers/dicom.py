@@ -7,10 +7,13 @@ Handlers never touch the Twisted reactor: they run on pynetdicom's association t
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from pydicom import dcmread
@@ -19,6 +22,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 
 # Generated at import time by pynetdicom, so invisible to type checkers.
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -32,11 +36,14 @@ from twisted.application.service import Service
 from fabricatord.config import Settings
 from fabricatord.config.values import is_valid_uid, parse_duration
 from fabricatord.db import Database
-from fabricatord.dicom import query
+from fabricatord.db.audit import AuditRecord
+from fabricatord.db.worklist import Worklist
+from fabricatord.dicom import query, worklist
 from fabricatord.dicom.scu import nodelay, storage_contexts
 from fabricatord.dicom.storage import InstanceWriter, InvalidInstance, OutOfSpace
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
+from fabricatord.workflow.audit import AuditTrail
 
 log = get_logger(__name__)
 
@@ -53,6 +60,36 @@ STATUS_NOT_AUTHORIZED = 0x0124  # PS3.7 C.5: Refused, not authorized
 MAX_ERROR_COMMENT = 64  # Error Comment is LO
 MAX_SUBOPERATIONS = 65535  # the sub-operation counts are US (PS3.7 C.4.2.1.4)
 STUDY_ROOT_RETRIEVE = frozenset({"1.2.840.10008.5.1.4.1.2.2.2", "1.2.840.10008.5.1.4.1.2.2.3"})
+# What each service needs of a `[[peers]]` entry, as Orthanc's AllowEcho/Store/Find/FindWorklist/Move/Get.
+PERMISSIONS = {
+    "C-ECHO": "allow_echo",
+    "C-STORE": "allow_store",
+    "C-FIND": "allow_find",
+    "MWL": "allow_find_worklist",
+    "C-MOVE": "allow_move",
+    "C-GET": "allow_get",
+}
+_PENDING = (STATUS_PENDING, STATUS_PENDING_UNSUPPORTED_KEYS)
+_association_numbers = itertools.count(1)
+
+
+@dataclass
+class _Association:
+    """What the audit trail needs to know about one association while it lasts."""
+
+    number: str
+    calling_ae: str
+    called_ae: str
+    address: str
+    started: float
+    established: bool = False
+    stored: int = 0
+    bytes: int = 0
+    operation: str = ""
+    operation_started: float = 0.0
+    operation_bytes: int = 0
+    answers: int = 0
+    detail: str = ""
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -66,10 +103,15 @@ def _status(code: int, comment: str = "") -> Dataset:
 class DicomNode(Service):
     """The DICOM listener as a Twisted service: started and stopped with the rest of the daemon."""
 
-    def __init__(self, settings: Settings, database: Database, writer: InstanceWriter) -> None:
+    def __init__(
+        self, settings: Settings, database: Database, writer: InstanceWriter, audit: AuditTrail | None = None
+    ) -> None:
         self._settings = settings
         self._database = database
         self._writer = writer
+        self._audit = audit
+        self._worklist = Worklist(database)
+        self._associations: dict[int, _Association] = {}
         self._server: Any = None
         self._peers = {p.ae_title: p for p in reversed(settings.peers)}  # the first entry wins
         self._networks = [ipaddress.ip_network(h, strict=False) for h in settings.dicom.allowed_hosts]
@@ -95,6 +137,8 @@ class DicomNode(Service):
             ae.require_calling_aet = sorted(self._peers)
         ae.add_supported_context(Verification)
         for model in (
+            ModalityWorklistInformationFind,
+            ModalityWorklistInformationFind,
             PatientRootQueryRetrieveInformationModelFind,
             StudyRootQueryRetrieveInformationModelFind,
             PatientRootQueryRetrieveInformationModelMove,
@@ -116,13 +160,15 @@ class DicomNode(Service):
             (evt.EVT_CONN_OPEN, self._on_connect),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_C_FIND, lambda event: _timed("C-FIND", self._on_find(event))),
+            (evt.EVT_C_FIND, self._on_find_request),
             (evt.EVT_C_MOVE, lambda event: _timed("C-MOVE", self._on_move(event))),
             (evt.EVT_C_GET, lambda event: _timed("C-GET", self._on_get(event))),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_REJECTED, self._on_ended),
             (evt.EVT_RELEASED, self._on_ended),
             (evt.EVT_ABORTED, self._on_ended),
+            (evt.EVT_DIMSE_RECV, self._on_request),
+            (evt.EVT_DIMSE_SENT, self._on_response),
         ]
         self._server = self._application().start_server((dicom.host, dicom.port), block=False, evt_handlers=handlers)
         log.info("dicom listener started", host=dicom.host, port=self.port, ae_title=self._settings.node.ae_title)
@@ -148,6 +194,7 @@ class DicomNode(Service):
     def _on_established(self, event: Any) -> None:
         with self._active_lock:
             self._active.add(id(event.assoc))
+        self._association(event).established = True
         metrics.ASSOCIATIONS_ACTIVE.inc()
         metrics.ASSOCIATIONS.labels(self._peer_label(event), "established").inc()
 
@@ -157,14 +204,97 @@ class DicomNode(Service):
         with self._active_lock:  # an abort during negotiation ends what never was established
             was_active = id(event.assoc) in self._active
             self._active.discard(id(event.assoc))
+            state = self._associations.pop(id(event.assoc), None) or self._new_association(event)
         if was_active:
             metrics.ASSOCIATIONS_ACTIVE.dec()
+        if result == "rejected":
+            state.detail = f"called AE {_called_ae(event)}"
+        self._record(state, "ASSOCIATION", result, state.stored, state.bytes, time.perf_counter() - state.started)
+
+    def _association(self, event: Any) -> _Association:
+        """The audit state of this event's association, made on first use."""
+        with self._active_lock:
+            state = self._associations.get(id(event.assoc))
+            if state is None:
+                state = self._associations[id(event.assoc)] = self._new_association(event)
+            return state
+
+    def _new_association(self, event: Any) -> _Association:
+        requestor = event.assoc.requestor
+        return _Association(
+            number=f"{next(_association_numbers):06x}",
+            calling_ae=str(requestor.ae_title).strip(),
+            called_ae=_called_ae(event),
+            address=f"{requestor.address}:{requestor.port}",
+            started=time.perf_counter(),
+        )
+
+    def _on_request(self, event: Any) -> None:
+        """A request arrived: the operation the next final response of ours will conclude."""
+        name = type(event.message).__name__
+        if not name.endswith("_RQ") or name == "C_CANCEL_RQ":
+            return
+        state = self._association(event)
+        operation = name[:-3].replace("_", "-")
+        if (
+            operation == "C-FIND"
+            and str(event.message.command_set.AffectedSOPClassUID) == worklist.MODALITY_WORKLIST_FIND
+        ):
+            operation = "MWL"
+        state.operation, state.operation_started, state.answers, state.detail = operation, time.perf_counter(), 0, ""
+
+    def _on_response(self, event: Any) -> None:
+        """One of our responses left: pending ones are counted, a final one is audited."""
+        name = type(event.message).__name__
+        if not name.endswith("_RSP"):
+            return
+        state = self._association(event)
+        command = event.message.command_set
+        status = int(command.Status)
+        if status in _PENDING:
+            state.answers += 1
+            return
+        if name in ("C_MOVE_RSP", "C_GET_RSP"):
+            state.answers = int(command.get("NumberOfCompletedSuboperations", 0) or 0)
+            failed = int(command.get("NumberOfFailedSuboperations", 0) or 0)
+            state.detail = f"{state.detail} failed={failed}".strip() if failed else state.detail
+        elif name == "C_STORE_RSP":
+            state.answers = 1 if status == STATUS_SUCCESS else 0
+        self._record(
+            state,
+            state.operation or name[:-4].replace("_", "-"),
+            f"0x{status:04X}",
+            state.answers,
+            state.operation_bytes if name == "C_STORE_RSP" else 0,
+            time.perf_counter() - state.operation_started,
+        )
+
+    def _record(
+        self, state: _Association, operation: str, status: str, instances: int, size: int, seconds: float
+    ) -> None:
+        if self._audit is None or not self._settings.dicom.audit:
+            return
+        self._audit.record(
+            AuditRecord(
+                at=datetime.now(UTC),
+                operation=operation,
+                association=state.number,
+                calling_ae=state.calling_ae[:16],
+                called_ae=state.called_ae[:16],
+                peer_address=state.address[:64],
+                status=status,
+                instances=instances,
+                bytes=size,
+                seconds=round(seconds, 6),
+                detail=state.detail[:256],
+            )
+        )
 
     def _refused(self, event: Any, service: str) -> bool:
         """True when the calling AE is a `[[peers]]` entry that may not use `service`."""
         calling = str(event.assoc.requestor.ae_title).strip()
         peer = self._peers.get(calling)
-        if peer is None or getattr(peer, f"allow_{service.split('-')[1].lower()}"):
+        if peer is None or getattr(peer, PERMISSIONS[service]):
             return False
         log.warning("operation not allowed for this peer", calling_ae=calling, service=service)
         metrics.DIMSE_OPERATIONS.labels(service, peer.name, "refused").inc()
@@ -205,6 +335,9 @@ class DicomNode(Service):
             # Stored as sent: the peer's bytes go to disk, the decoded view only feeds the index.
             received = event.encoded_dataset(include_meta=False)
             metrics.RECEIVED_BYTES.inc(len(received))
+            state = self._association(event)
+            state.operation_bytes = len(received)
+            state.bytes += len(received)
             result = self._writer.write(ds, "received", calling, received)
         except InvalidInstance as exc:
             return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)
@@ -216,6 +349,7 @@ class DicomNode(Service):
         except Exception as exc:
             log.error("c-store could not decode the dataset", calling_ae=calling, error=str(exc))
             return STATUS_CANNOT_UNDERSTAND, f"cannot decode the dataset: {exc}"
+        state.stored += 1
         log.info(
             "c-store",
             calling_ae=calling,
@@ -224,6 +358,52 @@ class DicomNode(Service):
             bytes=result.size,
         )
         return STATUS_SUCCESS, ""
+
+    def _on_find_request(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        if str(event.request.AffectedSOPClassUID) == worklist.MODALITY_WORKLIST_FIND:
+            return _timed("MWL", self._on_worklist(event))
+        return _timed("C-FIND", self._on_find(event))
+
+    def _on_worklist(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        """Modality Worklist C-FIND (PS3.4 K): actionable steps from one SQL query; fetches recorded."""
+        peer = self._peer_label(event)
+        if self._refused(event, "MWL"):
+            yield _status(STATUS_NOT_AUTHORIZED, "this AE may not query the worklist"), None
+            return
+        calling = str(event.assoc.requestor.ae_title).strip()
+        dicom = self._settings.dicom
+        try:
+            find = worklist.build(event.identifier, calling, dicom.worklist_filter_by_calling_ae)
+            rows = worklist.run(self._database, find, dicom.max_find_results)
+        except query.QueryError as exc:
+            metrics.DIMSE_OPERATIONS.labels("MWL", peer, "failure").inc()
+            yield _status(STATUS_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
+            return
+        except Exception as exc:
+            log.error("worklist query failed", error=str(exc))
+            metrics.DIMSE_OPERATIONS.labels("MWL", peer, "failure").inc()
+            yield _status(STATUS_CANNOT_UNDERSTAND, f"cannot process the query: {exc}"), None
+            return
+        if len(rows) > dicom.max_find_results:
+            metrics.DIMSE_OPERATIONS.labels("MWL", peer, "failure").inc()
+            yield _status(STATUS_OUT_OF_RESOURCES, f"more than {dicom.max_find_results} items; narrow the query"), None
+            return
+        pending = STATUS_PENDING_UNSUPPORTED_KEYS if find.unsupported else STATUS_PENDING
+        answered: list[int] = []
+        try:
+            for step_pk, answer in worklist.answers(find, rows):
+                if event.is_cancelled:
+                    metrics.DIMSE_OPERATIONS.labels("MWL", peer, "cancel").inc()
+                    yield STATUS_CANCEL, None
+                    return
+                answered.append(step_pk)
+                yield pending, answer
+        finally:
+            # What was handed over counts as fetched, also when the query was cancelled part-way.
+            self._worklist.record_fetches(answered, calling)
+        metrics.DIMSE_OPERATIONS.labels("MWL", peer, "success").inc()
+        metrics.MWL_QUERIES.labels(peer, "hit" if rows else "miss").inc()
+        log.info("worklist query", calling_ae=calling, items=len(rows), unsupported=find.unsupported or None)
 
     def _on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         """Study and Patient Root C-FIND: pending answers from one SQL query, C-CANCEL honoured."""
@@ -356,6 +536,8 @@ def _mismatch(request: Any, ds: Dataset) -> str:
     return ""
 
 
-def _nodelay(event: Any) -> None:
-    # Without it a small PDU waits for a delayed ACK: ~40 ms per response on Linux.
-    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def _called_ae(event: Any) -> str:
+    """The AE title the requestor asked for (ours, unless the association was rejected for it)."""
+    primitive = getattr(event.assoc.requestor, "primitive", None)
+    called = getattr(primitive, "called_ae_title", None) or event.assoc.acceptor.ae_title
+    return str(called).strip()

@@ -80,6 +80,13 @@ def test_storescu_stores_and_indexes_in_every_transfer_syntax(
     received = re.search(r"^fabricatord_received_bytes_total (\S+)$", text, re.MULTILINE)
     sizes = sum(f.stat().st_size for f in sent)  # the files add preamble and file meta to each dataset
     assert received and 2 * 0.9 * sizes < float(received.group(1)) < 2 * sizes
+    # The audit trail has one C-STORE event per instance sent, each with its status and bytes.
+    log = daemon.stop()  # the trail's last batch is written on the way out
+    assert "error" not in log.lower()
+    stores = run_cli("audit", "--operation", "C-STORE", "--config", str(daemon.config)).stdout.splitlines()
+    assert len(stores) == 20 and all(" 0x0000 " in line and " MODALITY " in line for line in stores)
+    associations = run_cli("audit", "--operation", "ASSOCIATION", "--config", str(daemon.config)).stdout
+    assert associations.count("released") == int(float(released.group(1)))
 
 
 def test_a_sop_instance_uid_that_is_not_a_uid_is_refused(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:

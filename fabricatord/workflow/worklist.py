@@ -1,0 +1,110 @@
+"""Putting orders on the worklist: identifiers from the counters, patients from the registry.
+
+`fabricatord worklist add` comes here today; the HL7 listener will hand its orders to the same
+code, so that an item made either way looks the same to a modality.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime
+
+from fabricatord.config import Settings
+from fabricatord.db import Database, Sequences
+from fabricatord.db.worklist import OrderPlan, StepPlan, Worklist
+from fabricatord.synth.patients import Demographics
+from fabricatord.synth.templates import TEMPLATES
+from fabricatord.synth.uids import UidFactory
+from fabricatord.workflow.generation import StudyGenerator
+
+PROCEDURE_COUNTER = "requested_procedure"
+STEP_COUNTER = "scheduled_step"
+
+
+@dataclass(frozen=True)
+class WorklistRequest:
+    modality: str
+    station_ae: str = ""
+    station_name: str = ""
+    location: str = ""
+    start: datetime | None = None
+    """None: now."""
+    patient_id: str = ""
+    """A registered patient; empty makes a synthetic one."""
+    accession_number: str = ""
+    procedure_description: str = ""
+    procedure_code: tuple[str, str, str] = ("", "", "")
+    step_description: str = ""
+    protocol_code: tuple[str, str, str] = ("", "", "")
+    referring_physician: str = ""
+    requesting_physician: str = ""
+    performing_physician: str = ""
+    priority: str = ""
+
+
+@dataclass(frozen=True)
+class ScheduledOrder:
+    accession_number: str
+    requested_procedure_id: str
+    sps_id: str
+    study_instance_uid: str
+    patient: Demographics
+    start: datetime
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, database: Database) -> None:
+        self._settings = settings
+        self._generator = StudyGenerator(settings, database)
+        self._sequences = Sequences(database)
+        self._worklist = Worklist(database)
+
+    def add(self, request: WorklistRequest) -> ScheduledOrder:
+        modality = request.modality.upper()
+        if modality not in TEMPLATES:
+            raise ValueError(f"unknown modality {request.modality!r} (known: {', '.join(TEMPLATES)})")
+        template = TEMPLATES[modality]
+        patient, _ = self._generator.new_patient(request.patient_id, template.patient_sex)
+        procedure_number = self._sequences.take(PROCEDURE_COUNTER, 1, 1)[0]
+        step_number = self._sequences.take(STEP_COUNTER, 1, 1)[0]
+        # Under a seed, order n draws the same accession letters and study UID in every run.
+        seed = self._settings.synth.seed
+        rng = random.Random() if seed is None else random.Random(f"{seed}:order:{procedure_number}")
+        accession = request.accession_number or self._generator.next_accession(rng)
+        study_uid = UidFactory(self._settings.node.uid_root, rng).new()
+        start = (request.start or datetime.now()).replace(microsecond=0)
+        description = (
+            request.procedure_description
+            or request.procedure_code[2]
+            or self._settings.modality(modality).study_description
+            or template.study_description
+        )
+        plan = OrderPlan(
+            patient_id=patient.patient_id,
+            issuer=patient.issuer,
+            accession_number=accession,
+            requested_procedure_id=f"RP{procedure_number:07d}",
+            study_instance_uid=study_uid,
+            procedure_description=description,
+            procedure_code=request.procedure_code,
+            priority=request.priority,
+            referring_physician_name=request.referring_physician,
+            requesting_physician=request.requesting_physician,
+            steps=[
+                StepPlan(
+                    sps_id=f"SPS{step_number:07d}",
+                    modality=modality,
+                    start_date=start.strftime("%Y%m%d"),
+                    start_time=start.strftime("%H%M%S"),
+                    station_ae=request.station_ae,
+                    station_name=request.station_name,
+                    location=request.location,
+                    performing_physician=request.performing_physician,
+                    description=request.step_description or description,
+                    protocol_code=request.protocol_code,
+                )
+            ],
+        )
+        self._worklist.schedule(plan)
+        return ScheduledOrder(accession, plan.requested_procedure_id, plan.steps[0].sps_id, study_uid, patient, start)
