@@ -79,8 +79,9 @@ class DicomSettings:
     port: int = key(11112, "DICOM listener port.", check_port)
     max_associations: int = key(20, "Concurrent associations; the excess is rejected (RJ 2/3/2).", check_positive)
     max_pdu: int = key(
-        0,
-        "Largest P-DATA PDU we accept, in bytes; 0 means no limit (fastest for large images).",
+        1048576,
+        "Largest P-DATA PDU we accept, in bytes: 1 MiB carries a CT image in one PDU (as fast as no limit) "
+        "and bounds what one association can make us hold in memory; 0 means no limit.",
     )
     acse_timeout: str = key("30s", "Association negotiation and release timeout.", check_duration)
     dimse_timeout: str = key("30s", "Wait for a DIMSE message.", check_duration)

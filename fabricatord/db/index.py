@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, insert, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
 from fabricatord.db.engine import Database
 from fabricatord.db.models import Instance, Patient, Series, StorageIntent, Study
@@ -72,55 +71,92 @@ class StudySummary:
     size: int
 
 
+_STORED_COLUMNS = (
+    Instance.sop_instance_uid,
+    Instance.sop_class_uid,
+    Instance.path,
+    Instance.size,
+    Instance.digest,
+    Instance.transfer_syntax_uid,
+)
+
+
+# Built once: on the per-instance path, making statements costs more than running them.
+_FIND_INSTANCE = select(*_STORED_COLUMNS).where(Instance.sop_instance_uid == bindparam("uid"))
+_FIND_SERIES = select(Series.id).where(Series.series_instance_uid == bindparam("uid"))
+_INSERT_INSTANCE = insert(Instance)
+
+
 class InstanceIndex:
     def __init__(self, database: Database) -> None:
         self._db = database
 
+    # lookup, add_intents and commit run once per received instance: Core statements on one
+    # connection, because the ORM's unit of work cost more than the disk here.
     def lookup(self, sop_instance_uids: Iterable[str]) -> dict[str, StoredInstance]:
         uids = list(sop_instance_uids)
-        with self._db.reads() as session:
-            rows = session.scalars(select(Instance).where(Instance.sop_instance_uid.in_(uids)))
-            return {r.sop_instance_uid: _stored(r) for r in rows}
+        with self._db.engine.connect() as connection:
+            rows = connection.execute(select(*_STORED_COLUMNS).where(Instance.sop_instance_uid.in_(uids)))
+            return {row[0]: StoredInstance(*row) for row in rows}
+
+    def insert_unless_known(self, entry: IndexEntry, place: Callable[[], None]) -> StoredInstance | None:
+        """In one write transaction: the instance already indexed under `entry`'s SOP Instance UID;
+        or else `place()` (which puts its file where `entry.path` says) and its rows, committed.
+
+        One transaction per received instance, where look-up, intent and index took three.
+        """
+        with self._db.writer.begin() as connection:
+            found = connection.execute(_FIND_INSTANCE, {"uid": entry.sop_instance_uid}).first()
+            if found is not None:
+                return StoredInstance(*found)
+            place()
+            series_pk = connection.execute(_FIND_SERIES, {"uid": entry.series_instance_uid}).scalar_one_or_none()
+            if series_pk is None:  # the first instance of its series: the study is looked up only now
+                series_pk = _series_pk(connection, entry, _study_pk(connection, entry))
+            connection.execute(_INSERT_INSTANCE, _instance_values(entry, series_pk))
+            return None
 
     def add_intents(self, entries: Iterable[tuple[str, str]]) -> list[int]:
         """Commit (SOP Instance UID, path) intents before their files are renamed into place."""
-        with self._db.writes.begin() as session:
-            rows = [StorageIntent(sop_instance_uid=uid, path=path) for uid, path in entries]
-            session.add_all(rows)
-            session.flush()
-            return [r.id for r in rows]
+        with self._db.writer.begin() as connection:
+            return [
+                connection.execute(
+                    insert(StorageIntent).values(sop_instance_uid=uid, path=path).returning(StorageIntent.id)
+                ).scalar_one()
+                for uid, path in entries
+            ]
 
     def commit(self, entries: list[IndexEntry], intent_ids: Iterable[int]) -> None:
         """Index `entries` (insert or replace by SOP Instance UID) and retire their intents, atomically."""
-        with self._db.writes.begin() as session:
+        with self._db.writer.begin() as connection:
             studies: dict[str, int] = {}
             series: dict[str, int] = {}
             uids = [entry.sop_instance_uid for entry in entries]
-            existing = {
-                row.sop_instance_uid: row
-                for row in session.scalars(select(Instance).where(Instance.sop_instance_uid.in_(uids)))
-            }
+            existing = set(
+                connection.execute(
+                    select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(uids))
+                ).scalars()
+            )
             new_rows: list[dict[str, object]] = []
             for entry in entries:
                 study_pk = studies.get(entry.study_instance_uid)
                 if study_pk is None:
-                    study_pk = studies[entry.study_instance_uid] = _study_pk(session, entry)
+                    study_pk = studies[entry.study_instance_uid] = _study_pk(connection, entry)
                 series_pk = series.get(entry.series_instance_uid)
                 if series_pk is None:
-                    series_pk = series[entry.series_instance_uid] = _series_pk(session, entry, study_pk)
+                    series_pk = series[entry.series_instance_uid] = _series_pk(connection, entry, study_pk)
                 values = _instance_values(entry, series_pk)
-                row = existing.get(entry.sop_instance_uid)
-                if row is None:
-                    new_rows.append(values)
+                if entry.sop_instance_uid in existing:
+                    connection.execute(
+                        update(Instance).where(Instance.sop_instance_uid == entry.sop_instance_uid).values(**values)
+                    )
                 else:
-                    for name, value in values.items():
-                        setattr(row, name, value)
+                    new_rows.append(values)
             if new_rows:
-                # One executemany for the batch: the ORM's per-object inserts cost more than the disk.
-                session.execute(insert(Instance), new_rows)
+                connection.execute(insert(Instance), new_rows)
             ids = list(intent_ids)
             if ids:
-                session.execute(delete(StorageIntent).where(StorageIntent.id.in_(ids)))
+                connection.execute(delete(StorageIntent).where(StorageIntent.id.in_(ids)))
 
     def total_size(self) -> int:
         """Bytes of every indexed file."""
@@ -201,58 +237,74 @@ def _stored(row: Instance) -> StoredInstance:
     )
 
 
-def _patient_pk(session: Session, entry: IndexEntry) -> int:
-    row = session.scalars(
-        select(Patient).where(Patient.patient_id == entry.patient_id, Patient.issuer == entry.issuer)
-    ).one_or_none()
-    if row is None:
-        row = Patient(
-            patient_id=entry.patient_id,
-            issuer=entry.issuer,
-            name=entry.patient_name,
-            birth_date=entry.birth_date,
-            sex=entry.sex,
-            address="",
-            phone="",
-            synthetic=entry.source == "generated",
-        )
-        session.add(row)
-        session.flush()
-    return row.id
+def _patient_pk(connection: Connection, entry: IndexEntry) -> int:
+    found = connection.execute(
+        select(Patient.id).where(Patient.patient_id == entry.patient_id, Patient.issuer == entry.issuer)
+    ).scalar_one_or_none()
+    if found is not None:
+        return int(found)
+    return int(
+        connection.execute(
+            insert(Patient)
+            .values(
+                patient_id=entry.patient_id,
+                issuer=entry.issuer,
+                name=entry.patient_name,
+                birth_date=entry.birth_date,
+                sex=entry.sex,
+                address="",
+                phone="",
+                synthetic=entry.source == "generated",
+            )
+            .returning(Patient.id)
+        ).scalar_one()
+    )
 
 
-def _study_pk(session: Session, entry: IndexEntry) -> int:
-    row = session.scalars(select(Study).where(Study.study_instance_uid == entry.study_instance_uid)).one_or_none()
-    if row is None:
-        row = Study(
-            study_instance_uid=entry.study_instance_uid,
-            patient_pk=_patient_pk(session, entry),
-            study_date=entry.study_date,
-            study_time=entry.study_time,
-            accession_number=entry.accession_number,
-            study_id=entry.study_id,
-            study_description=entry.study_description,
-            referring_physician_name=entry.referring_physician_name,
-        )
-        session.add(row)
-        session.flush()
-    return row.id
+def _study_pk(connection: Connection, entry: IndexEntry) -> int:
+    found = connection.execute(
+        select(Study.id).where(Study.study_instance_uid == entry.study_instance_uid)
+    ).scalar_one_or_none()
+    if found is not None:
+        return int(found)
+    return int(
+        connection.execute(
+            insert(Study)
+            .values(
+                study_instance_uid=entry.study_instance_uid,
+                patient_pk=_patient_pk(connection, entry),
+                study_date=entry.study_date,
+                study_time=entry.study_time,
+                accession_number=entry.accession_number,
+                study_id=entry.study_id,
+                study_description=entry.study_description,
+                referring_physician_name=entry.referring_physician_name,
+            )
+            .returning(Study.id)
+        ).scalar_one()
+    )
 
 
-def _series_pk(session: Session, entry: IndexEntry, study_pk: int) -> int:
-    row = session.scalars(select(Series).where(Series.series_instance_uid == entry.series_instance_uid)).one_or_none()
-    if row is None:
-        row = Series(
-            series_instance_uid=entry.series_instance_uid,
-            study_pk=study_pk,
-            modality=entry.modality,
-            series_number=entry.series_number,
-            series_description=entry.series_description,
-            body_part_examined=entry.body_part_examined,
-        )
-        session.add(row)
-        session.flush()
-    return row.id
+def _series_pk(connection: Connection, entry: IndexEntry, study_pk: int) -> int:
+    found = connection.execute(
+        select(Series.id).where(Series.series_instance_uid == entry.series_instance_uid)
+    ).scalar_one_or_none()
+    if found is not None:
+        return int(found)
+    return int(
+        connection.execute(
+            insert(Series)
+            .values(
+                series_instance_uid=entry.series_instance_uid,
+                study_pk=study_pk,
+                modality=entry.modality,
+                series_number=entry.series_number,
+                series_description=entry.series_description,
+                body_part_examined=entry.body_part_examined,
+            )
+            .returning(Series.id)
+        ).scalar_one()
+    )
 
 
 def _instance_values(entry: IndexEntry, series_pk: int) -> dict[str, object]:

@@ -106,7 +106,8 @@ class Instance(Base):
     path: Mapped[str] = mapped_column(String(512))
     size: Mapped[int] = mapped_column(BigInteger)
     digest: Mapped[str] = mapped_column(String(64))
-    """SHA-256 of the file: a resent identical instance is recognised without reading it."""
+    """SHA-256 of the file, so that a resent identical instance is recognised; empty for a received
+    file until a duplicate of it arrives and hashes it (hashing every arrival costs too much)."""
     source: Mapped[str] = mapped_column(String(16))  # generated | received
     source_ae: Mapped[str] = mapped_column(String(16), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -14,12 +14,10 @@ from io import BytesIO
 from typing import Any
 
 from pydicom import dcmwrite
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
-from pydicom.uid import UID, ImplicitVRLittleEndian
-
-from fabricatord import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from pydicom.uid import ImplicitVRLittleEndian
 
 PREAMBLE = bytes(128)
 _PIXEL_DATA = 0x7FE00010
@@ -75,17 +73,6 @@ class Part10Encoder:
                 self._cache[id(element)] = (element, element.value, implicit, encoded)
             parts.append(encoded)
         return parts
-
-
-def encode_received(file_meta: FileMetaDataset, dataset_bytes: bytes) -> list[bytes]:
-    """A file around a dataset exactly as a peer sent it: our preamble and file meta, its bytes."""
-    meta = FileMetaDataset(file_meta)
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    head = DicomBytesIO()
-    head.write(PREAMBLE + b"DICM")
-    write_file_meta_info(head, meta, enforce_standard=True)
-    return [head.getvalue(), dataset_bytes]
 
 
 def encode_plain(ds: Dataset) -> bytes:

@@ -2,8 +2,10 @@
 
 Write order (ROBUSTNESS.md): temporary file in `data_dir/tmp` → fsync → intent committed →
 rename → fsync of the folder → index row committed (the intent retired in the same
-transaction). A reader never sees half a file or a row without its file; a crash leaves at most
-a temporary file (swept at start) or an intent that `recover` settles.
+transaction). A received file is adopted with one transaction instead: its tmp name, which
+says where it goes, is the intent (see `InstanceWriter.adopt`). A reader never sees half a file
+or a row without its file; a crash leaves at most a temporary file (swept at start), an intent
+or an adopted tmp name that `recover` settles.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pydicom.dataset import Dataset
 
 from fabricatord.config.values import is_valid_uid
 from fabricatord.db import IndexEntry, InstanceIndex
-from fabricatord.dicom.part10 import Part10Encoder, encode_received
+from fabricatord.dicom.part10 import Part10Encoder
 from fabricatord.obs import metrics
 from fabricatord.obs.faults import faultpoint
 
@@ -33,6 +35,8 @@ Layout = Literal["study/series", "patient", "date", "flat"]
 Outcome = Literal["new", "identical", "kept", "overwritten"]
 _IO_THREADS = 2
 _UID_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+_MARK = "~"
+"""Stands for `/` in the tmp name of an adopted file: storage paths hold no `~`."""
 
 
 class InvalidInstance(ValueError):
@@ -179,22 +183,67 @@ class InstanceWriter:
         self._storage.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
 
-    def write(self, ds: Dataset, source: str, source_ae: str = "", received: bytes | None = None) -> WriteResult:
-        item: Dataset | Encoded = ds if received is None else self.prepare(ds, source, source_ae, received)
-        return next(self.write_many([item], source, source_ae))
+    def write(self, ds: Dataset, source: str, source_ae: str = "") -> WriteResult:
+        return next(self.write_many([ds], source, source_ae))
 
-    def prepare(self, ds: Dataset, source: str, source_ae: str = "", received: bytes | None = None) -> Encoded:
-        """Validate and encode `ds`; thread-safe, so a producer thread can do it ahead of the writes.
+    def adopt(self, file: Path, ds: Dataset, source: str, source_ae: str = "") -> WriteResult:
+        """Store a complete Part 10 file already in `tmp_dir` (a received instance as it arrived)
+        by linking rather than copying it; `ds` is its header, read to name and index it.
 
-        `received`: the dataset's bytes as a peer sent them, stored unchanged after our file meta
-        (no decode and re-encode; `ds` then only supplies the attributes the index needs).
+        Order: fsync → rename within tmp to a name that says where the file goes → link into
+        storage → fsync of the folder → rows committed → the tmp name removed. The look-up, the
+        link and the rows share one transaction. After a crash, a tmp name that still shares its
+        file with a storage path tells `recover` which file to check against the index.
         """
+        try:
+            relative = relative_path(ds, self._layout)
+        except InvalidInstance:
+            metrics.STORAGE_WRITE_FAILURES.labels("invalid").inc()
+            raise
+        with metrics.STORAGE_WRITE_SECONDS.time():
+            size = _fsync(file)
+        self._check_space(size)
+        faultpoint("store.after_tmp_write")
+        # No digest yet: reading the file back to hash it would cost more than the rest of the
+        # write; a duplicate, the only reader of digests, hashes both files when it comes.
+        entry = index_entry(ds, relative, size, "", source, source_ae)
+        marker = self._tmp / f"{relative.replace('/', _MARK)}.{os.getpid()}.{threading.get_ident()}.part"
+        os.replace(file, marker)
+        final = self._storage / relative
+        try:
+            with self._commit_lock:
+                existing = self._index.insert_unless_known(entry, lambda: self._link(marker, final))
+                if existing is None and self._used is not None:
+                    self._used += size
+            if existing is None:
+                faultpoint("store.after_commit")
+                metrics.INSTANCES_STORED.labels(source, "new").inc()
+                metrics.STORED_BYTES.inc(size)
+                return WriteResult(entry.sop_instance_uid, final, size, "new")
+            # Known already: identical, kept or overwritten, as the batch path decides.
+            entry = replace(entry, digest=_digest(marker))
+            return next(self._commit([_Pending(entry, marker)], source))
+        finally:
+            marker.unlink(missing_ok=True)
+
+    def _link(self, marker: Path, final: Path) -> None:
+        self._ensure_dir(final.parent)
+        try:
+            os.link(marker, final)
+        except FileExistsError:  # a file the index does not know: ours wins
+            final.unlink()
+            os.link(marker, final)
+        _fsync_dir(final.parent)
+        faultpoint("store.after_rename")
+
+    def prepare(self, ds: Dataset, source: str, source_ae: str = "") -> Encoded:
+        """Validate and encode `ds`; thread-safe, so a producer thread can do it ahead of the writes."""
         encoder = getattr(self._local, "encoder", None)
         if encoder is None:
             encoder = self._local.encoder = Part10Encoder()
         try:
             relative = relative_path(ds, self._layout)
-            parts = encode_received(ds.file_meta, received) if received is not None else encoder.encode_parts(ds)
+            parts = encoder.encode_parts(ds)
         except InvalidInstance:
             metrics.STORAGE_WRITE_FAILURES.labels("invalid").inc()
             raise
@@ -268,7 +317,7 @@ class InstanceWriter:
                 existing = known.get(item.uid)
                 if existing is None:
                     moving.append(item)
-                elif existing.digest == item.entry.digest:
+                elif (existing.digest or _digest(self._storage / existing.path)) == item.entry.digest:
                     item.outcome = "identical"
                     item.entry = replace(item.entry, path=existing.path)
                 elif self._duplicates == "keep":
@@ -321,12 +370,19 @@ class InstanceWriter:
 
     def recover(self) -> RecoveryReport:
         """After a crash: remove temporary files and settle every intent left behind."""
-        removed = 0
+        removed = orphans = refreshed = 0
         for leftover in self._tmp.iterdir():
-            if leftover.is_file():
-                leftover.unlink()
-                removed += 1
-        orphans = refreshed = 0
+            if not leftover.is_file():
+                continue
+            if _MARK in leftover.name:  # an adopted file: linked into storage, maybe not indexed
+                relative = leftover.name.rsplit(".", 3)[0].replace(_MARK, "/")  # less pid, thread, .part
+                final = self._storage / relative
+                uid = final.name.removesuffix(".dcm")
+                if final.exists() and final.samefile(leftover) and not self._index.is_indexed(uid, relative):
+                    final.unlink()
+                    orphans += 1
+            leftover.unlink()
+            removed += 1
         for intent in self._index.intents():
             final = self._storage / intent.path
             if self._index.is_indexed(intent.sop_instance_uid, intent.path):
@@ -342,6 +398,24 @@ class InstanceWriter:
                     orphans += 1
                 self._index.settle_intent(intent, None, None)
         return RecoveryReport(removed, orphans, refreshed)
+
+
+def _fsync(file: Path) -> int:
+    """Make a file another writer made durable; its size."""
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def _digest(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_durably(path: Path, parts: list[bytes]) -> int:

@@ -9,16 +9,29 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
+from pydicom.uid import UID
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+    build_context,
+    dimse_messages,
+    evt,
+)
+from pynetdicom.dsutils import create_file_meta
 
 # Generated at import time by pynetdicom, so invisible to type checkers.
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -33,6 +46,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from twisted.application.service import Service
 
+from fabricatord import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from fabricatord.config import Settings
 from fabricatord.config.values import is_valid_uid, parse_duration
 from fabricatord.db import Database
@@ -156,6 +170,7 @@ class DicomNode(Service):
 
     def startService(self) -> None:
         dicom = self._settings.dicom
+        _receive_into(self._settings.tmp_dir)
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_connect),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -327,18 +342,19 @@ class DicomNode(Service):
         """Write the instance durably; (status, Error Comment)."""
         calling = str(event.assoc.requestor.ae_title).strip()
         try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
+            # pynetdicom wrote the request's dataset, as the peer sent it, behind our file meta
+            # into data_dir/tmp (see `_receive_into`): read the header, then rename the file.
+            received = Path(event.dataset_path)
+            ds = dcmread(received, stop_before_pixels=True)
             problem = _mismatch(event.request, ds)
             if problem:
                 return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, problem
-            # Stored as sent: the peer's bytes go to disk, the decoded view only feeds the index.
-            received = event.encoded_dataset(include_meta=False)
-            metrics.RECEIVED_BYTES.inc(len(received))
+            dataset_bytes = received.stat().st_size - _dataset_offset(ds)
+            metrics.RECEIVED_BYTES.inc(dataset_bytes)
             state = self._association(event)
-            state.operation_bytes = len(received)
-            state.bytes += len(received)
-            result = self._writer.write(ds, "received", calling, received)
+            state.operation_bytes = dataset_bytes
+            state.bytes += dataset_bytes
+            result = self._writer.adopt(received, ds, "received", calling)
         except InvalidInstance as exc:
             return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)
         except OutOfSpace as exc:
@@ -534,6 +550,29 @@ def _mismatch(request: Any, ds: Dataset) -> str:
     if sop_class != str(request.AffectedSOPClassUID):
         return "SOP Class UID differs from the command's"
     return ""
+
+
+def _receive_into(tmp_dir: Path) -> None:
+    """Have pynetdicom write each received C-STORE dataset straight into a file in `tmp_dir`,
+    behind a file meta that names us, so that storing it is a rename: no copy, no decode of
+    the pixel data, and memory stays flat however large the instance.
+
+    pynetdicom offers the chunked receive as a process-wide switch, takes the folder from
+    `tempfile`, and writes its own Implementation Class UID; docs/upstream.md proposes
+    per-AE settings for all three. This process is the daemon, so the globals are ours.
+    """
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    tempfile.tempdir = str(tmp_dir)
+    dimse_messages.create_file_meta = partial(  # type: ignore[attr-defined]
+        create_file_meta,
+        implementation_uid=UID(IMPLEMENTATION_CLASS_UID),
+        implementation_version=IMPLEMENTATION_VERSION_NAME,
+    )
+
+
+def _dataset_offset(ds: Dataset) -> int:
+    """Where the dataset starts in a Part 10 file: preamble, DICM, the group length element, the group."""
+    return 128 + 4 + 12 + int(ds.file_meta.FileMetaInformationGroupLength)
 
 
 def _called_ae(event: Any) -> str:
