@@ -21,6 +21,7 @@ from sqlalchemy.orm import InstrumentedAttribute
 
 from fabricatord.db import Database
 from fabricatord.db.models import Instance, Patient, Series, Study
+from fabricatord.dicom.answers import build as build_answer
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 PATIENT_ROOT = "1.2.840.10008.5.1.4.1.2.1.1"
@@ -197,35 +198,31 @@ def run(database: Database, query: FindQuery, limit: int) -> list[Any]:
         return list(session.execute(query.statement.limit(limit + 1)).all())
 
 
-def answers(database: Database, query: FindQuery, rows: list[Any], retrieve_ae: str) -> Iterator[Dataset]:
+def answers(
+    database: Database, query: FindQuery, rows: list[Any], retrieve_ae: str, implicit: bool
+) -> Iterator[Dataset]:
     """One identifier per row, with every requested key: held values filled, others empty."""
     computed = _computed(database, query, rows)
     for row in rows:
         values: dict[str, Any] = {}
         for level, entity in zip(LEVELS, row, strict=False):
             values.update({keyword: getattr(entity, name) for keyword, name in _COLUMNS[level]})
-        answer = Dataset()
-        answer.QueryRetrieveLevel = query.level
-        answer.RetrieveAETitle = retrieve_ae
+        pairs: list[tuple[str, Any]] = [("QueryRetrieveLevel", query.level), ("RetrieveAETitle", retrieve_ae)]
         for keyword in query.requested:
             if keyword.startswith("("):  # a tag without a keyword: returned empty
                 continue
             value = values.get(keyword)
             if keyword in computed:
                 value = computed[keyword].get(row[LEVELS.index(COMPUTED[keyword])].id)
-            setattr(answer, keyword, _returned(keyword, value))
-        if any(isinstance(v, str) and not v.isascii() for v in values.values()):
-            answer.SpecificCharacterSet = "ISO_IR 192"
-        yield answer
+            pairs.append((keyword, _returned(keyword, value)))
+        yield build_answer(pairs, implicit)
 
 
 def _returned(keyword: str, value: Any) -> Any:
     if value is None:
-        return "" if dictionary_VR(keyword) not in ("US", "UL", "SQ") else None
+        return [] if dictionary_VR(keyword) == "SQ" else None
     if keyword == "ModalitiesInStudy":
         return sorted(value)
-    if isinstance(value, int) and dictionary_VR(keyword) == "IS":
-        return str(value)
     return value
 
 

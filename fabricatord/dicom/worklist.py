@@ -21,6 +21,7 @@ from sqlalchemy.orm import InstrumentedAttribute
 from fabricatord.db import Database
 from fabricatord.db.models import Order, Patient, RequestedProcedure, ScheduledStep
 from fabricatord.db.worklist import ACTIONABLE
+from fabricatord.dicom.answers import build as build_answer
 from fabricatord.dicom.query import QueryError, condition, element_text
 
 MODALITY_WORKLIST_FIND = "1.2.840.10008.5.1.4.31"
@@ -177,49 +178,30 @@ def run(database: Database, query: WorklistQuery, limit: int) -> list[Any]:
         return list(session.execute(query.statement.limit(limit + 1)).all())
 
 
-def answers(query: WorklistQuery, rows: list[Any]) -> Iterator[tuple[int, Dataset]]:
+def answers(query: WorklistQuery, rows: list[Any], implicit: bool) -> Iterator[tuple[int, Dataset]]:
     """(scheduled step key, identifier) per row, with every requested key (PS3.4 K.6.1.2.2)."""
     for step, procedure, order, patient in rows:
         entities = (patient, order, procedure, step)
-        answer = Dataset()
-        non_ascii = False
-        for keyword in query.top:
-            value, wide = _value(keyword, TOP_KEYS, entities)
-            non_ascii |= wide
-            _put(answer, keyword, value)
+        pairs: list[tuple[str, Any]] = [
+            (keyword, _value(keyword, TOP_KEYS, entities)) for keyword in query.top if not keyword.startswith("(")
+        ]
         if query.step is not None:
-            item = Dataset()
             # An empty sequence in the query asks for the whole item (universal sequence matching).
-            for keyword in query.step or [*STEP_KEYS, "ScheduledProtocolCodeSequence"]:
-                value, wide = _value(keyword, STEP_KEYS, entities)
-                non_ascii |= wide
-                _put(item, keyword, value)
-            answer.ScheduledProcedureStepSequence = [item]
-        if non_ascii:
-            answer.SpecificCharacterSet = "ISO_IR 192"
-        yield step.id, answer
+            asked = query.step or [*STEP_KEYS, "ScheduledProtocolCodeSequence"]
+            item = [(keyword, _value(keyword, STEP_KEYS, entities)) for keyword in asked if not keyword.startswith("(")]
+            pairs.append((STEP_SEQUENCE, [item]))
+        yield step.id, build_answer(pairs, implicit)
 
 
-def _value(keyword: str, keys: dict[str, InstrumentedAttribute[Any]], entities: tuple[Any, ...]) -> tuple[Any, bool]:
-    """The value held for `keyword` (None: not held), and whether it needs a non-ASCII charset."""
+def _value(keyword: str, keys: dict[str, InstrumentedAttribute[Any]], entities: tuple[Any, ...]) -> Any:
+    """The value held for `keyword`; None (returned empty) when we hold none."""
     column = keys.get(keyword)
     if column is not None:
-        value = getattr(entities[_ENTITY_INDEX[column.class_]], column.key)
-        return value, isinstance(value, str) and not value.isascii()
+        return getattr(entities[_ENTITY_INDEX[column.class_]], column.key)
     if keyword in CODES:
         owner = entities[3] if keyword == "ScheduledProtocolCodeSequence" else entities[2]
         code_value, scheme, meaning = (getattr(owner, name) for name in CODES[keyword])
         if not code_value:
-            return [], False
-        code = Dataset()
-        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = code_value, scheme, meaning
-        return [code], not meaning.isascii()
-    return None, False
-
-
-def _put(target: Dataset, keyword: str, value: Any) -> None:
-    if keyword.startswith("("):  # a tag without a keyword: nothing to say about it
-        return
-    if value is None:
-        value = [] if dictionary_VR(keyword) == "SQ" else None if dictionary_VR(keyword) in ("US", "UL") else ""
-    setattr(target, keyword, value)
+            return []
+        return [[("CodeValue", code_value), ("CodingSchemeDesignator", scheme), ("CodeMeaning", meaning)]]
+    return [] if dictionary_VR(keyword) == "SQ" else None
