@@ -322,10 +322,12 @@ def scenario_move(work: Path, repeat: int, quick: bool, shared: Path | None) -> 
                 peers.storescu(server.port, server.ae_title, files, 1)
                 runs = []
                 for _ in range(repeat):
-                    before = dest.count(dest)
+                    for old in (dest.work / "store").iterdir():  # a resent instance keeps its file name
+                        old.unlink()
                     seconds = _c_move(server, study_uid)
-                    if dest.count(dest) - before != len(files):
-                        raise RuntimeError(f"{name}: the destination did not receive {len(files)} files")
+                    received = dest.count(dest)
+                    if received != len(files):
+                        raise RuntimeError(f"{name}: the destination received {received} of {len(files)} files")
                     runs.append(len(files) / seconds)
             rates[name] = statistics.median(runs)
         if shared:

@@ -53,7 +53,7 @@ from fabricatord.db import Database
 from fabricatord.db.audit import AuditRecord
 from fabricatord.db.worklist import Worklist
 from fabricatord.dicom import query, worklist
-from fabricatord.dicom.scu import nodelay, storage_contexts
+from fabricatord.dicom.scu import MAX_CONTEXTS, nodelay, storage_contexts
 from fabricatord.dicom.storage import InstanceWriter, InvalidInstance, OutOfSpace
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
@@ -474,7 +474,7 @@ class DicomNode(Service):
             if event.is_cancelled:
                 yield STATUS_CANCEL, None
                 return
-            yield STATUS_PENDING, dcmread(self._settings.storage_dir / instance.path)
+            yield STATUS_PENDING, _StoredFile(self._settings.storage_dir / instance.path, instance)
 
     def _on_move(self, event: Any) -> Iterator[Any]:
         """C-MOVE to a `[[peers]]` AE title; pynetdicom runs the C-STORE sub-operations."""
@@ -500,8 +500,14 @@ class DicomNode(Service):
             yield _status(STATUS_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
             return
         pairs = [(i.sop_class_uid, i.transfer_syntax_uid) for i in instances]
-        contexts = [build_context(sop_class, syntaxes) for sop_class, syntaxes in storage_contexts(pairs)]
-        handlers = [(evt.EVT_CONN_OPEN, nodelay)]
+        # One transfer syntax per context, so that each file can go as it is stored (a chunked
+        # send cannot convert); when a syntax is declined, `_send_stored_files` converts.
+        contexts = [
+            build_context(sop_class, syntax) for sop_class, syntaxes in storage_contexts(pairs) for syntax in syntaxes
+        ]
+        if len(contexts) > MAX_CONTEXTS:
+            contexts = [build_context(sop_class, syntaxes) for sop_class, syntaxes in storage_contexts(pairs)]
+        handlers = [(evt.EVT_CONN_OPEN, nodelay), (evt.EVT_CONN_OPEN, lambda opened: _send_stored_files(opened.assoc))]
         yield destination.host, destination.port, {"contexts": contexts, "evt_handlers": handlers}
         yield len(instances)
         yield from self._datasets(event, instances)
@@ -522,6 +528,7 @@ class DicomNode(Service):
             yield 1
             yield _status(STATUS_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
             return
+        _send_stored_files(event.assoc)
         yield len(instances)
         yield from self._datasets(event, instances)
         metrics.DIMSE_OPERATIONS.labels("C-GET", peer, "success").inc()
@@ -552,6 +559,37 @@ def _mismatch(request: Any, ds: Dataset) -> str:
     return ""
 
 
+class _StoredFile(Dataset):
+    """A stored instance as a C-MOVE or C-GET sub-operation: pynetdicom's retrieve services take
+    only datasets, and `_send_stored_files` has the association send the file itself."""
+
+    def __init__(self, path: Path, instance: Any) -> None:
+        super().__init__()
+        self.stored_path = path
+        self.SOPClassUID = instance.sop_class_uid
+        self.SOPInstanceUID = instance.sop_instance_uid
+
+
+def _send_stored_files(assoc: Any) -> None:
+    """Make `assoc` send a `_StoredFile` from its file in chunks, as stored: no decode and no
+    encode of the pixel data. A file whose transfer syntax the peer declined is read and
+    converted by pynetdicom, as any dataset would be."""
+    send = assoc.send_c_store
+    if getattr(send, "sends_stored_files", False):
+        return
+
+    def send_stored(dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(dataset, _StoredFile):
+            return send(dataset, *args, **kwargs)
+        try:
+            return send(dataset.stored_path, *args, **kwargs)
+        except ValueError:  # no context with the file's own transfer syntax
+            return send(dcmread(dataset.stored_path), *args, **kwargs)
+
+    send_stored.sends_stored_files = True  # type: ignore[attr-defined]
+    assoc.send_c_store = send_stored
+
+
 def _configure_pynetdicom(tmp_dir: Path) -> None:
     """Have pynetdicom write each received C-STORE dataset straight into a file in `tmp_dir`,
     behind a file meta that names us, so that storing it is a rename: no copy, no decode of
@@ -565,6 +603,7 @@ def _configure_pynetdicom(tmp_dir: Path) -> None:
     """
     _config.LOG_HANDLER_LEVEL = "none"
     _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.STORE_SEND_CHUNKED_DATASET = True  # a path given to send_c_store goes as it is, in chunks
     _config.STORE_RECV_CHUNKED_DATASET = True
     tempfile.tempdir = str(tmp_dir)
     dimse_messages.create_file_meta = partial(  # type: ignore[attr-defined]
