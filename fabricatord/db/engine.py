@@ -7,11 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -105,7 +101,21 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _alembic_config(engine: Engine) -> Config:
+def head_revision() -> str:
+    """The newest migration's revision, from the file names (`NNNN_what.py` holds revision NNNN)."""
+    return max(path.name.split("_", 1)[0] for path in (MIGRATIONS / "versions").glob("[0-9]*_*.py"))
+
+
+def _current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        if not inspect(connection).has_table("alembic_version"):
+            return None
+        return connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one_or_none()
+
+
+def _alembic_config(engine: Engine) -> Any:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
@@ -113,11 +123,19 @@ def _alembic_config(engine: Engine) -> Config:
 
 
 def migrate(engine: Engine) -> None:
-    """Apply every migration not yet applied; refuse a database newer than the code."""
+    """Apply every migration not yet applied; refuse a database newer than the code.
+
+    Alembic is imported only when there is something to migrate: a daemon whose database is
+    current does not keep its 12 MB of modules for nothing.
+    """
+    current = _current_revision(engine)
+    if current == head_revision():
+        return
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
     config = _alembic_config(engine)
     script = ScriptDirectory.from_config(config)
-    with engine.connect() as connection:
-        current = MigrationContext.configure(connection).get_current_revision()
     try:
         known = current is None or script.get_revision(current) is not None
     except Exception:  # alembic raises several resolution errors for an unknown revision

@@ -84,3 +84,14 @@ def test_a_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
         connection.execute("UPDATE alembic_version SET version_num = '9999'")
     with pytest.raises(DatabaseNewerThanCode, match="9999"):
         open_database(f"sqlite:///{path}")
+
+
+def test_head_revision_by_file_name_is_alembics_head() -> None:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from fabricatord.db.engine import MIGRATIONS, head_revision
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    assert ScriptDirectory.from_config(config).get_current_head() == head_revision()
