@@ -21,7 +21,7 @@ from sqlalchemy.orm import InstrumentedAttribute
 
 from fabricatord.db import Database
 from fabricatord.db.models import Instance, Patient, Series, Study
-from fabricatord.dicom.answers import build as build_answer
+from fabricatord.dicom.answers import encode as encode_answer
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 PATIENT_ROOT = "1.2.840.10008.5.1.4.1.2.1.1"
@@ -198,10 +198,8 @@ def run(database: Database, query: FindQuery, limit: int) -> list[Any]:
         return list(session.execute(query.statement.limit(limit + 1)).all())
 
 
-def answers(
-    database: Database, query: FindQuery, rows: list[Any], retrieve_ae: str, implicit: bool
-) -> Iterator[Dataset]:
-    """One identifier per row, with every requested key: held values filled, others empty."""
+def answers(database: Database, query: FindQuery, rows: list[Any], retrieve_ae: str, implicit: bool) -> Iterator[bytes]:
+    """One encoded identifier per row, with every requested key: held values filled, others empty."""
     computed = _computed(database, query, rows)
     for row in rows:
         values: dict[str, Any] = {}
@@ -215,7 +213,7 @@ def answers(
             if keyword in computed:
                 value = computed[keyword].get(row[LEVELS.index(COMPUTED[keyword])].id)
             pairs.append((keyword, _returned(keyword, value)))
-        yield build_answer(pairs, implicit)
+        yield encode_answer(pairs, implicit)
 
 
 def _returned(keyword: str, value: Any) -> Any:

@@ -21,7 +21,7 @@ from sqlalchemy.orm import InstrumentedAttribute
 from fabricatord.db import Database
 from fabricatord.db.models import Order, Patient, RequestedProcedure, ScheduledStep
 from fabricatord.db.worklist import ACTIONABLE
-from fabricatord.dicom.answers import build as build_answer
+from fabricatord.dicom.answers import encode as encode_answer
 from fabricatord.dicom.query import QueryError, condition, element_text
 
 MODALITY_WORKLIST_FIND = "1.2.840.10008.5.1.4.31"
@@ -178,8 +178,8 @@ def run(database: Database, query: WorklistQuery, limit: int) -> list[Any]:
         return list(session.execute(query.statement.limit(limit + 1)).all())
 
 
-def answers(query: WorklistQuery, rows: list[Any], implicit: bool) -> Iterator[tuple[int, Dataset]]:
-    """(scheduled step key, identifier) per row, with every requested key (PS3.4 K.6.1.2.2)."""
+def answers(query: WorklistQuery, rows: list[Any], implicit: bool) -> Iterator[tuple[int, bytes]]:
+    """(scheduled step key, encoded identifier) per row, with every requested key (PS3.4 K.6.1.2.2)."""
     for step, procedure, order, patient in rows:
         entities = (patient, order, procedure, step)
         pairs: list[tuple[str, Any]] = [
@@ -190,7 +190,7 @@ def answers(query: WorklistQuery, rows: list[Any], implicit: bool) -> Iterator[t
             asked = query.step or [*STEP_KEYS, "ScheduledProtocolCodeSequence"]
             item = [(keyword, _value(keyword, STEP_KEYS, entities)) for keyword in asked if not keyword.startswith("(")]
             pairs.append((STEP_SEQUENCE, [item]))
-        yield step.id, build_answer(pairs, implicit)
+        yield step.id, encode_answer(pairs, implicit)
 
 
 def _value(keyword: str, keys: dict[str, InstrumentedAttribute[Any]], entities: tuple[Any, ...]) -> Any:

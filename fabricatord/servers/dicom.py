@@ -12,7 +12,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -21,7 +21,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -32,6 +32,7 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.dsutils import create_file_meta
+from pynetdicom.pdu_primitives import P_DATA
 
 # Generated at import time by pynetdicom, so invisible to type checkers.
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -52,7 +53,7 @@ from fabricatord.config.values import is_valid_uid, parse_duration
 from fabricatord.db import Database
 from fabricatord.db.audit import AuditRecord
 from fabricatord.db.worklist import Worklist
-from fabricatord.dicom import query, worklist
+from fabricatord.dicom import answers, query, worklist
 from fabricatord.dicom.scu import MAX_CONTEXTS, nodelay, storage_contexts
 from fabricatord.dicom.storage import InstanceWriter, InvalidInstance, OutOfSpace
 from fabricatord.obs import metrics
@@ -84,6 +85,9 @@ PERMISSIONS = {
     "C-GET": "allow_get",
 }
 _PENDING = (STATUS_PENDING, STATUS_PENDING_UNSUPPORTED_KEYS)
+_MAX_QUEUED_PDUS = 32
+# Queries are answered in the little-endian syntaxes only: `fabricatord.dicom.answers` encodes them.
+QUERY_SYNTAXES = [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
 _association_numbers = itertools.count(1)
 
 
@@ -404,22 +408,23 @@ class DicomNode(Service):
             metrics.DIMSE_OPERATIONS.labels("MWL", peer, "failure").inc()
             yield _status(STATUS_OUT_OF_RESOURCES, f"more than {dicom.max_find_results} items; narrow the query"), None
             return
-        pending = STATUS_PENDING_UNSUPPORTED_KEYS if find.unsupported else STATUS_PENDING
+        send = self._pending_sender(event, bool(find.unsupported))
         answered: list[int] = []
         try:
             for step_pk, answer in worklist.answers(find, rows, _implicit(event)):
-                if event.is_cancelled:
+                if event.is_cancelled or not event.assoc.is_established:
                     metrics.DIMSE_OPERATIONS.labels("MWL", peer, "cancel").inc()
                     yield STATUS_CANCEL, None
                     return
                 answered.append(step_pk)
-                yield pending, answer
+                send(answer)
         finally:
             # What was handed over counts as fetched, also when the query was cancelled part-way.
             self._worklist.record_fetches(answered, calling)
         metrics.DIMSE_OPERATIONS.labels("MWL", peer, "success").inc()
         metrics.MWL_QUERIES.labels(peer, "hit" if rows else "miss").inc()
         log.info("worklist query", calling_ae=calling, items=len(rows), unsupported=find.unsupported or None)
+        yield STATUS_SUCCESS, None
 
     def _on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         """Study and Patient Root C-FIND: pending answers from one SQL query, C-CANCEL honoured."""
@@ -446,15 +451,39 @@ class DicomNode(Service):
             metrics.DIMSE_OPERATIONS.labels("C-FIND", peer, "failure").inc()
             yield _status(STATUS_OUT_OF_RESOURCES, f"more than {limit} matches; narrow the query"), None
             return
-        pending = STATUS_PENDING_UNSUPPORTED_KEYS if find.unsupported else STATUS_PENDING
+        send = self._pending_sender(event, bool(find.unsupported))
         for answer in query.answers(self._database, find, rows, self._settings.node.ae_title, _implicit(event)):
-            if event.is_cancelled:
+            if event.is_cancelled or not event.assoc.is_established:
                 metrics.DIMSE_OPERATIONS.labels("C-FIND", peer, "cancel").inc()
                 yield STATUS_CANCEL, None
                 return
-            yield pending, answer
+            send(answer)
         metrics.DIMSE_OPERATIONS.labels("C-FIND", peer, "success").inc()
         log.info("c-find", level=find.level, matches=len(rows), unsupported=find.unsupported or None)
+        yield STATUS_SUCCESS, None
+
+    def _pending_sender(self, event: Any, unsupported_keys: bool) -> Callable[[bytes], None]:
+        """Send encoded identifiers as pending C-FIND responses, through pynetdicom's DUL queue but
+        around its per-response message building (docs/upstream.md): the command set is the same
+        for every match of a query and is encoded once. The final response stays pynetdicom's."""
+        status = STATUS_PENDING_UNSUPPORTED_KEYS if unsupported_keys else STATUS_PENDING
+        command = answers.find_response_command(
+            str(event.request.AffectedSOPClassUID), int(event.request.MessageID), status
+        )
+        assoc, context_id = event.assoc, event.context.context_id
+        state = self._association(event)
+
+        def send(identifier: bytes) -> None:
+            # A short queue keeps a C-CANCEL effective and memory flat however many matches.
+            while assoc.dul.to_provider_queue.qsize() > _MAX_QUEUED_PDUS and assoc.is_established:
+                time.sleep(0.0005)
+            for value in answers.fragments(command, identifier, assoc.dimse.maximum_pdu_size):
+                primitive = P_DATA()
+                primitive.presentation_data_value_list.append((context_id, value))
+                assoc.dul.send_pdu(primitive)
+            state.answers += 1
+
+        return send
 
     def _instances(self, event: Any) -> list[Any]:
         """The stored instances a C-MOVE or C-GET identifier names, at any level, relationally."""
