@@ -236,3 +236,4 @@ class AuditEvent(Base):
 
 
 Index("ix_patients_patient_id", Patient.patient_id)
+Index("ix_scheduled_steps_start_date_station_ae", ScheduledStep.start_date, ScheduledStep.station_ae)

@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -129,6 +130,7 @@ class DicomNode(Service):
         self._writer = writer
         self._audit = audit
         self._worklist = Worklist(database)
+        self._background = ThreadPoolExecutor(1, thread_name_prefix="dicom-background")
         self._associations: dict[int, _Association] = {}
         self._server: Any = None
         self._peers = {p.ae_title: p for p in reversed(settings.peers)}  # the first entry wins
@@ -197,6 +199,7 @@ class DicomNode(Service):
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        self._background.shutdown(wait=True)
         super().stopService()
 
     def _on_connect(self, event: Any) -> None:
@@ -419,12 +422,19 @@ class DicomNode(Service):
                 answered.append(step_pk)
                 send(answer)
         finally:
-            # What was handed over counts as fetched, also when the query was cancelled part-way.
-            self._worklist.record_fetches(answered, calling)
+            # What was handed over counts as fetched, also when the query was cancelled part-way;
+            # written off the association's thread, so that the modality does not wait for it.
+            self._background.submit(self._record_fetches, answered, calling)
         metrics.DIMSE_OPERATIONS.labels("MWL", peer, "success").inc()
         metrics.MWL_QUERIES.labels(peer, "hit" if rows else "miss").inc()
         log.info("worklist query", calling_ae=calling, items=len(rows), unsupported=find.unsupported or None)
         yield STATUS_SUCCESS, None
+
+    def _record_fetches(self, step_pks: list[int], calling_ae: str) -> None:
+        try:
+            self._worklist.record_fetches(step_pks, calling_ae)
+        except Exception as exc:  # the answers went out; only the record of them is missing
+            log.error("worklist fetches could not be recorded", calling_ae=calling_ae, error=str(exc))
 
     def _on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         """Study and Patient Root C-FIND: pending answers from one SQL query, C-CANCEL honoured."""

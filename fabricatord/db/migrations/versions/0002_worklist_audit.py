@@ -86,6 +86,8 @@ def upgrade() -> None:
     )
     for column in ("procedure_pk", "sps_id", "station_ae", "modality", "start_date", "start_datetime", "status"):
         op.create_index(f"ix_scheduled_steps_{column}", "scheduled_steps", [column])
+    # A modality asks for its own station's steps of one day: the worklist's commonest query.
+    op.create_index("ix_scheduled_steps_start_date_station_ae", "scheduled_steps", ["start_date", "station_ae"])
     op.create_table(
         "worklist_fetches",
         sa.Column("id", sa.Integer(), primary_key=True),
