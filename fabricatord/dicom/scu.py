@@ -79,7 +79,23 @@ def nodelay(event: Any) -> None:
     event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, nodelay)]
+def keep_stray_responses(event: Any) -> None:
+    """Guard a requestor association against pynetdicom 3.0.4's reactor race (docs/upstream.md):
+    a response its reactor takes off the DIMSE queue just before a `send_*()` waits for it goes
+    back on the queue instead of being dropped, so the sender gets it instead of a timeout."""
+    assoc = event.assoc
+    serve = assoc._serve_request
+
+    def serve_request(message: Any, context_id: int) -> None:
+        if not message.is_valid_request and not assoc._sent_release:
+            assoc.dimse.msg_queue.put((context_id, message))
+            return
+        serve(message, context_id)
+
+    assoc._serve_request = serve_request
+
+
+_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, nodelay), (evt.EVT_CONN_OPEN, keep_stray_responses)]
 
 
 def _application(calling_ae: str, timeouts: Timeouts) -> AE:
@@ -158,9 +174,9 @@ def send(
 ) -> SendReport:
     """C-STORE every file, each as it is stored (no re-encoding), over one association.
 
-    A file that gets no response at all (the association was aborted, or pynetdicom 3.0.4 lost
-    the response to its reactor race, see docs/upstream.md) is sent once more on a new
-    association: C-STORE of the same instance is idempotent at any archive.
+    A file that gets no response at all (the association was aborted, or a response was lost
+    despite `keep_stray_responses`) is sent once more on a new association: C-STORE of the same
+    instance is idempotent at any archive.
     """
     ae = _application(calling_ae, timeouts)
     for sop_class, syntaxes in _contexts(files):

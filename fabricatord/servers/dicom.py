@@ -55,7 +55,7 @@ from fabricatord.db import Database
 from fabricatord.db.audit import AuditRecord
 from fabricatord.db.worklist import Worklist
 from fabricatord.dicom import answers, query, worklist
-from fabricatord.dicom.scu import MAX_CONTEXTS, nodelay, storage_contexts
+from fabricatord.dicom.scu import MAX_CONTEXTS, keep_stray_responses, nodelay, storage_contexts
 from fabricatord.dicom.storage import InstanceWriter, InvalidInstance, OutOfSpace
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
@@ -546,7 +546,11 @@ class DicomNode(Service):
         ]
         if len(contexts) > MAX_CONTEXTS:
             contexts = [build_context(sop_class, syntaxes) for sop_class, syntaxes in storage_contexts(pairs)]
-        handlers = [(evt.EVT_CONN_OPEN, nodelay), (evt.EVT_CONN_OPEN, lambda opened: _send_stored_files(opened.assoc))]
+        handlers = [
+            (evt.EVT_CONN_OPEN, nodelay),
+            (evt.EVT_CONN_OPEN, keep_stray_responses),
+            (evt.EVT_CONN_OPEN, lambda opened: _send_stored_files(opened.assoc)),
+        ]
         yield destination.host, destination.port, {"contexts": contexts, "evt_handlers": handlers}
         yield len(instances)
         yield from self._datasets(event, instances)
