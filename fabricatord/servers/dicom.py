@@ -188,6 +188,7 @@ class DicomNode(Service):
             (evt.EVT_REJECTED, self._on_ended),
             (evt.EVT_RELEASED, self._on_ended),
             (evt.EVT_ABORTED, self._on_ended),
+            (evt.EVT_CONN_CLOSE, _remove_partial_dataset),
             (evt.EVT_DIMSE_RECV, self._on_request),
             (evt.EVT_DIMSE_SENT, self._on_response),
         ]
@@ -654,6 +655,16 @@ def _configure_pynetdicom(tmp_dir: Path) -> None:
         implementation_uid=UID(IMPLEMENTATION_CLASS_UID),
         implementation_version=IMPLEMENTATION_VERSION_NAME,
     )
+
+
+def _remove_partial_dataset(event: Any) -> None:
+    """A connection that ends in the middle of a C-STORE leaves the part pynetdicom received in a
+    file in data_dir/tmp; nothing was acknowledged, so the file goes."""
+    partial = getattr(getattr(event.assoc.dimse, "message", None), "_data_set_file", None)
+    if partial is not None:
+        partial.close()
+        Path(partial.name).unlink(missing_ok=True)
+        log.warning("connection closed during a c-store: the partial dataset was removed")
 
 
 def _implicit(event: Any) -> bool:

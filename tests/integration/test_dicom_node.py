@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -112,6 +113,42 @@ def test_a_sop_instance_uid_that_is_not_a_uid_is_refused(start_daemon: Callable[
     assert list((daemon.data_dir / "tmp").iterdir()) == []
     # The node keeps serving everyone else.
     assert storescu(daemon.port, generated(tmp_path, "SC", 1)).returncode == 0
+
+
+def test_a_connection_lost_during_a_store_leaves_nothing(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    daemon = start_daemon()
+    ds = dcmread(generated(tmp_path, "SC", 1)[0])
+    ds.Rows = ds.Columns = 10240  # 200 MiB of pixels: long enough to cut the connection mid-way
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.SamplesPerPixel = 16, 16, 15, 1
+    ds.PhotometricInterpretation, ds.PixelRepresentation = "MONOCHROME2", 0
+    for keyword in ("PlanarConfiguration",):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.PixelData = bytes(10240 * 10240 * 2)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    big = tmp_path / "big.dcm"
+    ds.save_as(big, enforce_file_format=True)
+    sender = subprocess.Popen(
+        [need("storescu"), "-aec", "FABRICATORD", "127.0.0.1", str(daemon.port), str(big)],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    tmp = daemon.data_dir / "tmp"
+    deadline = time.monotonic() + 60
+    while not any(tmp.iterdir()) and time.monotonic() < deadline and sender.poll() is None:
+        time.sleep(0.005)
+    assert any(tmp.iterdir()), "the transfer never started"
+    sender.kill()  # the connection goes mid-dataset
+    sender.wait()
+    deadline = time.monotonic() + 10
+    while any(tmp.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp.iterdir()) == [] and daemon.rows() == {} and daemon.files() == set()
+    assert storescu(daemon.port, generated(tmp_path, "CT", 1)).returncode == 0  # everyone else is served
+    assert "partial dataset was removed" in daemon.stop()
 
 
 def test_kill_during_store_loses_nothing_acknowledged(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
