@@ -83,7 +83,7 @@ def storage_writer(settings: Settings, database: Database) -> InstanceWriter:
 
 def build(settings: Settings, reactor_: Any = reactor) -> MultiService:
     """Every part of the daemon as one service tree."""
-    database = open_database(settings.database_url)
+    database = open_database(settings.database_url, migrate_in_child=True)
     writer = storage_writer(settings, database)
     report = writer.recover()
     log.info(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,15 +43,50 @@ _lock = threading.Lock()
 _databases: dict[str, Database] = {}
 
 
-def open_database(url: str) -> Database:
-    """The process's engine for `url`, migrated to the newest schema."""
+def open_database(url: str, migrate_in_child: bool = False) -> Database:
+    """The process's engine for `url`, migrated to the newest schema.
+
+    `migrate_in_child`: run the migrations in a short-lived child process, so that Alembic
+    (12 MB of modules) never loads into a long-running daemon.
+    """
     with _lock:
         database = _databases.get(url)
         if database is None:
             database = _connect(url)
-            migrate(database.engine)
+            if not migrate_in_child:
+                migrate(database.engine)
+            elif _current_revision(database.engine) != head_revision():
+                _migrate_in_child(url)
             _databases[url] = database
         return database
+
+
+_NEWER_EXIT = 3
+_MIGRATE_URL = "FABRICATORD_MIGRATE_URL"  # in the environment, never on a command line `ps` shows
+
+
+def _migrate_in_child(url: str) -> None:
+    program = (
+        "import os, sys\n"
+        "from fabricatord.db.engine import DatabaseNewerThanCode, _connect, migrate\n"
+        "try:\n"
+        f"    migrate(_connect(os.environ['{_MIGRATE_URL}']).engine)\n"
+        "except DatabaseNewerThanCode as exc:\n"
+        "    print(exc, file=sys.stderr)\n"
+        f"    sys.exit({_NEWER_EXIT})\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", program],
+        check=False,
+        env={**os.environ, _MIGRATE_URL: url},
+        capture_output=True,
+        text=True,
+    )
+    if child.returncode == _NEWER_EXIT:
+        raise DatabaseNewerThanCode(child.stderr.strip())
+    if child.returncode != 0:
+        last = (child.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"database migration failed: {last}")
 
 
 def dispose_all() -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -90,6 +90,7 @@ _MAX_QUEUED_PDUS = 32
 # Queries are answered in the little-endian syntaxes only: `fabricatord.dicom.answers` encodes them.
 QUERY_SYNTAXES = [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
 _association_numbers = itertools.count(1)
+T = TypeVar("T")
 
 
 @dataclass
@@ -395,23 +396,16 @@ class DicomNode(Service):
             yield _status(STATUS_NOT_AUTHORIZED, "this AE may not query the worklist"), None
             return
         calling = str(event.assoc.requestor.ae_title).strip()
-        dicom = self._settings.dicom
-        try:
-            find = worklist.build(event.identifier, calling, dicom.worklist_filter_by_calling_ae)
-            rows = worklist.run(self._database, find, dicom.max_find_results)
-        except query.QueryError as exc:
-            metrics.DIMSE_OPERATIONS.labels("MWL", peer, "failure").inc()
-            yield _status(STATUS_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
+
+        def search(limit: int) -> tuple[worklist.WorklistQuery, list[Any]]:
+            find = worklist.build(event.identifier, calling, self._settings.dicom.worklist_filter_by_calling_ae)
+            return find, worklist.run(self._database, find, limit)
+
+        result = self._matches(event, "MWL", search)
+        if isinstance(result, Dataset):
+            yield result, None
             return
-        except Exception as exc:
-            log.error("worklist query failed", error=str(exc))
-            metrics.DIMSE_OPERATIONS.labels("MWL", peer, "failure").inc()
-            yield _status(STATUS_CANNOT_UNDERSTAND, f"cannot process the query: {exc}"), None
-            return
-        if len(rows) > dicom.max_find_results:
-            metrics.DIMSE_OPERATIONS.labels("MWL", peer, "failure").inc()
-            yield _status(STATUS_OUT_OF_RESOURCES, f"more than {dicom.max_find_results} items; narrow the query"), None
-            return
+        find, rows = result
         send = self._pending_sender(event, bool(find.unsupported))
         answered: list[int] = []
         try:
@@ -443,25 +437,16 @@ class DicomNode(Service):
         if self._refused(event, "C-FIND"):
             yield _status(STATUS_NOT_AUTHORIZED, "this AE may not query here"), None
             return
-        model = str(event.request.AffectedSOPClassUID)
-        try:
-            find = query.build(event.identifier, model)
-            rows = query.run(self._database, find, self._settings.dicom.max_find_results)
-        except query.QueryError as exc:
-            metrics.DIMSE_OPERATIONS.labels("C-FIND", peer, "failure").inc()
-            yield _status(STATUS_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
+
+        def search(limit: int) -> tuple[query.FindQuery, list[Any]]:
+            find = query.build(event.identifier, str(event.request.AffectedSOPClassUID))
+            return find, query.run(self._database, find, limit)
+
+        result = self._matches(event, "C-FIND", search)
+        if isinstance(result, Dataset):
+            yield result, None
             return
-        except Exception as exc:
-            log.error("c-find failed", error=str(exc))
-            metrics.DIMSE_OPERATIONS.labels("C-FIND", peer, "failure").inc()
-            yield _status(STATUS_CANNOT_UNDERSTAND, f"cannot process the query: {exc}"), None
-            return
-        limit = self._settings.dicom.max_find_results
-        if len(rows) > limit:
-            # C-FIND has no warning status: refusing is the only honest answer (PS3.4 C.4.1.1.4).
-            metrics.DIMSE_OPERATIONS.labels("C-FIND", peer, "failure").inc()
-            yield _status(STATUS_OUT_OF_RESOURCES, f"more than {limit} matches; narrow the query"), None
-            return
+        find, rows = result
         send = self._pending_sender(event, bool(find.unsupported))
         for answer in query.answers(self._database, find, rows, self._settings.node.ae_title, _implicit(event)):
             if event.is_cancelled or not event.assoc.is_established:
@@ -472,6 +457,26 @@ class DicomNode(Service):
         metrics.DIMSE_OPERATIONS.labels("C-FIND", peer, "success").inc()
         log.info("c-find", level=find.level, matches=len(rows), unsupported=find.unsupported or None)
         yield STATUS_SUCCESS, None
+
+    def _matches(
+        self, event: Any, service: str, search: Callable[[int], tuple[T, list[Any]]]
+    ) -> tuple[T, list[Any]] | Dataset:
+        """The query and its matches, or the failure status to answer with instead."""
+        limit = self._settings.dicom.max_find_results
+        try:
+            found, rows = search(limit)
+        except query.QueryError as exc:
+            failure = _status(STATUS_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+        except Exception as exc:
+            log.error("query failed", service=service, error=str(exc))
+            failure = _status(STATUS_CANNOT_UNDERSTAND, f"cannot process the query: {exc}")
+        else:
+            if len(rows) <= limit:
+                return found, rows
+            # C-FIND has no warning status: refusing is the only honest answer (PS3.4 C.4.1.1.4).
+            failure = _status(STATUS_OUT_OF_RESOURCES, f"more than {limit} matches; narrow the query")
+        metrics.DIMSE_OPERATIONS.labels(service, self._peer_label(event), "failure").inc()
+        return failure
 
     def _pending_sender(self, event: Any, unsupported_keys: bool) -> Callable[[bytes], None]:
         """Send encoded identifiers as pending C-FIND responses, through pynetdicom's DUL queue but

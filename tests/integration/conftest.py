@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from tests.conftest import free_port, need, run_cli, wait_for_echo, wait_for_port
 
@@ -132,3 +134,26 @@ def storescu(port: int, files: list[Path], *options: str) -> subprocess.Complete
         *map(str, files),
         timeout=120,
     )
+
+
+def findscu(daemon: Daemon, tmp_path: Path, model: str, *keys: str, calling: str = "PACS") -> list[Dataset]:
+    """DCMTK findscu (`-P`, `-S` or `-W`) with `-k` keys; the answers it wrote, read back."""
+    out = tmp_path / f"find-{len(list(tmp_path.glob('find-*')))}"
+    out.mkdir()
+    result = dcmtk(
+        "findscu",
+        model,
+        "-aet",
+        calling,
+        "-aec",
+        "FABRICATORD",
+        "-X",
+        "-od",
+        str(out),
+        *(arg for key in keys for arg in ("-k", key)),
+        "127.0.0.1",
+        str(daemon.port),
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]

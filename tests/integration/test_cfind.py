@@ -7,11 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from tests.conftest import run_cli
-from tests.integration.conftest import Daemon, dcmtk
+from tests.integration.conftest import Daemon, findscu
 
 pytestmark = pytest.mark.integration
 
@@ -33,28 +32,6 @@ def archive(start_daemon: Callable[..., Daemon], tmp_path: Path) -> tuple[Daemon
         assert "Confirmed by C-FIND at FABRICATORD" in out
         studies[name] = re.search(r"Study Instance UID:\s+(\S+)", out).group(1)  # type: ignore[union-attr]
     return daemon, studies
-
-
-def findscu(daemon: Daemon, tmp_path: Path, model: str, *keys: str) -> list[Dataset]:
-    out = tmp_path / f"find-{len(list(tmp_path.glob('find-*')))}"
-    out.mkdir()
-    result = dcmtk(
-        "findscu",
-        model,
-        "-aet",
-        "PACS",
-        "-aec",
-        "FABRICATORD",
-        "-X",
-        "-od",
-        str(out),
-        *(arg for key in keys for arg in ("-k", key)),
-        "127.0.0.1",
-        str(daemon.port),
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    return [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
 
 
 def test_study_level_matching_and_computed_keys(archive: tuple[Daemon, dict[str, str]], tmp_path: Path) -> None:

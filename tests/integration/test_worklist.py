@@ -9,11 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from tests.conftest import run_cli
-from tests.integration.conftest import Daemon, dcmtk
+from tests.integration.conftest import Daemon, findscu
 
 pytestmark = pytest.mark.integration
 
@@ -37,25 +36,8 @@ def schedule(daemon: Daemon, *args: str, env: dict[str, str] | None = None) -> d
     return dict(zip(("sps_id", "accession", "patient_id", "patient_name"), found.groups(), strict=True))
 
 
-def findscu(daemon: Daemon, tmp_path: Path, calling: str, *keys: str) -> list[Dataset]:
-    out = tmp_path / f"wl-{len(list(tmp_path.glob('wl-*')))}"
-    out.mkdir()
-    result = dcmtk(
-        "findscu",
-        "-W",
-        "-aet",
-        calling,
-        "-aec",
-        "FABRICATORD",
-        "-X",
-        "-od",
-        str(out),
-        *(arg for key in keys for arg in ("-k", key)),
-        "127.0.0.1",
-        str(daemon.port),
-    )
-    assert result.returncode == 0, result.stderr
-    return [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+def worklist_findscu(daemon: Daemon, tmp_path: Path, calling: str, *keys: str) -> list[Dataset]:
+    return findscu(daemon, tmp_path, "-W", *keys, calling=calling)
 
 
 def _worklist_find(daemon: Daemon, identifier: Dataset, calling: str = "CT01") -> list[tuple[int, Dataset | None]]:
@@ -102,7 +84,7 @@ def test_matching_keys_by_findscu(scheduled: tuple[Daemon, list[dict[str, str]]]
     ids = [item["sps_id"] for item in items]
 
     def find(*keys: str) -> list[Dataset]:
-        return findscu(daemon, tmp_path, "CT01", *keys, f"{SPS}.ScheduledProcedureStepID")
+        return worklist_findscu(daemon, tmp_path, "CT01", *keys, f"{SPS}.ScheduledProcedureStepID")
 
     assert _sps_ids(find(f"{SPS}.ScheduledStationAETitle=CT01")) == ids[:3]  # by start time
     assert _sps_ids(find(f"{SPS}.Modality=MR")) == [ids[3]]
@@ -130,7 +112,7 @@ def test_matching_keys_by_findscu(scheduled: tuple[Daemon, list[dict[str, str]]]
 
 def test_return_keys(scheduled: tuple[Daemon, list[dict[str, str]]], tmp_path: Path) -> None:
     daemon, items = scheduled
-    found = findscu(
+    found = worklist_findscu(
         daemon,
         tmp_path,
         "CT01",
@@ -169,7 +151,7 @@ def test_return_keys(scheduled: tuple[Daemon, list[dict[str, str]]], tmp_path: P
     assert "ScheduledPerformingPhysicianName" in step
     assert "ScheduledProcedureStepID" not in step  # not asked for, not returned
     # An empty sequence asks for the whole item.
-    whole = findscu(
+    whole = worklist_findscu(
         daemon, tmp_path, "CT01", f"AccessionNumber={items[0]['accession']}", "ScheduledProcedureStepSequence"
     )
     assert whole[0].ScheduledProcedureStepSequence[0].ScheduledProcedureStepID == items[0]["sps_id"]
@@ -177,7 +159,7 @@ def test_return_keys(scheduled: tuple[Daemon, list[dict[str, str]]], tmp_path: P
 
 def test_fetches_are_recorded_and_audited(scheduled: tuple[Daemon, list[dict[str, str]]], tmp_path: Path) -> None:
     daemon, items = scheduled
-    findscu(daemon, tmp_path, "CT01", f"{SPS}.ScheduledStationAETitle=CT01")
+    worklist_findscu(daemon, tmp_path, "CT01", f"{SPS}.ScheduledStationAETitle=CT01")
     listing = run_cli("worklist", "list", "--config", str(daemon.config)).stdout
     lines = {line.split()[0]: line for line in listing.splitlines()}
     assert all(lines[item["sps_id"]].endswith("fetched by CT01") for item in items[:3])
@@ -225,10 +207,12 @@ def test_filter_by_calling_ae_and_character_set(start_daemon: Callable[..., Daem
     schedule(daemon, "--modality", "MR", "--station", "MR01")
     japanese = schedule(daemon, "--modality", "CT", "--station", "CT01", env={"FABRICATORD__SYNTH__LOCALE": "ja_JP"})
     # No station in the query: the calling AE stands in for it.
-    found = findscu(daemon, tmp_path, "CT01", f"{SPS}.ScheduledProcedureStepID", "PatientName", "AccessionNumber")
+    found = worklist_findscu(
+        daemon, tmp_path, "CT01", f"{SPS}.ScheduledProcedureStepID", "PatientName", "AccessionNumber"
+    )
     assert _sps_ids(found) == [ct["sps_id"], japanese["sps_id"]]
     wide = next(ds for ds in found if ds.AccessionNumber == japanese["accession"])
     assert wide.SpecificCharacterSet == "ISO_IR 192"
     assert "=" in str(wide.PatientName) and not str(wide.PatientName).isascii()
     # A station in the query wins over the calling AE.
-    assert len(findscu(daemon, tmp_path, "CT01", f"{SPS}.ScheduledStationAETitle=MR01")) == 1
+    assert len(worklist_findscu(daemon, tmp_path, "CT01", f"{SPS}.ScheduledStationAETitle=MR01")) == 1

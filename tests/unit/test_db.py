@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from fabricatord.db import (
     dispose_all,
     open_database,
 )
+from fabricatord.db.engine import head_revision
 from fabricatord.db.models import Base
 
 
@@ -76,14 +79,28 @@ def test_sqlite_pragmas(tmp_path: Path) -> None:
     assert values == ["wal", 2, 1, 10000]
 
 
-def test_a_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("in_child", [False, True])
+def test_a_database_from_a_newer_version_is_refused(tmp_path: Path, in_child: bool) -> None:
     path = tmp_path / "n.sqlite"
     open_database(f"sqlite:///{path}")
     dispose_all()
     with sqlite3.connect(path) as connection:
         connection.execute("UPDATE alembic_version SET version_num = '9999'")
     with pytest.raises(DatabaseNewerThanCode, match="9999"):
-        open_database(f"sqlite:///{path}")
+        open_database(f"sqlite:///{path}", migrate_in_child=in_child)
+
+
+def test_the_daemon_migrates_in_a_child_and_never_loads_alembic(tmp_path: Path) -> None:
+    program = (
+        "import sys\n"
+        "from fabricatord.db import open_database\n"
+        f"open_database('sqlite:///{tmp_path / 'c.sqlite'}', migrate_in_child=True)\n"
+        "print('alembic' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+    with sqlite3.connect(tmp_path / "c.sqlite") as connection:
+        assert connection.execute("SELECT version_num FROM alembic_version").fetchone()[0] == head_revision()
 
 
 def test_head_revision_by_file_name_is_alembics_head() -> None:
