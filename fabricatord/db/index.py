@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy.orm import InstrumentedAttribute
 
 from fabricatord.db.engine import Database
 from fabricatord.db.models import Instance, Patient, Series, StorageIntent, Study
@@ -237,73 +239,67 @@ def _stored(row: Instance) -> StoredInstance:
     )
 
 
+def _pk(
+    connection: Connection, key: InstrumentedAttribute[Any], value: object, row: Callable[[], dict[str, object]]
+) -> int:
+    """The primary key of the row whose `key` is `value`, inserted from `row()` when there is none."""
+    table = key.class_
+    found = connection.execute(select(table.id).where(key == value)).scalar_one_or_none()
+    if found is None:
+        found = connection.execute(insert(table).values(**row()).returning(table.id)).scalar_one()
+    return int(found)
+
+
 def _patient_pk(connection: Connection, entry: IndexEntry) -> int:
     found = connection.execute(
         select(Patient.id).where(Patient.patient_id == entry.patient_id, Patient.issuer == entry.issuer)
     ).scalar_one_or_none()
     if found is not None:
         return int(found)
-    return int(
-        connection.execute(
-            insert(Patient)
-            .values(
-                patient_id=entry.patient_id,
-                issuer=entry.issuer,
-                name=entry.patient_name,
-                birth_date=entry.birth_date,
-                sex=entry.sex,
-                address="",
-                phone="",
-                synthetic=entry.source == "generated",
-            )
-            .returning(Patient.id)
-        ).scalar_one()
-    )
+    patient = {
+        "patient_id": entry.patient_id,
+        "issuer": entry.issuer,
+        "name": entry.patient_name,
+        "birth_date": entry.birth_date,
+        "sex": entry.sex,
+        "address": "",
+        "phone": "",
+        "synthetic": entry.source == "generated",
+    }
+    return int(connection.execute(insert(Patient).values(**patient).returning(Patient.id)).scalar_one())
 
 
 def _study_pk(connection: Connection, entry: IndexEntry) -> int:
-    found = connection.execute(
-        select(Study.id).where(Study.study_instance_uid == entry.study_instance_uid)
-    ).scalar_one_or_none()
-    if found is not None:
-        return int(found)
-    return int(
-        connection.execute(
-            insert(Study)
-            .values(
-                study_instance_uid=entry.study_instance_uid,
-                patient_pk=_patient_pk(connection, entry),
-                study_date=entry.study_date,
-                study_time=entry.study_time,
-                accession_number=entry.accession_number,
-                study_id=entry.study_id,
-                study_description=entry.study_description,
-                referring_physician_name=entry.referring_physician_name,
-            )
-            .returning(Study.id)
-        ).scalar_one()
+    return _pk(
+        connection,
+        Study.study_instance_uid,
+        entry.study_instance_uid,
+        lambda: {
+            "study_instance_uid": entry.study_instance_uid,
+            "patient_pk": _patient_pk(connection, entry),
+            "study_date": entry.study_date,
+            "study_time": entry.study_time,
+            "accession_number": entry.accession_number,
+            "study_id": entry.study_id,
+            "study_description": entry.study_description,
+            "referring_physician_name": entry.referring_physician_name,
+        },
     )
 
 
 def _series_pk(connection: Connection, entry: IndexEntry, study_pk: int) -> int:
-    found = connection.execute(
-        select(Series.id).where(Series.series_instance_uid == entry.series_instance_uid)
-    ).scalar_one_or_none()
-    if found is not None:
-        return int(found)
-    return int(
-        connection.execute(
-            insert(Series)
-            .values(
-                series_instance_uid=entry.series_instance_uid,
-                study_pk=study_pk,
-                modality=entry.modality,
-                series_number=entry.series_number,
-                series_description=entry.series_description,
-                body_part_examined=entry.body_part_examined,
-            )
-            .returning(Series.id)
-        ).scalar_one()
+    return _pk(
+        connection,
+        Series.series_instance_uid,
+        entry.series_instance_uid,
+        lambda: {
+            "series_instance_uid": entry.series_instance_uid,
+            "study_pk": study_pk,
+            "modality": entry.modality,
+            "series_number": entry.series_number,
+            "series_description": entry.series_description,
+            "body_part_examined": entry.body_part_examined,
+        },
     )
 
 
