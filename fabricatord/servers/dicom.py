@@ -157,11 +157,13 @@ class DicomNode(Service):
         if dicom.require_known_ae:
             ae.require_calling_aet = sorted(self._peers)
         ae.add_supported_context(Verification)
-        for model in (
-            ModalityWorklistInformationFind,
+        for find_model in (
             ModalityWorklistInformationFind,
             PatientRootQueryRetrieveInformationModelFind,
             StudyRootQueryRetrieveInformationModelFind,
+        ):
+            ae.add_supported_context(find_model, QUERY_SYNTAXES)
+        for model in (
             PatientRootQueryRetrieveInformationModelMove,
             StudyRootQueryRetrieveInformationModelMove,
             PatientRootQueryRetrieveInformationModelGet,

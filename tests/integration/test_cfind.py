@@ -182,3 +182,31 @@ def test_statuses_unsupported_keys_too_many_and_bad_levels(archive: tuple[Daemon
     nonsense.QueryRetrieveLevel = "STUDY"
     nonsense.StudyDate = "2020-99"  # what a careless client sends
     assert _find(daemon, nonsense)[0][0] == 0xA900
+
+
+def test_query_contexts_are_little_endian_and_answers_match_the_syntax(
+    archive: tuple[Daemon, dict[str, str]],
+) -> None:
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+
+    daemon, studies = archive
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind, ExplicitVRBigEndian)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", daemon.port, ae_title="FABRICATORD")
+    assert assoc.is_established
+    try:
+        accepted = [cx.transfer_syntax[0] for cx in assoc.accepted_contexts]
+        assert accepted == [ExplicitVRLittleEndian]
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = studies["ct"]
+        query.PatientName = ""
+        query.NumberOfStudyRelatedInstances = ""
+        answers = [found for _, found in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind) if found]
+    finally:
+        assoc.release()
+    assert len(answers) == 1
+    assert answers[0].StudyInstanceUID == studies["ct"] and answers[0].NumberOfStudyRelatedInstances == 3
