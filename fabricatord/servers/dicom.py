@@ -102,7 +102,6 @@ class _Association:
     called_ae: str
     address: str
     started: float
-    established: bool = False
     stored: int = 0
     bytes: int = 0
     operation: str = ""
@@ -220,7 +219,7 @@ class DicomNode(Service):
     def _on_established(self, event: Any) -> None:
         with self._active_lock:
             self._active.add(id(event.assoc))
-        self._association(event).established = True
+        self._association(event)  # the audit state from the start, so the duration is the whole association
         metrics.ASSOCIATIONS_ACTIVE.inc()
         metrics.ASSOCIATIONS.labels(self._peer_label(event), "established").inc()
 
