@@ -6,6 +6,7 @@ import argparse
 import os
 import random
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -377,24 +378,9 @@ def cmd_worklist(args: argparse.Namespace) -> int:
     _logging(settings)
     database = _database(settings)
     if args.action == "add":
-        from fabricatord.workflow.worklist import Scheduler, WorklistRequest
+        from fabricatord.workflow.worklist import Scheduler
 
-        request = WorklistRequest(
-            modality=args.modality,
-            station_ae=args.station,
-            station_name=args.station_name,
-            location=args.location,
-            start=_start(args.start),
-            patient_id=args.patient_id,
-            accession_number=args.accession,
-            procedure_description=args.description,
-            procedure_code=_code(args.procedure_code),
-            protocol_code=_code(args.protocol_code),
-            referring_physician=args.referring,
-            requesting_physician=args.requesting,
-            performing_physician=args.performing,
-            priority=args.priority,
-        )
+        request = _worklist_request(args)
         scheduler = Scheduler(settings, database)
         for _ in range(args.count):
             try:
@@ -419,6 +405,99 @@ def cmd_worklist(args: argparse.Namespace) -> int:
     if not items:
         _print("no worklist items match: `fabricatord worklist add` makes some")
     return 0
+
+
+def _worklist_request(args: argparse.Namespace) -> Any:
+    from fabricatord.workflow.worklist import WorklistRequest
+
+    return WorklistRequest(
+        modality=args.modality,
+        station_ae=args.station,
+        station_name=getattr(args, "station_name", ""),
+        location=getattr(args, "location", ""),
+        start=_start(args.start),
+        patient_id=args.patient_id,
+        accession_number=args.accession,
+        procedure_description=args.description,
+        procedure_code=_code(args.procedure_code),
+        protocol_code=_code(getattr(args, "protocol_code", "")),
+        referring_physician=args.referring,
+        requesting_physician=args.requesting,
+        performing_physician=args.performing,
+        priority=getattr(args, "priority", ""),
+    )
+
+
+def cmd_hl7(args: argparse.Namespace) -> int:
+    if args.action == "send":
+        return _hl7_send(args.address, [Path(f) for f in args.files], args.timeout)
+    import hl7
+
+    from fabricatord.hl7.orders import orm_o01
+    from fabricatord.workflow.worklist import Scheduler, order_message
+
+    settings = _settings(args)
+    _logging(settings)
+    scheduler = Scheduler(settings, _database(settings))
+    messages = []
+    for _ in range(args.count):
+        try:
+            plan, patient, start = scheduler.plan(_worklist_request(args))
+        except ValueError as exc:
+            raise CliError(str(exc), EX_DATAERR) from None
+        control_id = hl7.generate_message_control_id()
+        messages.append(
+            (control_id, orm_o01(order_message(plan, patient, start), control_id, datetime.now(), args.version))
+        )
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for control_id, message in messages:
+            (out / f"{control_id}.hl7").write_bytes(message.encode())
+        _print(f"{len(messages)} message(s) written to {out}")
+    elif not args.send:
+        for _, message in messages:
+            _print(message.replace("\r", "\n") + "\n")
+    if args.send:
+        files = []
+        for control_id, message in messages:
+            path = Path(tempfile.mkdtemp(prefix="fabricatord-orm-")) / f"{control_id}.hl7"
+            path.write_bytes(message.encode())
+            files.append(path)
+        return _hl7_send(args.send, files, args.timeout)
+    return 0
+
+
+def _hl7_send(address: str, files: Sequence[Path], timeout: float) -> int:
+    """Send each file over one MLLP connection and print its acknowledgement; 0 when all are AA/CA."""
+    import hl7
+
+    from fabricatord.hl7.mllp import MllpClient
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise CliError(f"expected HOST:PORT, not {address!r}", EX_USAGE)
+    accepted = 0
+    try:
+        with MllpClient(host, int(port), timeout) as client:
+            for path in files:
+                try:
+                    data = path.read_bytes()
+                except OSError as exc:
+                    raise CliError(f"{path}: {exc.strerror}", EX_DATAERR) from None
+                # Files use CR, LF or CRLF between segments; the wire uses CR.
+                message = b"\r".join(
+                    line for line in data.replace(b"\r\n", b"\n").replace(b"\n", b"\r").split(b"\r") if line
+                )
+                reply = client.send(message)
+                ack = hl7.parse(reply.decode("utf-8", errors="replace"))
+                code = str(ack.segment("MSA")[1])
+                errors = [str(segment) for segment in ack if str(segment[0]) == "ERR"]
+                _print(f"{path.name}: {code} {ack.segment('MSA')[2]!s}" + "".join(f"  {e}" for e in errors))
+                accepted += code in ("AA", "CA")
+    except (OSError, hl7.ParseException, KeyError) as exc:
+        raise CliError(f"{address}: {exc}", EX_UNAVAILABLE) from None
+    return 0 if accepted == len(files) else 1
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -648,6 +727,31 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--date", default="", metavar="YYYYMMDD")
     listing.add_argument("--limit", type=int, default=100)
     for sub in worklist_actions.choices.values():
+        sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="TOML file")
+
+    hl7_cmd = command("hl7", cmd_hl7, "HL7 v2 test tools: synthetic orders, and an MLLP client that prints each ACK")
+    hl7_actions = hl7_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    orm = hl7_actions.add_parser("orm", help="a realistic ORM^O01 for a synthetic patient of the registry")
+    orm.add_argument("--modality", default="CT", type=str.upper, choices=MODALITIES)
+    orm.add_argument("--station", default="", metavar="AE", help="Scheduled Station AE Title (not in the message)")
+    orm.add_argument("--start", default="", help="scheduled start, ISO date and time (default: now)")
+    orm.add_argument("--patient-id", default="", help="a registered patient (default: a new synthetic one)")
+    orm.add_argument("--accession", default="", help="OBR-18 (default: from [synth] accession_pattern)")
+    orm.add_argument("--description", default="", help="procedure text (OBR-4.2)")
+    orm.add_argument("--procedure-code", default="", metavar="VALUE^SCHEME^MEANING", help="OBR-4")
+    orm.add_argument("--referring", default="", help="PV1-8")
+    orm.add_argument("--requesting", default="", help="OBR-16")
+    orm.add_argument("--performing", default="", help="OBR-34")
+    orm.add_argument("--version", default="2.5.1", choices=["2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.8"])
+    orm.add_argument("--count", type=int, default=1)
+    orm.add_argument("--out", metavar="DIR", help="write each message to DIR/CONTROL_ID.hl7")
+    orm.add_argument("--send", metavar="HOST:PORT", help="send them over MLLP and print the ACKs")
+    orm.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each ACK")
+    send_hl7 = hl7_actions.add_parser("send", help="send HL7 files over one MLLP connection, printing each ACK")
+    send_hl7.add_argument("address", metavar="HOST:PORT")
+    send_hl7.add_argument("files", nargs="+", metavar="FILE")
+    send_hl7.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each ACK")
+    for sub in hl7_actions.choices.values():
         sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="TOML file")
 
     audit = command("audit", cmd_audit, "the transaction log: associations and DIMSE operations, newest last")

@@ -13,6 +13,7 @@ from datetime import datetime
 from fabricatord.config import Settings
 from fabricatord.db import Database, Sequences
 from fabricatord.db.worklist import OrderPlan, StepPlan, Worklist
+from fabricatord.hl7.orders import OrderMessage
 from fabricatord.synth.patients import Demographics
 from fabricatord.synth.templates import TEMPLATES
 from fabricatord.synth.uids import UidFactory
@@ -61,6 +62,21 @@ class Scheduler:
         self._worklist = Worklist(database)
 
     def add(self, request: WorklistRequest) -> ScheduledOrder:
+        """Plan the order and put it on the worklist."""
+        plan, patient, start = self.plan(request)
+        self._worklist.schedule(plan)
+        return ScheduledOrder(
+            plan.accession_number,
+            plan.requested_procedure_id,
+            plan.steps[0].sps_id,
+            plan.study_instance_uid,
+            patient,
+            start,
+        )
+
+    def plan(self, request: WorklistRequest) -> tuple[OrderPlan, Demographics, datetime]:
+        """An order with its identifiers drawn and its patient registered, not yet scheduled:
+        what `worklist add` schedules and `hl7 orm` writes as a message."""
         modality = request.modality.upper()
         if modality not in TEMPLATES:
             raise ValueError(f"unknown modality {request.modality!r} (known: {', '.join(TEMPLATES)})")
@@ -106,5 +122,33 @@ class Scheduler:
                 )
             ],
         )
-        self._worklist.schedule(plan)
-        return ScheduledOrder(accession, plan.requested_procedure_id, plan.steps[0].sps_id, study_uid, patient, start)
+        return plan, patient, start
+
+
+def order_message(plan: OrderPlan, patient: Demographics, start: datetime) -> OrderMessage:
+    """The ORM^O01 an order placer would have sent for `plan`: placer order number from the
+    requested procedure's counter, filler order number the accession, as order fillers assign."""
+    step = plan.steps[0]
+    return OrderMessage(
+        patient_id=patient.patient_id,
+        issuer=patient.issuer,
+        patient_name=patient.name,
+        birth_date=patient.birth_date,
+        sex=patient.sex,
+        address=patient.address,
+        phone=patient.phone,
+        accession_number=plan.accession_number,
+        requested_procedure_id=plan.requested_procedure_id,
+        sps_id=step.sps_id,
+        study_instance_uid=plan.study_instance_uid,
+        modality=step.modality,
+        start=start,
+        placer_order_number=plan.placer_order_number or "PO" + plan.requested_procedure_id.removeprefix("RP"),
+        filler_order_number=plan.filler_order_number or plan.accession_number,
+        procedure_code=plan.procedure_code,
+        procedure_description=plan.procedure_description,
+        referring_physician=plan.referring_physician_name,
+        requesting_physician=plan.requesting_physician,
+        performing_physician=step.performing_physician,
+        station_ae=step.station_ae,
+    )

@@ -1,0 +1,52 @@
+"""MLLP framing (HL7 v2 Appendix C: VT message FS CR) and a blocking client that waits for
+each acknowledgement, with a timeout and a frame check python-hl7's `MLLPClient` lacks."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+START = b"\x0b"
+END = b"\x1c\r"
+
+
+class MllpError(OSError):
+    """The peer closed, did not answer in time, or sent something that is not an MLLP frame."""
+
+
+def frame(message: bytes) -> bytes:
+    return START + message + END
+
+
+class MllpClient:
+    def __init__(self, host: str, port: int, timeout: float = 30.0) -> None:
+        self._socket = socket.create_connection((host, port), timeout=timeout)
+        self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._timeout = timeout
+        self._buffer = b""
+
+    def __enter__(self) -> MllpClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def send(self, message: bytes) -> bytes:
+        """Send one message; the acknowledgement, without its frame."""
+        self._socket.sendall(frame(message))
+        deadline = time.monotonic() + self._timeout
+        while END not in self._buffer:
+            if time.monotonic() > deadline:
+                raise MllpError(f"no acknowledgement within {self._timeout:g} s")
+            chunk = self._socket.recv(65536)
+            if not chunk:
+                raise MllpError("the peer closed the connection without an acknowledgement")
+            self._buffer += chunk
+        reply, _, self._buffer = self._buffer.partition(END)
+        start = reply.find(START)
+        if start < 0:
+            raise MllpError("the reply is not an MLLP frame (no start block)")
+        return reply[start + 1 :]
