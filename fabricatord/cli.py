@@ -412,7 +412,7 @@ def _worklist_request(args: argparse.Namespace) -> Any:
 
     return WorklistRequest(
         modality=args.modality,
-        station_ae=args.station,
+        station_ae=getattr(args, "station", ""),
         station_name=getattr(args, "station_name", ""),
         location=getattr(args, "location", ""),
         start=_start(args.start),
@@ -625,6 +625,18 @@ def cmd_send(args: argparse.Namespace) -> int:
 # -- parser ---------------------------------------------------------------------------------
 
 
+def _order_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `worklist add` and `hl7 orm` both say of an order."""
+    parser.add_argument("--start", default="", help="scheduled start, ISO date and time (default: now)")
+    parser.add_argument("--patient-id", default="", help="a registered patient (default: a new synthetic one)")
+    parser.add_argument("--accession", default="", help="Accession Number (default: from [synth] accession_pattern)")
+    parser.add_argument("--description", default="", help="Requested Procedure Description")
+    parser.add_argument("--procedure-code", default="", metavar="VALUE^SCHEME^MEANING")
+    parser.add_argument("--referring", default="", help="Referring Physician's Name (Last^First)")
+    parser.add_argument("--requesting", default="", help="Requesting Physician")
+    parser.add_argument("--performing", default="", help="Scheduled Performing Physician's Name")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fabricatord.synth.encoding import TRANSFER_SYNTAXES
     from fabricatord.synth.templates import MODALITIES
@@ -709,15 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--station", required=True, metavar="AE", help="Scheduled Station AE Title")
     add.add_argument("--station-name", default="", help="Scheduled Station Name")
     add.add_argument("--location", default="", help="Scheduled Procedure Step Location")
-    add.add_argument("--start", default="", help="SPS start, ISO date and time (default: now)")
-    add.add_argument("--patient-id", default="", help="a registered patient (default: a new synthetic one)")
-    add.add_argument("--accession", default="", help="Accession Number (default: from [synth] accession_pattern)")
-    add.add_argument("--description", default="", help="Requested Procedure Description")
-    add.add_argument("--procedure-code", default="", metavar="VALUE^SCHEME^MEANING")
+    _order_arguments(add)
     add.add_argument("--protocol-code", default="", metavar="VALUE^SCHEME^MEANING", help="Scheduled Protocol Code")
-    add.add_argument("--referring", default="", help="Referring Physician's Name (Last^First)")
-    add.add_argument("--requesting", default="", help="Requesting Physician")
-    add.add_argument("--performing", default="", help="Scheduled Performing Physician's Name")
     add.add_argument("--priority", default="", choices=["", "STAT", "HIGH", "ROUTINE", "MEDIUM", "LOW"])
     add.add_argument("--count", type=int, default=1, help="how many orders")
     listing = worklist_actions.add_parser("list", help="scheduled steps by start time (actionable ones by default)")
@@ -733,15 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
     hl7_actions = hl7_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
     orm = hl7_actions.add_parser("orm", help="a realistic ORM^O01 for a synthetic patient of the registry")
     orm.add_argument("--modality", default="CT", type=str.upper, choices=MODALITIES)
-    orm.add_argument("--station", default="", metavar="AE", help="Scheduled Station AE Title (not in the message)")
-    orm.add_argument("--start", default="", help="scheduled start, ISO date and time (default: now)")
-    orm.add_argument("--patient-id", default="", help="a registered patient (default: a new synthetic one)")
-    orm.add_argument("--accession", default="", help="OBR-18 (default: from [synth] accession_pattern)")
-    orm.add_argument("--description", default="", help="procedure text (OBR-4.2)")
-    orm.add_argument("--procedure-code", default="", metavar="VALUE^SCHEME^MEANING", help="OBR-4")
-    orm.add_argument("--referring", default="", help="PV1-8")
-    orm.add_argument("--requesting", default="", help="OBR-16")
-    orm.add_argument("--performing", default="", help="OBR-34")
+    _order_arguments(orm)
     orm.add_argument("--version", default="2.5.1", choices=["2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.8"])
     orm.add_argument("--count", type=int, default=1)
     orm.add_argument("--out", metavar="DIR", help="write each message to DIR/CONTROL_ID.hl7")
