@@ -6,7 +6,6 @@ import argparse
 import os
 import random
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -430,7 +429,13 @@ def _worklist_request(args: argparse.Namespace) -> Any:
 
 def cmd_hl7(args: argparse.Namespace) -> int:
     if args.action == "send":
-        return _hl7_send(args.address, [Path(f) for f in args.files], args.timeout)
+        files = []
+        for name in args.files:
+            try:
+                files.append((Path(name).name, Path(name).read_bytes()))
+            except OSError as exc:
+                raise CliError(f"{name}: {exc.strerror}", EX_DATAERR) from None
+        return _hl7_send(args.address, files, args.timeout)
     import hl7
 
     from fabricatord.hl7.orders import orm_o01
@@ -459,17 +464,13 @@ def cmd_hl7(args: argparse.Namespace) -> int:
         for _, message in messages:
             _print(message.replace("\r", "\n") + "\n")
     if args.send:
-        files = []
-        for control_id, message in messages:
-            path = Path(tempfile.mkdtemp(prefix="fabricatord-orm-")) / f"{control_id}.hl7"
-            path.write_bytes(message.encode())
-            files.append(path)
-        return _hl7_send(args.send, files, args.timeout)
+        return _hl7_send(args.send, [(f"{c}.hl7", m.encode()) for c, m in messages], args.timeout)
     return 0
 
 
-def _hl7_send(address: str, files: Sequence[Path], timeout: float) -> int:
-    """Send each file over one MLLP connection and print its acknowledgement; 0 when all are AA/CA."""
+def _hl7_send(address: str, messages: Sequence[tuple[str, bytes]], timeout: float) -> int:
+    """Send each (name, message) over one MLLP connection and print its acknowledgement; 0 when
+    all are AA/CA."""
     import hl7
 
     from fabricatord.hl7.mllp import MllpClient
@@ -480,11 +481,7 @@ def _hl7_send(address: str, files: Sequence[Path], timeout: float) -> int:
     accepted = 0
     try:
         with MllpClient(host, int(port), timeout) as client:
-            for path in files:
-                try:
-                    data = path.read_bytes()
-                except OSError as exc:
-                    raise CliError(f"{path}: {exc.strerror}", EX_DATAERR) from None
+            for name, data in messages:
                 # Files use CR, LF or CRLF between segments; the wire uses CR.
                 message = b"\r".join(
                     line for line in data.replace(b"\r\n", b"\n").replace(b"\n", b"\r").split(b"\r") if line
@@ -493,11 +490,11 @@ def _hl7_send(address: str, files: Sequence[Path], timeout: float) -> int:
                 ack = hl7.parse(reply.decode("utf-8", errors="replace"))
                 code = str(ack.segment("MSA")[1])
                 errors = [str(segment) for segment in ack if str(segment[0]) == "ERR"]
-                _print(f"{path.name}: {code} {ack.segment('MSA')[2]!s}" + "".join(f"  {e}" for e in errors))
+                _print(f"{name}: {code} {ack.segment('MSA')[2]!s}" + "".join(f"  {e}" for e in errors))
                 accepted += code in ("AA", "CA")
     except (OSError, hl7.ParseException, KeyError) as exc:
         raise CliError(f"{address}: {exc}", EX_UNAVAILABLE) from None
-    return 0 if accepted == len(files) else 1
+    return 0 if accepted == len(messages) else 1
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

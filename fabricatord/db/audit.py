@@ -56,7 +56,7 @@ class AuditLog:
         if since is not None:
             statement = statement.where(AuditEvent.at >= since)
         if failures_only:
-            statement = statement.where(AuditEvent.status.not_in(("0x0000", "released", "established")))
+            statement = statement.where(AuditEvent.status.not_in(("0x0000", "released")))
         with self._db.reads() as session:
             return [
                 AuditRecord(

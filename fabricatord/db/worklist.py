@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from fabricatord.db.engine import Database
@@ -176,12 +176,6 @@ class Worklist:
                 insert(WorklistFetch),
                 [{"step_pk": pk, "calling_ae": calling_ae, "fetched_at": now} for pk in step_pks],
             )
-
-    def counts(self) -> dict[str, int]:
-        """Steps by status."""
-        with self._db.reads() as session:
-            rows = session.execute(select(ScheduledStep.status, func.count()).group_by(ScheduledStep.status))
-            return {str(status): int(n) for status, n in rows.tuples()}
 
 
 def _step(plan: StepPlan) -> ScheduledStep:

@@ -43,7 +43,6 @@ class OrderMessage:
     referring_physician: str = ""
     requesting_physician: str = ""
     performing_physician: str = ""
-    station_ae: str = ""
     priority: str = "R"
 
 

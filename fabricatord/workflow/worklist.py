@@ -150,5 +150,4 @@ def order_message(plan: OrderPlan, patient: Demographics, start: datetime) -> Or
         referring_physician=plan.referring_physician_name,
         requesting_physician=plan.requesting_physician,
         performing_physician=step.performing_physician,
-        station_ae=step.station_ae,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -157,3 +158,22 @@ def findscu(daemon: Daemon, tmp_path: Path, model: str, *keys: str, calling: str
     )
     assert result.returncode == 0, result.stderr
     return [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+
+
+def orthanc_config(tmp_path: Path, dicom_port: int, http_port: int, **extra: object) -> Path:
+    """An Orthanc configuration with its storage under tmp_path; `extra` adds or overrides options."""
+    folder = tmp_path / "orthanc"
+    folder.mkdir()
+    config = tmp_path / "orthanc.json"
+    options = {
+        "Name": "pacs-under-test",
+        "DicomAet": "ORTHANC",
+        "DicomPort": dicom_port,
+        "HttpPort": http_port,
+        "StorageDirectory": str(folder),
+        "IndexDirectory": str(folder),
+        "RemoteAccessAllowed": False,
+        "Plugins": [],
+    }
+    config.write_text(json.dumps({**options, **extra}))
+    return config

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import free_port, need, run_cli, wait_for_echo, wait_for_port
-from tests.integration.conftest import DCMTK_ENV, Daemon
+from tests.integration.conftest import DCMTK_ENV, Daemon, orthanc_config
 
 pytestmark = pytest.mark.integration
 
@@ -37,25 +37,13 @@ def orthanc(tmp_path: Path) -> Iterator[Callable[[int, int], Orthanc]]:
     processes: list[subprocess.Popen[bytes]] = []
 
     def start(dicom_port: int, fabricatord_port: int) -> Orthanc:
-        folder = tmp_path / "orthanc"
-        folder.mkdir()
         http_port = free_port()
-        config = tmp_path / "orthanc.json"
-        config.write_text(
-            json.dumps(
-                {
-                    "Name": "pacs-under-test",
-                    "DicomAet": "ORTHANC",
-                    "DicomPort": dicom_port,
-                    "HttpPort": http_port,
-                    "StorageDirectory": str(folder),
-                    "IndexDirectory": str(folder),
-                    "RemoteAccessAllowed": False,
-                    "AuthenticationEnabled": False,
-                    "Plugins": [],
-                    "DicomModalities": {"fabricatord": ["FABRICATORD", "127.0.0.1", fabricatord_port]},
-                }
-            )
+        config = orthanc_config(
+            tmp_path,
+            dicom_port,
+            http_port,
+            AuthenticationEnabled=False,
+            DicomModalities={"fabricatord": ["FABRICATORD", "127.0.0.1", fabricatord_port]},
         )
         process = subprocess.Popen(
             [need("Orthanc"), str(config)], env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port, need, run_cli, wait_for_echo
-from tests.integration.conftest import running_peer
+from tests.integration.conftest import orthanc_config, running_peer
 
 pytestmark = pytest.mark.integration
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -58,30 +57,18 @@ def dcmqrscp(tmp_path: Path) -> Iterator[Peer]:
 @pytest.fixture
 def orthanc(tmp_path: Path) -> Iterator[Peer]:
     """A real PACS: Orthanc with its own storage, answering C-FIND from any AE."""
-    folder = tmp_path / "orthanc"
-    folder.mkdir()
     port = free_port()
-    config = tmp_path / "orthanc.json"
-    config.write_text(
-        json.dumps(
-            {
-                "Name": "fabricatord-test",
-                "DicomAet": "ORTHANC",
-                "DicomPort": port,
-                "HttpPort": free_port(),
-                "HttpServerEnabled": False,
-                "StorageDirectory": str(folder),
-                "IndexDirectory": str(folder),
-                "DicomAlwaysAllowFind": True,
-                "DicomAlwaysAllowStore": True,
-                "DicomAlwaysAllowEcho": True,
-                "Plugins": [],
-                "RemoteAccessAllowed": False,
-            }
-        )
+    config = orthanc_config(
+        tmp_path,
+        port,
+        free_port(),
+        HttpServerEnabled=False,
+        DicomAlwaysAllowFind=True,
+        DicomAlwaysAllowStore=True,
+        DicomAlwaysAllowEcho=True,
     )
     with running_peer(["Orthanc", str(config)], port, "ORTHANC", timeout=60):
-        yield Peer("ORTHANC", port, folder)
+        yield Peer("ORTHANC", port, tmp_path / "orthanc")
 
 
 def config_with_peer(tmp_path: Path, peer: Peer) -> Path:
