@@ -128,7 +128,7 @@ def fabricatord(work: Path, peers: str = "", extra: str = "") -> Server:
     port, http_port = free_port(), free_port()
     (work / "fabricatord.toml").write_text(
         f'[node]\ndata_dir = "data"\n[log]\nlevel = "warning"\n[dicom]\nport = {port}\n'
-        f"max_find_results = 1000000\n{extra}[http]\nport = {http_port}\n{peers}"
+        f"max_find_results = 1000000\n{extra}[http]\nport = {http_port}\n[hl7]\nport = {free_port()}\n{peers}"
     )
     command = [PYTHON, "-m", "fabricatord", "serve", "--config", str(work / "fabricatord.toml")]
     return _launch("fabricatord", "FABRICATORD", command, work, port, _fabricatord_rows, http_port)

@@ -29,10 +29,11 @@ class CliError(Exception):
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from fabricatord.hl7.mapping import profile_problems
     from fabricatord.synth.checks import settings_problems
 
     path = args.config or os.environ.get("FABRICATORD_CONFIG") or None
-    return load_config(Path(path) if path else None, checks=[settings_problems])
+    return load_config(Path(path) if path else None, checks=[settings_problems, profile_problems])
 
 
 def _logging(settings: Settings) -> None:

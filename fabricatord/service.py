@@ -1,8 +1,8 @@
 """The composition root: builds every part from settings, starts them in order, stops them in reverse.
 
-Today the daemon opens (and migrates) the database, settles storage left by a crash, starts the
-audit trail's writer, runs the DICOM node and serves `/metrics` and `/healthz` over HTTP; the
-MLLP listener joins this tree as a service of its own.
+The daemon opens (and migrates) the database, settles storage left by a crash, starts the
+audit trail's writer, runs the DICOM node and the MLLP listener, and serves `/metrics` and
+`/healthz` over HTTP.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from fabricatord.dicom.storage import InstanceWriter
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
 from fabricatord.servers.dicom import DicomNode
+from fabricatord.servers.mllp import MllpListener
 from fabricatord.workflow.audit import AuditTrail
+from fabricatord.workflow.hl7 import Inbox
 
 log = get_logger(__name__)
 
@@ -96,6 +98,7 @@ def build(settings: Settings, reactor_: Any = reactor) -> MultiService:
     audit = AuditTrail(database)
     _AuditService(audit).setServiceParent(root)
     DicomNode(settings, database, writer, audit).setServiceParent(root)
+    MllpListener(settings, Inbox(settings, database), reactor_).setServiceParent(root)
     http = endpoints.TCP4ServerEndpoint(reactor_, settings.http.port, interface=settings.http.host)
     StreamServerEndpointService(http, http_site()).setServiceParent(root)
     return root
@@ -117,6 +120,7 @@ def run(settings: Settings) -> int:
         version=__version__,
         data_dir=str(settings.node.data_dir),
         http=f"{settings.http.host}:{settings.http.port}",
+        mllp=f"{settings.hl7.host}:{settings.hl7.port}",
     )
     the_reactor.run()
     log.info("fabricatord stopped")

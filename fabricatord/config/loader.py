@@ -21,13 +21,16 @@ from fabricatord.config.schema import (
     MODALITY_KEY,
     SECTIONS,
     TABLE_ARRAYS,
+    Hl7Profile,
     ModalityOverride,
     Settings,
 )
+from fabricatord.config.values import check_ae_title
 
 ENV_PREFIX = "FABRICATORD__"
 ROUTE_MATCH_KEYS = frozenset({"source", "modality", "calling_ae", "called_ae", "study_description"})
 ROUTE_SOURCES = frozenset({"generated", "received", "any"})
+PROFILE_MATCH_KEYS = frozenset({"sending_application", "sending_facility"})
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str], problems
         parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
         section_cls = SECTIONS.get(parts[0])
         fields = {f.name: f for f in dataclasses.fields(section_cls)} if section_cls else {}
-        if len(parts) != 2 or parts[1] not in fields or parts[1] == "modality":
+        if len(parts) != 2 or parts[1] not in fields or parts[1] in ("modality", "profiles"):
             problems.append(
                 ConfigProblem(
                     "environment",
@@ -197,6 +200,10 @@ class _Builder:
             expected = "a table of strings"
             ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
             converted = dict(value) if ok else _INVALID
+        elif origin is list and args[0] is Hl7Profile:
+            expected = "tables [[hl7.profiles]]"
+            if isinstance(value, list) and all(isinstance(item, dict) for item in value):
+                converted = [self.section(Hl7Profile, item, f"{where}[{i}]") for i, item in enumerate(value)]
         elif origin is dict and args[1] is ModalityOverride:
             expected = "tables such as [synth.modality.CT]"
             if isinstance(value, dict):
@@ -286,6 +293,17 @@ def _cross_check(settings: Settings) -> Iterable[tuple[str, str]]:
                     f"{where}.to",
                     f"peer {target!r} is prod: the route must say allow_prod = true",
                 )
+    for index, profile in enumerate(settings.hl7.profiles):
+        for match_key in profile.match:
+            if match_key not in PROFILE_MATCH_KEYS:
+                yield (
+                    f"hl7.profiles[{index}].match.{match_key}",
+                    f"unknown match key (known: {', '.join(sorted(PROFILE_MATCH_KEYS))})",
+                )
+    for modality, station in settings.hl7.modality_station.items():
+        problem = check_ae_title(station)
+        if problem:
+            yield f"hl7.modality_station.{modality}", f"expected {problem}, got {station!r}"
     if settings.synth.mpps_peer != "self" and settings.peer(settings.synth.mpps_peer) is None:
         yield (
             "synth.mpps_peer",

@@ -41,6 +41,8 @@ StorageLayout = Literal["study/series", "patient", "date", "flat"]
 Acquisition = Literal["immediate", "delay", "on_query", "manual"]
 TransferSyntaxName = Literal["explicit", "implicit", "rle", "jpeg2000-lossless", "jpegls-lossless"]
 Environment = Literal["test", "prod"]
+MissingPolicy = Literal["generate", "reject"]
+OruPolicy = Literal["complete", "ignore"]
 
 
 @dataclass(frozen=True)
@@ -124,11 +126,54 @@ class DicomSettings:
 
 
 @dataclass(frozen=True)
+class Hl7Profile:
+    """`[[hl7.profiles]]`: where one sender's dialect keeps what the worklist needs."""
+
+    name: str = key("", "Profile name, shown in logs and `fabricatord hl7 log`.")
+    match: dict[str, str] = key(
+        {},
+        "`sending_application` and/or `sending_facility` (MSH-3, MSH-4) this profile serves; "
+        "the first profile that matches wins, and one without `match` serves every sender.",
+    )
+    fields: dict[str, str] = key(
+        {},
+        'Where a mapped value is read instead of the default: `accession_number = "OBR-3.1"`; '
+        "alternatives separated by commas, the first with a value wins (names in docs/hl7.md).",
+    )
+    study_instance_uid: MissingPolicy = key(
+        "generate", "A message without a Study Instance UID: `generate` one, or `reject` it (AE, ERR 101)."
+    )
+    accession_number: MissingPolicy = key(
+        "generate",
+        "A message without an accession number: `generate` one from `[synth] accession_pattern`, or `reject` it.",
+    )
+
+
+@dataclass(frozen=True)
 class Hl7Settings:
     host: str = key("127.0.0.1", "Address the MLLP listener binds.", check_host)
     port: int = key(2575, "MLLP listener port.", check_port)
-    max_message_bytes: int = key(10 * 1024 * 1024, "Largest HL7 message accepted (bytes).", check_positive)
+    max_message_bytes: int = key(
+        10 * 1024 * 1024,
+        "Largest HL7 frame accepted (bytes); a larger one is answered AR and the connection closed.",
+        check_positive,
+    )
     default_charset: str = key("iso-8859-1", "Charset for messages without MSH-18 that are not valid UTF-8.")
+    idle_timeout: str = key(
+        "10m", "A connection that sends nothing for this long is closed (senders reconnect).", check_duration
+    )
+    max_connections: int = key(100, "Concurrent MLLP connections; the excess is closed at once.", check_positive)
+    oru: OruPolicy = key(
+        "complete",
+        "What an ORU^R01 does: `complete` marks its order and steps COMPLETED, `ignore` only acknowledges it.",
+    )
+    procedure_modality: dict[str, str] = key(
+        {}, 'Requested procedure code → modality, for orders that name no modality: `{ CTHEAD = "CT" }`.'
+    )
+    modality_station: dict[str, str] = key(
+        {}, 'Modality → Scheduled Station AE Title, for orders that name no station: `{ CT = "CT01" }`.'
+    )
+    profiles: list[Hl7Profile] = key([], "Field-mapping profiles per sender: `[[hl7.profiles]]` (docs/hl7.md).")
 
 
 @dataclass(frozen=True)

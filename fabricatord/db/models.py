@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     UniqueConstraint,
     func,
@@ -146,6 +147,10 @@ class Order(Base):
     admission_id: Mapped[str] = mapped_column(String(64), default="")  # (0038,0010) | LO, 1
     current_patient_location: Mapped[str] = mapped_column(String(64), default="")  # (0038,0300) | LO, 1
     source: Mapped[str] = mapped_column(String(16), default="cli")  # cli | hl7
+    specific_character_set: Mapped[str] = mapped_column(String(64), default="")  # (0008,0005) | CS, 1-n
+    """What the order's message declared (MSH-18), as DICOM names it; the worklist answers in it."""
+    hl7_message_pk: Mapped[int | None] = mapped_column(Integer)
+    """The HL7 message that made (or last changed) the order."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
@@ -235,5 +240,37 @@ class AuditEvent(Base):
     detail: Mapped[str] = mapped_column(String(256), default="")
 
 
+class Hl7Message(Base):
+    """Owner: `fabricatord.db.messages`. Every HL7 message received, raw, with its ACK and outcome.
+
+    A message whose MSH-3, MSH-4 and MSH-10 were seen with outcome AA or AE is a resend: it gets
+    the stored ACK and changes nothing.
+    """
+
+    __tablename__ = "hl7_messages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    peer: Mapped[str] = mapped_column(String(64), default="")
+    sending_application: Mapped[str] = mapped_column(String(227), default="")  # MSH-3
+    sending_facility: Mapped[str] = mapped_column(String(227), default="")  # MSH-4
+    control_id: Mapped[str] = mapped_column(String(199), default="")  # MSH-10
+    message_type: Mapped[str] = mapped_column(String(16), default="")  # MSH-9.1^MSH-9.2
+    version: Mapped[str] = mapped_column(String(16), default="")  # MSH-12
+    profile: Mapped[str] = mapped_column(String(64), default="")
+    outcome: Mapped[str] = mapped_column(String(2), default="", index=True)  # AA | AE | AR
+    error: Mapped[str] = mapped_column(String(512), default="")
+    detail: Mapped[str] = mapped_column(String(512), default="")
+    """What the message did: the orders and steps it made or changed."""
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    ack: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+
+
 Index("ix_patients_patient_id", Patient.patient_id)
+Index(
+    "ix_hl7_messages_sender_control_id",
+    Hl7Message.sending_application,
+    Hl7Message.sending_facility,
+    Hl7Message.control_id,
+)
 Index("ix_scheduled_steps_start_date_station_ae", ScheduledStep.start_date, ScheduledStep.station_ae)

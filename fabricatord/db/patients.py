@@ -116,6 +116,40 @@ class PatientRegistry:
             )
 
     @staticmethod
+    def upsert(session: Session, patient: PatientRecord) -> int:
+        """Register `patient` or update the one with its ID and issuer, in the caller's transaction.
+
+        Empty values leave what is known; `""` (HL7's explicit null) clears it."""
+        row = PatientRegistry._find(session, patient.patient_id, patient.issuer)
+        if row is None:
+            values = {name: ("" if value == '""' else value) for name, value in patient.__dict__.items()}
+            row = Patient(**values, synthetic=False)
+            session.add(row)
+            session.flush()
+            return row.id
+        for name, value in patient.__dict__.items():
+            if value:
+                setattr(row, name, "" if value == '""' else value)
+        return row.id
+
+    @staticmethod
+    def pk(session: Session, patient_id: str, issuer: str) -> int | None:
+        return session.scalar(select(Patient.id).where(Patient.patient_id == patient_id, Patient.issuer == issuer))
+
+    @staticmethod
+    def remove(session: Session, pk: int) -> None:
+        """Forget a patient that nothing refers to any more (the loser of a merge)."""
+        row = session.get(Patient, pk)
+        if row is not None:
+            session.delete(row)
+
+    @staticmethod
+    def change_id(session: Session, pk: int, patient_id: str, issuer: str) -> None:
+        row = session.get(Patient, pk)
+        if row is not None:
+            row.patient_id, row.issuer = patient_id, issuer
+
+    @staticmethod
     def _find(session: Session, patient_id: str, issuer: str) -> Patient | None:
         return session.scalars(
             select(Patient).where(Patient.patient_id == patient_id, Patient.issuer == issuer)

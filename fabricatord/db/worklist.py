@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from fabricatord.db.engine import Database
@@ -15,6 +16,11 @@ from fabricatord.db.models import Order, Patient, RequestedProcedure, ScheduledS
 ACTIONABLE = ("SCHEDULED", "ARRIVED", "READY")
 """The step states a modality may still perform: what the worklist shows by default."""
 STEP_STATES = (*ACTIONABLE, "STARTED", "COMPLETED", "DISCONTINUED", "CANCELED")
+
+T = TypeVar("T")
+PROCEDURE_COUNTER = "requested_procedure"
+STEP_COUNTER = "scheduled_step"
+"""The counters behind generated requested procedure and step IDs (`RP0000001`, `SPS0000001`)."""
 
 
 class UnknownPatient(LookupError):
@@ -37,18 +43,25 @@ class StepPlan:
 
 
 @dataclass(frozen=True)
+class ProcedurePlan:
+    """One requested procedure (one study to be made) and its steps."""
+
+    requested_procedure_id: str
+    study_instance_uid: str
+    steps: list[StepPlan]
+    description: str = ""
+    code: tuple[str, str, str] = ("", "", "")
+    priority: str = ""
+
+
+@dataclass(frozen=True)
 class OrderPlan:
-    """What a new order holds; made by the workflow from a command line or an HL7 message."""
+    """What an order holds; made by the workflow from a command line or an HL7 message."""
 
     patient_id: str
     issuer: str
     accession_number: str
-    requested_procedure_id: str
-    study_instance_uid: str
-    steps: list[StepPlan]
-    procedure_description: str = ""
-    procedure_code: tuple[str, str, str] = ("", "", "")
-    priority: str = ""
+    procedures: list[ProcedurePlan]
     placer_order_number: str = ""
     filler_order_number: str = ""
     referring_physician_name: str = ""
@@ -57,6 +70,8 @@ class OrderPlan:
     admission_id: str = ""
     current_patient_location: str = ""
     source: str = "cli"
+    specific_character_set: str = ""
+    hl7_message_pk: int | None = None
 
 
 @dataclass(frozen=True)
@@ -88,41 +103,111 @@ class Worklist:
         self._db = database
 
     def schedule(self, plan: OrderPlan) -> int:
-        """Store the order with its procedure and steps in one transaction; the order's key."""
+        """Store the order with its procedures and steps in one transaction; the order's key."""
         with self._db.writes.begin() as session:
-            patient_pk = session.scalar(
-                select(Patient.id).where(Patient.patient_id == plan.patient_id, Patient.issuer == plan.issuer)
+            return self.place(session, plan).id
+
+    @staticmethod
+    def place(session: Session, plan: OrderPlan) -> Order:
+        """Add a new order in the caller's transaction."""
+        order = Order(patient_pk=_patient_pk(session, plan), status="SCHEDULED")
+        _order_fields(order, plan)
+        order.procedures = [_procedure(session, procedure) for procedure in plan.procedures]
+        session.add(order)
+        session.flush()
+        return order
+
+    @staticmethod
+    def find(session: Session, placer_order_number: str, filler_order_number: str) -> Order | None:
+        """The order with this placer order number, else with this filler order number."""
+        for column, value in (
+            (Order.placer_order_number, placer_order_number),
+            (Order.filler_order_number, filler_order_number),
+        ):
+            if value:
+                order = session.scalar(select(Order).where(column == value).order_by(Order.id.desc()).limit(1))
+                if order is not None:
+                    return order
+        return None
+
+    @staticmethod
+    def revise(session: Session, order: Order, plan: OrderPlan) -> None:
+        """Change an order to what `plan` says; what it leaves empty stays. Procedures and steps
+        are paired by ID, else by position, so that a message that never named them still
+        updates the ones it made."""
+        order.patient_pk = _patient_pk(session, plan)
+        _order_fields(order, plan, only_given=True)
+        procedures = sorted(order.procedures, key=lambda p: p.id)
+        for index, procedure_plan in enumerate(plan.procedures):
+            procedure = _pair(procedures, index, "requested_procedure_id", procedure_plan.requested_procedure_id)
+            if procedure is None:
+                order.procedures.append(_procedure(session, procedure_plan))
+                continue
+            _procedure_fields(session, procedure, procedure_plan, only_given=True)
+            steps = sorted(procedure.steps, key=lambda s: s.id)
+            for step_index, step_plan in enumerate(procedure_plan.steps):
+                step = _pair(steps, step_index, "sps_id", step_plan.sps_id)
+                if step is None:
+                    procedure.steps.append(_step(step_plan))
+                else:
+                    _step_fields(step, step_plan, only_given=True)
+        order.updated_at = datetime.now(UTC)
+
+    @staticmethod
+    def set_status(session: Session, order: Order, status: str) -> int:
+        """The order and every one of its steps to `status`; how many steps changed."""
+        order.status = status
+        order.updated_at = datetime.now(UTC)
+        changed = 0
+        for procedure in order.procedures:
+            for step in procedure.steps:
+                if step.status != status:
+                    step.status = status
+                    step.updated_at = order.updated_at
+                    changed += 1
+        return changed
+
+    @staticmethod
+    def arrive(session: Session, patient_pk: int, day: str) -> int:
+        """The patient's SCHEDULED steps of `day` (YYYYMMDD) become ARRIVED; how many."""
+        procedure_pks = (
+            select(RequestedProcedure.id)
+            .join(Order, RequestedProcedure.order_pk == Order.id)
+            .where(Order.patient_pk == patient_pk)
+        )
+        result = session.execute(
+            update(ScheduledStep)
+            .where(
+                ScheduledStep.procedure_pk.in_(procedure_pks),
+                ScheduledStep.start_date == day,
+                ScheduledStep.status == "SCHEDULED",
             )
-            if patient_pk is None:
-                raise UnknownPatient(f"no patient {plan.patient_id!r} (issuer {plan.issuer!r})")
-            order = Order(
-                patient_pk=patient_pk,
-                placer_order_number=plan.placer_order_number,
-                filler_order_number=plan.filler_order_number,
-                accession_number=plan.accession_number,
-                status="SCHEDULED",
-                referring_physician_name=plan.referring_physician_name,
-                requesting_physician=plan.requesting_physician,
-                requesting_service=plan.requesting_service,
-                admission_id=plan.admission_id,
-                current_patient_location=plan.current_patient_location,
-                source=plan.source,
+            .values(status="ARRIVED", updated_at=datetime.now(UTC))
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    @staticmethod
+    def reassign(session: Session, from_patient_pk: int, to_patient_pk: int) -> int:
+        """Every order of one patient moves to another (a merge); how many."""
+        result = session.execute(
+            update(Order).where(Order.patient_pk == from_patient_pk).values(patient_pk=to_patient_pk)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    @staticmethod
+    def update_visit(session: Session, patient_pk: int, admission_id: str, location: str) -> None:
+        """An admission's number and the patient's location onto the patient's open orders."""
+        values = {
+            name: value
+            for name, value in (("admission_id", admission_id), ("current_patient_location", location))
+            if value
+        }
+        if values:
+            session.execute(
+                update(Order)
+                .where(Order.patient_pk == patient_pk, Order.status.in_(("SCHEDULED", "STARTED")))
+                .values(**values)
             )
-            code_value, code_scheme, code_meaning = plan.procedure_code
-            procedure = RequestedProcedure(
-                requested_procedure_id=plan.requested_procedure_id,
-                study_instance_uid=plan.study_instance_uid,
-                description=plan.procedure_description,
-                code_value=code_value,
-                code_scheme=code_scheme,
-                code_meaning=code_meaning,
-                priority=plan.priority,
-            )
-            procedure.steps = [_step(step) for step in plan.steps]
-            order.procedures = [procedure]
-            session.add(order)
-            session.flush()
-            return order.id
 
     def items(
         self,
@@ -178,24 +263,109 @@ class Worklist:
             )
 
 
-def _step(plan: StepPlan) -> ScheduledStep:
-    code_value, code_scheme, code_meaning = plan.protocol_code
-    return ScheduledStep(
-        sps_id=plan.sps_id,
-        station_ae=plan.station_ae,
-        station_name=plan.station_name,
-        location=plan.location,
-        modality=plan.modality,
-        start_date=plan.start_date,
-        start_time=plan.start_time,
-        start_datetime=start_datetime(plan.start_date, plan.start_time),
-        performing_physician=plan.performing_physician,
-        description=plan.description,
-        protocol_code_value=code_value,
-        protocol_code_scheme=code_scheme,
-        protocol_code_meaning=code_meaning,
-        status="SCHEDULED",
+class DuplicateStudy(LookupError):
+    """A new requested procedure names a Study Instance UID another order holds."""
+
+
+def _patient_pk(session: Session, plan: OrderPlan) -> int:
+    patient_pk = session.scalar(
+        select(Patient.id).where(Patient.patient_id == plan.patient_id, Patient.issuer == plan.issuer)
     )
+    if patient_pk is None:
+        raise UnknownPatient(f"no patient {plan.patient_id!r} (issuer {plan.issuer!r})")
+    return patient_pk
+
+
+def _assign(row: object, values: dict[str, Any], only_given: bool) -> None:
+    """Set the row's attributes; with `only_given`, an empty value keeps what the row holds."""
+    for name, value in values.items():
+        if value or not only_given:
+            setattr(row, name, value)
+
+
+def _code(prefix: str, code: tuple[str, str, str]) -> dict[str, str]:
+    """A code as its three columns, all empty unless the code value is given."""
+    return dict(
+        zip((f"{prefix}value", f"{prefix}scheme", f"{prefix}meaning"), code if code[0] else ("", "", ""), strict=True)
+    )
+
+
+def _order_fields(order: Order, plan: OrderPlan, only_given: bool = False) -> None:
+    values = {name: getattr(plan, name) for name in _ORDER_COLUMNS}
+    _assign(order, values, only_given)
+    order.source = plan.source
+    order.hl7_message_pk = plan.hl7_message_pk
+
+
+_ORDER_COLUMNS = (
+    "placer_order_number",
+    "filler_order_number",
+    "accession_number",
+    "referring_physician_name",
+    "requesting_physician",
+    "requesting_service",
+    "admission_id",
+    "current_patient_location",
+    "specific_character_set",
+)
+
+
+def _procedure(session: Session, plan: ProcedurePlan) -> RequestedProcedure:
+    procedure = RequestedProcedure()
+    _procedure_fields(session, procedure, plan)
+    procedure.steps = [_step(step) for step in plan.steps]
+    return procedure
+
+
+def _procedure_fields(
+    session: Session, procedure: RequestedProcedure, plan: ProcedurePlan, only_given: bool = False
+) -> None:
+    wanted_uid = plan.study_instance_uid
+    if wanted_uid and procedure.study_instance_uid != wanted_uid:
+        holder = session.scalar(
+            select(RequestedProcedure.id).where(RequestedProcedure.study_instance_uid == wanted_uid)
+        )
+        if holder is not None:
+            raise DuplicateStudy(f"Study Instance UID {wanted_uid} belongs to another order")
+    values = {
+        "requested_procedure_id": plan.requested_procedure_id,
+        "study_instance_uid": wanted_uid,
+        "description": plan.description,
+        "priority": plan.priority,
+        **_code("code_", plan.code),
+    }
+    _assign(procedure, values, only_given)
+
+
+def _pair(existing: list[T], index: int, id_attribute: str, wanted: str) -> T | None:
+    """The row whose ID is `wanted`, else the one at `index` (a message that never named its IDs)."""
+    for row in existing:
+        if getattr(row, id_attribute) == wanted:
+            return row
+    return existing[index] if index < len(existing) else None
+
+
+def _step(plan: StepPlan) -> ScheduledStep:
+    step = ScheduledStep(status="SCHEDULED")
+    _step_fields(step, plan)
+    return step
+
+
+def _step_fields(step: ScheduledStep, plan: StepPlan, only_given: bool = False) -> None:
+    values = {
+        "sps_id": plan.sps_id,
+        "station_ae": plan.station_ae,
+        "station_name": plan.station_name,
+        "location": plan.location,
+        "modality": plan.modality,
+        "start_date": plan.start_date,
+        "start_time": plan.start_time,
+        "performing_physician": plan.performing_physician,
+        "description": plan.description,
+        **_code("protocol_code_", plan.protocol_code),
+    }
+    _assign(step, values, only_given)
+    step.start_datetime = start_datetime(step.start_date, step.start_time)
 
 
 def _fetchers(session: Session, step_pks: list[int]) -> dict[int, list[str]]:

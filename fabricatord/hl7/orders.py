@@ -14,8 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from fabricatord.hl7.codec import escape
+
 ENCODING_CHARACTERS = "^~\\&"
-_ESCAPES = {"\\": "\\E\\", "|": "\\F\\", "^": "\\S\\", "&": "\\T\\", "~": "\\R\\"}
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,6 @@ class OrderMessage:
     priority: str = "R"
 
 
-def _text(value: str) -> str:
-    return "".join(_ESCAPES.get(character, character) for character in value)
-
-
 def _person(name: str, with_id: bool = False) -> str:
     """A DICOM PN as XPN (or XCN, whose first component is an ID we do not have)."""
     if not name:
@@ -57,7 +54,7 @@ def _person(name: str, with_id: bool = False) -> str:
     groups = [group for group in name.split("=") if group]
     repetitions = []
     for group, code in zip(groups, "AIP", strict=False):
-        components = [_text(part) for part in group.split("^")]
+        components = [escape(part) for part in group.split("^")]
         if len(groups) > 1:  # XPN-7 name type L(egal), XPN-8 representation A, I or P
             components = [*(components + [""] * 6)[:6], "L", code]
         repetitions.append(("^" if with_id else "") + "^".join(components).rstrip("^"))
@@ -65,7 +62,7 @@ def _person(name: str, with_id: bool = False) -> str:
 
 
 def _components(*values: str) -> str:
-    return "^".join(_text(v) for v in values).rstrip("^")
+    return "^".join(escape(v) for v in values).rstrip("^")
 
 
 def orm_o01(
@@ -82,20 +79,20 @@ def orm_o01(
     msh = [
         "MSH",
         ENCODING_CHARACTERS,
-        _text(sending[0]),
-        _text(sending[1]),
-        _text(receiving[0]),
-        _text(receiving[1]),
+        escape(sending[0]),
+        escape(sending[1]),
+        escape(receiving[0]),
+        escape(receiving[1]),
         sent_at.strftime("%Y%m%d%H%M%S"),
         "",
         "ORM^O01" if version < "2.4" else "ORM^O01^ORM_O01",
-        _text(control_id),
+        escape(control_id),
         "P",
         version,
         "",
         "",
-        "AL",
-        "NE",
+        "",  # MSH-15/16 empty: original acknowledgment mode, the ACK after the order is kept
+        "",
         "",
         "UNICODE UTF-8" if non_ascii else "",
     ]
@@ -116,9 +113,9 @@ def orm_o01(
                 order.sex,
                 "",
                 "",
-                _text(order.address),
+                escape(order.address),
                 "",
-                _text(order.phone),
+                escape(order.phone),
             ]
         ).rstrip("|"),
         "|".join(["PV1", "1", "O", "", "", "", "", "", _person(order.referring_physician, with_id=True)]).rstrip("|"),
@@ -126,8 +123,8 @@ def orm_o01(
             [
                 "ORC",
                 "NW",
-                _text(order.placer_order_number),
-                _text(order.filler_order_number),
+                escape(order.placer_order_number),
+                escape(order.filler_order_number),
                 "",
                 "SC",
                 "",
@@ -135,9 +132,9 @@ def orm_o01(
             ]
         ),
     ]
-    obr = ["OBR", "1", _text(order.placer_order_number), _text(order.filler_order_number), procedure]
+    obr = ["OBR", "1", escape(order.placer_order_number), escape(order.filler_order_number), procedure]
     obr += [""] * 11 + [_person(order.requesting_physician, with_id=True)]  # OBR-16
-    obr += ["", _text(order.accession_number), _text(order.requested_procedure_id), _text(order.sps_id)]  # 17–20
+    obr += ["", escape(order.accession_number), escape(order.requested_procedure_id), escape(order.sps_id)]  # 17–20
     obr += ["", "", "", order.modality, "", "", f"^^^{start}^^{order.priority}"]  # 21–27
     obr += [""] * 6 + [_person(order.performing_physician, with_id=True)]  # 28–34
     segments.append("|".join(obr).rstrip("|"))

@@ -87,6 +87,25 @@ AUDIT_DROPPED = Counter(
     "fabricatord_audit_dropped_total",
     "Audit events not written: the backlog was full or the database refused them.",
 )
+HL7_MESSAGES = Counter(
+    "fabricatord_hl7_messages_total",
+    "HL7 messages answered, by message type (ORM^O01 …) and acknowledgment code (AA, AE, AR).",
+    ["type", "ack"],
+)
+HL7_SECONDS = Histogram(
+    "fabricatord_hl7_seconds",
+    "Time from a frame's last byte to its ACK being handed to the connection (parse, commit, ACK).",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+)
+HL7_CONNECTIONS_ACTIVE = Gauge(
+    "fabricatord_hl7_connections_active",
+    "MLLP connections open now.",
+)
+HL7_FRAMES_REFUSED = Counter(
+    "fabricatord_hl7_frames_refused_total",
+    "MLLP frames or connections refused before processing, by reason (oversized, too_many_connections, idle).",
+    ["reason"],
+)
 BUILD_INFO = Gauge(
     "fabricatord_build_info",
     "Always 1; the version label says which fabricatord runs.",

@@ -12,15 +12,12 @@ from datetime import datetime
 
 from fabricatord.config import Settings
 from fabricatord.db import Database, Sequences
-from fabricatord.db.worklist import OrderPlan, StepPlan, Worklist
+from fabricatord.db.worklist import PROCEDURE_COUNTER, STEP_COUNTER, OrderPlan, ProcedurePlan, StepPlan, Worklist
 from fabricatord.hl7.orders import OrderMessage
 from fabricatord.synth.patients import Demographics
 from fabricatord.synth.templates import TEMPLATES
 from fabricatord.synth.uids import UidFactory
 from fabricatord.workflow.generation import StudyGenerator
-
-PROCEDURE_COUNTER = "requested_procedure"
-STEP_COUNTER = "scheduled_step"
 
 
 @dataclass(frozen=True)
@@ -65,11 +62,12 @@ class Scheduler:
         """Plan the order and put it on the worklist."""
         plan, patient, start = self.plan(request)
         self._worklist.schedule(plan)
+        procedure = plan.procedures[0]
         return ScheduledOrder(
             plan.accession_number,
-            plan.requested_procedure_id,
-            plan.steps[0].sps_id,
-            plan.study_instance_uid,
+            procedure.requested_procedure_id,
+            procedure.steps[0].sps_id,
+            procedure.study_instance_uid,
             patient,
             start,
         )
@@ -96,29 +94,32 @@ class Scheduler:
             or self._settings.modality(modality).study_description
             or template.study_description
         )
+        step = StepPlan(
+            sps_id=f"SPS{step_number:07d}",
+            modality=modality,
+            start_date=start.strftime("%Y%m%d"),
+            start_time=start.strftime("%H%M%S"),
+            station_ae=request.station_ae,
+            station_name=request.station_name,
+            location=request.location,
+            performing_physician=request.performing_physician,
+            description=request.step_description or description,
+            protocol_code=request.protocol_code,
+        )
         plan = OrderPlan(
             patient_id=patient.patient_id,
             issuer=patient.issuer,
             accession_number=accession,
-            requested_procedure_id=f"RP{procedure_number:07d}",
-            study_instance_uid=study_uid,
-            procedure_description=description,
-            procedure_code=request.procedure_code,
-            priority=request.priority,
             referring_physician_name=request.referring_physician,
             requesting_physician=request.requesting_physician,
-            steps=[
-                StepPlan(
-                    sps_id=f"SPS{step_number:07d}",
-                    modality=modality,
-                    start_date=start.strftime("%Y%m%d"),
-                    start_time=start.strftime("%H%M%S"),
-                    station_ae=request.station_ae,
-                    station_name=request.station_name,
-                    location=request.location,
-                    performing_physician=request.performing_physician,
-                    description=request.step_description or description,
-                    protocol_code=request.protocol_code,
+            procedures=[
+                ProcedurePlan(
+                    requested_procedure_id=f"RP{procedure_number:07d}",
+                    study_instance_uid=study_uid,
+                    description=description,
+                    code=request.procedure_code,
+                    priority=request.priority,
+                    steps=[step],
                 )
             ],
         )
@@ -128,7 +129,8 @@ class Scheduler:
 def order_message(plan: OrderPlan, patient: Demographics, start: datetime) -> OrderMessage:
     """The ORM^O01 an order placer would have sent for `plan`: placer order number from the
     requested procedure's counter, filler order number the accession, as order fillers assign."""
-    step = plan.steps[0]
+    procedure = plan.procedures[0]
+    step = procedure.steps[0]
     return OrderMessage(
         patient_id=patient.patient_id,
         issuer=patient.issuer,
@@ -138,15 +140,15 @@ def order_message(plan: OrderPlan, patient: Demographics, start: datetime) -> Or
         address=patient.address,
         phone=patient.phone,
         accession_number=plan.accession_number,
-        requested_procedure_id=plan.requested_procedure_id,
+        requested_procedure_id=procedure.requested_procedure_id,
         sps_id=step.sps_id,
-        study_instance_uid=plan.study_instance_uid,
+        study_instance_uid=procedure.study_instance_uid,
         modality=step.modality,
         start=start,
-        placer_order_number=plan.placer_order_number or "PO" + plan.requested_procedure_id.removeprefix("RP"),
+        placer_order_number=plan.placer_order_number or "PO" + procedure.requested_procedure_id.removeprefix("RP"),
         filler_order_number=plan.filler_order_number or plan.accession_number,
-        procedure_code=plan.procedure_code,
-        procedure_description=plan.procedure_description,
+        procedure_code=procedure.code,
+        procedure_description=procedure.description,
         referring_physician=plan.referring_physician_name,
         requesting_physician=plan.requesting_physician,
         performing_physician=step.performing_physician,

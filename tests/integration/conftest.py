@@ -45,6 +45,7 @@ def dcmtk(tool: str, *args: str, timeout: float = 60) -> subprocess.CompletedPro
 class Daemon:
     port: int
     http_port: int
+    hl7_port: int
     data_dir: Path
     config: Path
     process: subprocess.Popen[bytes]
@@ -73,11 +74,18 @@ class Daemon:
 def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def start(extra: str = "", env: dict[str, str] | None = None, dicom_extra: str = "", wait: bool = True) -> Daemon:
-        port, http_port = free_port(), free_port()
+    def start(
+        extra: str = "",
+        env: dict[str, str] | None = None,
+        dicom_extra: str = "",
+        wait: bool = True,
+        hl7_extra: str = "",
+    ) -> Daemon:
+        port, http_port, hl7_port = free_port(), free_port(), free_port()
         config = tmp_path / "fabricatord.toml"
         config.write_text(
-            f'[node]\ndata_dir = "data"\n[dicom]\nport = {port}\n{dicom_extra}[http]\nport = {http_port}\n{extra}'
+            f'[node]\ndata_dir = "data"\n[dicom]\nport = {port}\n{dicom_extra}[http]\nport = {http_port}\n'
+            f"[hl7]\nport = {hl7_port}\n{hl7_extra}{extra}"
         )
         log = tmp_path / f"daemon-{len(started)}.log"
         with log.open("wb") as sink:
@@ -87,7 +95,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
                 stderr=sink,
                 env={**os.environ, **(env or {})},
             )
-        daemon = Daemon(port, http_port, tmp_path / "data", config, process, log)
+        daemon = Daemon(port, http_port, hl7_port, tmp_path / "data", config, process, log)
         started.append(daemon)
         if wait:
             wait_for_echo(port, "FABRICATORD", process=process)  # type: ignore[arg-type]

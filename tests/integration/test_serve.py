@@ -19,7 +19,10 @@ pytestmark = pytest.mark.integration
 def test_serve_health_metrics_and_sigterm(tmp_path: Path) -> None:
     port = free_port()
     config = tmp_path / "fabricatord.toml"
-    config.write_text(f'[node]\ndata_dir = "data"\n[http]\nport = {port}\n[dicom]\nport = {free_port()}\n')
+    config.write_text(
+        f'[node]\ndata_dir = "data"\n[http]\nport = {port}\n[dicom]\nport = {free_port()}\n'
+        f"[hl7]\nport = {free_port()}\n"
+    )
     (tmp_path / "data" / "tmp").mkdir(parents=True)
     (tmp_path / "data" / "tmp" / "left-by-a-crash.part").write_bytes(b"x")
     process = subprocess.Popen(
@@ -49,7 +52,10 @@ def test_a_port_in_use_stops_the_start_with_one_clear_line(tmp_path: Path) -> No
         taken.listen()
         port = taken.getsockname()[1]
         config = tmp_path / "fabricatord.toml"
-        config.write_text(f'[node]\ndata_dir = "data"\n[dicom]\nport = {port}\n[http]\nport = {free_port()}\n')
+        config.write_text(
+            f'[node]\ndata_dir = "data"\n[dicom]\nport = {port}\n[http]\nport = {free_port()}\n'
+            f"[hl7]\nport = {free_port()}\n"
+        )
         result = subprocess.run(
             [sys.executable, "-m", "fabricatord", "serve", "--config", str(config)],
             capture_output=True,

@@ -1,0 +1,92 @@
+"""The HL7 message log: every message raw with its ACK, and the resend look-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from fabricatord.db.engine import Database
+from fabricatord.db.models import Hl7Message
+
+SETTLED = ("AA", "AE")
+"""Outcomes a resend must get again unchanged; an AR may be retried (HL7 v2 §2.9.2)."""
+
+
+@dataclass(frozen=True)
+class LoggedMessage:
+    id: int
+    received_at: datetime
+    peer: str
+    sending_application: str
+    sending_facility: str
+    control_id: str
+    message_type: str
+    version: str
+    profile: str
+    outcome: str
+    error: str
+    detail: str
+    raw: bytes
+    ack: bytes
+
+
+def _logged(row: Hl7Message) -> LoggedMessage:
+    return LoggedMessage(**{name: getattr(row, name) for name in LoggedMessage.__dataclass_fields__})
+
+
+class MessageLog:
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    @staticmethod
+    def settled_ack(session: Session, sending_application: str, sending_facility: str, control_id: str) -> bytes | None:
+        """The ACK a message with this sender and control ID got, if it was settled (AA or AE)."""
+        return session.scalar(
+            select(Hl7Message.ack)
+            .where(
+                Hl7Message.sending_application == sending_application,
+                Hl7Message.sending_facility == sending_facility,
+                Hl7Message.control_id == control_id,
+                Hl7Message.outcome.in_(SETTLED),
+            )
+            .order_by(Hl7Message.id)
+            .limit(1)
+        )
+
+    @staticmethod
+    def add(session: Session, row: Hl7Message) -> Hl7Message:
+        """Add in the caller's transaction, flushed so that orders can name it."""
+        session.add(row)
+        session.flush()
+        return row
+
+    def record(self, row: Hl7Message) -> None:
+        """Keep a message that changed nothing (an AE or AR) in a transaction of its own."""
+        with self._db.writes.begin() as session:
+            session.add(row)
+
+    def recent(
+        self,
+        limit: int = 50,
+        outcome: str = "",
+        control_id: str = "",
+        since: datetime | None = None,
+    ) -> list[LoggedMessage]:
+        """Newest first."""
+        statement = select(Hl7Message).order_by(Hl7Message.id.desc()).limit(limit)
+        if outcome:
+            statement = statement.where(Hl7Message.outcome == outcome)
+        if control_id:
+            statement = statement.where(Hl7Message.control_id == control_id)
+        if since is not None:
+            statement = statement.where(Hl7Message.received_at >= since)
+        with self._db.reads() as session:
+            return [_logged(row) for row in session.scalars(statement)]
+
+    def get(self, pk: int) -> LoggedMessage | None:
+        with self._db.reads() as session:
+            row = session.get(Hl7Message, pk)
+            return _logged(row) if row else None

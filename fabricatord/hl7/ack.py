@@ -1,0 +1,111 @@
+"""Acknowledgements (HL7 v2 §2.9): MSH swapped, MSA, and ERR in the layout of the message's version.
+
+Built here rather than with python-hl7's `create_ack`, which needs a parsed message (a frame of
+garbage must be answered too) and knows no ERR segment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from fabricatord.hl7.codec import ERROR_TEXTS, Header, Hl7Error, escape
+
+COMMIT_CODES = {"AA": "CA", "AE": "CE", "AR": "CR"}
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in version.split("."))
+    except ValueError:
+        return (2, 5)
+
+
+def acknowledgment(
+    head: Header,
+    code: str,
+    errors: Sequence[Hl7Error],
+    control_id: str,
+    sent_at: datetime,
+    our_application: str,
+) -> str:
+    """An ACK for `head`'s message; `code` is AA, AE, AR or, in enhanced mode, CA, CE, CR."""
+    separator, encoding = head.field_separator, head.encoding_characters
+    component, sub = encoding[0], (encoding + "&")[3]
+
+    def text(value: str) -> str:
+        return escape(value, separator, encoding)
+
+    version = version_tuple(head.version)
+    message_type = "ACK" + (component + text(head.trigger) if head.trigger else "")
+    if version >= (2, 4) and head.trigger:
+        message_type += component + "ACK"
+    msh = [
+        "MSH",
+        encoding,
+        text(head.receiving_application or our_application),
+        text(head.receiving_facility),
+        text(head.sending_application),
+        text(head.sending_facility),
+        sent_at.strftime("%Y%m%d%H%M%S"),
+        "",
+        message_type,
+        text(control_id),
+        text(head.processing_id),
+        text(head.version),
+        "",
+        "",
+        "",
+        "",
+        "",
+        text(head.charset),
+    ]
+    msa = ["MSA", code, text(head.control_id)]
+    if errors and version < (2, 5):
+        msa.append(text(errors[0].text))  # MSA-3 text message, withdrawn from v2.5 on
+    segments = [separator.join(msh).rstrip(separator), separator.join(msa)]
+    for error in errors:
+        standard = ERROR_TEXTS.get(error.code, "")
+        if version < (2, 5):
+            # ERR-1 ELD: segment^sequence^field^code&text&HL70357
+            code_element = sub.join([str(error.code), text(error.text), "HL70357"])
+            where = [text(error.segment), str(error.sequence) if error.segment else "", _number(error.field)]
+            segments.append(separator.join(["ERR", component.join([*where, code_element])]))
+        else:
+            location = component.join(
+                [text(error.segment), str(error.sequence) if error.segment else "", _number(error.field)]
+                + (["1", str(error.component)] if error.component else [])
+            ).rstrip(component)
+            hl7_code = component.join([str(error.code), text(standard), "HL70357"])
+            segments.append(separator.join(["ERR", "", location, hl7_code, "E", "", "", "", text(error.text)]))
+    return "\r".join(segments)
+
+
+def _number(value: int) -> str:
+    return str(value) if value else ""
+
+
+def batch_acknowledgment(acks: Sequence[str], batch_header: str, file_header: str, sent_at: datetime) -> str:
+    """The ACKs of a batch, in order, in a batch of their own (BHS … BTS, in FHS … FTS if the
+    batch came in a file)."""
+    stamp = sent_at.strftime("%Y%m%d%H%M%S")
+    segments = []
+    if file_header:
+        segments.append(_swapped_envelope(file_header, stamp))
+    segments.append(_swapped_envelope(batch_header, stamp) if batch_header else f"BHS|^~\\&|||||{stamp}")
+    segments += acks
+    separator = batch_header[3:4] if batch_header else "|"
+    segments.append(f"BTS{separator}{len(acks)}")
+    if file_header:
+        segments.append(f"FTS{file_header[3:4]}1")
+    return "\r".join(segments)
+
+
+def _swapped_envelope(segment: str, stamp: str) -> str:
+    """FHS or BHS answered: sender and receiver swapped, our time, the original's control ID as
+    the reference (FHS-12 / BHS-12)."""
+    separator = segment[3]
+    fields = segment.split(separator) + [""] * 12
+    name, encoding = fields[0], fields[1]
+    swapped = [name, encoding, fields[4], fields[5], fields[2], fields[3], stamp, "", "", "", "", fields[10]]
+    return separator.join(swapped).rstrip(separator)

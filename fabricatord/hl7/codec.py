@@ -1,0 +1,298 @@
+"""HL7 v2 messages off the wire: character sets, segment separators, batches, parsing with
+python-hl7, typed errors with their location (HL7 v2 table 0357) and field access that unescapes.
+
+The charset is read from MSH-18 in the raw bytes before anything is decoded, because decoding
+depends on it; a message without MSH-18 is UTF-8 when it is valid UTF-8 and the configured
+default charset otherwise, so that a sender is always answered.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import hl7
+from hl7.containers import Message, Segment
+
+CONTENT_ERRORS = frozenset({101, 102, 103, 204, 205})
+"""HL7 v2 §2.9.2: errors in the content (AE, the sender must fix the message); every other code
+is not about the content (AR, the sender may resend it unchanged)."""
+
+ERROR_TEXTS = {
+    0: "Message accepted",
+    100: "Segment sequence error",
+    101: "Required field missing",
+    102: "Data type error",
+    103: "Table value not found",
+    200: "Unsupported message type",
+    201: "Unsupported event code",
+    202: "Unsupported processing id",
+    203: "Unsupported version id",
+    204: "Unknown key identifier",
+    205: "Duplicate key identifier",
+    206: "Application record locked",
+    207: "Application internal error",
+}
+
+VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.1", "2.8.2")
+PROCESSING_IDS = ("P", "D", "T")
+
+
+@dataclass(frozen=True)
+class Charset:
+    """An HL7 table 0211 character set: how to decode it and how DICOM names it."""
+
+    hl7_name: str
+    codec: str
+    dicom: str
+    """Specific Character Set (0008,0005); empty for the default repertoire (ASCII)."""
+
+
+_CHARSETS = [
+    Charset("ASCII", "ascii", ""),
+    Charset("ISO IR6", "ascii", ""),
+    Charset("8859/1", "iso8859-1", "ISO_IR 100"),
+    Charset("ISO IR100", "iso8859-1", "ISO_IR 100"),
+    Charset("8859/2", "iso8859-2", "ISO_IR 101"),
+    Charset("8859/3", "iso8859-3", "ISO_IR 109"),
+    Charset("8859/4", "iso8859-4", "ISO_IR 110"),
+    Charset("8859/5", "iso8859-5", "ISO_IR 144"),
+    Charset("8859/6", "iso8859-6", "ISO_IR 127"),
+    Charset("8859/7", "iso8859-7", "ISO_IR 126"),
+    Charset("8859/8", "iso8859-8", "ISO_IR 138"),
+    Charset("8859/9", "iso8859-9", "ISO_IR 148"),
+    Charset("8859/15", "iso8859-15", "ISO_IR 203"),
+    Charset("UNICODE UTF-8", "utf-8", "ISO_IR 192"),
+    Charset("GB 18030-2000", "gb18030", "GB18030"),
+    Charset("KS X 1001", "euc_kr", "ISO 2022 IR 149"),
+    Charset("ISO IR87", "iso2022_jp", "ISO 2022 IR 87"),
+    Charset("BIG-5", "big5", "ISO_IR 192"),
+]
+CHARSETS = {charset.hl7_name: charset for charset in _CHARSETS}
+UTF8 = CHARSETS["UNICODE UTF-8"]
+
+
+@dataclass
+class Hl7Error(Exception):
+    """A message we answer with AE or AR; the location says where, as ERR does."""
+
+    code: int
+    text: str
+    segment: str = ""
+    sequence: int = 1
+    field: int = 0
+    component: int = 0
+
+    def __str__(self) -> str:
+        where = self.location
+        return f"{where}: {self.text}" if where else self.text
+
+    @property
+    def acknowledgment(self) -> str:
+        return "AE" if self.code in CONTENT_ERRORS else "AR"
+
+    @property
+    def location(self) -> str:
+        if not self.segment:
+            return ""
+        place = f"{self.segment}-{self.field}" if self.field else self.segment
+        return f"{place}.{self.component}" if self.component else place
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One frame as text with CR segment separators, and the charset it was decoded with."""
+
+    text: str
+    charset: Charset
+    charset_error: Hl7Error | None = None
+    """MSH-18 names a charset we do not know; the text was decoded as Latin-1 to answer it."""
+
+
+_SEGMENT_BREAK = re.compile(rb"\r\n|\n|\r")
+
+
+def _declared_charset(raw: bytes) -> str:
+    """MSH-18's first repetition, read from the bytes (table 0211 names are ASCII)."""
+    for segment in _SEGMENT_BREAK.split(raw):
+        line = segment.lstrip()
+        if line[:3] == b"MSH" and len(line) > 8:
+            separator = line[3:4]
+            fields = line.split(separator)
+            if len(fields) > 17:
+                repetition = fields[1][1:2] or b"~"
+                return fields[17].split(repetition)[0].decode("ascii", "replace").strip()
+            return ""
+    return ""
+
+
+def decode(raw: bytes, default_charset: str) -> Decoded:
+    """The frame as text: MSH-18 honoured, else UTF-8 when valid, else `default_charset`."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    declared = _declared_charset(raw)
+    error: Hl7Error | None = None
+    if declared:
+        charset = CHARSETS.get(declared.upper())
+        if charset is None:
+            error = Hl7Error(103, f"unknown character set {declared!r}", "MSH", 1, 18)
+            charset = CHARSETS["8859/1"]
+    else:
+        try:
+            raw.decode("utf-8")
+            charset = UTF8 if not raw.isascii() else CHARSETS["ASCII"]
+        except UnicodeDecodeError:
+            charset = next(
+                (c for c in _CHARSETS if c.codec == default_charset.lower().replace("_", "-")),
+                Charset(default_charset, default_charset, "ISO_IR 192"),
+            )
+    text = raw.decode(charset.codec, errors="replace")
+    lines = [line for line in re.split(r"\r\n|\n|\r", text) if line.strip()]
+    return Decoded("\r".join(line.lstrip() if i == 0 else line for i, line in enumerate(lines)), charset, error)
+
+
+@dataclass
+class Batch:
+    """A frame's messages, with the envelope (FHS/BHS … BTS/FTS) they came in, if any."""
+
+    messages: list[str] = field(default_factory=list)
+    file_header: str = ""
+    batch_header: str = ""
+
+
+def split(text: str) -> Batch:
+    """The messages of a frame: one, or several in a batch (HL7 v2 §2.10.3)."""
+    batch = Batch()
+    current: list[str] = []
+    for segment in text.split("\r"):
+        kind = segment[:3]
+        if kind in ("FHS", "BHS"):
+            if kind == "FHS":
+                batch.file_header = segment
+            else:
+                batch.batch_header = segment
+            continue
+        if kind in ("BTS", "FTS"):
+            continue
+        if kind == "MSH" and current:
+            batch.messages.append("\r".join(current))
+            current = []
+        current.append(segment)
+    if current:
+        batch.messages.append("\r".join(current))
+    return batch
+
+
+@dataclass(frozen=True)
+class Header:
+    """What an acknowledgement needs of MSH, read even from a message we cannot otherwise use."""
+
+    field_separator: str = "|"
+    encoding_characters: str = "^~\\&"
+    sending_application: str = ""
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    message_type: str = ""
+    trigger: str = ""
+    control_id: str = ""
+    processing_id: str = "P"
+    version: str = "2.5.1"
+    accept_ack: str = ""
+    application_ack: str = ""
+    charset: str = ""
+
+
+def header(message: str) -> Header:
+    """MSH as far as it goes; the defaults stand in for what is missing."""
+    if not message.startswith("MSH") or len(message) < 8:
+        return Header()
+    separator = message[3]
+    fields = message.split("\r", 1)[0].split(separator)
+    encoding = fields[1] if len(fields) > 1 and len(fields[1]) >= 2 else "^~\\&"
+    component = encoding[0]
+
+    def at(number: int, part: int = 0) -> str:
+        index = number - 1
+        value = fields[index] if index < len(fields) else ""
+        return value.split(component)[part] if component in value and part else value.split(component)[0]
+
+    def unescaped(number: int) -> str:
+        value = fields[number - 1] if number - 1 < len(fields) else ""
+        return unescape_text(value.split(encoding[1])[0].split(component)[0], separator, encoding)
+
+    return Header(
+        field_separator=separator,
+        encoding_characters=encoding,
+        sending_application=unescaped(3),
+        sending_facility=unescaped(4),
+        receiving_application=unescaped(5),
+        receiving_facility=unescaped(6),
+        message_type=at(9),
+        trigger=at(9, 1) if component in (fields[8] if len(fields) > 8 else "") else "",
+        control_id=unescaped(10),
+        processing_id=at(11) or "P",
+        version=at(12) or "2.5.1",
+        accept_ack=at(15),
+        application_ack=at(16),
+        charset=at(18),
+    )
+
+
+def unescape_text(value: str, separator: str = "|", encoding: str = "^~\\&") -> str:
+    r"""\F\ \S\ \T\ \R\ \E\ back to their characters (enough for MSH, before python-hl7 parses)."""
+    if len(encoding) < 3 or encoding[2] not in value:
+        return value
+    escape = encoding[2]
+    table = {"F": separator, "S": encoding[0], "R": encoding[1], "E": escape, "T": encoding[3:4]}
+    return re.sub(re.escape(escape) + r"([FSRET])" + re.escape(escape), lambda match: table[match.group(1)], value)
+
+
+def escape(value: str, separator: str = "|", encoding: str = "^~\\&") -> str:
+    """Text with the encoding characters escaped (HL7 v2 §2.7)."""
+    escape_character = encoding[2]
+    table = {escape_character: "E", separator: "F", encoding[0]: "S", encoding[1]: "R", encoding[3:4] or "&": "T"}
+    return "".join(
+        f"{escape_character}{table[character]}{escape_character}" if character in table else character
+        for character in value
+    )
+
+
+class Parsed:
+    """A parsed message with field access by HL7 position, unescaped, never raising for absence."""
+
+    def __init__(self, text: str) -> None:
+        if not text.startswith("MSH"):
+            raise Hl7Error(100, "the message does not start with an MSH segment", "MSH")
+        try:
+            self.message: Message = hl7.parse(text)
+        except (hl7.ParseException, IndexError, ValueError) as exc:
+            raise Hl7Error(100, f"unreadable message: {exc}", "MSH") from exc
+        self.header = header(text)
+        self._segments: dict[str, list[Segment]] = {}
+        for segment in self.message:
+            self._segments.setdefault(str(segment[0]).strip(), []).append(segment)
+
+    def first_segments(self) -> dict[str, Segment]:
+        return {name: segments[0] for name, segments in self._segments.items()}
+
+    def segments(self, name: str) -> list[Segment]:
+        return self._segments.get(name, [])
+
+    def has(self, name: str) -> bool:
+        return name in self._segments
+
+    def value(self, segment: Segment | None, number: int, component: int = 1, sub: int = 1, repetition: int = 1) -> str:
+        """One (sub)component, unescaped; empty when absent."""
+        if segment is None:
+            return ""
+        try:
+            return str(segment.extract_field(1, number, repetition, component, sub)).strip()
+        except (IndexError, KeyError):
+            return ""
+
+    def repetitions(self, segment: Segment | None, number: int) -> int:
+        if segment is None or number >= len(segment):
+            return 0
+        value = segment[number]
+        return len(value) if str(value) else 0

@@ -1,0 +1,620 @@
+"""HL7 messages to worklist items and patient updates, each acknowledged after its commit.
+
+`Inbox.receive` takes one MLLP frame and returns the frames to send back. A message's effects,
+its raw text and its ACK are committed in one transaction before the ACK is returned, so an
+acknowledged message is never lost and a message that was not committed is never answered AA.
+A resend (same MSH-3, MSH-4, MSH-10) of a settled message gets the stored ACK and changes
+nothing. Everything runs on the caller's thread; the MLLP server calls it from one worker thread
+so that HL7 writes never wait on each other.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from fabricatord.config import Settings
+from fabricatord.config.schema import Hl7Profile
+from fabricatord.db import Database, PatientRecord, PatientRegistry, Sequences
+from fabricatord.db.index import reassign_studies
+from fabricatord.db.messages import MessageLog
+from fabricatord.db.models import Hl7Message
+from fabricatord.db.worklist import (
+    STEP_COUNTER,
+    DuplicateStudy,
+    OrderPlan,
+    ProcedurePlan,
+    StepPlan,
+    UnknownPatient,
+    Worklist,
+)
+from fabricatord.hl7.ack import COMMIT_CODES, acknowledgment, batch_acknowledgment
+from fabricatord.hl7.codec import (
+    PROCESSING_IDS,
+    VERSIONS,
+    Decoded,
+    Header,
+    Hl7Error,
+    Parsed,
+    decode,
+    header,
+    split,
+)
+from fabricatord.hl7.mapping import ItemData, Mapper, OrderData, PatientData, choose_profile
+from fabricatord.obs import metrics
+from fabricatord.obs.logging import get_logger
+from fabricatord.synth.uids import UidFactory
+from fabricatord.workflow.generation import StudyGenerator
+
+log = get_logger(__name__)
+
+ORDER_MESSAGES = {"ORM": ("O01",), "OMI": ("O23",)}
+PATIENT_EVENTS = ("A01", "A04", "A08", "A31", "A40", "A47", "A10")
+SUPPORTED = {**ORDER_MESSAGES, "ADT": PATIENT_EVENTS, "ORU": ("R01",)}
+
+CONTROL_TABLE: dict[tuple[str, str], str] = {
+    **{("NW", status): "create" for status in ("", "SC", "IP")},
+    **{("XO", status): "update" for status in ("", "SC")},
+    ("XO", "CM"): "COMPLETED",
+    ("SC", "CM"): "COMPLETED",
+    ("SC", "IP"): "STARTED",
+    ("SC", "DC"): "DISCONTINUED",
+    **{(control, status): "CANCELED" for control in ("CA", "OC") for status in ("", "CA")},
+    **{(control, status): "DISCONTINUED" for control in ("DC", "OD") for status in ("", "CA", "DC")},
+}
+"""(ORC-1, ORC-5) → what happens to the order's steps: create, update, or the new status."""
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What a message would do, without committing anything."""
+
+    message_type: str
+    profile: str
+    orders: list[tuple[str, OrderPlan]]
+    """(effect, the order as it would be kept)."""
+    patient: PatientData | None
+
+
+_Prepared = Callable[[Session, int], str]
+"""A message's effects, mapped and checked, to be applied in the transaction that keeps it."""
+
+
+class _Answered(Exception):
+    """Processing stops with this acknowledgement already decided (a resend)."""
+
+    def __init__(self, ack: str) -> None:
+        self.ack = ack
+
+
+class _Draw:
+    """Identifiers a new order lacks, drawn from the counters (which commit on their own)."""
+
+    def __init__(self, generator: StudyGenerator, sequences: Sequences) -> None:
+        self._generator = generator
+        self._sequences = sequences
+
+    def accession(self) -> str:
+        return self._generator.next_accession(random.Random())
+
+    def step_id(self) -> str:
+        return f"SPS{self._sequences.take(STEP_COUNTER, 1, 1)[0]:07d}"
+
+
+class _PreviewDraw(_Draw):
+    """What `hl7 preview` shows instead of drawing: nothing is committed."""
+
+    def __init__(self) -> None:
+        pass
+
+    def accession(self) -> str:
+        return "(generated)"
+
+    def step_id(self) -> str:
+        return "(generated)"
+
+
+class Inbox:
+    def __init__(self, settings: Settings, database: Database, clock: Callable[[], datetime] = datetime.now) -> None:
+        self._settings = settings
+        self._db = database
+        self._log = MessageLog(database)
+        self._draw = _Draw(StudyGenerator(settings, database), Sequences(database))
+        self._clock = clock
+        self._control_ids = itertools.count(1)
+        self._control_prefix = f"{int(time.time()):x}"
+
+    # --- the frame -------------------------------------------------------------------------
+
+    def receive(self, raw: bytes, peer: str = "") -> list[bytes]:
+        """One frame in, the frames to send back out (none for an empty frame)."""
+        decoded = decode(raw, self._settings.hl7.default_charset)
+        if not decoded.text.strip():
+            return []
+        batch = split(decoded.text)
+        single = len(batch.messages) == 1 and not (batch.batch_header or batch.file_header)
+        answers: list[str] = []
+        for text in batch.messages:
+            original = raw if single else text.encode(decoded.charset.codec, errors="replace")
+            answers += self._message(text, original, decoded, peer)
+        if batch.batch_header or batch.file_header:
+            reply = batch_acknowledgment(answers, batch.batch_header, batch.file_header, self._clock())
+            return [reply.encode(decoded.charset.codec, errors="replace")]
+        return [answer.encode(decoded.charset.codec, errors="replace") for answer in answers]
+
+    def refuse_oversized(self, prefix: bytes, peer: str = "") -> list[bytes]:
+        """AR for a frame over `[hl7] max_message_bytes`, addressed from what MSH its first bytes hold."""
+        decoded = decode(prefix, self._settings.hl7.default_charset)
+        head = header(decoded.text)
+        limit = self._settings.hl7.max_message_bytes
+        error = Hl7Error(207, f"the message is larger than max_message_bytes ({limit} bytes): not read")
+        row = _row(head, prefix, peer)
+        metrics.HL7_MESSAGES.labels(row.message_type or "unknown", "AR").inc()
+        ack = self._refuse(head, decoded, row, error)
+        return [ack.encode(decoded.charset.codec, errors="replace")]
+
+    def preview(self, raw: bytes) -> list[Preview]:
+        """The orders each message of a frame would make, as the listener would map them."""
+        decoded = decode(raw, self._settings.hl7.default_charset)
+        previews = []
+        for text in split(decoded.text).messages:
+            head = header(text)
+            self._check_header(head, decoded)
+            parsed = Parsed(text)
+            profile = choose_profile(self._settings.hl7.profiles, head)
+            mapper = Mapper(parsed, profile)
+            kind = head.message_type
+            orders: list[tuple[str, OrderPlan]] = []
+            patient = mapper.patient() if parsed.has("PID") else None
+            if kind in ORDER_MESSAGES and patient is not None:
+                arrived = self._clock()
+                for order in mapper.orders():
+                    effect = _effect(order)
+                    plan = self._plan(order, patient, profile, mapper, decoded, arrived, _PreviewDraw())
+                    orders.append((effect, plan))
+            previews.append(Preview(f"{kind}^{head.trigger}", profile.name, orders, patient))
+        return previews
+
+    # --- one message -----------------------------------------------------------------------
+
+    def _message(self, text: str, raw: bytes, decoded: Decoded, peer: str) -> list[str]:
+        started = time.perf_counter()
+        head = header(text)
+        row = _row(head, raw, peer)
+        try:
+            ack, outcome = self._process(text, head, decoded, row)
+        except _Answered as resend:
+            ack, outcome = resend.ack, "resend"
+            row.outcome = _msa_code(ack, head.field_separator)
+            row.detail = "resend of a settled message: nothing changed"
+            row.ack = ack.encode(decoded.charset.codec, errors="replace")
+            self._keep(row)
+        metrics.HL7_MESSAGES.labels(row.message_type or "unknown", outcome).inc()
+        metrics.HL7_SECONDS.observe(time.perf_counter() - started)
+        return self._replies(head, ack, outcome)
+
+    def _replies(self, head: Header, ack: str, outcome: str) -> list[str]:
+        """Original mode: the ACK. Enhanced mode (MSH-15/16 valued): a commit ACK when MSH-15
+        asks for it (empty counts as AL), then the application ACK when MSH-16 asks for it."""
+        if not (head.accept_ack or head.application_ack) or outcome == "resend":
+            return [ack]
+        code = _msa_code(ack, head.field_separator)
+        replies = []
+        if _wanted(head.accept_ack or "AL", code == "AA"):
+            msa = f"\rMSA{head.field_separator}"
+            replies.append(ack.replace(msa + code, msa + COMMIT_CODES[code], 1))
+        if _wanted(head.application_ack or "NE", code == "AA"):
+            replies.append(ack)
+        return replies
+
+    def _process(self, text: str, head: Header, decoded: Decoded, row: Hl7Message) -> tuple[str, str]:
+        """(ACK text, outcome); the message row is committed with the effects, or alone."""
+        try:
+            self._check_resend(head)
+            self._check_header(head, decoded)
+            parsed = Parsed(text)
+            profile = choose_profile(self._settings.hl7.profiles, head)
+            row.profile = profile.name[:64]
+            handler = self._handler(head)
+            mapper = Mapper(parsed, profile)
+            prepared = handler(mapper, profile, decoded)
+            with self._db.writes.begin() as session:
+                self._check_resend(head, session)
+                MessageLog.add(session, row)
+                row.detail = prepared(session, row.id)[:512]
+                ack = self._ack(head, "AA", [])
+                row.outcome, row.ack = "AA", ack.encode(decoded.charset.codec, errors="replace")
+            log.info(
+                "hl7 message accepted",
+                type=row.message_type,
+                control_id=head.control_id,
+                sender=head.sending_application,
+                detail=row.detail,
+            )
+            return ack, "AA"
+        except _Answered:
+            raise
+        except Hl7Error as error:
+            return self._refuse(head, decoded, row, error), error.acknowledgment
+        except OperationalError as exc:
+            locked = "locked" in str(exc).lower()
+            failure = Hl7Error(206 if locked else 207, "the database is busy" if locked else "the database failed")
+            log.error("hl7 message not processed", control_id=head.control_id, error=str(exc.orig))
+            return self._refuse(head, decoded, row, failure), "AR"
+        except (SQLAlchemyError, OSError) as exc:
+            log.error("hl7 message not processed", control_id=head.control_id, error=str(exc))
+            return self._refuse(head, decoded, row, Hl7Error(207, "internal error, nothing was kept")), "AR"
+
+    def _refuse(self, head: Header, decoded: Decoded, row: Hl7Message, error: Hl7Error) -> str:
+        """AE or AR, kept in the log in a transaction of its own (if the database lets us)."""
+        code = error.acknowledgment
+        ack = self._ack(head, code, [error])
+        log.warning(
+            "hl7 message refused",
+            ack=code,
+            error=error.code,
+            where=error.location,
+            reason=error.text,
+            control_id=head.control_id,
+            sender=head.sending_application,
+        )
+        fresh = Hl7Message(
+            **{column: getattr(row, column) for column in _COPIED},
+            outcome=code,
+            error=f"{error.code} {error}"[:512],
+            detail="",
+            ack=ack.encode(decoded.charset.codec, errors="replace"),
+        )
+        self._keep(fresh)
+        return ack
+
+    def _keep(self, row: Hl7Message) -> None:
+        """Log a message that changed nothing, if the database lets us: its ACK goes out anyway."""
+        try:
+            self._log.record(row)
+        except SQLAlchemyError as exc:
+            log.error("hl7 message not logged", control_id=row.control_id, error=str(exc))
+
+    def _check_resend(self, head: Header, session: Session | None = None) -> None:
+        """A settled message seen before: its stored ACK, nothing else."""
+        if not head.control_id:
+            return
+        if session is None:
+            with self._db.reads() as reads:
+                stored = MessageLog.settled_ack(reads, head.sending_application, head.sending_facility, head.control_id)
+        else:
+            stored = MessageLog.settled_ack(session, head.sending_application, head.sending_facility, head.control_id)
+        if stored is not None:
+            log.info("hl7 resend answered with the stored ACK", control_id=head.control_id)
+            raise _Answered(stored.decode("utf-8", errors="replace"))
+
+    def _check_header(self, head: Header, decoded: Decoded) -> None:
+        if not head.message_type:
+            raise Hl7Error(100, "no MSH segment with a message type", "MSH", 1, 9)
+        if decoded.charset_error is not None:
+            raise decoded.charset_error
+        if head.version not in VERSIONS:
+            raise Hl7Error(203, f"version {head.version!r} (supported: {', '.join(VERSIONS)})", "MSH", 1, 12)
+        if head.processing_id[:1] not in PROCESSING_IDS:
+            raise Hl7Error(202, f"processing ID {head.processing_id!r}", "MSH", 1, 11)
+
+    def _ack(self, head: Header, code: str, errors: list[Hl7Error]) -> str:
+        control_id = f"{self._control_prefix}{next(self._control_ids):06d}"
+        return acknowledgment(head, code, errors, control_id, self._clock(), self._settings.node.ae_title)
+
+    # --- what each message does --------------------------------------------------------------
+
+    def _handler(self, head: Header) -> Callable[[Mapper, Hl7Profile, Decoded], _Prepared]:
+        events = SUPPORTED.get(head.message_type)
+        if events is None:
+            raise Hl7Error(200, f"message type {head.message_type!r} is not handled", "MSH", 1, 9)
+        if head.trigger not in events:
+            raise Hl7Error(201, f"event {head.trigger!r} of {head.message_type} is not handled", "MSH", 1, 9, 2)
+        if head.message_type in ORDER_MESSAGES:
+            return self._orders
+        if head.message_type == "ORU":
+            return self._result
+        return {"A40": self._merge, "A47": self._change_id, "A10": self._arrival}.get(head.trigger, self._patient)
+
+    def _orders(self, mapper: Mapper, profile: Hl7Profile, decoded: Decoded) -> _Prepared:
+        patient = mapper.patient()
+        orders = mapper.orders()
+        effects = [_effect(order) for order in orders]
+        arrived = self._clock()
+        with self._db.reads() as session:
+            known = [Worklist.find(session, o.placer_order_number, o.filler_order_number) is not None for o in orders]
+        plans = []
+        for order, effect, exists in zip(orders, effects, known, strict=True):
+            if effect != "create" and not exists:
+                raise Hl7Error(204, f"order control {order.control} for an unknown order", "ORC", order.sequence, 2)
+            # A new order gets what it lacks drawn now: the counters commit on their own.
+            fill = effect == "create" and not exists
+            plans.append(self._plan(order, patient, profile, mapper, decoded, arrived, self._draw if fill else None))
+
+        def apply(session: Session, message_pk: int) -> str:
+            PatientRegistry.upsert(session, _patient_record(patient))
+            done = []
+            for order, effect, unlinked in zip(orders, effects, plans, strict=True):
+                plan = replace(unlinked, hl7_message_pk=message_pk)
+                existing = Worklist.find(session, order.placer_order_number, order.filler_order_number)
+                try:
+                    if existing is None:
+                        if effect != "create":
+                            raise Hl7Error(204, "unknown order", "ORC", order.sequence, 2)
+                        placed = Worklist.place(session, plan)
+                        done.append(f"order {placed.accession_number} created")
+                    elif effect in ("create", "update"):
+                        Worklist.revise(session, existing, plan)
+                        note = " (NW for a known order: updated)" if effect == "create" else ""
+                        done.append(f"order {existing.accession_number} updated{note}")
+                    else:
+                        changed = Worklist.set_status(session, existing, effect)
+                        done.append(f"order {existing.accession_number} {effect} ({changed} steps)")
+                except DuplicateStudy as exc:
+                    raise _place(profile, mapper, "study_instance_uid", order.sequence, 205, str(exc)) from exc
+                except UnknownPatient as exc:
+                    raise Hl7Error(204, str(exc), "PID", 1, 3) from exc
+            return "; ".join(done)
+
+        return apply
+
+    def _plan(
+        self,
+        order: OrderData,
+        patient: PatientData,
+        profile: Hl7Profile,
+        mapper: Mapper,
+        decoded: Decoded,
+        arrived: datetime,
+        draw: _Draw | None,
+    ) -> OrderPlan:
+        """The order as it will be kept; with `draw` (a new order), what the message lacks is
+        drawn or refused; without, what it lacks stays as the order has it."""
+        fill = draw is not None
+        items = [self._filled(item, order, profile, mapper, arrived, draw) for item in order.items]
+        procedures: dict[str, ProcedurePlan] = {}
+        uid_factory = UidFactory(self._settings.node.uid_root, random.Random())
+        for item in items:
+            procedure = procedures.get(item.requested_procedure_id)
+            if procedure is None:
+                uid = item.study_instance_uid
+                if not uid and fill:
+                    uid = uid_factory.new()
+                description = item.procedure_code[2]
+                procedure = ProcedurePlan(
+                    item.requested_procedure_id, uid, [], description, item.procedure_code, item.priority
+                )
+                procedures[item.requested_procedure_id] = procedure
+            sps_id = item.sps_id
+            if not sps_id and draw is not None:
+                sps_id = f"{item.requested_procedure_id}.{len(procedure.steps) + 1}"
+                if len(sps_id) > 16:
+                    sps_id = draw.step_id()
+            procedure.steps.append(
+                StepPlan(
+                    sps_id=sps_id,
+                    modality=item.modality,
+                    start_date=item.start.strftime("%Y%m%d") if item.start else "",
+                    start_time=item.start.strftime("%H%M%S") if item.start else "",
+                    station_ae=item.station_ae,
+                    station_name=item.station_name,
+                    location=item.step_location,
+                    performing_physician=item.performing_physician,
+                    description=item.protocol_code[2] or procedure.description,
+                    protocol_code=item.protocol_code,
+                )
+            )
+        return OrderPlan(
+            patient_id=patient.patient_id,
+            issuer=patient.issuer,
+            accession_number=items[0].accession_number if items else "",
+            procedures=list(procedures.values()),
+            placer_order_number=order.placer_order_number,
+            filler_order_number=order.filler_order_number,
+            referring_physician_name=order.referring_physician,
+            requesting_physician=order.requesting_physician,
+            admission_id=order.admission_id,
+            current_patient_location=order.location,
+            source="hl7",
+            specific_character_set=decoded.charset.dicom,
+        )
+
+    def _filled(
+        self,
+        item: ItemData,
+        order: OrderData,
+        profile: Hl7Profile,
+        mapper: Mapper,
+        arrived: datetime,
+        draw: _Draw | None,
+    ) -> ItemData:
+        """Defaults for what a new order's item lacks (docs/hl7.md, "What the message lacks")."""
+        hl7 = self._settings.hl7
+        modality = item.modality or hl7.procedure_modality.get(item.procedure_code[0], "")
+        station = item.station_ae or hl7.modality_station.get(modality, "")
+        if draw is None:
+            return replace(item, modality=modality, station_ae=station)
+        accession = item.accession_number
+        if not accession:
+            if profile.accession_number == "reject":
+                raise _place(profile, mapper, "accession_number", order.sequence, 101, "no accession number")
+            accession = draw.accession()
+        if not item.study_instance_uid and profile.study_instance_uid == "reject":
+            raise _place(profile, mapper, "study_instance_uid", order.sequence, 101, "no Study Instance UID")
+        if not modality:
+            raise _place(
+                profile,
+                mapper,
+                "modality",
+                order.sequence,
+                101,
+                "no modality (name one in the message or map the procedure code in [hl7.procedure_modality])",
+            )
+        return replace(
+            item,
+            accession_number=accession,
+            requested_procedure_id=item.requested_procedure_id or accession[:16],
+            modality=modality,
+            station_ae=station,
+            start=item.start or arrived.replace(microsecond=0),
+        )
+
+    def _patient(self, mapper: Mapper, profile: Hl7Profile, decoded: Decoded) -> _Prepared:
+        patient = mapper.patient()
+        admission = mapper.text("admission_id", limit=64)
+        location = mapper.text("location")[:64]
+
+        def apply(session: Session, message_pk: int) -> str:
+            pk = PatientRegistry.upsert(session, _patient_record(patient))
+            Worklist.update_visit(session, pk, admission, location)
+            return f"patient {patient.patient_id} updated"
+
+        return apply
+
+    def _merge(self, mapper: Mapper, profile: Hl7Profile, decoded: Decoded) -> _Prepared:
+        patient = mapper.patient()
+        prior_id, prior_issuer = mapper.prior_patient()
+
+        def apply(session: Session, message_pk: int) -> str:
+            prior = PatientRegistry.pk(session, prior_id, prior_issuer or patient.issuer)
+            if prior is None:
+                raise Hl7Error(204, f"no patient {prior_id!r} to merge", "MRG", 1, 1)
+            survivor = PatientRegistry.upsert(session, _patient_record(patient))
+            if survivor == prior:
+                return f"patient {prior_id} merged into itself: nothing to do"
+            orders = Worklist.reassign(session, prior, survivor)
+            studies = reassign_studies(session, prior, survivor)
+            PatientRegistry.remove(session, prior)
+            return f"patient {prior_id} merged into {patient.patient_id} ({orders} orders, {studies} studies)"
+
+        return apply
+
+    def _change_id(self, mapper: Mapper, profile: Hl7Profile, decoded: Decoded) -> _Prepared:
+        patient = mapper.patient()
+        prior_id, prior_issuer = mapper.prior_patient()
+
+        def apply(session: Session, message_pk: int) -> str:
+            prior = PatientRegistry.pk(session, prior_id, prior_issuer or patient.issuer)
+            if prior is None:
+                raise Hl7Error(204, f"no patient {prior_id!r} to change", "MRG", 1, 1)
+            holder = PatientRegistry.pk(session, patient.patient_id, patient.issuer)
+            if holder is not None and holder != prior:
+                raise Hl7Error(205, f"patient ID {patient.patient_id!r} is already in use", "PID", 1, 3)
+            PatientRegistry.change_id(session, prior, patient.patient_id, patient.issuer)
+            PatientRegistry.upsert(session, _patient_record(patient))
+            return f"patient {prior_id} is now {patient.patient_id}"
+
+        return apply
+
+    def _arrival(self, mapper: Mapper, profile: Hl7Profile, decoded: Decoded) -> _Prepared:
+        patient = mapper.patient()
+        evn = mapper.parsed.first_segments().get("EVN")
+        occurred = mapper.parsed.value(evn, 6) or mapper.parsed.value(evn, 2)
+        day = occurred[:8] if occurred[:8].isdigit() and len(occurred) >= 8 else self._clock().strftime("%Y%m%d")
+
+        def apply(session: Session, message_pk: int) -> str:
+            pk = PatientRegistry.pk(session, patient.patient_id, patient.issuer)
+            if pk is None:
+                raise Hl7Error(204, f"no patient {patient.patient_id!r}", "PID", 1, 3)
+            arrived = Worklist.arrive(session, pk, day)
+            return f"patient {patient.patient_id} arrived: {arrived} steps of {day} ARRIVED"
+
+        return apply
+
+    def _result(self, mapper: Mapper, profile: Hl7Profile, decoded: Decoded) -> _Prepared:
+        orders = mapper.orders()
+        complete = self._settings.hl7.oru == "complete"
+
+        def apply(session: Session, message_pk: int) -> str:
+            if not complete:
+                return "result acknowledged ([hl7] oru = ignore)"
+            done = []
+            for order in orders:
+                existing = Worklist.find(session, order.placer_order_number, order.filler_order_number)
+                if existing is None:
+                    raise Hl7Error(204, "a result for an unknown order", "OBR", order.sequence, 2)
+                changed = Worklist.set_status(session, existing, "COMPLETED")
+                done.append(f"order {existing.accession_number} COMPLETED ({changed} steps)")
+            return "; ".join(done)
+
+        return apply
+
+
+_COPIED = (
+    "received_at",
+    "peer",
+    "sending_application",
+    "sending_facility",
+    "control_id",
+    "message_type",
+    "version",
+    "profile",
+    "raw",
+)
+
+
+def _row(head: Header, raw: bytes, peer: str) -> Hl7Message:
+    """The log row of a message, before we know what became of it."""
+    return Hl7Message(
+        received_at=datetime.now(UTC),
+        peer=peer[:64],
+        sending_application=head.sending_application[:227],
+        sending_facility=head.sending_facility[:227],
+        control_id=head.control_id[:199],
+        message_type=f"{head.message_type}^{head.trigger}".strip("^")[:16],
+        version=head.version[:16],
+        raw=raw,
+    )
+
+
+def _effect(order: OrderData) -> str:
+    effect = CONTROL_TABLE.get((order.control, order.status))
+    if effect is None:
+        raise Hl7Error(
+            103,
+            f"order control {order.control!r} with order status {order.status!r} is not in the control table",
+            "ORC",
+            order.sequence,
+            1,
+        )
+    return effect
+
+
+def _msa_code(ack: str, separator: str) -> str:
+    for segment in ack.split("\r"):
+        if segment.startswith("MSA"):
+            return segment.split(separator)[1][:2]
+    return "AR"
+
+
+def _wanted(condition: str, success: bool) -> bool:
+    """HL7 table 0155: AL always, NE never, ER on error, SU on success."""
+    return condition == "AL" or (condition == "ER" and not success) or (condition == "SU" and success)
+
+
+def _place(profile: Hl7Profile, mapper: Mapper, name: str, sequence: int, code: int, text: str) -> Hl7Error:
+    """An error located at the first place the profile reads `name` from."""
+    places = mapper.places(name)
+    first = next((p for p in places if p.segment in mapper.parsed.first_segments()), places[0] if places else None)
+    if first is None:
+        return Hl7Error(code, text)
+    return first.error(code, text, sequence if first.segment in ("ORC", "OBR", "IPC") else 1)
+
+
+def _patient_record(patient: PatientData) -> PatientRecord:
+    return PatientRecord(
+        patient.patient_id,
+        patient.issuer,
+        patient.name,
+        patient.birth_date,
+        patient.sex,
+        patient.address,
+        patient.phone,
+    )
