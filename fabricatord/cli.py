@@ -429,6 +429,10 @@ def _worklist_request(args: argparse.Namespace) -> Any:
 
 
 def cmd_hl7(args: argparse.Namespace) -> int:
+    if args.action == "log":
+        return _hl7_log(args)
+    if args.action == "preview":
+        return _hl7_preview(args)
     if args.action == "send":
         files = []
         for name in args.files:
@@ -498,20 +502,91 @@ def _hl7_send(address: str, messages: Sequence[tuple[str, bytes]], timeout: floa
     return 0 if accepted == len(messages) else 1
 
 
+def _hl7_log(args: argparse.Namespace) -> int:
+    from fabricatord.db.messages import MessageLog
+
+    messages = MessageLog(_database(_settings(args)))
+    if args.show is not None:
+        message = messages.get(args.show)
+        if message is None:
+            raise CliError(f"no HL7 message {args.show}", EX_DATAERR)
+        at = message.received_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        _print(f"#{message.id} {at} from {message.peer} profile {message.profile or '-'}: {message.outcome}")
+        for label, text in (("error", message.error), ("did", message.detail)):
+            if text:
+                _print(f"{label}: {text}")
+        for label, data in (("message", message.raw), ("ack", message.ack)):
+            _print(f"--- {label}")
+            _print(data.decode("utf-8", errors="replace").replace("\r", "\n").rstrip("\n"))
+        return 0
+    found = messages.recent(args.limit, args.outcome, args.control_id, _since(args.since))
+    for m in reversed(found):
+        at = m.received_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        what = m.error or m.detail
+        _print(
+            f"{m.id:>6}  {at}  {m.outcome:<2}  {m.message_type:<9} {m.sending_application:<12} "
+            f"{m.control_id:<22} {what}".rstrip()
+        )
+    if not found:
+        _print("no HL7 messages match")
+    return 0
+
+
+def _hl7_preview(args: argparse.Namespace) -> int:
+    from fabricatord.hl7.codec import Hl7Error
+    from fabricatord.workflow.hl7 import Inbox
+
+    settings = _settings(args)
+    try:
+        data = Path(args.file).read_bytes()
+    except OSError as exc:
+        raise CliError(f"{args.file}: {exc.strerror}", EX_DATAERR) from None
+    try:
+        previews = Inbox(settings, _database(settings)).preview(data)
+    except Hl7Error as exc:
+        _print(f"{exc.acknowledgment} (ERR {exc.code}) {exc}")
+        return 1
+    for preview in previews:
+        patient = preview.patient
+        who = f"patient {patient.patient_id} ({patient.issuer or 'no issuer'}) {patient.name}" if patient else ""
+        _print(f"{preview.message_type} through profile {preview.profile}: {who}".rstrip())
+        for effect, plan in preview.orders:
+            _print(
+                f"  {effect}: order placer {plan.placer_order_number or '-'} filler {plan.filler_order_number or '-'}"
+                f" accession {plan.accession_number or '-'}"
+            )
+            for procedure in plan.procedures:
+                _print(
+                    f"    requested procedure {procedure.requested_procedure_id or '-'} "
+                    f"study {procedure.study_instance_uid or '(generated)'} {procedure.description}".rstrip()
+                )
+                for step in procedure.steps:
+                    start = f"{step.start_date} {step.start_time}".strip() or "-"
+                    _print(
+                        f"      step {step.sps_id or '-'} {step.modality or '-'} station {step.station_ae or '-'} "
+                        f"at {start} {step.description}".rstrip()
+                    )
+    return 0
+
+
+def _since(text: str) -> datetime | None:
+    """`--since 10m` as the moment it names."""
+    if not text:
+        return None
+    from fabricatord.config.values import parse_duration
+
+    try:
+        return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+    except ValueError as exc:
+        raise CliError(f"--since: {exc}", EX_USAGE) from None
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from fabricatord.db.audit import AuditLog
 
     settings = _settings(args)
-    since = None
-    if args.since:
-        from fabricatord.config.values import parse_duration
-
-        try:
-            since = datetime.now(UTC) - timedelta(seconds=parse_duration(args.since))
-        except ValueError as exc:
-            raise CliError(f"--since: {exc}", EX_USAGE) from None
     records = AuditLog(_database(settings)).search(
-        args.operation, args.calling_ae, args.association, since, args.failures, args.limit
+        args.operation, args.calling_ae, args.association, _since(args.since), args.failures, args.limit
     )
     for r in reversed(records):
         at = r.at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
@@ -732,7 +807,9 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in worklist_actions.choices.values():
         sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="TOML file")
 
-    hl7_cmd = command("hl7", cmd_hl7, "HL7 v2 test tools: synthetic orders, and an MLLP client that prints each ACK")
+    hl7_cmd = command(
+        "hl7", cmd_hl7, "HL7 v2: synthetic orders, an MLLP client that prints each ACK, the message log, previews"
+    )
     hl7_actions = hl7_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
     orm = hl7_actions.add_parser("orm", help="a realistic ORM^O01 for a synthetic patient of the registry")
     orm.add_argument("--modality", default="CT", type=str.upper, choices=MODALITIES)
@@ -746,6 +823,14 @@ def build_parser() -> argparse.ArgumentParser:
     send_hl7.add_argument("address", metavar="HOST:PORT")
     send_hl7.add_argument("files", nargs="+", metavar="FILE")
     send_hl7.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each ACK")
+    hl7_log = hl7_actions.add_parser("log", help="the HL7 messages received, with their outcome (newest last)")
+    hl7_log.add_argument("--outcome", default="", choices=["", "AA", "AE", "AR"], help="only this outcome")
+    hl7_log.add_argument("--control-id", default="", help="only messages with this MSH-10")
+    hl7_log.add_argument("--since", default="", metavar="DURATION", help="only the last DURATION (`10m`, `2h`)")
+    hl7_log.add_argument("--limit", type=int, default=50)
+    hl7_log.add_argument("--show", type=int, metavar="ID", help="one message whole: the raw text and its ACK")
+    preview = hl7_actions.add_parser("preview", help="the worklist items a message would make; nothing is kept")
+    preview.add_argument("file", metavar="FILE")
     for sub in hl7_actions.choices.values():
         sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="TOML file")
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from fabricatord.config.values import (
     check_ae_title,
+    check_codec,
     check_duration,
     check_duration_range,
     check_host,
@@ -158,7 +159,9 @@ class Hl7Settings:
         "Largest HL7 frame accepted (bytes); a larger one is answered AR and the connection closed.",
         check_positive,
     )
-    default_charset: str = key("iso-8859-1", "Charset for messages without MSH-18 that are not valid UTF-8.")
+    default_charset: str = key(
+        "iso-8859-1", "Charset for messages without MSH-18 that are not valid UTF-8.", check_codec
+    )
     idle_timeout: str = key(
         "10m", "A connection that sends nothing for this long is closed (senders reconnect).", check_duration
     )

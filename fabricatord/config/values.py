@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import ipaddress
 import re
 from collections.abc import Callable
@@ -96,6 +97,14 @@ def check_positive(value: Any) -> str | None:
 def check_host(value: Any) -> str | None:
     if not isinstance(value, str) or not value or any(c.isspace() for c in value):
         return "a host name or IP address"
+    return None
+
+
+def check_codec(value: Any) -> str | None:
+    try:
+        codecs.lookup(str(value))
+    except LookupError:
+        return "a character set Python knows, such as iso-8859-1, cp1252 or utf-8"
     return None
 
 

@@ -83,12 +83,35 @@ def _elements(pairs: Pairs, implicit: bool, encoding: str) -> bytes:
     return b"".join(data for _, data in sorted(encoded))
 
 
-def encode(pairs: Pairs, implicit: bool) -> bytes:
-    """An identifier in Implicit (or Explicit) VR Little Endian, with `ISO_IR 192` when needed."""
-    wide = needs_utf8(pairs)
-    return _elements(
-        [*pairs, ("SpecificCharacterSet", UTF8)] if wide else pairs, implicit, "utf-8" if wide else "ascii"
-    )
+def encode(pairs: Pairs, implicit: bool, charset: str = "") -> bytes:
+    """An identifier in Implicit (or Explicit) VR Little Endian. Text beyond ASCII goes out in
+    `charset` (a single-code Specific Character Set such as `ISO_IR 100`) when every value fits
+    it, else in `ISO_IR 192`."""
+    if not needs_utf8(pairs):
+        return _elements(pairs, implicit, "ascii")
+    codec = SINGLE_CODE_CHARSETS.get(charset)
+    if codec is not None:
+        try:
+            return _elements([*pairs, ("SpecificCharacterSet", charset)], implicit, codec)
+        except UnicodeEncodeError:
+            pass
+    return _elements([*pairs, ("SpecificCharacterSet", UTF8)], implicit, "utf-8")
+
+
+SINGLE_CODE_CHARSETS = {
+    "ISO_IR 100": "iso8859-1",
+    "ISO_IR 101": "iso8859-2",
+    "ISO_IR 109": "iso8859-3",
+    "ISO_IR 110": "iso8859-4",
+    "ISO_IR 144": "iso8859-5",
+    "ISO_IR 127": "iso8859-6",
+    "ISO_IR 126": "iso8859-7",
+    "ISO_IR 138": "iso8859-8",
+    "ISO_IR 148": "iso8859-9",
+    "ISO_IR 203": "iso8859-15",
+    "GB18030": "gb18030",
+}
+"""Specific Character Sets without code extensions, which one Python codec encodes whole."""
 
 
 def find_response_command(sop_class_uid: str, message_id: int, status: int) -> bytes:

@@ -190,7 +190,7 @@ def answers(query: WorklistQuery, rows: list[Any], implicit: bool) -> Iterator[t
             asked = query.step or [*STEP_KEYS, "ScheduledProtocolCodeSequence"]
             item = [(keyword, _value(keyword, STEP_KEYS, entities)) for keyword in asked if not keyword.startswith("(")]
             pairs.append((STEP_SEQUENCE, [item]))
-        yield step.id, encode_answer(pairs, implicit)
+        yield step.id, encode_answer(pairs, implicit, order.specific_character_set)
 
 
 def _value(keyword: str, keys: dict[str, InstrumentedAttribute[Any]], entities: tuple[Any, ...]) -> Any:

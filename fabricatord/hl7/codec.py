@@ -8,6 +8,7 @@ default charset otherwise, so that a sender is always answered.
 
 from __future__ import annotations
 
+import codecs
 import re
 from dataclasses import dataclass, field
 
@@ -70,6 +71,13 @@ _CHARSETS = [
 ]
 CHARSETS = {charset.hl7_name: charset for charset in _CHARSETS}
 UTF8 = CHARSETS["UNICODE UTF-8"]
+
+
+def default(codec: str) -> Charset:
+    """The table 0211 charset a Python codec name stands for (`latin-1` is `8859/1`)."""
+    name = codecs.lookup(codec).name
+    known = next((c for c in _CHARSETS if codecs.lookup(c.codec).name == name), None)
+    return known or Charset(codec, name, "ISO_IR 192")
 
 
 @dataclass
@@ -142,10 +150,7 @@ def decode(raw: bytes, default_charset: str) -> Decoded:
             raw.decode("utf-8")
             charset = UTF8 if not raw.isascii() else CHARSETS["ASCII"]
         except UnicodeDecodeError:
-            charset = next(
-                (c for c in _CHARSETS if c.codec == default_charset.lower().replace("_", "-")),
-                Charset(default_charset, default_charset, "ISO_IR 192"),
-            )
+            charset = default(default_charset)
     text = raw.decode(charset.codec, errors="replace")
     lines = [line for line in re.split(r"\r\n|\n|\r", text) if line.strip()]
     return Decoded("\r".join(line.lstrip() if i == 0 else line for i, line in enumerate(lines)), charset, error)

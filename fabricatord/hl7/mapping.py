@@ -173,6 +173,12 @@ class Mapper:
         }
         self._message_scope = parsed.first_segments()
 
+    def _value(
+        self, segment: Segment | None, number: int, component: int = 1, sub: int = 1, repetition: int = 1
+    ) -> str:
+        """A value as DICOM can hold it: a backslash (DICOM's value delimiter) becomes a slash."""
+        return self.parsed.value(segment, number, component, sub, repetition).replace("\\", "/")
+
     def places(self, name: str) -> list[Place]:
         """Where this profile reads `name`, in order."""
         return self._places[name]
@@ -186,7 +192,7 @@ class Mapper:
             if name in _PERSONS and not place.component:
                 value = self._person(segment, place.field, _PERSONS[name])
             else:
-                value = self.parsed.value(segment, place.field, place.component or 1, place.sub or 1)
+                value = self._value(segment, place.field, place.component or 1, place.sub or 1)
             if value:
                 return value, place
         return "", None
@@ -203,7 +209,7 @@ class Mapper:
         for repetition in range(1, max(self.parsed.repetitions(segment, number), 1) + 1):
 
             def part(component: int, sub: int = 1, rep: int = repetition) -> str:
-                return self.parsed.value(segment, number, component, sub, rep)
+                return self._value(segment, number, component, sub, rep)
 
             if kind == "XPN":
                 names = [part(1), part(2), part(3), part(5), part(4)]  # family given middle prefix suffix
@@ -214,7 +220,7 @@ class Mapper:
             else:
                 names = [part(2), part(3), part(4), part(6), part(5)]
                 representation = part(9) if kind == "XCN" else ""
-            name = "^".join(names).rstrip("^")
+            name = "^".join(n.replace("^", " ").replace("=", " ") for n in names).rstrip("^")
             if name:
                 groups.setdefault(representation if representation in ("I", "P") else "A", name)
         if not groups:
@@ -250,9 +256,9 @@ class Mapper:
             if segment is None:
                 continue
             if place.component:
-                return self.parsed.value(segment, place.field, place.component)[:64]
+                return self._value(segment, place.field, place.component)[:64]
             # XAD street^other^city^state^zip^country, as one line.
-            parts = [self.parsed.value(segment, place.field, c) for c in (1, 2, 3, 4, 5, 6)]
+            parts = [self._value(segment, place.field, c) for c in (1, 2, 3, 4, 5, 6)]
             line = ", ".join(p for p in parts if p)
             if line:
                 return line[:64]
@@ -286,12 +292,12 @@ class Mapper:
             ipcs = [segment for segment in procedure if str(segment[0]).strip() == "IPC"]
             scopes += [{**procedure_scope, "IPC": ipc} for ipc in ipcs] or [procedure_scope]
         orc = group_scope.get("ORC")
-        control = self.parsed.value(orc, 1).upper() if orc is not None else "NW"
+        control = self._value(orc, 1).upper() if orc is not None else "NW"
         if not control:
             raise Hl7Error(101, "no order control", "ORC", sequence, 1)
         return OrderData(
             control=control,
-            status=self.parsed.value(orc, 5).upper() if orc is not None else "",
+            status=self._value(orc, 5).upper() if orc is not None else "",
             sequence=sequence,
             placer_order_number=self.text("placer_order_number", group_scope, 64, sequence),
             filler_order_number=self.text("filler_order_number", group_scope, 64, sequence),
@@ -329,8 +335,8 @@ class Mapper:
         for place in self._places[name]:
             segment = scope.get(place.segment)
             first = place.component or 1
-            value, meaning, scheme = (self.parsed.value(segment, place.field, first + i) for i in range(3))
-            if value:
+            value, meaning, scheme = (self._value(segment, place.field, first + i) for i in range(3))
+            if value or meaning:  # text without a code still describes the procedure
                 return value[:16], scheme[:16], meaning[:64]
         return "", "", ""
 

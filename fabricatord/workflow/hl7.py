@@ -49,6 +49,7 @@ from fabricatord.hl7.codec import (
 )
 from fabricatord.hl7.mapping import ItemData, Mapper, OrderData, PatientData, choose_profile
 from fabricatord.obs import metrics
+from fabricatord.obs.faults import faultpoint
 from fabricatord.obs.logging import get_logger
 from fabricatord.synth.uids import UidFactory
 from fabricatord.workflow.generation import StudyGenerator
@@ -97,15 +98,19 @@ class _Answered(Exception):
 class _Draw:
     """Identifiers a new order lacks, drawn from the counters (which commit on their own)."""
 
-    def __init__(self, generator: StudyGenerator, sequences: Sequences) -> None:
+    def __init__(self, generator: StudyGenerator, sequences: Sequences, uid_root: str) -> None:
         self._generator = generator
         self._sequences = sequences
+        self._uids = UidFactory(uid_root, random.Random())
 
     def accession(self) -> str:
         return self._generator.next_accession(random.Random())
 
     def step_id(self) -> str:
         return f"SPS{self._sequences.take(STEP_COUNTER, 1, 1)[0]:07d}"
+
+    def study_uid(self) -> str:
+        return self._uids.new()
 
 
 class _PreviewDraw(_Draw):
@@ -120,13 +125,16 @@ class _PreviewDraw(_Draw):
     def step_id(self) -> str:
         return "(generated)"
 
+    def study_uid(self) -> str:
+        return "(generated)"
+
 
 class Inbox:
     def __init__(self, settings: Settings, database: Database, clock: Callable[[], datetime] = datetime.now) -> None:
         self._settings = settings
         self._db = database
         self._log = MessageLog(database)
-        self._draw = _Draw(StudyGenerator(settings, database), Sequences(database))
+        self._draw = _Draw(StudyGenerator(settings, database), Sequences(database), settings.node.uid_root)
         self._clock = clock
         self._control_ids = itertools.count(1)
         self._control_prefix = f"{int(time.time()):x}"
@@ -231,6 +239,8 @@ class Inbox:
                 row.detail = prepared(session, row.id)[:512]
                 ack = self._ack(head, "AA", [])
                 row.outcome, row.ack = "AA", ack.encode(decoded.charset.codec, errors="replace")
+                faultpoint("hl7.before_commit")
+            faultpoint("hl7.after_commit")
             log.info(
                 "hl7 message accepted",
                 type=row.message_type,
@@ -377,16 +387,14 @@ class Inbox:
     ) -> OrderPlan:
         """The order as it will be kept; with `draw` (a new order), what the message lacks is
         drawn or refused; without, what it lacks stays as the order has it."""
-        fill = draw is not None
         items = [self._filled(item, order, profile, mapper, arrived, draw) for item in order.items]
         procedures: dict[str, ProcedurePlan] = {}
-        uid_factory = UidFactory(self._settings.node.uid_root, random.Random())
         for item in items:
             procedure = procedures.get(item.requested_procedure_id)
             if procedure is None:
                 uid = item.study_instance_uid
-                if not uid and fill:
-                    uid = uid_factory.new()
+                if not uid and draw is not None:
+                    uid = draw.study_uid()
                 description = item.procedure_code[2]
                 procedure = ProcedurePlan(
                     item.requested_procedure_id, uid, [], description, item.procedure_code, item.priority

@@ -1,0 +1,179 @@
+"""The HL7 codec, ACK builder and field mapping, one function at a time."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+
+from fabricatord.config.schema import Hl7Profile
+from fabricatord.hl7.ack import acknowledgment, batch_acknowledgment
+from fabricatord.hl7.codec import Hl7Error, Parsed, decode, header, split
+from fabricatord.hl7.mapping import Mapper, choose_profile, parse_datetime, parse_places
+
+IHE_ORM = (
+    "MSH|^~\\&|RIS|NORTH|FAB|FAB|20261124||ORM^O01^ORM_O01|C1|P|2.5.1\r"
+    "PID|1||P1^^^HOSP^MR~X9^^^OTHER||Doe^John^Q^Jr^Dr||19800101|F|||1 Main St^^Springfield^IL^62701||555-0100\r"
+    "PV1|1|O|WARD^12^B|||||D1^Referrer^Rita|||||||||||V77\r"
+    "ORC|NW|PO1|FO1||SC||^^^20261124081500^^S\r"
+    "OBR|1|PO1|FO1|CTH^CT Head\\T\\Neck^LOCAL^P1^Head protocol^LOCAL||||||||||||R1^Requester^Ron|"
+    "|ACC1|RP1|SPS1||||CT|||^^^20261124081500^^S|||||||&Tech&Tina\r"
+    "ZDS|1.2.840.99.1^FAB^Application^DICOM\r"
+    "ZZZ|ignored"
+)
+OMI = (
+    "MSH|^~\\&|EHR|SOUTH|FAB|FAB|20261124||OMI^O23^OMI_O23|C2|P|2.5\r"
+    "PID|1||P2^^^HOSP||Roe^Jane\r"
+    "ORC|NW|PO2|FO2||SC\r"
+    "TQ1|1||||||20261125090000||A\r"
+    "OBR|1|PO2|FO2|MRK^MR Knee^LOCAL\r"
+    "IPC|ACC2|RP2|1.2.3.4|SPS2a|MR|MRK1^Knee T1^LOCAL|||MR01\r"
+    "IPC|ACC2|RP2|1.2.3.4|SPS2b|MR|MRK2^Knee T2^LOCAL|||MR02"
+)
+
+
+def test_decode_reads_msh_18_before_decoding_and_joins_lf_separated_segments() -> None:
+    raw = "MSH|^~\\&|A|B|C|D|2026||ADT^A08|1|P|2.5|||||| 8859/1\nPID|1||X||Müller^Jürgen\n".encode("latin-1")
+    raw = raw.replace(b"| 8859/1", b"|8859/1")
+    decoded = decode(raw, "iso-8859-1")
+    assert decoded.charset.dicom == "ISO_IR 100"
+    assert decoded.text.split("\r")[1] == "PID|1||X||Müller^Jürgen"
+
+
+def test_decode_without_msh_18_takes_utf8_when_valid_else_the_default() -> None:
+    assert decode("MSH|^~\\&|A|||||||ADT^A08|1|P|2.5\rPID|||Zoë".encode(), "iso-8859-1").charset.dicom == "ISO_IR 192"
+    fallback = decode("MSH|^~\\&|A|||||||ADT^A08|1|P|2.5\rPID|||Zoë".encode("latin-1"), "iso-8859-1")
+    assert fallback.text.endswith("Zoë") and fallback.charset.codec == "iso8859-1"
+
+
+def test_an_unknown_charset_is_a_content_error_at_msh_18() -> None:
+    decoded = decode(b"MSH|^~\\&|A|B|C|D|2026||ADT^A08|1|P|2.5||||||KLINGON", "iso-8859-1")
+    assert decoded.charset_error is not None
+    assert (decoded.charset_error.code, decoded.charset_error.location) == (103, "MSH-18")
+    assert decoded.charset_error.acknowledgment == "AE"
+
+
+def test_split_keeps_every_message_of_a_batch_and_its_header() -> None:
+    batch = split("FHS|^~\\&|S\rBHS|^~\\&|S|F|R|G\rMSH|^~\\&|1\rPID|1\rMSH|^~\\&|2\rBTS|2\rFTS|1")
+    assert batch.messages == ["MSH|^~\\&|1\rPID|1", "MSH|^~\\&|2"]
+    assert batch.batch_header.startswith("BHS") and batch.file_header.startswith("FHS")
+
+
+def test_header_unescapes_and_tolerates_a_truncated_msh() -> None:
+    head = header("MSH|^~\\&|A\\F\\B|FAC|R|RF|2026||ORM^O01|X\\S\\1|T|2.3|||AL|NE||8859/1")
+    assert (head.sending_application, head.control_id, head.trigger) == ("A|B", "X^1", "O01")
+    assert (head.processing_id, head.version, head.accept_ack, head.charset) == ("T", "2.3", "AL", "8859/1")
+    assert header("MSH|^~\\&|A").message_type == ""
+    assert header("garbage").control_id == ""
+
+
+def test_parsed_refuses_a_message_without_msh_with_error_100() -> None:
+    with pytest.raises(Hl7Error) as caught:
+        Parsed("PID|1||X")
+    assert (caught.value.code, caught.value.acknowledgment) == (100, "AR")
+
+
+def test_ack_err_layout_follows_the_version() -> None:
+    error = Hl7Error(101, "no accession number", "OBR", 2, 18)
+    old = acknowledgment(header(IHE_ORM.replace("2.5.1", "2.3")), "AE", [error], "K1", datetime(2026, 1, 2), "FAB")
+    new = acknowledgment(header(IHE_ORM), "AE", [error], "K2", datetime(2026, 1, 2), "FAB")
+    assert old.split("\r") == [
+        "MSH|^~\\&|FAB|FAB|RIS|NORTH|20260102000000||ACK^O01|K1|P|2.3",
+        "MSA|AE|C1|no accession number",
+        "ERR|OBR^2^18^101&no accession number&HL70357",
+    ]
+    assert new.split("\r")[1:] == [
+        "MSA|AE|C1",
+        "ERR||OBR^2^18|101^Required field missing^HL70357|E||||no accession number",
+    ]
+    assert new.split("\r")[0].split("|")[8] == "ACK^O01^ACK"
+
+
+def test_batch_ack_swaps_the_envelope_and_counts_the_acks() -> None:
+    reply = batch_acknowledgment(["MSH|a", "MSH|b"], "BHS|^~\\&|S|F|R|G|2026||||B7", "", datetime(2026, 1, 2))
+    lines = reply.split("\r")
+    assert lines[0].startswith("BHS|^~\\&|R|G|S|F|20260102000000") and lines[0].endswith("|B7")
+    assert lines[1:] == ["MSH|a", "MSH|b", "BTS|2"]
+
+
+def test_the_ihe_profile_reads_an_orm_field_by_field() -> None:
+    mapper = Mapper(Parsed(IHE_ORM), Hl7Profile(name="default"))
+    patient = mapper.patient()
+    assert (patient.patient_id, patient.issuer, patient.name) == ("P1", "HOSP", "Doe^John^Q^Dr^Jr")
+    assert (patient.birth_date, patient.sex, patient.phone) == ("19800101", "F", "555-0100")
+    assert patient.address == "1 Main St, Springfield, IL, 62701"
+    [order] = mapper.orders()
+    assert (order.control, order.status, order.placer_order_number, order.filler_order_number) == (
+        "NW",
+        "SC",
+        "PO1",
+        "FO1",
+    )
+    assert (order.referring_physician, order.requesting_physician) == ("Referrer^Rita", "Requester^Ron")
+    assert (order.admission_id, order.location) == ("V77", "WARD")
+    [item] = order.items
+    assert (item.accession_number, item.requested_procedure_id, item.sps_id) == ("ACC1", "RP1", "SPS1")
+    assert (item.study_instance_uid, item.modality, item.priority) == ("1.2.840.99.1", "CT", "STAT")
+    assert item.start == datetime(2026, 11, 24, 8, 15)
+    assert item.procedure_code == ("CTH", "LOCAL", "CT Head&Neck")
+    assert item.protocol_code == ("P1", "LOCAL", "Head protocol")
+    assert item.performing_physician == "Tech^Tina"
+
+
+def test_an_omi_makes_one_item_per_ipc_with_tq1_timing() -> None:
+    [order] = Mapper(Parsed(OMI), Hl7Profile()).orders()
+    assert [(i.sps_id, i.station_ae, i.protocol_code[0]) for i in order.items] == [
+        ("SPS2a", "MR01", "MRK1"),
+        ("SPS2b", "MR02", "MRK2"),
+    ]
+    assert {i.start for i in order.items} == {datetime(2026, 11, 25, 9, 0)}
+    assert {i.priority for i in order.items} == {"HIGH"}
+    assert order.items[0].study_instance_uid == "1.2.3.4"
+
+
+def test_a_profile_redirects_fields_and_is_chosen_by_sender() -> None:
+    legacy = Hl7Profile(
+        name="legacy", match={"sending_application": "RIS"}, fields={"accession_number": "ORC-3", "modality": "OBR-4.1"}
+    )
+    other = Hl7Profile(name="other", match={"sending_facility": "ELSEWHERE"})
+    assert choose_profile([other, legacy], header(IHE_ORM)).name == "legacy"
+    assert choose_profile([other], header(IHE_ORM)).name == "default"
+    [order] = Mapper(Parsed(IHE_ORM), legacy).orders()
+    assert (order.items[0].accession_number, order.items[0].modality) == ("FO1", "CTH")
+
+
+def test_ideographic_and_phonetic_repetitions_become_pn_groups() -> None:
+    text = IHE_ORM.replace("Doe^John^Q^Jr^Dr", "Yamada^Tarou^^^^^L^A~山田^太郎^^^^^L^I~やまだ^たろう^^^^^L^P").replace(
+        "2.5.1", "2.5.1||||||UNICODE UTF-8"
+    )
+    assert Mapper(Parsed(text), Hl7Profile()).patient().name == "Yamada^Tarou=山田^太郎=やまだ^たろう"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "code", "where"),
+    [
+        ("PID|1||P1^^^HOSP^MR~X9^^^OTHER|", "PID|1|||", 101, "PID-3"),
+        ("1.2.840.99.1^FAB", "1.2.x^FAB", 102, "ZDS-1"),
+        ("|ACC1|", "|ACCESSION-NUMBER-TOO-LONG|", 102, "OBR-18"),
+        ("^^^20261124081500^^S|||", "^^^tomorrow^^S|||", 102, "OBR-27.4"),
+    ],
+)
+def test_content_errors_name_their_field(field: str, value: str, code: int, where: str) -> None:
+    text = IHE_ORM.replace("ORC|NW|PO1|FO1||SC||^^^20261124081500^^S", "ORC|NW|PO1|FO1||SC").replace(field, value, 1)
+    mapper = Mapper(Parsed(text), Hl7Profile())
+    with pytest.raises(Hl7Error) as caught:
+        mapper.patient()
+        mapper.orders()
+    assert (caught.value.code, caught.value.location, caught.value.acknowledgment) == (code, where, "AE")
+
+
+def test_places_and_datetimes_parse_strictly() -> None:
+    assert [(p.segment, p.field, p.component) for p in parse_places("IPC-1, OBR-18.2")] == [
+        ("IPC", 1, 0),
+        ("OBR", 18, 2),
+    ]
+    with pytest.raises(ValueError, match="OBR18"):
+        parse_places("OBR18")
+    assert parse_datetime("202611240815+0100") == datetime(2026, 11, 24, 8, 15)
+    assert parse_datetime("20261124") == datetime(2026, 11, 24)
+    assert parse_datetime("2026112") is None and parse_datetime("20261340") is None
