@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
-from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.orm import InstrumentedAttribute
 
 from fabricatord.db.engine import Database
 from fabricatord.db.models import Instance, Patient, Series, StorageIntent, Study
@@ -228,10 +228,12 @@ class InstanceIndex:
             )
 
 
-def reassign_studies(session: Session, from_patient_pk: int, to_patient_pk: int) -> int:
+def reassign_studies(connection: Connection, from_patient_pk: int, to_patient_pk: int) -> int:
     """A merged-away patient's studies move to the survivor in the index (the files keep the
     identifiers they were stored with); how many."""
-    result = session.execute(update(Study).where(Study.patient_pk == from_patient_pk).values(patient_pk=to_patient_pk))
+    result = connection.execute(
+        update(Study).where(Study.patient_pk == from_patient_pk).values(patient_pk=to_patient_pk)
+    )
     return int(getattr(result, "rowcount", 0) or 0)
 
 

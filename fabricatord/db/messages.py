@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from fabricatord.db.engine import Database
 from fabricatord.db.models import Hl7Message
@@ -33,6 +33,21 @@ class LoggedMessage:
     ack: bytes
 
 
+_SETTLED = (
+    select(Hl7Message.ack)
+    .where(
+        Hl7Message.sending_application == bindparam("application"),
+        Hl7Message.sending_facility == bindparam("facility"),
+        Hl7Message.control_id == bindparam("control_id"),
+        Hl7Message.outcome.in_(SETTLED),
+    )
+    .order_by(Hl7Message.id)
+    .limit(1)
+)
+_INSERT = insert(Hl7Message).returning(Hl7Message.id)
+_DESCRIBE = update(Hl7Message).where(Hl7Message.id == bindparam("pk")).values(detail=bindparam("detail"))
+
+
 def _logged(row: Hl7Message) -> LoggedMessage:
     return LoggedMessage(**{name: getattr(row, name) for name in LoggedMessage.__dataclass_fields__})
 
@@ -42,31 +57,28 @@ class MessageLog:
         self._db = database
 
     @staticmethod
-    def settled_ack(session: Session, sending_application: str, sending_facility: str, control_id: str) -> bytes | None:
+    def settled_ack(
+        connection: Connection, sending_application: str, sending_facility: str, control_id: str
+    ) -> bytes | None:
         """The ACK a message with this sender and control ID got, if it was settled (AA or AE)."""
-        return session.scalar(
-            select(Hl7Message.ack)
-            .where(
-                Hl7Message.sending_application == sending_application,
-                Hl7Message.sending_facility == sending_facility,
-                Hl7Message.control_id == control_id,
-                Hl7Message.outcome.in_(SETTLED),
-            )
-            .order_by(Hl7Message.id)
-            .limit(1)
-        )
+        return connection.execute(
+            _SETTLED, {"application": sending_application, "facility": sending_facility, "control_id": control_id}
+        ).scalar_one_or_none()
 
     @staticmethod
-    def add(session: Session, row: Hl7Message) -> Hl7Message:
-        """Add in the caller's transaction, flushed so that orders can name it."""
-        session.add(row)
-        session.flush()
-        return row
+    def add(connection: Connection, values: dict[str, Any]) -> int:
+        """Keep a message in the caller's transaction; its key, for the orders it makes."""
+        return int(connection.execute(_INSERT, values).scalar_one())
 
-    def record(self, row: Hl7Message) -> None:
+    @staticmethod
+    def describe(connection: Connection, pk: int, detail: str) -> None:
+        """What the message did, once it has done it."""
+        connection.execute(_DESCRIBE, {"pk": pk, "detail": detail})
+
+    def record(self, values: dict[str, Any]) -> None:
         """Keep a message that changed nothing (an AE or AR) in a transaction of its own."""
-        with self._db.writes.begin() as session:
-            session.add(row)
+        with self._db.writer.begin() as connection:
+            self.add(connection, values)
 
     def recent(
         self,

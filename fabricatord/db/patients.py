@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import Connection, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -36,6 +36,13 @@ class RegistryStats:
     by_sex: dict[str, int]
     studies: int
     instances: int
+
+
+_COLUMNS = ("patient_id", "issuer", "name", "birth_date", "sex", "address", "phone")
+_FIND = select(Patient.id, *(getattr(Patient, name) for name in _COLUMNS)).where(
+    Patient.patient_id == bindparam("id"), Patient.issuer == bindparam("issuer")
+)
+_INSERT = insert(Patient).returning(Patient.id)
 
 
 def _record(row: Patient) -> PatientRecord:
@@ -115,39 +122,36 @@ class PatientRegistry:
                 instances=session.scalar(select(func.count(Instance.id))) or 0,
             )
 
+    # upsert runs once per HL7 message: Core statements built once, on the caller's connection.
     @staticmethod
-    def upsert(session: Session, patient: PatientRecord) -> int:
+    def upsert(connection: Connection, patient: PatientRecord) -> int:
         """Register `patient` or update the one with its ID and issuer, in the caller's transaction.
 
         Empty values leave what is known; `""` (HL7's explicit null) clears it."""
-        row = PatientRegistry._find(session, patient.patient_id, patient.issuer)
-        if row is None:
+        given = {name: ("" if value == '""' else value) for name, value in patient.__dict__.items() if value}
+        found = connection.execute(_FIND, {"id": patient.patient_id, "issuer": patient.issuer}).first()
+        if found is None:
             values = {name: ("" if value == '""' else value) for name, value in patient.__dict__.items()}
-            row = Patient(**values, synthetic=False)
-            session.add(row)
-            session.flush()
-            return row.id
-        for name, value in patient.__dict__.items():
-            if value:
-                setattr(row, name, "" if value == '""' else value)
-        return row.id
+            return int(connection.execute(_INSERT, {**values, "synthetic": False}).scalar_one())
+        known = dict(zip(_COLUMNS, found[1:], strict=True))
+        changed = {name: value for name, value in given.items() if known[name] != value}
+        if changed:
+            connection.execute(update(Patient).where(Patient.id == found[0]).values(**changed))
+        return int(found[0])
 
     @staticmethod
-    def pk(session: Session, patient_id: str, issuer: str) -> int | None:
-        return session.scalar(select(Patient.id).where(Patient.patient_id == patient_id, Patient.issuer == issuer))
+    def pk(connection: Connection, patient_id: str, issuer: str) -> int | None:
+        found = connection.execute(_FIND, {"id": patient_id, "issuer": issuer}).first()
+        return int(found[0]) if found else None
 
     @staticmethod
-    def remove(session: Session, pk: int) -> None:
+    def remove(connection: Connection, pk: int) -> None:
         """Forget a patient that nothing refers to any more (the loser of a merge)."""
-        row = session.get(Patient, pk)
-        if row is not None:
-            session.delete(row)
+        connection.execute(delete(Patient).where(Patient.id == pk))
 
     @staticmethod
-    def change_id(session: Session, pk: int, patient_id: str, issuer: str) -> None:
-        row = session.get(Patient, pk)
-        if row is not None:
-            row.patient_id, row.issuer = patient_id, issuer
+    def change_id(connection: Connection, pk: int, patient_id: str, issuer: str) -> None:
+        connection.execute(update(Patient).where(Patient.id == pk).values(patient_id=patient_id, issuer=issuer))
 
     @staticmethod
     def _find(session: Session, patient_id: str, issuer: str) -> Patient | None:

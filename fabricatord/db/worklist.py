@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Connection, bindparam, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fabricatord.db.engine import Database
@@ -104,78 +105,111 @@ class Worklist:
 
     def schedule(self, plan: OrderPlan) -> int:
         """Store the order with its procedures and steps in one transaction; the order's key."""
-        with self._db.writes.begin() as session:
-            return self.place(session, plan).id
+        with self._db.writer.begin() as connection:
+            return self.place(connection, plan)
+
+    # place, find and set_status run once per HL7 order: Core statements built once, because the
+    # ORM's unit of work cost several times the commit here.
+    @staticmethod
+    def place(connection: Connection, plan: OrderPlan, patient_pk: int | None = None) -> int:
+        """Add a new order in the caller's transaction; its key. `patient_pk`, when the caller
+        knows it, saves looking the plan's patient up."""
+        patient_pk = patient_pk or _patient_pk(connection, plan)
+        now = datetime.now(UTC)
+        order_pk = connection.execute(
+            _INSERT_ORDER,
+            {
+                **{name: getattr(plan, name) for name in _ORDER_COLUMNS},
+                "patient_pk": patient_pk,
+                "status": "SCHEDULED",
+                "source": plan.source,
+                "hl7_message_pk": plan.hl7_message_pk,
+                "created_at": now,
+                "updated_at": now,
+            },
+        ).scalar_one()
+        for procedure in plan.procedures:
+            try:
+                procedure_pk = connection.execute(
+                    _INSERT_PROCEDURE, {"order_pk": order_pk, **_procedure_values(procedure)}
+                ).scalar_one()
+            except IntegrityError as exc:  # the unique Study Instance UID: cheaper than a look-up first
+                uid = procedure.study_instance_uid
+                raise DuplicateStudy(f"Study Instance UID {uid} belongs to another order") from exc
+            steps = [
+                {**_step_values(step), "procedure_pk": procedure_pk, "status": "SCHEDULED", "updated_at": now}
+                for step in procedure.steps
+            ]
+            connection.execute(_INSERT_STEP, steps[0] if len(steps) == 1 else steps)
+        return int(order_pk)
 
     @staticmethod
-    def place(session: Session, plan: OrderPlan) -> Order:
-        """Add a new order in the caller's transaction."""
-        order = Order(patient_pk=_patient_pk(session, plan), status="SCHEDULED")
-        _order_fields(order, plan)
-        order.procedures = [_procedure(session, procedure) for procedure in plan.procedures]
-        session.add(order)
-        session.flush()
-        return order
+    def find(connection: Connection, placer_order_number: str, filler_order_number: str) -> int | None:
+        """The newest order with this placer order number, else with this filler order number."""
+        if not (placer_order_number or filler_order_number):
+            return None
+        found = connection.execute(
+            _FIND_ORDER, {"placer": placer_order_number or None, "filler": filler_order_number or None}
+        ).scalar_one_or_none()
+        return None if found is None else int(found)
 
     @staticmethod
-    def find(session: Session, placer_order_number: str, filler_order_number: str) -> Order | None:
-        """The order with this placer order number, else with this filler order number."""
-        for column, value in (
-            (Order.placer_order_number, placer_order_number),
-            (Order.filler_order_number, filler_order_number),
-        ):
-            if value:
-                order = session.scalar(select(Order).where(column == value).order_by(Order.id.desc()).limit(1))
-                if order is not None:
-                    return order
-        return None
+    def accession(connection: Connection, order_pk: int) -> str:
+        return str(connection.execute(_ACCESSION, {"pk": order_pk}).scalar_one())
 
     @staticmethod
-    def revise(session: Session, order: Order, plan: OrderPlan) -> None:
+    def revise(connection: Connection, order_pk: int, plan: OrderPlan) -> None:
         """Change an order to what `plan` says; what it leaves empty stays. Procedures and steps
         are paired by ID, else by position, so that a message that never named them still
         updates the ones it made."""
-        order.patient_pk = _patient_pk(session, plan)
-        _order_fields(order, plan, only_given=True)
-        procedures = sorted(order.procedures, key=lambda p: p.id)
-        for index, procedure_plan in enumerate(plan.procedures):
-            procedure = _pair(procedures, index, "requested_procedure_id", procedure_plan.requested_procedure_id)
-            if procedure is None:
-                order.procedures.append(_procedure(session, procedure_plan))
-                continue
-            _procedure_fields(session, procedure, procedure_plan, only_given=True)
-            steps = sorted(procedure.steps, key=lambda s: s.id)
-            for step_index, step_plan in enumerate(procedure_plan.steps):
-                step = _pair(steps, step_index, "sps_id", step_plan.sps_id)
-                if step is None:
-                    procedure.steps.append(_step(step_plan))
-                else:
-                    _step_fields(step, step_plan, only_given=True)
-        order.updated_at = datetime.now(UTC)
+        # The ORM walks the tree here; its changes go into a savepoint of the caller's transaction.
+        with Session(bind=connection, join_transaction_mode="create_savepoint") as session:
+            order = session.get_one(Order, order_pk)
+            order.patient_pk = _patient_pk(connection, plan)
+            _order_fields(order, plan, only_given=True)
+            procedures = sorted(order.procedures, key=lambda p: p.id)
+            for index, procedure_plan in enumerate(plan.procedures):
+                procedure = _pair(procedures, index, "requested_procedure_id", procedure_plan.requested_procedure_id)
+                if procedure is None:
+                    order.procedures.append(_procedure(session, procedure_plan))
+                    continue
+                _procedure_fields(session, procedure, procedure_plan, only_given=True)
+                steps = sorted(procedure.steps, key=lambda s: s.id)
+                for step_index, step_plan in enumerate(procedure_plan.steps):
+                    step = _pair(steps, step_index, "sps_id", step_plan.sps_id)
+                    if step is None:
+                        procedure.steps.append(_step(step_plan))
+                    else:
+                        _step_fields(step, step_plan, only_given=True)
+            order.updated_at = datetime.now(UTC)
+            session.commit()
 
     @staticmethod
-    def set_status(session: Session, order: Order, status: str) -> int:
+    def set_status(connection: Connection, order_pk: int, status: str) -> int:
         """The order and every one of its steps to `status`; how many steps changed."""
-        order.status = status
-        order.updated_at = datetime.now(UTC)
-        changed = 0
-        for procedure in order.procedures:
-            for step in procedure.steps:
-                if step.status != status:
-                    step.status = status
-                    step.updated_at = order.updated_at
-                    changed += 1
-        return changed
+        now = datetime.now(UTC)
+        connection.execute(update(Order).where(Order.id == order_pk).values(status=status, updated_at=now))
+        result = connection.execute(
+            update(ScheduledStep)
+            .where(
+                ScheduledStep.procedure_pk.in_(
+                    select(RequestedProcedure.id).where(RequestedProcedure.order_pk == order_pk)
+                ),
+                ScheduledStep.status != status,
+            )
+            .values(status=status, updated_at=now)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
 
     @staticmethod
-    def arrive(session: Session, patient_pk: int, day: str) -> int:
+    def arrive(connection: Connection, patient_pk: int, day: str) -> int:
         """The patient's SCHEDULED steps of `day` (YYYYMMDD) become ARRIVED; how many."""
         procedure_pks = (
             select(RequestedProcedure.id)
             .join(Order, RequestedProcedure.order_pk == Order.id)
             .where(Order.patient_pk == patient_pk)
         )
-        result = session.execute(
+        result = connection.execute(
             update(ScheduledStep)
             .where(
                 ScheduledStep.procedure_pk.in_(procedure_pks),
@@ -187,15 +221,15 @@ class Worklist:
         return int(getattr(result, "rowcount", 0) or 0)
 
     @staticmethod
-    def reassign(session: Session, from_patient_pk: int, to_patient_pk: int) -> int:
+    def reassign(connection: Connection, from_patient_pk: int, to_patient_pk: int) -> int:
         """Every order of one patient moves to another (a merge); how many."""
-        result = session.execute(
+        result = connection.execute(
             update(Order).where(Order.patient_pk == from_patient_pk).values(patient_pk=to_patient_pk)
         )
         return int(getattr(result, "rowcount", 0) or 0)
 
     @staticmethod
-    def update_visit(session: Session, patient_pk: int, admission_id: str, location: str) -> None:
+    def update_visit(connection: Connection, patient_pk: int, admission_id: str, location: str) -> None:
         """An admission's number and the patient's location onto the patient's open orders."""
         values = {
             name: value
@@ -203,7 +237,7 @@ class Worklist:
             if value
         }
         if values:
-            session.execute(
+            connection.execute(
                 update(Order)
                 .where(Order.patient_pk == patient_pk, Order.status.in_(("SCHEDULED", "STARTED")))
                 .values(**values)
@@ -267,13 +301,53 @@ class DuplicateStudy(LookupError):
     """A new requested procedure names a Study Instance UID another order holds."""
 
 
-def _patient_pk(session: Session, plan: OrderPlan) -> int:
-    patient_pk = session.scalar(
-        select(Patient.id).where(Patient.patient_id == plan.patient_id, Patient.issuer == plan.issuer)
-    )
+def _patient_pk(connection: Connection, plan: OrderPlan) -> int:
+    patient_pk = connection.execute(_FIND_PATIENT, {"id": plan.patient_id, "issuer": plan.issuer}).scalar_one_or_none()
     if patient_pk is None:
         raise UnknownPatient(f"no patient {plan.patient_id!r} (issuer {plan.issuer!r})")
-    return patient_pk
+    return int(patient_pk)
+
+
+_FIND_PATIENT = select(Patient.id).where(Patient.patient_id == bindparam("id"), Patient.issuer == bindparam("issuer"))
+_FIND_ORDER = (
+    select(Order.id)
+    .where(or_(Order.placer_order_number == bindparam("placer"), Order.filler_order_number == bindparam("filler")))
+    .order_by((Order.placer_order_number == bindparam("placer")).desc(), Order.id.desc())
+    .limit(1)
+)
+"""One look-up for both numbers (None matches nothing); a placer match ranks first."""
+_ACCESSION = select(Order.accession_number).where(Order.id == bindparam("pk"))
+_INSERT_ORDER = insert(Order).returning(Order.id)
+_INSERT_PROCEDURE = insert(RequestedProcedure).returning(RequestedProcedure.id)
+_INSERT_STEP = insert(ScheduledStep)
+
+
+def _procedure_values(plan: ProcedurePlan) -> dict[str, Any]:
+    return {
+        "requested_procedure_id": plan.requested_procedure_id,
+        "study_instance_uid": plan.study_instance_uid,
+        "description": plan.description,
+        "priority": plan.priority,
+        **_code("code_", plan.code),
+    }
+
+
+def _step_values(plan: StepPlan) -> dict[str, Any]:
+    return {
+        "sps_id": plan.sps_id,
+        "station_ae": plan.station_ae,
+        "station_name": plan.station_name,
+        "location": plan.location,
+        "modality": plan.modality,
+        "start_date": plan.start_date,
+        "start_time": plan.start_time,
+        "start_datetime": start_datetime(plan.start_date, plan.start_time),
+        "performing_physician": plan.performing_physician,
+        "description": plan.description,
+        "premedication": "",
+        "contrast_agent": "",
+        **_code("protocol_code_", plan.protocol_code),
+    }
 
 
 def _assign(row: object, values: dict[str, Any], only_given: bool) -> None:
@@ -327,14 +401,7 @@ def _procedure_fields(
         )
         if holder is not None:
             raise DuplicateStudy(f"Study Instance UID {wanted_uid} belongs to another order")
-    values = {
-        "requested_procedure_id": plan.requested_procedure_id,
-        "study_instance_uid": wanted_uid,
-        "description": plan.description,
-        "priority": plan.priority,
-        **_code("code_", plan.code),
-    }
-    _assign(procedure, values, only_given)
+    _assign(procedure, _procedure_values(plan), only_given)
 
 
 def _pair(existing: list[T], index: int, id_attribute: str, wanted: str) -> T | None:
@@ -352,18 +419,9 @@ def _step(plan: StepPlan) -> ScheduledStep:
 
 
 def _step_fields(step: ScheduledStep, plan: StepPlan, only_given: bool = False) -> None:
-    values = {
-        "sps_id": plan.sps_id,
-        "station_ae": plan.station_ae,
-        "station_name": plan.station_name,
-        "location": plan.location,
-        "modality": plan.modality,
-        "start_date": plan.start_date,
-        "start_time": plan.start_time,
-        "performing_physician": plan.performing_physician,
-        "description": plan.description,
-        **_code("protocol_code_", plan.protocol_code),
-    }
+    values = _step_values(plan)
+    for unused in ("start_datetime", "premedication", "contrast_agent"):
+        del values[unused]
     _assign(step, values, only_given)
     step.start_datetime = start_datetime(step.start_date, step.start_time)
 

@@ -111,7 +111,10 @@ def choose_profile(profiles: Iterable[Hl7Profile], head: Header) -> Hl7Profile:
         if wanted.get("sending_facility", head.sending_facility) != head.sending_facility:
             continue
         return profile
-    return Hl7Profile(name="default")
+    return DEFAULT_PROFILE
+
+
+DEFAULT_PROFILE = Hl7Profile(name="default")
 
 
 @dataclass(frozen=True)
@@ -168,9 +171,7 @@ class Mapper:
     def __init__(self, parsed: Parsed, profile: Hl7Profile) -> None:
         self.parsed = parsed
         self.profile = profile
-        self._places = {
-            name: parse_places(profile.fields.get(name, default)) for name, default in DEFAULT_FIELDS.items()
-        }
+        self._places = _profile_places(profile)
         self._message_scope = parsed.first_segments()
 
     def _value(
@@ -348,6 +349,19 @@ class Mapper:
         if parsed is None:
             raise place.error(102, f"start {value!r} is not an HL7 date-time", sequence)
         return parsed
+
+
+_PLACES: dict[int, tuple[Hl7Profile, dict[str, list[Place]]]] = {}
+
+
+def _profile_places(profile: Hl7Profile) -> dict[str, list[Place]]:
+    """Every value's places under `profile`, parsed once per profile rather than per message
+    (profiles hold tables, so they are not hashable: kept by identity, with the profile itself)."""
+    cached = _PLACES.get(id(profile))
+    if cached is None or cached[0] is not profile:
+        places = {name: parse_places(profile.fields.get(name, default)) for name, default in DEFAULT_FIELDS.items()}
+        cached = _PLACES[id(profile)] = (profile, places)
+    return cached[1]
 
 
 def parse_datetime(value: str) -> datetime | None:

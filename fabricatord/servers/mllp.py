@@ -25,13 +25,15 @@ from fabricatord.config.values import parse_duration
 from fabricatord.hl7.mllp import END, START, frame
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
-from fabricatord.workflow.hl7 import Inbox
+from fabricatord.workflow.hl7 import Frame, Inbox
 
 log = get_logger(__name__)
 
 FS = END[:1]
 QUEUE_LIMIT = 32
 """Frames waiting per connection before we stop reading from it (pipelining senders)."""
+GROUP_LIMIT = 64
+"""Most frames committed in one transaction."""
 
 
 class MllpProtocol(Protocol, TimeoutMixin):
@@ -136,40 +138,66 @@ class MllpProtocol(Protocol, TimeoutMixin):
             self._link.pauseProducing()
         message, oversized = self._queue.popleft()
         self._busy = True
-        inbox = self._factory.inbox
-        if oversized:
-            work = deferToThreadPool(reactor, self._factory.pool, inbox.refuse_oversized, message, self._peer)
-        else:
-            work = deferToThreadPool(reactor, self._factory.pool, inbox.receive, message, self._peer)
-        work.addCallbacks(self._reply, self._failed)
+        self._factory.submit(self, Frame(message, self._peer, oversized))
 
-    def _reply(self, replies: list[bytes]) -> None:
+    def answered(self, replies: list[bytes]) -> None:
         self._busy = False
         if not self._closed:
             for reply in replies:
                 self._link.write(frame(reply))
         self._next()
 
-    def _failed(self, failure: Failure) -> None:
+    def failed(self, reason: str) -> None:
         """The inbox answers every failure it knows; anything else closes without an ACK, so the
         sender resends rather than believing it was kept."""
         self._busy = False
-        log.error("mllp frame not processed: closing", peer=self._peer, error=failure.getErrorMessage())
+        log.error("mllp frame not processed: closing", peer=self._peer, error=reason)
         self._queue.clear()
         self._link.loseConnection()
 
 
 class MllpFactory(Factory):
+    """Connections and the one worker thread they share. Frames that arrive while a group is
+    being committed wait and go together in the next group, so ten busy senders cost about one
+    commit per round, not ten."""
+
     def __init__(self, settings: Settings, inbox: Inbox, pool: ThreadPool) -> None:
         self.settings = settings
         self.inbox = inbox
         self.pool = pool
         self.active = 0
         self.idle_timeout = parse_duration(settings.hl7.idle_timeout)
+        self._waiting: list[tuple[MllpProtocol, Frame]] = []
+        self._running = False
 
     def buildProtocol(self, addr: IAddress | None) -> MllpProtocol:
         host, port = getattr(addr, "host", "?"), getattr(addr, "port", 0)
         return MllpProtocol(self, f"{host}:{port}")
+
+    def submit(self, protocol: MllpProtocol, frame: Frame) -> None:
+        self._waiting.append((protocol, frame))
+        self._run()
+
+    def _run(self) -> None:
+        if self._running or not self._waiting:
+            return
+        group, self._waiting = self._waiting[:GROUP_LIMIT], self._waiting[GROUP_LIMIT:]
+        self._running = True
+        work = deferToThreadPool(reactor, self.pool, self.inbox.receive_all, [frame for _, frame in group])
+        work.addCallbacks(self._done, self._failed, callbackArgs=(group,), errbackArgs=(group,))
+
+    def _done(self, replies: list[list[bytes]], group: list[tuple[MllpProtocol, Frame]]) -> None:
+        # Still "running" while the replies go out, so that the frames they release join one group.
+        for (protocol, _), reply in zip(group, replies, strict=True):
+            protocol.answered(reply)
+        self._running = False
+        self._run()
+
+    def _failed(self, failure: Failure, group: list[tuple[MllpProtocol, Frame]]) -> None:
+        for protocol, _ in group:
+            protocol.failed(failure.getErrorMessage())
+        self._running = False
+        self._run()
 
 
 class MllpListener(Service):

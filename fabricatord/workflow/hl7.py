@@ -16,16 +16,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from fabricatord.config import Settings
 from fabricatord.config.schema import Hl7Profile
 from fabricatord.db import Database, PatientRecord, PatientRegistry, Sequences
 from fabricatord.db.index import reassign_studies
 from fabricatord.db.messages import MessageLog
-from fabricatord.db.models import Hl7Message
 from fabricatord.db.worklist import (
     STEP_COUNTER,
     DuplicateStudy,
@@ -39,6 +39,7 @@ from fabricatord.hl7.ack import COMMIT_CODES, acknowledgment, batch_acknowledgme
 from fabricatord.hl7.codec import (
     PROCESSING_IDS,
     VERSIONS,
+    Batch,
     Decoded,
     Header,
     Hl7Error,
@@ -84,15 +85,8 @@ class Preview:
     patient: PatientData | None
 
 
-_Prepared = Callable[[Session, int], str]
+_Prepared = Callable[[Connection, int], str]
 """A message's effects, mapped and checked, to be applied in the transaction that keeps it."""
-
-
-class _Answered(Exception):
-    """Processing stops with this acknowledgement already decided (a resend)."""
-
-    def __init__(self, ack: str) -> None:
-        self.ack = ack
 
 
 class _Draw:
@@ -129,6 +123,28 @@ class _PreviewDraw(_Draw):
         return "(generated)"
 
 
+@dataclass
+class _Pending:
+    """One message between its parse and its commit."""
+
+    head: Header
+    decoded: Decoded
+    row: dict[str, Any]
+    apply: _Prepared | None = None
+    error: Hl7Error | None = None
+    ack: str = ""
+    outcome: str = ""
+    """AA, AE, AR, or resend."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    raw: bytes
+    peer: str = ""
+    oversized: bool = False
+    """Cut short at `[hl7] max_message_bytes`: answered AR from what its first bytes say."""
+
+
 class Inbox:
     def __init__(self, settings: Settings, database: Database, clock: Callable[[], datetime] = datetime.now) -> None:
         self._settings = settings
@@ -139,34 +155,47 @@ class Inbox:
         self._control_ids = itertools.count(1)
         self._control_prefix = f"{int(time.time()):x}"
 
-    # --- the frame -------------------------------------------------------------------------
+    # --- frames ------------------------------------------------------------------------------
 
     def receive(self, raw: bytes, peer: str = "") -> list[bytes]:
         """One frame in, the frames to send back out (none for an empty frame)."""
-        decoded = decode(raw, self._settings.hl7.default_charset)
-        if not decoded.text.strip():
-            return []
-        batch = split(decoded.text)
-        single = len(batch.messages) == 1 and not (batch.batch_header or batch.file_header)
-        answers: list[str] = []
-        for text in batch.messages:
-            original = raw if single else text.encode(decoded.charset.codec, errors="replace")
-            answers += self._message(text, original, decoded, peer)
-        if batch.batch_header or batch.file_header:
-            reply = batch_acknowledgment(answers, batch.batch_header, batch.file_header, self._clock())
-            return [reply.encode(decoded.charset.codec, errors="replace")]
-        return [answer.encode(decoded.charset.codec, errors="replace") for answer in answers]
+        return self.receive_all([Frame(raw, peer)])[0]
 
-    def refuse_oversized(self, prefix: bytes, peer: str = "") -> list[bytes]:
-        """AR for a frame over `[hl7] max_message_bytes`, addressed from what MSH its first bytes hold."""
-        decoded = decode(prefix, self._settings.hl7.default_charset)
-        head = header(decoded.text)
-        limit = self._settings.hl7.max_message_bytes
-        error = Hl7Error(207, f"the message is larger than max_message_bytes ({limit} bytes): not read")
-        row = _row(head, prefix, peer)
-        metrics.HL7_MESSAGES.labels(row.message_type or "unknown", "AR").inc()
-        ack = self._refuse(head, decoded, row, error)
-        return [ack.encode(decoded.charset.codec, errors="replace")]
+    def receive_all(self, frames: list[Frame]) -> list[list[bytes]]:
+        """Frames from any connections, committed together (a group commit): each message still
+        succeeds or fails alone, in a savepoint of its own, and every reply waits for the commit."""
+        started = time.perf_counter()
+        parts: list[tuple[Decoded, Batch, list[_Pending]] | None] = []
+        for frame in frames:
+            decoded = decode(frame.raw, self._settings.hl7.default_charset)
+            if not decoded.text.strip():
+                parts.append(None)
+                continue
+            batch = split(decoded.text)
+            if frame.oversized:
+                parts.append((decoded, Batch([decoded.text]), [self._oversized(frame, decoded)]))
+                continue
+            single = len(batch.messages) == 1 and not (batch.batch_header or batch.file_header)
+            pendings = [
+                self._prepare(text, frame.raw if single else _encoded(text, decoded), decoded, frame.peer)
+                for text in batch.messages
+            ]
+            parts.append((decoded, batch, pendings))
+        self._commit([pending for part in parts if part for pending in part[2]])
+        replies = [self._replies(part) if part else [] for part in parts]
+        seconds = (time.perf_counter() - started) / max(len(frames), 1)
+        for part in parts:
+            for pending in part[2] if part else []:
+                metrics.HL7_MESSAGES.labels(pending.row["message_type"] or "unknown", pending.outcome).inc()
+                metrics.HL7_SECONDS.observe(seconds)
+        return replies
+
+    def _replies(self, part: tuple[Decoded, Batch, list[_Pending]]) -> list[bytes]:
+        decoded, batch, pendings = part
+        answers = [answer for pending in pendings for answer in _answers(pending)]
+        if batch.batch_header or batch.file_header:
+            answers = [batch_acknowledgment(answers, batch.batch_header, batch.file_header, self._clock())]
+        return [_encoded(answer, decoded) for answer in answers]
 
     def preview(self, raw: bytes) -> list[Preview]:
         """The orders each message of a frame would make, as the listener would map them."""
@@ -190,120 +219,124 @@ class Inbox:
             previews.append(Preview(f"{kind}^{head.trigger}", profile.name, orders, patient))
         return previews
 
-    # --- one message -----------------------------------------------------------------------
+    # --- one message -------------------------------------------------------------------------
 
-    def _message(self, text: str, raw: bytes, decoded: Decoded, peer: str) -> list[str]:
-        started = time.perf_counter()
+    def _prepare(self, text: str, raw: bytes, decoded: Decoded, peer: str) -> _Pending:
+        """Parse, map and check: everything that needs no write transaction."""
         head = header(text)
-        row = _row(head, raw, peer)
+        pending = _Pending(head, decoded, _row(head, raw, peer))
         try:
-            ack, outcome = self._process(text, head, decoded, row)
-        except _Answered as resend:
-            ack, outcome = resend.ack, "resend"
-            row.outcome = _msa_code(ack, head.field_separator)
-            row.detail = "resend of a settled message: nothing changed"
-            row.ack = ack.encode(decoded.charset.codec, errors="replace")
-            self._keep(row)
-        metrics.HL7_MESSAGES.labels(row.message_type or "unknown", outcome).inc()
-        metrics.HL7_SECONDS.observe(time.perf_counter() - started)
-        return self._replies(head, ack, outcome)
-
-    def _replies(self, head: Header, ack: str, outcome: str) -> list[str]:
-        """Original mode: the ACK. Enhanced mode (MSH-15/16 valued): a commit ACK when MSH-15
-        asks for it (empty counts as AL), then the application ACK when MSH-16 asks for it."""
-        if not (head.accept_ack or head.application_ack) or outcome == "resend":
-            return [ack]
-        code = _msa_code(ack, head.field_separator)
-        replies = []
-        if _wanted(head.accept_ack or "AL", code == "AA"):
-            msa = f"\rMSA{head.field_separator}"
-            replies.append(ack.replace(msa + code, msa + COMMIT_CODES[code], 1))
-        if _wanted(head.application_ack or "NE", code == "AA"):
-            replies.append(ack)
-        return replies
-
-    def _process(self, text: str, head: Header, decoded: Decoded, row: Hl7Message) -> tuple[str, str]:
-        """(ACK text, outcome); the message row is committed with the effects, or alone."""
-        try:
-            self._check_resend(head)
             self._check_header(head, decoded)
             parsed = Parsed(text)
             profile = choose_profile(self._settings.hl7.profiles, head)
-            row.profile = profile.name[:64]
-            handler = self._handler(head)
-            mapper = Mapper(parsed, profile)
-            prepared = handler(mapper, profile, decoded)
-            with self._db.writes.begin() as session:
-                self._check_resend(head, session)
-                MessageLog.add(session, row)
-                row.detail = prepared(session, row.id)[:512]
-                ack = self._ack(head, "AA", [])
-                row.outcome, row.ack = "AA", ack.encode(decoded.charset.codec, errors="replace")
+            pending.row["profile"] = profile.name[:64]
+            pending.apply = self._handler(head)(Mapper(parsed, profile), profile, decoded)
+        except Hl7Error as error:
+            pending.error = error
+        except (SQLAlchemyError, OSError) as exc:  # drawing a counter failed
+            pending.error = _database_error(exc)
+        return pending
+
+    def _oversized(self, frame: Frame, decoded: Decoded) -> _Pending:
+        head = header(decoded.text)
+        pending = _Pending(head, decoded, _row(head, frame.raw, frame.peer))
+        limit = self._settings.hl7.max_message_bytes
+        pending.error = Hl7Error(207, f"the message is larger than max_message_bytes ({limit} bytes): not read")
+        return pending
+
+    def _commit(self, pendings: list[_Pending]) -> None:
+        """Apply every message in one transaction; no ACK text is final before the commit."""
+        if not pendings:
+            return
+        try:
+            with self._db.writer.begin() as connection:
+                for pending in pendings:
+                    self._apply(connection, pending)
                 faultpoint("hl7.before_commit")
             faultpoint("hl7.after_commit")
+        except (SQLAlchemyError, OSError) as exc:
+            failure = _database_error(exc)
+            log.error("hl7 messages not kept", messages=len(pendings), error=str(exc))
+            for pending in pendings:
+                pending.error = failure
+                self._refuse(pending)
+            try:
+                with self._db.writer.begin() as connection:
+                    for pending in pendings:
+                        MessageLog.add(connection, pending.row)
+            except SQLAlchemyError as again:
+                log.error("hl7 messages not logged", messages=len(pendings), error=str(again))
+            return
+        for pending in pendings:
+            self._report(pending)
+
+    def _apply(self, connection: Connection, pending: _Pending) -> None:
+        head, row = pending.head, pending.row
+        stored = (
+            MessageLog.settled_ack(connection, head.sending_application, head.sending_facility, head.control_id)
+            if head.control_id
+            else None
+        )
+        if stored is not None:
+            pending.ack, pending.outcome = stored.decode("utf-8", errors="replace"), "resend"
+            row.update(
+                outcome=_msa_code(pending.ack), detail="resend of a settled message: nothing changed", ack=stored
+            )
+            MessageLog.add(connection, row)
+            return
+        if pending.apply is not None:
+            pending.ack, pending.outcome = self._ack(head, "AA", []), "AA"
+            row.update(outcome="AA", ack=self._encoded(pending))
+            try:
+                # A savepoint: a message that fails half-way leaves nothing behind, and its group
+                # commits without it.
+                with connection.begin_nested():
+                    pk = MessageLog.add(connection, row)
+                    row["detail"] = pending.apply(connection, pk)[:512]
+                    MessageLog.describe(connection, pk, row["detail"])
+                return
+            except Hl7Error as error:
+                pending.error = error
+            except IntegrityError as exc:
+                pending.error = Hl7Error(207, f"the database refused the change: {exc.orig}")
+        self._refuse(pending)
+        MessageLog.add(connection, row)
+
+    def _refuse(self, pending: _Pending) -> None:
+        """AE or AR with the error: the ACK and the log row."""
+        error = pending.error
+        assert error is not None
+        pending.outcome = error.acknowledgment
+        pending.ack = self._ack(pending.head, pending.outcome, [error])
+        pending.row.update(
+            outcome=pending.outcome, error=f"{error.code} {error}"[:512], detail="", ack=self._encoded(pending)
+        )
+
+    def _report(self, pending: _Pending) -> None:
+        head = pending.head
+        if pending.outcome == "AA":
             log.info(
                 "hl7 message accepted",
-                type=row.message_type,
+                type=pending.row["message_type"],
                 control_id=head.control_id,
                 sender=head.sending_application,
-                detail=row.detail,
+                detail=pending.row["detail"],
             )
-            return ack, "AA"
-        except _Answered:
-            raise
-        except Hl7Error as error:
-            return self._refuse(head, decoded, row, error), error.acknowledgment
-        except OperationalError as exc:
-            locked = "locked" in str(exc).lower()
-            failure = Hl7Error(206 if locked else 207, "the database is busy" if locked else "the database failed")
-            log.error("hl7 message not processed", control_id=head.control_id, error=str(exc.orig))
-            return self._refuse(head, decoded, row, failure), "AR"
-        except (SQLAlchemyError, OSError) as exc:
-            log.error("hl7 message not processed", control_id=head.control_id, error=str(exc))
-            return self._refuse(head, decoded, row, Hl7Error(207, "internal error, nothing was kept")), "AR"
-
-    def _refuse(self, head: Header, decoded: Decoded, row: Hl7Message, error: Hl7Error) -> str:
-        """AE or AR, kept in the log in a transaction of its own (if the database lets us)."""
-        code = error.acknowledgment
-        ack = self._ack(head, code, [error])
-        log.warning(
-            "hl7 message refused",
-            ack=code,
-            error=error.code,
-            where=error.location,
-            reason=error.text,
-            control_id=head.control_id,
-            sender=head.sending_application,
-        )
-        fresh = Hl7Message(
-            **{column: getattr(row, column) for column in _COPIED},
-            outcome=code,
-            error=f"{error.code} {error}"[:512],
-            detail="",
-            ack=ack.encode(decoded.charset.codec, errors="replace"),
-        )
-        self._keep(fresh)
-        return ack
-
-    def _keep(self, row: Hl7Message) -> None:
-        """Log a message that changed nothing, if the database lets us: its ACK goes out anyway."""
-        try:
-            self._log.record(row)
-        except SQLAlchemyError as exc:
-            log.error("hl7 message not logged", control_id=row.control_id, error=str(exc))
-
-    def _check_resend(self, head: Header, session: Session | None = None) -> None:
-        """A settled message seen before: its stored ACK, nothing else."""
-        if not head.control_id:
-            return
-        if session is None:
-            with self._db.reads() as reads:
-                stored = MessageLog.settled_ack(reads, head.sending_application, head.sending_facility, head.control_id)
-        else:
-            stored = MessageLog.settled_ack(session, head.sending_application, head.sending_facility, head.control_id)
-        if stored is not None:
+        elif pending.outcome == "resend":
             log.info("hl7 resend answered with the stored ACK", control_id=head.control_id)
-            raise _Answered(stored.decode("utf-8", errors="replace"))
+        elif pending.error is not None:
+            log.warning(
+                "hl7 message refused",
+                ack=pending.outcome,
+                error=pending.error.code,
+                where=pending.error.location,
+                reason=pending.error.text,
+                control_id=head.control_id,
+                sender=head.sending_application,
+            )
+
+    def _encoded(self, pending: _Pending) -> bytes:
+        return _encoded(pending.ack, pending.decoded)
 
     def _check_header(self, head: Header, decoded: Decoded) -> None:
         if not head.message_type:
@@ -338,35 +371,34 @@ class Inbox:
         orders = mapper.orders()
         effects = [_effect(order) for order in orders]
         arrived = self._clock()
-        with self._db.reads() as session:
-            known = [Worklist.find(session, o.placer_order_number, o.filler_order_number) is not None for o in orders]
-        plans = []
-        for order, effect, exists in zip(orders, effects, known, strict=True):
-            if effect != "create" and not exists:
-                raise Hl7Error(204, f"order control {order.control} for an unknown order", "ORC", order.sequence, 2)
-            # A new order gets what it lacks drawn now: the counters commit on their own.
-            fill = effect == "create" and not exists
-            plans.append(self._plan(order, patient, profile, mapper, decoded, arrived, self._draw if fill else None))
+        # An update keeps what the message leaves out; a new order gets it drawn now, before the
+        # transaction, because the counters commit on their own.
+        given = [self._plan(order, patient, profile, mapper, decoded, arrived, None) for order in orders]
+        filled = [
+            self._plan(order, patient, profile, mapper, decoded, arrived, self._draw) if effect == "create" else None
+            for order, effect in zip(orders, effects, strict=True)
+        ]
 
-        def apply(session: Session, message_pk: int) -> str:
-            PatientRegistry.upsert(session, _patient_record(patient))
+        def apply(connection: Connection, message_pk: int) -> str:
+            patient_pk = PatientRegistry.upsert(connection, _patient_record(patient))
             done = []
-            for order, effect, unlinked in zip(orders, effects, plans, strict=True):
-                plan = replace(unlinked, hl7_message_pk=message_pk)
-                existing = Worklist.find(session, order.placer_order_number, order.filler_order_number)
+            for order, effect, update, new in zip(orders, effects, given, filled, strict=True):
+                existing = Worklist.find(connection, order.placer_order_number, order.filler_order_number)
                 try:
                     if existing is None:
-                        if effect != "create":
-                            raise Hl7Error(204, "unknown order", "ORC", order.sequence, 2)
-                        placed = Worklist.place(session, plan)
-                        done.append(f"order {placed.accession_number} created")
+                        if new is None:
+                            raise Hl7Error(
+                                204, f"order control {order.control} for an unknown order", "ORC", order.sequence, 2
+                            )
+                        Worklist.place(connection, replace(new, hl7_message_pk=message_pk), patient_pk)
+                        done.append(f"order {new.accession_number} created")
                     elif effect in ("create", "update"):
-                        Worklist.revise(session, existing, plan)
+                        Worklist.revise(connection, existing, replace(update, hl7_message_pk=message_pk))
                         note = " (NW for a known order: updated)" if effect == "create" else ""
-                        done.append(f"order {existing.accession_number} updated{note}")
+                        done.append(f"order {Worklist.accession(connection, existing)} updated{note}")
                     else:
-                        changed = Worklist.set_status(session, existing, effect)
-                        done.append(f"order {existing.accession_number} {effect} ({changed} steps)")
+                        changed = Worklist.set_status(connection, existing, effect)
+                        done.append(f"order {Worklist.accession(connection, existing)} {effect} ({changed} steps)")
                 except DuplicateStudy as exc:
                     raise _place(profile, mapper, "study_instance_uid", order.sequence, 205, str(exc)) from exc
                 except UnknownPatient as exc:
@@ -479,9 +511,9 @@ class Inbox:
         admission = mapper.text("admission_id", limit=64)
         location = mapper.text("location")[:64]
 
-        def apply(session: Session, message_pk: int) -> str:
-            pk = PatientRegistry.upsert(session, _patient_record(patient))
-            Worklist.update_visit(session, pk, admission, location)
+        def apply(connection: Connection, message_pk: int) -> str:
+            pk = PatientRegistry.upsert(connection, _patient_record(patient))
+            Worklist.update_visit(connection, pk, admission, location)
             return f"patient {patient.patient_id} updated"
 
         return apply
@@ -490,16 +522,16 @@ class Inbox:
         patient = mapper.patient()
         prior_id, prior_issuer = mapper.prior_patient()
 
-        def apply(session: Session, message_pk: int) -> str:
-            prior = PatientRegistry.pk(session, prior_id, prior_issuer or patient.issuer)
+        def apply(connection: Connection, message_pk: int) -> str:
+            prior = PatientRegistry.pk(connection, prior_id, prior_issuer or patient.issuer)
             if prior is None:
                 raise Hl7Error(204, f"no patient {prior_id!r} to merge", "MRG", 1, 1)
-            survivor = PatientRegistry.upsert(session, _patient_record(patient))
+            survivor = PatientRegistry.upsert(connection, _patient_record(patient))
             if survivor == prior:
                 return f"patient {prior_id} merged into itself: nothing to do"
-            orders = Worklist.reassign(session, prior, survivor)
-            studies = reassign_studies(session, prior, survivor)
-            PatientRegistry.remove(session, prior)
+            orders = Worklist.reassign(connection, prior, survivor)
+            studies = reassign_studies(connection, prior, survivor)
+            PatientRegistry.remove(connection, prior)
             return f"patient {prior_id} merged into {patient.patient_id} ({orders} orders, {studies} studies)"
 
         return apply
@@ -508,15 +540,15 @@ class Inbox:
         patient = mapper.patient()
         prior_id, prior_issuer = mapper.prior_patient()
 
-        def apply(session: Session, message_pk: int) -> str:
-            prior = PatientRegistry.pk(session, prior_id, prior_issuer or patient.issuer)
+        def apply(connection: Connection, message_pk: int) -> str:
+            prior = PatientRegistry.pk(connection, prior_id, prior_issuer or patient.issuer)
             if prior is None:
                 raise Hl7Error(204, f"no patient {prior_id!r} to change", "MRG", 1, 1)
-            holder = PatientRegistry.pk(session, patient.patient_id, patient.issuer)
+            holder = PatientRegistry.pk(connection, patient.patient_id, patient.issuer)
             if holder is not None and holder != prior:
                 raise Hl7Error(205, f"patient ID {patient.patient_id!r} is already in use", "PID", 1, 3)
-            PatientRegistry.change_id(session, prior, patient.patient_id, patient.issuer)
-            PatientRegistry.upsert(session, _patient_record(patient))
+            PatientRegistry.change_id(connection, prior, patient.patient_id, patient.issuer)
+            PatientRegistry.upsert(connection, _patient_record(patient))
             return f"patient {prior_id} is now {patient.patient_id}"
 
         return apply
@@ -527,11 +559,11 @@ class Inbox:
         occurred = mapper.parsed.value(evn, 6) or mapper.parsed.value(evn, 2)
         day = occurred[:8] if occurred[:8].isdigit() and len(occurred) >= 8 else self._clock().strftime("%Y%m%d")
 
-        def apply(session: Session, message_pk: int) -> str:
-            pk = PatientRegistry.pk(session, patient.patient_id, patient.issuer)
+        def apply(connection: Connection, message_pk: int) -> str:
+            pk = PatientRegistry.pk(connection, patient.patient_id, patient.issuer)
             if pk is None:
                 raise Hl7Error(204, f"no patient {patient.patient_id!r}", "PID", 1, 3)
-            arrived = Worklist.arrive(session, pk, day)
+            arrived = Worklist.arrive(connection, pk, day)
             return f"patient {patient.patient_id} arrived: {arrived} steps of {day} ARRIVED"
 
         return apply
@@ -540,46 +572,66 @@ class Inbox:
         orders = mapper.orders()
         complete = self._settings.hl7.oru == "complete"
 
-        def apply(session: Session, message_pk: int) -> str:
+        def apply(connection: Connection, message_pk: int) -> str:
             if not complete:
                 return "result acknowledged ([hl7] oru = ignore)"
             done = []
             for order in orders:
-                existing = Worklist.find(session, order.placer_order_number, order.filler_order_number)
+                existing = Worklist.find(connection, order.placer_order_number, order.filler_order_number)
                 if existing is None:
                     raise Hl7Error(204, "a result for an unknown order", "OBR", order.sequence, 2)
-                changed = Worklist.set_status(session, existing, "COMPLETED")
-                done.append(f"order {existing.accession_number} COMPLETED ({changed} steps)")
+                changed = Worklist.set_status(connection, existing, "COMPLETED")
+                done.append(f"order {Worklist.accession(connection, existing)} COMPLETED ({changed} steps)")
             return "; ".join(done)
 
         return apply
 
 
-_COPIED = (
-    "received_at",
-    "peer",
-    "sending_application",
-    "sending_facility",
-    "control_id",
-    "message_type",
-    "version",
-    "profile",
-    "raw",
-)
-
-
-def _row(head: Header, raw: bytes, peer: str) -> Hl7Message:
+def _row(head: Header, raw: bytes, peer: str) -> dict[str, Any]:
     """The log row of a message, before we know what became of it."""
-    return Hl7Message(
-        received_at=datetime.now(UTC),
-        peer=peer[:64],
-        sending_application=head.sending_application[:227],
-        sending_facility=head.sending_facility[:227],
-        control_id=head.control_id[:199],
-        message_type=f"{head.message_type}^{head.trigger}".strip("^")[:16],
-        version=head.version[:16],
-        raw=raw,
-    )
+    return {
+        "received_at": datetime.now(UTC),
+        "peer": peer[:64],
+        "sending_application": head.sending_application[:227],
+        "sending_facility": head.sending_facility[:227],
+        "control_id": head.control_id[:199],
+        "message_type": f"{head.message_type}^{head.trigger}".strip("^")[:16],
+        "version": head.version[:16],
+        "profile": "",
+        "outcome": "",
+        "error": "",
+        "detail": "",
+        "raw": raw,
+        "ack": b"",
+    }
+
+
+def _answers(pending: _Pending) -> list[str]:
+    """Original mode: the ACK. Enhanced mode (MSH-15/16 valued): a commit ACK when MSH-15 asks
+    for it (empty counts as AL), then the application ACK when MSH-16 asks for it."""
+    head, ack = pending.head, pending.ack
+    if not (head.accept_ack or head.application_ack) or pending.outcome == "resend":
+        return [ack]
+    code = _msa_code(ack)
+    answers = []
+    if _wanted(head.accept_ack or "AL", code == "AA"):
+        msa = f"\rMSA{head.field_separator}"
+        answers.append(ack.replace(msa + code, msa + COMMIT_CODES[code], 1))
+    if _wanted(head.application_ack or "NE", code == "AA"):
+        answers.append(ack)
+    return answers
+
+
+def _encoded(text: str, decoded: Decoded) -> bytes:
+    """Text back in the charset its frame came in (what it cannot hold becomes ?)."""
+    return text.encode(decoded.charset.codec, errors="replace")
+
+
+def _database_error(exc: Exception) -> Hl7Error:
+    """AR 206 when the database stayed locked past the busy timeout, AR 207 for anything else."""
+    if isinstance(exc, OperationalError) and "locked" in str(exc).lower():
+        return Hl7Error(206, "the database is busy: nothing was kept, send it again")
+    return Hl7Error(207, "internal error: nothing was kept, send it again")
 
 
 def _effect(order: OrderData) -> str:
@@ -595,10 +647,10 @@ def _effect(order: OrderData) -> str:
     return effect
 
 
-def _msa_code(ack: str, separator: str) -> str:
+def _msa_code(ack: str) -> str:
     for segment in ack.split("\r"):
         if segment.startswith("MSA"):
-            return segment.split(separator)[1][:2]
+            return segment[4:6]
     return "AR"
 
 
