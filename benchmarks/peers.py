@@ -124,14 +124,18 @@ def _orthanc_rows(server: Server) -> int:
         return int(json.loads(response.read())["CountInstances"])
 
 
-def fabricatord(work: Path, peers: str = "", extra: str = "") -> Server:
-    port, http_port = free_port(), free_port()
+def fabricatord(work: Path, peers: str = "", extra: str = "", hl7: str = "") -> Server:
+    """`fabricatord serve` on free ports; `extra` goes into [dicom], `hl7` into [hl7]; the MLLP
+    port is `extra["hl7_port"]` of the returned server."""
+    port, http_port, hl7_port = free_port(), free_port(), free_port()
     (work / "fabricatord.toml").write_text(
         f'[node]\ndata_dir = "data"\n[log]\nlevel = "warning"\n[dicom]\nport = {port}\n'
-        f"max_find_results = 1000000\n{extra}[http]\nport = {http_port}\n[hl7]\nport = {free_port()}\n{peers}"
+        f"max_find_results = 1000000\n{extra}[http]\nport = {http_port}\n[hl7]\nport = {hl7_port}\n{hl7}{peers}"
     )
     command = [PYTHON, "-m", "fabricatord", "serve", "--config", str(work / "fabricatord.toml")]
-    return _launch("fabricatord", "FABRICATORD", command, work, port, _fabricatord_rows, http_port)
+    server = _launch("fabricatord", "FABRICATORD", command, work, port, _fabricatord_rows, http_port)
+    server.extra["hl7_port"] = hl7_port
+    return server
 
 
 def storescp(work: Path) -> Server:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -23,6 +24,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from fabricatord.config import Settings
 from fabricatord.config.schema import Hl7Profile
+from fabricatord.config.values import parse_size
 from fabricatord.db import Database, PatientRecord, PatientRegistry, Sequences
 from fabricatord.db.index import reassign_studies
 from fabricatord.db.messages import MessageLog
@@ -154,6 +156,7 @@ class Inbox:
         self._clock = clock
         self._control_ids = itertools.count(1)
         self._control_prefix = f"{int(time.time()):x}"
+        self._min_free = parse_size(settings.dicom.min_free_space)
 
     # --- frames ------------------------------------------------------------------------------
 
@@ -249,6 +252,7 @@ class Inbox:
         if not pendings:
             return
         try:
+            self._check_space()
             with self._db.writer.begin() as connection:
                 for pending in pendings:
                     self._apply(connection, pending)
@@ -260,6 +264,8 @@ class Inbox:
             for pending in pendings:
                 pending.error = failure
                 self._refuse(pending)
+            if failure.code == 206:  # logging them would wait out the same lock again
+                return
             try:
                 with self._db.writer.begin() as connection:
                     for pending in pendings:
@@ -270,6 +276,10 @@ class Inbox:
         for pending in pendings:
             self._report(pending)
 
+    def _check_space(self) -> None:
+        if self._min_free and shutil.disk_usage(self._settings.node.data_dir).free < self._min_free:
+            raise _LowOnSpace(f"free space is below [dicom] min_free_space ({self._settings.dicom.min_free_space})")
+
     def _apply(self, connection: Connection, pending: _Pending) -> None:
         head, row = pending.head, pending.row
         stored = (
@@ -278,7 +288,7 @@ class Inbox:
             else None
         )
         if stored is not None:
-            pending.ack, pending.outcome = stored.decode("utf-8", errors="replace"), "resend"
+            pending.ack, pending.outcome = stored.decode(pending.decoded.charset.codec, errors="replace"), "resend"
             row.update(
                 outcome=_msa_code(pending.ack), detail="resend of a settled message: nothing changed", ack=stored
             )
@@ -627,8 +637,14 @@ def _encoded(text: str, decoded: Decoded) -> bytes:
     return text.encode(decoded.charset.codec, errors="replace")
 
 
+class _LowOnSpace(OSError):
+    """The disk of data_dir is below its watermark: nothing more is accepted until space returns."""
+
+
 def _database_error(exc: Exception) -> Hl7Error:
     """AR 206 when the database stayed locked past the busy timeout, AR 207 for anything else."""
+    if isinstance(exc, _LowOnSpace):
+        return Hl7Error(207, f"{exc}: nothing was kept, send it again later")
     if isinstance(exc, OperationalError) and "locked" in str(exc).lower():
         return Hl7Error(206, "the database is busy: nothing was kept, send it again")
     return Hl7Error(207, "internal error: nothing was kept, send it again")

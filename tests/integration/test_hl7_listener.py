@@ -8,6 +8,7 @@ import socket
 import sqlite3
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -382,3 +383,43 @@ def test_hl7_tools_preview_and_send_through_the_listener(start_daemon: Callable[
     )
     assert ": AA " in made.stdout
     assert len(steps(daemon)) == 3
+
+
+def test_pipelined_bursts_from_several_senders_are_answered_in_order(start_daemon: Callable[..., Daemon]) -> None:
+    daemon = start_daemon()
+    senders, each = 5, 100
+
+    def burst(sender: int) -> list[str]:
+        frames = b"".join(
+            b"\x0b" + order(f"S{sender}-{i}", "NW", "SC", f"ACC{sender}X{i}") + b"\x1c\r" for i in range(each)
+        )
+        with socket.create_connection(("127.0.0.1", daemon.hl7_port), timeout=60) as connection:
+            connection.sendall(frames)
+            return [msa(ack)[0] + " " + msa(ack)[1] for ack in _read_frames(connection, each)]
+
+    with ThreadPoolExecutor(senders) as pool:
+        answered = list(pool.map(burst, range(senders)))
+    for sender, acks in enumerate(answered):
+        assert acks == [f"AA S{sender}-{i}" for i in range(each)]
+    assert len(steps(daemon)) == senders * each
+
+
+def test_a_locked_database_is_ar_206_and_the_resend_succeeds(start_daemon: Callable[..., Daemon]) -> None:
+    daemon = start_daemon()
+    blocker = sqlite3.connect(daemon.data_dir / "fabricatord.sqlite", isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # held past the daemon's 10 s busy timeout
+        code, _, errors = msa(send(daemon, order("LK1", "NW", "SC", "ACCLK1")))
+        assert code == "AR" and errors[0].startswith("ERR|||206^Application record locked")
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert msa(send(daemon, order("LK1", "NW", "SC", "ACCLK1")))[0] == "AA"
+    assert steps(daemon) == [("ACCLK1", "ACCLK1.1", "SCHEDULED")]
+
+
+def test_below_the_free_space_watermark_is_ar_207(start_daemon: Callable[..., Daemon]) -> None:
+    daemon = start_daemon(env={"FABRICATORD__DICOM__MIN_FREE_SPACE": "1000TiB"})
+    code, _, errors = msa(send(daemon, order("FS1", "NW", "SC", "ACCFS1")))
+    assert code == "AR" and "207^Application internal error" in errors[0] and "min_free_space" in errors[0]
+    assert steps(daemon) == []
