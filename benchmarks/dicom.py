@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import socket
 import statistics
@@ -36,15 +35,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import data, peers
-
-RESULTS: dict[str, Any] = {}
+from benchmarks.report import RESULTS, finish, gate, table
+from benchmarks.report import start as start_report
 
 
 @contextmanager
@@ -56,23 +54,6 @@ def running(start: Callable[[Path], peers.Server], work: Path) -> Iterator[peers
     finally:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def table(title: str, header: list[str], rows: list[list[Any]]) -> None:
-    print(f"\n### {title}\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(f"{c:.3g}" if isinstance(c, float) else str(c) for c in row) + " |")
-
-
-def gate(name: str, value: float | None, limit: float, higher_is_better: bool) -> None:
-    if value is None:
-        print(f"- gate {name}: not measured")
-        return
-    ok = value >= limit if higher_is_better else value <= limit
-    print(f"- gate {name}: {value:.2f} ({'≥' if higher_is_better else '≤'} {limit}) {'met' if ok else 'NOT met'}")
-    RESULTS.setdefault("gates", {})[name] = {"value": round(value, 3), "limit": limit, "met": ok}
 
 
 # -- store -----------------------------------------------------------------------------------
@@ -379,7 +360,11 @@ def scenario_memory(work: Path, quick: bool) -> None:
         [f"peak receiving {big.stat().st_size / 2**30:.2f} GiB", round(peak / 2**20, 1)],
     ]
     table(f"fabricatord memory (MiB RSS; the instance took {seconds:.1f} s, stored: {stored})", ["when", "MiB"], rows)
-    RESULTS["memory"] = {"idle_mib": idle / 2**20, "peak_mib": peak / 2**20, "instance_bytes": big.stat().st_size}
+    RESULTS["memory"] = {
+        "idle_mib": idle / 2**20,
+        "peak_mib": peak / 2**20,
+        "instance_bytes": big.stat().st_size,
+    }
     gate("idle RSS MiB", idle / 2**20, 100, False)
     gate("RSS growth receiving the big instance, MiB", (peak - idle) / 2**20, 100, False)
 
@@ -399,9 +384,7 @@ def main() -> int:
             print(f"{tool} is not installed (scripts/test installs the peers)", file=sys.stderr)
             return 69
     repeat = 1 if args.quick else args.repeat
-    RESULTS.update(
-        when=datetime.now().isoformat(timespec="seconds"),
-        machine=f"{platform.node()} {platform.processor() or platform.machine()}",
+    start_report(
         shared_harness=str(shared) if shared else None,
     )
     if shared is None:
@@ -423,10 +406,7 @@ def main() -> int:
             else:
                 print(f"unknown scenario {scenario!r}", file=sys.stderr)
                 return 64
-    line = json.dumps(RESULTS, default=str)
-    print("\n" + line)
-    if args.json:
-        Path(args.json).write_text(line + "\n")
+    finish(args.json)
     return 0
 
 

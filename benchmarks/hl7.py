@@ -19,24 +19,22 @@ Figures drift between runs on a shared machine: the ratios of one run are what t
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
-import platform
 import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import peers
+from benchmarks.report import RESULTS, finish, gate, table
+from benchmarks.report import start as start_report
 
-RESULTS: dict[str, Any] = {}
 START, END = b"\x0b", b"\x1c\r"
 
 
@@ -145,20 +143,6 @@ def _peer(shared: Path, implementation: str) -> tuple[subprocess.Popen[bytes], i
     raise RuntimeError(f"hl7bench {implementation} did not listen")
 
 
-def table(title: str, header: list[str], rows: list[list[Any]]) -> None:
-    print(f"\n### {title}\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(f"{c:.3g}" if isinstance(c, float) else str(c) for c in row) + " |")
-
-
-def gate(name: str, value: float, limit: float, higher_is_better: bool) -> None:
-    ok = value >= limit if higher_is_better else value <= limit
-    print(f"- gate {name}: {value:.1f} ({'≥' if higher_is_better else '≤'} {limit}) {'met' if ok else 'NOT met'}")
-    RESULTS.setdefault("gates", {})[name] = {"value": round(value, 2), "limit": limit, "met": ok}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few messages: a smoke test of the harness")
@@ -167,9 +151,7 @@ def main() -> int:
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args()
     shared = Path(args.shared) if (Path(args.shared) / "hl7bench.py").exists() else None
-    RESULTS.update(
-        when=datetime.now().isoformat(timespec="seconds"),
-        machine=f"{platform.node()} {platform.processor() or platform.machine()}",
+    start_report(
         shared_harness=str(shared) if shared else None,
     )
     if shared is None:
@@ -229,10 +211,7 @@ def main() -> int:
     gate("ORM/s, ten connections", results["ten"]["fabricatord"]["per_second"], 1000, True)
     gate("p99 ms, one connection", results["one"]["fabricatord"]["p99_ms"], 20, False)
     gate("p99 ms, ten connections", results["ten"]["fabricatord"]["p99_ms"], 20, False)
-    line = json.dumps(RESULTS, default=str)
-    print("\n" + line)
-    if args.json:
-        Path(args.json).write_text(line + "\n")
+    finish(args.json)
     return 0
 
 

@@ -283,9 +283,6 @@ class Parsed:
     def first_segments(self) -> dict[str, Segment]:
         return {name: segments[0] for name, segments in self._segments.items()}
 
-    def segments(self, name: str) -> list[Segment]:
-        return self._segments.get(name, [])
-
     def has(self, name: str) -> bool:
         return name in self._segments
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
@@ -91,8 +91,16 @@ _Prepared = Callable[[Connection, int], str]
 """A message's effects, mapped and checked, to be applied in the transaction that keeps it."""
 
 
-class _Draw:
-    """Identifiers a new order lacks, drawn from the counters (which commit on their own)."""
+class _Draw(Protocol):
+    """Where the identifiers a new order lacks come from."""
+
+    def accession(self) -> str: ...
+    def step_id(self) -> str: ...
+    def study_uid(self) -> str: ...
+
+
+class _Counters:
+    """The daemon's own counters (each draw commits on its own) and UIDs under `uid_root`."""
 
     def __init__(self, generator: StudyGenerator, sequences: Sequences, uid_root: str) -> None:
         self._generator = generator
@@ -109,11 +117,8 @@ class _Draw:
         return self._uids.new()
 
 
-class _PreviewDraw(_Draw):
+class _Placeholders:
     """What `hl7 preview` shows instead of drawing: nothing is committed."""
-
-    def __init__(self) -> None:
-        pass
 
     def accession(self) -> str:
         return "(generated)"
@@ -152,7 +157,7 @@ class Inbox:
         self._settings = settings
         self._db = database
         self._log = MessageLog(database)
-        self._draw = _Draw(StudyGenerator(settings, database), Sequences(database), settings.node.uid_root)
+        self._draw = _Counters(StudyGenerator(settings, database), Sequences(database), settings.node.uid_root)
         self._clock = clock
         self._control_ids = itertools.count(1)
         self._control_prefix = f"{int(time.time()):x}"
@@ -217,7 +222,7 @@ class Inbox:
                 arrived = self._clock()
                 for order in mapper.orders():
                     effect = _effect(order)
-                    plan = self._plan(order, patient, profile, mapper, decoded, arrived, _PreviewDraw())
+                    plan = self._plan(order, patient, profile, mapper, decoded, arrived, _Placeholders())
                     orders.append((effect, plan))
             previews.append(Preview(f"{kind}^{head.trigger}", profile.name, orders, patient))
         return previews
