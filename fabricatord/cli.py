@@ -581,6 +581,21 @@ def _since(text: str) -> datetime | None:
         raise CliError(f"--since: {exc}", EX_USAGE) from None
 
 
+def cmd_mpps(args: argparse.Namespace) -> int:
+    from fabricatord.db.performed import PerformedSteps
+
+    records = PerformedSteps(_database(_settings(args))).recent(args.limit, args.status)
+    for r in reversed(records):
+        times = f"{r.started or '-'} → {r.ended or '-'}"
+        _print(
+            f"{r.status:<13} {r.calling_ae:<16} {r.modality:<4} {r.accession_number or '-':<16} "
+            f"SPS {r.sps_ids.replace(chr(92), ',') or '(unscheduled)':<20} {times}  {r.sop_instance_uid}"
+        )
+    if not records:
+        _print("no Modality Performed Procedure Steps")
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from fabricatord.db.audit import AuditLog
 
@@ -833,6 +848,10 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("file", metavar="FILE")
     for sub in hl7_actions.choices.values():
         sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="TOML file")
+
+    mpps = command("mpps", cmd_mpps, "Modality Performed Procedure Steps that modalities reported, newest last")
+    mpps.add_argument("--status", default="", choices=["", "IN PROGRESS", "COMPLETED", "DISCONTINUED"])
+    mpps.add_argument("--limit", type=int, default=50)
 
     audit = command("audit", cmd_audit, "the transaction log: associations and DIMSE operations, newest last")
     audit.add_argument("--operation", default="", help="ASSOCIATION, C-ECHO, C-STORE, C-FIND, MWL, C-MOVE, C-GET")

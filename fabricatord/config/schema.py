@@ -243,6 +243,7 @@ class PeerSettings:
     allow_find_worklist: bool = key(True, "May query the Modality Worklist.")
     allow_move: bool = key(True, "May C-MOVE from us.")
     allow_get: bool = key(True, "May C-GET from us.")
+    allow_mpps: bool = key(True, "May send Modality Performed Procedure Step N-CREATE and N-SET.")
 
 
 @dataclass(frozen=True)

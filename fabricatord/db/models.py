@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Text,
     UniqueConstraint,
     func,
 )
@@ -264,6 +265,30 @@ class Hl7Message(Base):
     """What the message did: the orders and steps it made or changed."""
     raw: Mapped[bytes] = mapped_column(LargeBinary)
     ack: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+
+
+class PerformedStep(Base):
+    """Owner: `fabricatord.db.performed`. A Modality Performed Procedure Step (PS3.4 F), as the
+    modality reported it by N-CREATE and N-SET."""
+
+    __tablename__ = "performed_steps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)  # (0008,0018) | UI, 1
+    status: Mapped[str] = mapped_column(String(16), index=True)  # (0040,0252) IN PROGRESS | COMPLETED | DISCONTINUED
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    performed_station_ae: Mapped[str] = mapped_column(String(16), default="")  # (0040,0241) | AE, 1
+    modality: Mapped[str] = mapped_column(String(16), default="")  # (0008,0060) | CS, 1
+    study_instance_uid: Mapped[str] = mapped_column(String(64), default="", index=True)  # in (0040,0270)
+    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)  # in (0040,0270)
+    sps_ids: Mapped[str] = mapped_column(String(512), default="")
+    """The Scheduled Procedure Step IDs it performs, backslash-separated (empty: unscheduled)."""
+    started: Mapped[str] = mapped_column(String(14), default="")  # (0040,0244)+(0040,0245) YYYYMMDDHHMMSS
+    ended: Mapped[str] = mapped_column(String(14), default="")  # (0040,0250)+(0040,0251)
+    attributes: Mapped[str] = mapped_column(Text, default="")
+    """The whole object as DICOM JSON (PS3.18 F), N-SET modifications merged in."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 Index("ix_patients_patient_id", Patient.patient_id)

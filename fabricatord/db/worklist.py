@@ -202,6 +202,22 @@ class Worklist:
         return int(getattr(result, "rowcount", 0) or 0)
 
     @staticmethod
+    def perform(connection: Connection, sps_ids: tuple[str, ...], study_instance_uid: str, status: str) -> int:
+        """The steps a Modality Performed Procedure Step names (by SPS ID, within its study when it
+        names one) move to `status`; how many."""
+        if not sps_ids:
+            return 0
+        statement = update(ScheduledStep).where(ScheduledStep.sps_id.in_(sps_ids))
+        if study_instance_uid:
+            statement = statement.where(
+                ScheduledStep.procedure_pk.in_(
+                    select(RequestedProcedure.id).where(RequestedProcedure.study_instance_uid == study_instance_uid)
+                )
+            )
+        result = connection.execute(statement.values(status=status, updated_at=datetime.now(UTC)))
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    @staticmethod
     def arrive(connection: Connection, patient_pk: int, day: str) -> int:
         """The patient's SCHEDULED steps of `day` (YYYYMMDD) become ARRIVED; how many."""
         procedure_pks = (

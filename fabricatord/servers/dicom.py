@@ -37,6 +37,7 @@ from pynetdicom.pdu_primitives import P_DATA
 
 # Generated at import time by pynetdicom, so invisible to type checkers.
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityPerformedProcedureStep,
     ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -46,6 +47,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+from sqlalchemy.exc import SQLAlchemyError
 from twisted.application.service import Service
 
 from fabricatord import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -55,11 +57,13 @@ from fabricatord.db import Database
 from fabricatord.db.audit import AuditRecord
 from fabricatord.db.worklist import Worklist
 from fabricatord.dicom import answers, query, worklist
+from fabricatord.dicom.mpps import PROCESSING_FAILURE, MppsError
 from fabricatord.dicom.scu import MAX_CONTEXTS, keep_stray_responses, nodelay, storage_contexts
 from fabricatord.dicom.storage import InstanceWriter, InvalidInstance, OutOfSpace
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
 from fabricatord.workflow.audit import AuditTrail
+from fabricatord.workflow.mpps import PerformedProcedureSteps
 
 log = get_logger(__name__)
 
@@ -84,6 +88,7 @@ PERMISSIONS = {
     "MWL": "allow_find_worklist",
     "C-MOVE": "allow_move",
     "C-GET": "allow_get",
+    "MPPS": "allow_mpps",
 }
 _PENDING = (STATUS_PENDING, STATUS_PENDING_UNSUPPORTED_KEYS)
 _MAX_QUEUED_PDUS = 32
@@ -130,6 +135,7 @@ class DicomNode(Service):
         self._writer = writer
         self._audit = audit
         self._worklist = Worklist(database)
+        self._performed = PerformedProcedureSteps(database)
         self._background = ThreadPoolExecutor(1, thread_name_prefix="dicom-background")
         self._associations: dict[int, _Association] = {}
         self._server: Any = None
@@ -156,6 +162,7 @@ class DicomNode(Service):
         if dicom.require_known_ae:
             ae.require_calling_aet = sorted(self._peers)
         ae.add_supported_context(Verification)
+        ae.add_supported_context(ModalityPerformedProcedureStep, QUERY_SYNTAXES)
         for find_model in (
             ModalityWorklistInformationFind,
             PatientRootQueryRetrieveInformationModelFind,
@@ -182,6 +189,8 @@ class DicomNode(Service):
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_connect),
             (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_N_CREATE, self._on_mpps_create),
+            (evt.EVT_N_SET, self._on_mpps_set),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find_request),
             (evt.EVT_C_MOVE, lambda event: _timed("C-MOVE", self._on_move(event))),
@@ -335,6 +344,43 @@ class DicomNode(Service):
             return STATUS_NOT_AUTHORIZED
         metrics.DIMSE_OPERATIONS.labels("C-ECHO", self._peer_label(event), "success").inc()
         return STATUS_SUCCESS
+
+    def _on_mpps_create(self, event: Any) -> tuple[Dataset | int, Dataset | None]:
+        if self._refused(event, "MPPS"):
+            return _status(STATUS_NOT_AUTHORIZED, "this AE may not send MPPS here"), None
+        uid = str(event.request.AffectedSOPInstanceUID or "")
+        return self._mpps(event, lambda: self._performed.create(uid, event.attribute_list, self._calling(event)))
+
+    def _on_mpps_set(self, event: Any) -> tuple[Dataset | int, Dataset | None]:
+        if self._refused(event, "MPPS"):
+            return _status(STATUS_NOT_AUTHORIZED, "this AE may not send MPPS here"), None
+        uid = str(event.request.RequestedSOPInstanceUID or "")
+        return self._mpps(event, lambda: self._performed.update(uid, event.modification_list, self._calling(event)))
+
+    def _mpps(self, event: Any, apply: Callable[[], Dataset]) -> tuple[Dataset | int, Dataset | None]:
+        """N-CREATE or N-SET applied; a refusal answers its PS3.7 status with an Error Comment."""
+        peer = self._peer_label(event)
+        try:
+            attributes = apply()
+        except MppsError as refusal:
+            log.warning(
+                "mpps refused",
+                calling_ae=self._calling(event),
+                status=f"0x{refusal.status:04X}",
+                reason=refusal.comment,
+            )
+            metrics.DIMSE_OPERATIONS.labels("MPPS", peer, "failure").inc()
+            return refusal.status_dataset(), None
+        except (SQLAlchemyError, OSError, ValueError) as exc:
+            log.error("mpps not kept", calling_ae=self._calling(event), error=str(exc))
+            metrics.DIMSE_OPERATIONS.labels("MPPS", peer, "failure").inc()
+            return _status(PROCESSING_FAILURE, "the Performed Procedure Step could not be kept"), None
+        metrics.DIMSE_OPERATIONS.labels("MPPS", peer, "success").inc()
+        return STATUS_SUCCESS, attributes
+
+    @staticmethod
+    def _calling(event: Any) -> str:
+        return str(event.assoc.requestor.ae_title).strip()
 
     def _on_store(self, event: Any) -> Dataset:
         if self._refused(event, "C-STORE"):
