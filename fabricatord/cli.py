@@ -581,6 +581,40 @@ def _since(text: str) -> datetime | None:
         raise CliError(f"--since: {exc}", EX_USAGE) from None
 
 
+def cmd_acquire(args: argparse.Namespace) -> int:
+    from fabricatord.db.jobs import Acquisitions
+    from fabricatord.db.worklist import Worklist
+
+    database = _database(_settings(args))
+    steps = Worklist(database).steps_named(args.name)
+    if not steps:
+        raise CliError(f"no worklist step has the SPS ID or accession number {args.name!r}", EX_DATAERR)
+    released = Acquisitions(database).release(steps, ("manual", "on_query"))
+    jobs = Acquisitions(database).for_steps(steps)
+    for job in jobs:
+        _print(f"step {job.step_pk}: {job.policy} acquisition {job.state}")
+    _print(f"{released} acquisition(s) due now; the running daemon performs them")
+    return 0 if released or any(job.state in ("pending", "running", "done") for job in jobs) else 1
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from fabricatord.db.jobs import Acquisitions, RouteJobs
+
+    database = _database(_settings(args))
+    states = [args.state] if args.state else []
+    if args.kind in ("all", "acquisitions"):
+        for a in reversed(Acquisitions(database).listing(states, args.limit)):
+            due = a.due_at.astimezone().strftime("%Y-%m-%d %H:%M:%S") if a.due_at else "-"
+            what = a.last_error or (f"{a.instances} instances of {a.study_instance_uid}" if a.instances else "")
+            head = f"acquire {a.id:>6}  step {a.step_pk:<6} {a.policy:<9} {a.state:<9}"
+            _print(f"{head} due {due}  tries {a.attempts}  {what}".rstrip())
+    if args.kind in ("all", "routes"):
+        for r in reversed(RouteJobs(database).listing(states, args.study, args.limit)):
+            head = f"route   {r.id:>6}  {r.peer:<12} {r.state:<9} tries {r.attempts}"
+            _print(f"{head}  {r.sop_instance_uid}  {r.last_error}".rstrip())
+    return 0
+
+
 def cmd_mpps(args: argparse.Namespace) -> int:
     from fabricatord.db.performed import PerformedSteps
 
@@ -848,6 +882,14 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("file", metavar="FILE")
     for sub in hl7_actions.choices.values():
         sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="TOML file")
+
+    acquire = command("acquire", cmd_acquire, "have the simulated modality perform a step now (manual, on_query)")
+    acquire.add_argument("name", metavar="ACCESSION|SPS_ID")
+    jobs = command("jobs", cmd_jobs, "acquisition and route jobs, newest last")
+    jobs.add_argument("kind", nargs="?", default="all", choices=["all", "acquisitions", "routes"])
+    jobs.add_argument("--state", default="", help="waiting, pending, running, sending, done, failed, canceled")
+    jobs.add_argument("--study", default="", metavar="STUDY_UID", help="route jobs of one study")
+    jobs.add_argument("--limit", type=int, default=50)
 
     mpps = command("mpps", cmd_mpps, "Modality Performed Procedure Steps that modalities reported, newest last")
     mpps.add_argument("--status", default="", choices=["", "IN PROGRESS", "COMPLETED", "DISCONTINUED"])

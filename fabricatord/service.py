@@ -1,14 +1,14 @@
 """The composition root: builds every part from settings, starts them in order, stops them in reverse.
 
 The daemon opens (and migrates) the database, settles storage left by a crash, starts the
-audit trail's writer, runs the DICOM node and the MLLP listener, and serves `/metrics` and
-`/healthz` over HTTP.
+audit trail's writer, runs the DICOM node, the MLLP listener and the simulated modality, and
+serves `/metrics` and `/healthz` over HTTP.
 """
 
 from __future__ import annotations
 
 import gc
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application.internet import StreamServerEndpointService
@@ -26,6 +26,7 @@ from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
 from fabricatord.servers.dicom import DicomNode
 from fabricatord.servers.mllp import MllpListener
+from fabricatord.workflow.acquisition import Acquirer
 from fabricatord.workflow.audit import AuditTrail
 from fabricatord.workflow.hl7 import Inbox
 
@@ -56,18 +57,24 @@ def http_site() -> Site:
     return Site(root)
 
 
-class _AuditService(Service):
-    """Runs the audit trail's writer; started before the listeners, so stopped after them."""
+class _Worker(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
 
-    def __init__(self, trail: AuditTrail) -> None:
-        self._trail = trail
+
+class _WorkerService(Service):
+    """A worker thread of the workflow (the audit writer, the simulated modality) as a service:
+    started in tree order and stopped in reverse, so the audit writer outlives the listeners."""
+
+    def __init__(self, worker: _Worker) -> None:
+        self._worker = worker
 
     def startService(self) -> None:
-        self._trail.start()
+        self._worker.start()
         super().startService()
 
     def stopService(self) -> None:
-        self._trail.stop()
+        self._worker.stop()
         super().stopService()
 
 
@@ -97,9 +104,11 @@ def build(settings: Settings, reactor_: Any = reactor) -> MultiService:
     )
     root = MultiService()
     audit = AuditTrail(database)
-    _AuditService(audit).setServiceParent(root)
-    DicomNode(settings, database, writer, audit).setServiceParent(root)
-    MllpListener(settings, Inbox(settings, database), reactor_).setServiceParent(root)
+    _WorkerService(audit).setServiceParent(root)
+    acquirer = Acquirer(settings, database, writer)
+    DicomNode(settings, database, writer, audit, on_due=acquirer.wake).setServiceParent(root)
+    MllpListener(settings, Inbox(settings, database, on_due=acquirer.wake), reactor_).setServiceParent(root)
+    _WorkerService(acquirer).setServiceParent(root)  # after the node: it sends MPPS to it
     http = endpoints.TCP4ServerEndpoint(reactor_, settings.http.port, interface=settings.http.host)
     StreamServerEndpointService(http, http_site()).setServiceParent(root)
     return root

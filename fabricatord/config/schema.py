@@ -6,6 +6,7 @@ Each field carries its documentation and an optional check in its metadata, so t
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from fabricatord.config.values import (
     check_positive,
     check_size,
     check_uid_root,
+    parse_duration_range,
 )
 
 Check = Callable[[Any], str | None]
@@ -185,6 +187,11 @@ class HttpSettings:
     port: int = key(8080, "HTTP port (metrics, health, API).", check_port)
 
 
+def _check_policy(value: object) -> str | None:
+    policies = ("", "immediate", "delay", "on_query", "manual")
+    return None if value in policies else "immediate, delay, on_query or manual (or empty)"
+
+
 @dataclass(frozen=True)
 class ModalityOverride:
     """`[synth.modality.XX]`: what a study of this modality looks like by default."""
@@ -195,8 +202,12 @@ class ModalityOverride:
     columns: int = key(0, "Image columns; 0 keeps the template's default.")
     study_description: str = key("", "Study Description; empty keeps the template's default.")
     transfer_syntax: str = key("", "Transfer syntax for this modality; empty uses `[synth] transfer_syntax`.")
-    acquisition: str = key("", "Acquisition policy for this modality; empty uses `[synth] acquisition`.")
-    acquisition_delay: str = key("", "Delay for this modality; empty uses `[synth] acquisition_delay`.")
+    acquisition: str = key("", "Acquisition policy for this modality; empty uses `[synth] acquisition`.", _check_policy)
+    acquisition_delay: str = key(
+        "",
+        "Delay for this modality; empty uses `[synth] acquisition_delay`.",
+        lambda value: check_duration_range(value) if value else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -286,6 +297,18 @@ class Settings:
 
     def modality(self, code: str) -> ModalityOverride:
         return self.synth.modality.get(code.upper(), ModalityOverride())
+
+    def acquisition(self, modality: str) -> tuple[str, float | None]:
+        """(policy, seconds until a step of this modality is acquired; None: it waits for a
+        modality's fetch or a user's `fabricatord acquire`)."""
+        override = self.modality(modality)
+        policy = override.acquisition or self.synth.acquisition
+        if policy == "immediate":
+            return policy, 0.0
+        if policy == "delay":
+            low, high = parse_duration_range(override.acquisition_delay or self.synth.acquisition_delay)
+            return policy, random.uniform(low, high)
+        return policy, None
 
 
 SECTIONS: dict[str, type] = {

@@ -291,6 +291,44 @@ class PerformedStep(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
+class Acquisition(Base):
+    """Owner: `fabricatord.db.jobs`. A worklist step the simulated modality is to perform: a
+    durable job, so that a restart neither loses nor repeats it."""
+
+    __tablename__ = "acquisitions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step_pk: Mapped[int] = mapped_column(ForeignKey("scheduled_steps.id", ondelete="CASCADE"), unique=True)
+    policy: Mapped[str] = mapped_column(String(16))  # immediate | delay | on_query | manual
+    state: Mapped[str] = mapped_column(String(16), index=True)  # waiting | pending | running | done | failed | canceled
+    due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(String(512), default="")
+    study_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    performed_step_uid: Mapped[str] = mapped_column(String(64), default="")
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class RouteJob(Base):
+    """Owner: `fabricatord.db.jobs`. One stored instance to be sent to one peer by a route."""
+
+    __tablename__ = "route_jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    peer: Mapped[str] = mapped_column(String(64))
+    route: Mapped[str] = mapped_column(String(64), default="")
+    state: Mapped[str] = mapped_column(String(16))  # pending | sending | done | failed | canceled
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str] = mapped_column(String(512), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 Index("ix_patients_patient_id", Patient.patient_id)
 Index(
     "ix_hl7_messages_sender_control_id",
@@ -299,3 +337,4 @@ Index(
     Hl7Message.control_id,
 )
 Index("ix_scheduled_steps_start_date_station_ae", ScheduledStep.start_date, ScheduledStep.station_ae)
+Index("ix_route_jobs_state_next_attempt_at", RouteJob.state, RouteJob.next_attempt_at)

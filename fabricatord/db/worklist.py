@@ -76,6 +76,31 @@ class OrderPlan:
 
 
 @dataclass(frozen=True)
+class StepDetail:
+    """One step with everything its order says: what the simulated modality reads."""
+
+    step_pk: int
+    status: str
+    sps_id: str
+    modality: str
+    station_ae: str
+    station_name: str
+    step_description: str
+    protocol_code: tuple[str, str, str]
+    performing_physician: str
+    requested_procedure_id: str
+    study_instance_uid: str
+    procedure_description: str
+    procedure_code: tuple[str, str, str]
+    accession_number: str
+    referring_physician_name: str
+    requesting_physician: str
+    patient_id: str
+    issuer: str
+    order_pk: int
+
+
+@dataclass(frozen=True)
 class WorklistItem:
     """One scheduled step with its order and patient, flat, for listing."""
 
@@ -152,6 +177,67 @@ class Worklist:
             _FIND_ORDER, {"placer": placer_order_number or None, "filler": filler_order_number or None}
         ).scalar_one_or_none()
         return None if found is None else int(found)
+
+    @staticmethod
+    def step_pks(connection: Connection, order_pk: int) -> list[int]:
+        """The order's steps, in the order they were made."""
+        return [
+            int(pk)
+            for pk in connection.execute(
+                select(ScheduledStep.id)
+                .join(RequestedProcedure, ScheduledStep.procedure_pk == RequestedProcedure.id)
+                .where(RequestedProcedure.order_pk == order_pk)
+                .order_by(ScheduledStep.id)
+            ).scalars()
+        ]
+
+    def detail(self, step_pk: int) -> StepDetail | None:
+        with self._db.reads() as session:
+            row = session.execute(
+                select(ScheduledStep, RequestedProcedure, Order, Patient)
+                .join(RequestedProcedure, ScheduledStep.procedure_pk == RequestedProcedure.id)
+                .join(Order, RequestedProcedure.order_pk == Order.id)
+                .join(Patient, Order.patient_pk == Patient.id)
+                .where(ScheduledStep.id == step_pk)
+            ).first()
+        if row is None:
+            return None
+        step, procedure, order, patient = row
+        return StepDetail(
+            step_pk=step.id,
+            status=step.status,
+            sps_id=step.sps_id,
+            modality=step.modality,
+            station_ae=step.station_ae,
+            station_name=step.station_name,
+            step_description=step.description,
+            protocol_code=(step.protocol_code_value, step.protocol_code_scheme, step.protocol_code_meaning),
+            performing_physician=step.performing_physician,
+            requested_procedure_id=procedure.requested_procedure_id,
+            study_instance_uid=procedure.study_instance_uid,
+            procedure_description=procedure.description,
+            procedure_code=(procedure.code_value, procedure.code_scheme, procedure.code_meaning),
+            accession_number=order.accession_number,
+            referring_physician_name=order.referring_physician_name,
+            requesting_physician=order.requesting_physician,
+            patient_id=patient.patient_id,
+            issuer=patient.issuer,
+            order_pk=order.id,
+        )
+
+    def steps_named(self, name: str) -> list[int]:
+        """Steps whose SPS ID, or whose order's accession number, is `name`."""
+        with self._db.engine.connect() as connection:
+            return [
+                int(pk)
+                for pk in connection.execute(
+                    select(ScheduledStep.id)
+                    .join(RequestedProcedure, ScheduledStep.procedure_pk == RequestedProcedure.id)
+                    .join(Order, RequestedProcedure.order_pk == Order.id)
+                    .where(or_(ScheduledStep.sps_id == name, Order.accession_number == name))
+                    .order_by(ScheduledStep.id)
+                ).scalars()
+            ]
 
     @staticmethod
     def accession(connection: Connection, order_pk: int) -> str:

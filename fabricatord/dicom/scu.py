@@ -26,6 +26,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from fabricatord.dicom.mpps import MPPS_SOP_CLASS
 from fabricatord.obs import metrics
 
 _ADDRESS = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
@@ -245,6 +246,34 @@ def count_study_instances(peer: Peer, calling_ae: str, study_instance_uid: str, 
             image_query.SOPInstanceUID = ""
             total += len(_find(assoc, image_query, peer))
         return total
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def performed_procedure_step(
+    peer: Peer,
+    calling_ae: str,
+    sop_instance_uid: str,
+    attributes: Dataset,
+    create: bool,
+    timeouts: Timeouts = Timeouts(),
+) -> None:
+    """MPPS N-CREATE (`create`) or N-SET of one performed step, as a modality sends them."""
+    ae = _application(calling_ae, timeouts)
+    ae.add_requested_context(MPPS_SOP_CLASS)
+    assoc = _associate(ae, peer)
+    service = "N-CREATE" if create else "N-SET"
+    try:
+        if create:
+            status, _ = assoc.send_n_create(attributes, MPPS_SOP_CLASS, sop_instance_uid)
+        else:
+            status, _ = assoc.send_n_set(attributes, MPPS_SOP_CLASS, sop_instance_uid)
+        code = int(status.Status) if status and "Status" in status else None
+        metrics.SCU_OPERATIONS.labels(service, peer.name, _status_class(code)).inc()
+        if code != STATUS_SUCCESS:
+            comment = str(status.get("ErrorComment", "")) if status else ""
+            raise ScuError(f"MPPS {service} answered {_show_status(code)} {comment}".strip())
     finally:
         if assoc.is_established:
             assoc.release()

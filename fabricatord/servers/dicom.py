@@ -55,6 +55,7 @@ from fabricatord.config import Settings
 from fabricatord.config.values import is_valid_uid, parse_duration
 from fabricatord.db import Database
 from fabricatord.db.audit import AuditRecord
+from fabricatord.db.jobs import Acquisitions
 from fabricatord.db.worklist import Worklist
 from fabricatord.dicom import answers, query, worklist
 from fabricatord.dicom.mpps import PROCESSING_FAILURE, MppsError
@@ -128,9 +129,17 @@ class DicomNode(Service):
     """The DICOM listener as a Twisted service: started and stopped with the rest of the daemon."""
 
     def __init__(
-        self, settings: Settings, database: Database, writer: InstanceWriter, audit: AuditTrail | None = None
+        self,
+        settings: Settings,
+        database: Database,
+        writer: InstanceWriter,
+        audit: AuditTrail | None = None,
+        on_due: Callable[[], None] = lambda: None,
     ) -> None:
+        """`on_due`: an `on_query` acquisition became due because a modality fetched its item."""
         self._settings = settings
+        self._on_due = on_due
+        self._acquisitions = Acquisitions(database)
         self._database = database
         self._writer = writer
         self._audit = audit
@@ -475,6 +484,8 @@ class DicomNode(Service):
     def _record_fetches(self, step_pks: list[int], calling_ae: str) -> None:
         try:
             self._worklist.record_fetches(step_pks, calling_ae)
+            if self._acquisitions.release(step_pks, ("on_query",)):
+                self._on_due()
         except Exception as exc:  # the answers went out; only the record of them is missing
             log.error("worklist fetches could not be recorded", calling_ae=calling_ae, error=str(exc))
 

@@ -25,6 +25,25 @@ from fabricatord.synth.uids import UidFactory
 
 
 @dataclass(frozen=True)
+class OrderContext:
+    """What a worklist item tells the modality, copied into every image as modalities do
+    (IHE Scheduled Workflow RAD-8): the Request Attributes Sequence and its neighbours."""
+
+    requested_procedure_id: str
+    sps_id: str
+    requested_procedure_description: str = ""
+    procedure_code: tuple[str, str, str] = ("", "", "")
+    """Code value, coding scheme designator, code meaning."""
+    sps_description: str = ""
+    protocol_code: tuple[str, str, str] = ("", "", "")
+    requesting_physician: str = ""
+    performing_physician: str = ""
+    performed_step_uid: str = ""
+    """The MPPS SOP Instance UID (Referenced Performed Procedure Step Sequence)."""
+    performed_step_id: str = ""
+
+
+@dataclass(frozen=True)
 class StudyRequest:
     modality: str
     patient: Demographics
@@ -42,6 +61,8 @@ class StudyRequest:
     referring_physician_name: str = ""
     institution_name: str = "Fabricatord General Hospital"
     station_name: str = ""
+    order: OrderContext | None = None
+    """The worklist item this study performs; None for a study made without an order."""
 
 
 @dataclass(frozen=True)
@@ -223,4 +244,47 @@ def _series_dataset(plan: StudyPlan, series_index: int) -> Dataset:
     if template.window is not None:
         ds.WindowCenter, ds.WindowWidth = (str(v) for v in template.window)
     template.series_attributes(ds, series)
+    if request.order is not None:
+        _order_attributes(ds, request)
     return ds
+
+
+def _code_item(code: tuple[str, str, str]) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code
+    return item
+
+
+def _order_attributes(ds: Dataset, request: StudyRequest) -> None:
+    """PS3.3 C.7.3.1 (Request Attributes, Performed Procedure Step Summary) and C.7.2.1."""
+    order = request.order
+    assert order is not None
+    if order.procedure_code[0]:
+        ds.ProcedureCodeSequence = [_code_item(order.procedure_code)]
+    if order.performing_physician:
+        ds.PerformingPhysicianName = order.performing_physician
+    if order.requesting_physician:
+        ds.RequestingPhysician = order.requesting_physician
+    attributes = Dataset()
+    attributes.RequestedProcedureID = order.requested_procedure_id
+    attributes.AccessionNumber = request.accession_number
+    attributes.StudyInstanceUID = ds.StudyInstanceUID
+    if order.requested_procedure_description:
+        attributes.RequestedProcedureDescription = order.requested_procedure_description
+    if order.procedure_code[0]:
+        attributes.RequestedProcedureCodeSequence = [_code_item(order.procedure_code)]
+    attributes.ScheduledProcedureStepID = order.sps_id
+    if order.sps_description:
+        attributes.ScheduledProcedureStepDescription = order.sps_description
+    if order.protocol_code[0]:
+        attributes.ScheduledProtocolCodeSequence = [_code_item(order.protocol_code)]
+    ds.RequestAttributesSequence = [attributes]
+    if order.performed_step_uid:
+        reference = Dataset()
+        reference.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.3"
+        reference.ReferencedSOPInstanceUID = order.performed_step_uid
+        ds.ReferencedPerformedProcedureStepSequence = [reference]
+    if order.performed_step_id:
+        ds.PerformedProcedureStepID = order.performed_step_id
+        ds.PerformedProcedureStepStartDate = ds.StudyDate
+        ds.PerformedProcedureStepStartTime = ds.StudyTime

@@ -20,7 +20,7 @@ from fabricatord.db import Database, PatientRecord, PatientRegistry, Sequences
 from fabricatord.dicom.part10 import Part10Encoder
 from fabricatord.dicom.storage import InstanceWriter, relative_path
 from fabricatord.obs import metrics
-from fabricatord.synth.builder import StudyRequest, build_instances, plan_study
+from fabricatord.synth.builder import OrderContext, StudyRequest, build_instances, plan_study
 from fabricatord.synth.patients import Demographics, make_patient
 from fabricatord.synth.patterns import Pattern
 from fabricatord.synth.templates import TEMPLATES
@@ -44,6 +44,24 @@ class GenerateOptions:
     accession_number: str = ""
     transfer_syntax: str = ""
     out_dir: Path | None = None
+    issuer: str = ""
+    """The issuer of `patient_id`; empty: `[synth] issuer_of_patient_id`."""
+    study_instance_uid: str = ""
+    """An ordered study's UID: the study is then drawn from it, so making it again repeats it."""
+    study_id: str = ""
+    referring_physician: str = ""
+    station_name: str = ""
+    order: OrderContext | None = None
+
+
+@dataclass(frozen=True)
+class MadeInstance:
+    """What an MPPS N-SET lists of each instance it made."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    series_description: str
 
 
 @dataclass
@@ -56,6 +74,7 @@ class GeneratedStudy:
     bytes: int = 0
     seconds: float = 0.0
     patient_created: bool = False
+    made: list[MadeInstance] = field(default_factory=list)
 
 
 # The registry's record and synth's demographics have the same fields: synth stays free of the
@@ -85,11 +104,11 @@ class StudyGenerator:
         counter = self._sequences.take(purpose, 1, 1)[0]
         return random.Random(f"{seed}:{purpose}:{counter}")
 
-    def new_patient(self, patient_id: str = "", sex: str | None = None) -> tuple[Demographics, bool]:
+    def new_patient(self, patient_id: str = "", sex: str | None = None, issuer: str = "") -> tuple[Demographics, bool]:
         """The registered patient with `patient_id`, or a new synthetic one; True when new."""
         synth = self._settings.synth
         if patient_id:
-            found = self._patients.get(patient_id, synth.issuer_of_patient_id)
+            found = self._patients.get(patient_id, issuer or synth.issuer_of_patient_id)
             if found is not None:
                 return demographics(found), False
         rng = self._rng("patient")
@@ -127,8 +146,8 @@ class StudyGenerator:
         if modality not in TEMPLATES:
             raise ValueError(f"unknown modality {options.modality!r} (known: {', '.join(TEMPLATES)})")
         override = self._settings.modality(modality)
-        patient, created = self.new_patient(options.patient_id, TEMPLATES[modality].patient_sex)
-        rng = self._rng(STUDY_COUNTER)
+        patient, created = self.new_patient(options.patient_id, TEMPLATES[modality].patient_sex, options.issuer)
+        rng = random.Random(options.study_instance_uid) if options.study_instance_uid else self._rng(STUDY_COUNTER)
         accession = options.accession_number or self.next_accession(rng)
         request = StudyRequest(
             modality=modality,
@@ -141,10 +160,15 @@ class StudyGenerator:
             study_description=options.study_description or override.study_description,
             transfer_syntax=options.transfer_syntax or override.transfer_syntax or self._settings.synth.transfer_syntax,
             institution_name=self._settings.synth.institution_name,
+            study_instance_uid=options.study_instance_uid,
+            study_id=options.study_id or "1",
+            referring_physician_name=options.referring_physician,
+            station_name=options.station_name,
+            order=options.order,
         )
         plan = plan_study(request, rng, self._settings.node.uid_root, datetime.now())
         result = GeneratedStudy(plan.study_instance_uid, accession, patient, modality, patient_created=created)
-        instances = _counted(build_instances(plan), modality)
+        instances = _noted(_counted(build_instances(plan), modality), result.made)
         # Rendering and encoding run a step ahead on their own thread while this one writes and
         # fsyncs: the disk work releases the GIL, so the two overlap. Two slices in flight keep
         # memory flat.
@@ -212,6 +236,16 @@ def prefetch(items: Iterator[T], depth: int) -> Iterator[T]:
     finally:
         stop.set()
         worker.join(timeout=5)
+
+
+def _noted(instances: Iterator[Dataset], made: list[MadeInstance]) -> Iterator[Dataset]:
+    for ds in instances:
+        made.append(
+            MadeInstance(
+                str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.SeriesDescription)
+            )
+        )
+        yield ds
 
 
 def _counted(instances: Iterator[Dataset], modality: str) -> Iterator[Dataset]:

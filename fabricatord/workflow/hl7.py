@@ -27,6 +27,7 @@ from fabricatord.config.schema import Hl7Profile
 from fabricatord.config.values import parse_size
 from fabricatord.db import Database, PatientRecord, PatientRegistry, Sequences
 from fabricatord.db.index import reassign_studies
+from fabricatord.db.jobs import Acquisitions
 from fabricatord.db.messages import MessageLog
 from fabricatord.db.worklist import (
     STEP_COUNTER,
@@ -153,8 +154,18 @@ class Frame:
 
 
 class Inbox:
-    def __init__(self, settings: Settings, database: Database, clock: Callable[[], datetime] = datetime.now) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        database: Database,
+        clock: Callable[[], datetime] = datetime.now,
+        on_due: Callable[[], None] = lambda: None,
+    ) -> None:
+        """`on_due` is called after a commit that made acquisitions due at once (the daemon
+        wakes its simulated modality with it)."""
         self._settings = settings
+        self._on_due = on_due
+        self._due = False
         self._db = database
         self._log = MessageLog(database)
         self._draw = _Counters(StudyGenerator(settings, database), Sequences(database), settings.node.uid_root)
@@ -263,6 +274,9 @@ class Inbox:
                     self._apply(connection, pending)
                 faultpoint("hl7.before_commit")
             faultpoint("hl7.after_commit")
+            if self._due:
+                self._due = False
+                self._on_due()
         except (SQLAlchemyError, OSError) as exc:
             failure = _database_error(exc)
             log.error("hl7 messages not kept", messages=len(pendings), error=str(exc))
@@ -405,7 +419,9 @@ class Inbox:
                             raise Hl7Error(
                                 204, f"order control {order.control} for an unknown order", "ORC", order.sequence, 2
                             )
-                        Worklist.place(connection, replace(new, hl7_message_pk=message_pk), patient_pk)
+                        order_pk = Worklist.place(connection, replace(new, hl7_message_pk=message_pk), patient_pk)
+                        if Acquisitions.schedule_order(connection, order_pk, self._settings):
+                            self._due = True
                         done.append(f"order {new.accession_number} created")
                     elif effect in ("create", "update"):
                         Worklist.revise(connection, existing, replace(update, hl7_message_pk=message_pk))
@@ -413,6 +429,8 @@ class Inbox:
                         done.append(f"order {Worklist.accession(connection, existing)} updated{note}")
                     else:
                         changed = Worklist.set_status(connection, existing, effect)
+                        if effect in ("CANCELED", "DISCONTINUED"):  # a pending acquisition stops here
+                            Acquisitions.cancel(connection, Worklist.step_pks(connection, existing))
                         done.append(f"order {Worklist.accession(connection, existing)} {effect} ({changed} steps)")
                 except DuplicateStudy as exc:
                     raise _place(profile, mapper, "study_instance_uid", order.sequence, 205, str(exc)) from exc

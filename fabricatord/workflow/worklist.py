@@ -12,6 +12,7 @@ from datetime import datetime
 
 from fabricatord.config import Settings
 from fabricatord.db import Database, Sequences
+from fabricatord.db.jobs import Acquisitions
 from fabricatord.db.worklist import PROCEDURE_COUNTER, STEP_COUNTER, OrderPlan, ProcedurePlan, StepPlan, Worklist
 from fabricatord.hl7.orders import OrderMessage
 from fabricatord.synth.patients import Demographics
@@ -56,12 +57,14 @@ class Scheduler:
         self._settings = settings
         self._generator = StudyGenerator(settings, database)
         self._sequences = Sequences(database)
-        self._worklist = Worklist(database)
+        self._database = database
 
     def add(self, request: WorklistRequest) -> ScheduledOrder:
         """Plan the order and put it on the worklist."""
         plan, patient, start = self.plan(request)
-        self._worklist.schedule(plan)
+        with self._database.writer.begin() as connection:
+            order_pk = Worklist.place(connection, plan)
+            Acquisitions.schedule_order(connection, order_pk, self._settings)
         procedure = plan.procedures[0]
         return ScheduledOrder(
             plan.accession_number,

@@ -80,12 +80,15 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         dicom_extra: str = "",
         wait: bool = True,
         hl7_extra: str = "",
+        synth: str = 'acquisition = "manual"\n',
     ) -> Daemon:
+        """`synth` is the [synth] section: by default the simulated modality waits for
+        `fabricatord acquire`, so that the worklist keeps what a test schedules."""
         port, http_port, hl7_port = free_port(), free_port(), free_port()
         config = tmp_path / "fabricatord.toml"
         config.write_text(
             f'[node]\ndata_dir = "data"\n[dicom]\nport = {port}\n{dicom_extra}[http]\nport = {http_port}\n'
-            f"[hl7]\nport = {hl7_port}\n{hl7_extra}{extra}"
+            f"[hl7]\nport = {hl7_port}\n{hl7_extra}[synth]\n{synth}{extra}"
         )
         log = tmp_path / f"daemon-{len(started)}.log"
         with log.open("wb") as sink:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def archive(start_daemon: Callable[..., Daemon], tmp_path: Path) -> tuple[Daemon, dict[str, str]]:
     """A node holding three studies of two patients, sent by `generate --send` and confirmed by C-FIND."""
-    daemon = start_daemon("[synth]\nseed = 42\n", env={"FABRICATORD__DICOM__MAX_FIND_RESULTS": "10"})
+    daemon = start_daemon(synth="seed = 42\n", env={"FABRICATORD__DICOM__MAX_FIND_RESULTS": "10"})
     node = f"FABRICATORD@127.0.0.1:{daemon.port}"
     studies: dict[str, str] = {}
     for name, args in (

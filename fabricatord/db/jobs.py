@@ -1,0 +1,321 @@
+"""Durable jobs: acquisitions (worklist steps the simulated modality performs) and route jobs
+(stored instances to send to peers). A worker claims a job by moving it to `running` or
+`sending` in a transaction of its own; at start, whatever a dead process left claimed goes back
+to `pending`, so a restart neither loses nor forgets a job."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Connection, func, insert, select, update
+
+from fabricatord.config import Settings
+from fabricatord.db.engine import Database
+from fabricatord.db.models import Acquisition, RequestedProcedure, RouteJob, ScheduledStep
+
+OPEN_ACQUISITION = ("waiting", "pending", "running")
+OPEN_ROUTE = ("pending", "sending")
+
+
+@dataclass(frozen=True)
+class AcquisitionRecord:
+    id: int
+    step_pk: int
+    policy: str
+    state: str
+    due_at: datetime | None
+    attempts: int
+    last_error: str
+    study_instance_uid: str
+    performed_step_uid: str
+    instances: int
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class RouteRecord:
+    id: int
+    sop_instance_uid: str
+    study_instance_uid: str
+    peer: str
+    route: str
+    state: str
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str
+    updated_at: datetime
+
+
+_ACQUISITION_COLUMNS = [getattr(Acquisition, name) for name in AcquisitionRecord.__dataclass_fields__]
+_ROUTE_COLUMNS = [getattr(RouteJob, name) for name in RouteRecord.__dataclass_fields__]
+
+
+class Acquisitions:
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    @staticmethod
+    def schedule(connection: Connection, step_pks: Iterable[int], policy: str, due_at: datetime | None) -> None:
+        """In the caller's transaction (the order's): `due_at` None waits for a release."""
+        now = datetime.now(UTC)
+        rows = [
+            {
+                "step_pk": pk,
+                "policy": policy,
+                "state": "pending" if due_at is not None else "waiting",
+                "due_at": due_at,
+                "attempts": 0,
+                "last_error": "",
+                "study_instance_uid": "",
+                "performed_step_uid": "",
+                "instances": 0,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for pk in step_pks
+        ]
+        if rows:
+            connection.execute(insert(Acquisition), rows)
+
+    @staticmethod
+    def schedule_order(connection: Connection, order_pk: int, settings: Settings) -> int:
+        """Acquisition jobs for every step of a new order, each by its modality's policy, in the
+        transaction that made the order; how many are due at once."""
+        now = datetime.now(UTC)
+        steps = connection.execute(
+            select(ScheduledStep.id, ScheduledStep.modality)
+            .join(RequestedProcedure, ScheduledStep.procedure_pk == RequestedProcedure.id)
+            .where(RequestedProcedure.order_pk == order_pk)
+        ).all()
+        due_now = 0
+        for step_pk, modality in steps:
+            policy, seconds = settings.acquisition(modality)
+            due = None if seconds is None else now + timedelta(seconds=seconds)
+            Acquisitions.schedule(connection, [step_pk], policy, due)
+            due_now += seconds == 0.0
+        return due_now
+
+    @staticmethod
+    def cancel(connection: Connection, step_pks: Iterable[int]) -> int:
+        """Acquisitions of these steps that have not run stop here (a cancelled order)."""
+        pks = list(step_pks)
+        if not pks:
+            return 0
+        result = connection.execute(
+            update(Acquisition)
+            .where(Acquisition.step_pk.in_(pks), Acquisition.state.in_(("waiting", "pending")))
+            .values(state="canceled", updated_at=datetime.now(UTC))
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    def release(self, step_pks: Iterable[int], policies: tuple[str, ...] = ("manual", "on_query")) -> int:
+        """Waiting acquisitions of these steps become due now (`fabricatord acquire`, or a
+        modality fetched the item for `on_query`); how many."""
+        pks = list(step_pks)
+        if not pks:
+            return 0
+        now = datetime.now(UTC)
+        with self._db.writer.begin() as connection:
+            result = connection.execute(
+                update(Acquisition)
+                .where(
+                    Acquisition.step_pk.in_(pks),
+                    Acquisition.state == "waiting",
+                    Acquisition.policy.in_(policies),
+                )
+                .values(state="pending", due_at=now, updated_at=now)
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    def claim(self, limit: int = 1) -> list[AcquisitionRecord]:
+        """Due acquisitions, moved to `running` (one attempt more) before anyone else sees them."""
+        now = datetime.now(UTC)
+        with self._db.writer.begin() as connection:
+            rows = connection.execute(
+                select(*_ACQUISITION_COLUMNS)
+                .where(Acquisition.state == "pending", Acquisition.due_at <= now)
+                .order_by(Acquisition.due_at, Acquisition.id)
+                .limit(limit)
+            ).all()
+            if rows:
+                connection.execute(
+                    update(Acquisition)
+                    .where(Acquisition.id.in_([row.id for row in rows]))
+                    .values(state="running", attempts=Acquisition.attempts + 1, updated_at=now)
+                )
+            return [AcquisitionRecord(*row) for row in rows]
+
+    def finish(
+        self,
+        pk: int,
+        state: str,
+        error: str = "",
+        study_instance_uid: str = "",
+        performed_step_uid: str = "",
+        instances: int = 0,
+        retry_at: datetime | None = None,
+    ) -> None:
+        """`done`, `failed`, or back to `pending` at `retry_at`."""
+        values: dict[str, object] = {"state": state, "last_error": error[:512], "updated_at": datetime.now(UTC)}
+        if study_instance_uid:
+            values.update(study_instance_uid=study_instance_uid, instances=instances)
+        if performed_step_uid:
+            values["performed_step_uid"] = performed_step_uid
+        if retry_at is not None:
+            values["due_at"] = retry_at
+        with self._db.writer.begin() as connection:
+            connection.execute(update(Acquisition).where(Acquisition.id == pk).values(**values))
+
+    def recover(self) -> int:
+        """At start: what a dead process was running runs again (generation repeats the same UIDs)."""
+        with self._db.writer.begin() as connection:
+            result = connection.execute(
+                update(Acquisition).where(Acquisition.state == "running").values(state="pending")
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    def next_due(self) -> datetime | None:
+        with self._db.engine.connect() as connection:
+            return connection.execute(
+                select(func.min(Acquisition.due_at)).where(Acquisition.state == "pending")
+            ).scalar_one_or_none()
+
+    def listing(self, states: Iterable[str] = (), limit: int = 50) -> list[AcquisitionRecord]:
+        statement = select(*_ACQUISITION_COLUMNS).order_by(Acquisition.id.desc()).limit(limit)
+        wanted = list(states)
+        if wanted:
+            statement = statement.where(Acquisition.state.in_(wanted))
+        with self._db.engine.connect() as connection:
+            return [AcquisitionRecord(*row) for row in connection.execute(statement)]
+
+    def for_steps(self, step_pks: Iterable[int]) -> list[AcquisitionRecord]:
+        with self._db.engine.connect() as connection:
+            rows = connection.execute(select(*_ACQUISITION_COLUMNS).where(Acquisition.step_pk.in_(list(step_pks))))
+            return [AcquisitionRecord(*row) for row in rows]
+
+
+class RouteJobs:
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    @staticmethod
+    def enqueue(connection: Connection, jobs: Iterable[tuple[str, str, str, str]]) -> int:
+        """(SOP Instance UID, Study Instance UID, peer, route) each, in the caller's transaction
+        (the one that indexes the instance: nothing stored escapes its routes)."""
+        now = datetime.now(UTC)
+        rows = [
+            {
+                "sop_instance_uid": sop,
+                "study_instance_uid": study,
+                "peer": peer,
+                "route": route,
+                "state": "pending",
+                "attempts": 0,
+                "next_attempt_at": now,
+                "last_error": "",
+                "created_at": now,
+                "updated_at": now,
+            }
+            for sop, study, peer, route in jobs
+        ]
+        if rows:
+            connection.execute(insert(RouteJob), rows)
+        return len(rows)
+
+    def claim(self, limit: int = 500) -> list[RouteRecord]:
+        """Due jobs of one peer and one study (one association sends them), moved to `sending`."""
+        now = datetime.now(UTC)
+        with self._db.writer.begin() as connection:
+            first = connection.execute(
+                select(RouteJob.peer, RouteJob.study_instance_uid)
+                .where(RouteJob.state == "pending", RouteJob.next_attempt_at <= now)
+                .order_by(RouteJob.next_attempt_at, RouteJob.id)
+                .limit(1)
+            ).first()
+            if first is None:
+                return []
+            rows = connection.execute(
+                select(*_ROUTE_COLUMNS)
+                .where(
+                    RouteJob.state == "pending",
+                    RouteJob.next_attempt_at <= now,
+                    RouteJob.peer == first.peer,
+                    RouteJob.study_instance_uid == first.study_instance_uid,
+                )
+                .order_by(RouteJob.id)
+                .limit(limit)
+            ).all()
+            connection.execute(
+                update(RouteJob)
+                .where(RouteJob.id.in_([row.id for row in rows]))
+                .values(state="sending", attempts=RouteJob.attempts + 1, updated_at=now)
+            )
+            return [RouteRecord(*row) for row in rows]
+
+    def settle(self, done: Iterable[int], retry: dict[int, tuple[datetime, str]], failed: dict[int, str]) -> None:
+        """After a send: `done` ids, ids to retry at a time (with why), ids given up (with why)."""
+        now = datetime.now(UTC)
+        with self._db.writer.begin() as connection:
+            finished = list(done)
+            if finished:
+                connection.execute(
+                    update(RouteJob)
+                    .where(RouteJob.id.in_(finished))
+                    .values(state="done", last_error="", updated_at=now)
+                )
+            for pk, (when, why) in retry.items():
+                connection.execute(
+                    update(RouteJob)
+                    .where(RouteJob.id == pk)
+                    .values(state="pending", next_attempt_at=when, last_error=why[:512], updated_at=now)
+                )
+            for pk, why in failed.items():
+                connection.execute(
+                    update(RouteJob)
+                    .where(RouteJob.id == pk)
+                    .values(state="failed", last_error=why[:512], updated_at=now)
+                )
+
+    def recover(self) -> int:
+        """At start: what a dead process was sending is sent again (C-STORE is at-least-once)."""
+        with self._db.writer.begin() as connection:
+            result = connection.execute(update(RouteJob).where(RouteJob.state == "sending").values(state="pending"))
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    def next_due(self) -> datetime | None:
+        with self._db.engine.connect() as connection:
+            return connection.execute(
+                select(func.min(RouteJob.next_attempt_at)).where(RouteJob.state == "pending")
+            ).scalar_one_or_none()
+
+    def listing(self, states: Iterable[str] = (), study_instance_uid: str = "", limit: int = 50) -> list[RouteRecord]:
+        statement = select(*_ROUTE_COLUMNS).order_by(RouteJob.id.desc()).limit(limit)
+        wanted = list(states)
+        if wanted:
+            statement = statement.where(RouteJob.state.in_(wanted))
+        if study_instance_uid:
+            statement = statement.where(RouteJob.study_instance_uid == study_instance_uid)
+        with self._db.engine.connect() as connection:
+            return [RouteRecord(*row) for row in connection.execute(statement)]
+
+    def retry(self, pks: Iterable[int]) -> int:
+        """Failed or canceled jobs go back to pending, due now, with a fresh count of attempts."""
+        now = datetime.now(UTC)
+        with self._db.writer.begin() as connection:
+            result = connection.execute(
+                update(RouteJob)
+                .where(RouteJob.id.in_(list(pks)), RouteJob.state.in_(("failed", "canceled")))
+                .values(state="pending", attempts=0, next_attempt_at=now, updated_at=now)
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    def cancel(self, pks: Iterable[int]) -> int:
+        with self._db.writer.begin() as connection:
+            result = connection.execute(
+                update(RouteJob)
+                .where(RouteJob.id.in_(list(pks)), RouteJob.state == "pending")
+                .values(state="canceled", updated_at=datetime.now(UTC))
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
