@@ -118,16 +118,9 @@ def _peer(settings: Settings, text: str) -> Any:
 
 
 def _timeouts(settings: Settings) -> Any:
-    from fabricatord.config.values import parse_duration
     from fabricatord.dicom.scu import Timeouts
 
-    d = settings.dicom
-    return Timeouts(
-        parse_duration(d.connect_timeout),
-        parse_duration(d.acse_timeout),
-        parse_duration(d.dimse_timeout),
-        parse_duration(d.network_timeout),
-    )
+    return Timeouts.of(settings.dicom)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

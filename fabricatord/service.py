@@ -1,8 +1,8 @@
 """The composition root: builds every part from settings, starts them in order, stops them in reverse.
 
 The daemon opens (and migrates) the database, settles storage left by a crash, starts the
-audit trail's writer, runs the DICOM node, the MLLP listener and the simulated modality, and
-serves `/metrics` and `/healthz` over HTTP.
+audit trail's writer, runs the DICOM node, the MLLP listener, the simulated modality and the
+router, and serves `/metrics` and `/healthz` over HTTP.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from fabricatord.servers.mllp import MllpListener
 from fabricatord.workflow.acquisition import Acquirer
 from fabricatord.workflow.audit import AuditTrail
 from fabricatord.workflow.hl7 import Inbox
+from fabricatord.workflow.routing import Router, Rules
 
 log = get_logger(__name__)
 
@@ -80,8 +81,11 @@ class _WorkerService(Service):
 
 def storage_writer(settings: Settings, database: Database) -> InstanceWriter:
     """The atomic writer over `data_dir/storage`, as the settings shape it."""
+    # Routes queue their jobs in the transaction that indexes each instance, whoever stores it
+    # (the node, the simulated modality, `fabricatord generate`); the daemon's router sends them.
+    rules = Rules(settings)
     return InstanceWriter(
-        InstanceIndex(database),
+        InstanceIndex(database, on_indexed=rules.enqueue if rules else None),
         settings.storage_dir,
         settings.tmp_dir,
         settings.dicom.storage_layout,
@@ -109,6 +113,7 @@ def build(settings: Settings, reactor_: Any = reactor) -> MultiService:
     DicomNode(settings, database, writer, audit, on_due=acquirer.wake).setServiceParent(root)
     MllpListener(settings, Inbox(settings, database, on_due=acquirer.wake), reactor_).setServiceParent(root)
     _WorkerService(acquirer).setServiceParent(root)  # after the node: it sends MPPS to it
+    _WorkerService(Router(settings, database)).setServiceParent(root)
     http = endpoints.TCP4ServerEndpoint(reactor_, settings.http.port, interface=settings.http.host)
     StreamServerEndpointService(http, http_site()).setServiceParent(root)
     return root

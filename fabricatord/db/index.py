@@ -89,9 +89,14 @@ _FIND_SERIES = select(Series.id).where(Series.series_instance_uid == bindparam("
 _INSERT_INSTANCE = insert(Instance)
 
 
+IndexedHook = Callable[[Connection, list[IndexEntry]], None]
+"""Called in the transaction that indexes instances (the routes queue their jobs there)."""
+
+
 class InstanceIndex:
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, on_indexed: IndexedHook | None = None) -> None:
         self._db = database
+        self._on_indexed = on_indexed
 
     # lookup, add_intents and commit run once per received instance: Core statements on one
     # connection, because the ORM's unit of work cost more than the disk here.
@@ -116,6 +121,8 @@ class InstanceIndex:
             if series_pk is None:  # the first instance of its series: the study is looked up only now
                 series_pk = _series_pk(connection, entry, _study_pk(connection, entry))
             connection.execute(_INSERT_INSTANCE, _instance_values(entry, series_pk))
+            if self._on_indexed is not None:
+                self._on_indexed(connection, [entry])
             return None
 
     def add_intents(self, entries: Iterable[tuple[str, str]]) -> list[int]:
@@ -159,6 +166,8 @@ class InstanceIndex:
             ids = list(intent_ids)
             if ids:
                 connection.execute(delete(StorageIntent).where(StorageIntent.id.in_(ids)))
+            if self._on_indexed is not None and entries:
+                self._on_indexed(connection, entries)
 
     def total_size(self) -> int:
         """Bytes of every indexed file."""

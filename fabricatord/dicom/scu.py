@@ -26,6 +26,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from fabricatord.config.schema import DicomSettings
+from fabricatord.config.values import parse_duration
 from fabricatord.dicom.mpps import MPPS_SOP_CLASS
 from fabricatord.obs import metrics
 
@@ -55,6 +57,16 @@ class Timeouts:
     acse: float = 30.0
     dimse: float = 30.0
     network: float = 60.0
+
+    @classmethod
+    def of(cls, dicom: DicomSettings) -> Timeouts:
+        """The `[dicom]` timeouts, for associations we request."""
+        return cls(
+            parse_duration(dicom.connect_timeout),
+            parse_duration(dicom.acse_timeout),
+            parse_duration(dicom.dimse_timeout),
+            parse_duration(dicom.network_timeout),
+        )
 
 
 @dataclass

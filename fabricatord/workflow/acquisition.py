@@ -18,7 +18,6 @@ from datetime import UTC, datetime, timedelta
 from pydicom.dataset import Dataset
 
 from fabricatord.config import Settings
-from fabricatord.config.values import parse_duration
 from fabricatord.db import Database
 from fabricatord.db.jobs import AcquisitionRecord, Acquisitions
 from fabricatord.db.worklist import StepDetail, Worklist
@@ -52,7 +51,9 @@ class SimulatedModality:
         mpps_uid = UidFactory(self._settings.node.uid_root, random.Random()).new()
         peer = self._mpps_peer()
         attributes = _in_progress(item, modality, station_ae, datetime.now())
-        scu.performed_procedure_step(peer, station_ae, mpps_uid, attributes, create=True, timeouts=self._timeouts())
+        scu.performed_procedure_step(
+            peer, station_ae, mpps_uid, attributes, create=True, timeouts=scu.Timeouts.of(self._settings.dicom)
+        )
         if peer.name != "self":  # our own MPPS SCP moves the step when MPPS comes to us
             self._mark(item, "STARTED")
         order = OrderContext(
@@ -83,7 +84,9 @@ class SimulatedModality:
         )
         faultpoint("acquire.after_store")
         done = _completed(study, datetime.now())
-        scu.performed_procedure_step(peer, station_ae, mpps_uid, done, create=False, timeouts=self._timeouts())
+        scu.performed_procedure_step(
+            peer, station_ae, mpps_uid, done, create=False, timeouts=scu.Timeouts.of(self._settings.dicom)
+        )
         if peer.name != "self":
             self._mark(item, "COMPLETED")
         return study, mpps_uid
@@ -102,15 +105,6 @@ class SimulatedModality:
         peer = self._settings.peer(name)
         assert peer is not None  # the config loader checked the name
         return scu.Peer(peer.ae_title, peer.host, peer.port, peer.name)
-
-    def _timeouts(self) -> scu.Timeouts:
-        dicom = self._settings.dicom
-        return scu.Timeouts(
-            connect=parse_duration(dicom.connect_timeout),
-            acse=parse_duration(dicom.acse_timeout),
-            dimse=parse_duration(dicom.dimse_timeout),
-            network=parse_duration(dicom.network_timeout),
-        )
 
 
 def _in_progress(item: StepDetail, modality: str, station_ae: str, started: datetime) -> Dataset:

@@ -1,0 +1,196 @@
+"""Routing: every instance that a `[[routes]]` rule matches is queued, in the transaction that
+indexes it, for each peer the rule names; worker threads send the queue by C-STORE, one
+association per study and peer, and retry with exponential backoff and jitter until the peer
+answers success or the attempts run out. Delivery is at-least-once: an instance in flight when
+the process died is sent again after the restart."""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import Connection
+
+from fabricatord.config import Settings
+from fabricatord.db import Database, IndexEntry, InstanceIndex
+from fabricatord.db.jobs import RouteJobs, RouteRecord
+from fabricatord.dicom import scu
+from fabricatord.obs.faults import faultpoint
+from fabricatord.obs.logging import get_logger
+
+log = get_logger(__name__)
+
+MAX_ATTEMPTS = 8
+FIRST_RETRY = timedelta(seconds=2)
+LONGEST_RETRY = timedelta(minutes=5)
+WORKERS = 2
+"""Route workers; each holds at most one association, to one peer, for one study."""
+
+
+@dataclass(frozen=True)
+class _Rule:
+    name: str
+    source: str
+    modality: re.Pattern[str] | None
+    calling_ae: str
+    called_ae: str
+    study_description: re.Pattern[str] | None
+    peers: tuple[str, ...]
+
+
+class Rules:
+    """`[[routes]]` compiled once: which peers an indexed instance goes to."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._our_ae = settings.node.ae_title
+        self._rules = [
+            _Rule(
+                name=route.name or f"route-{index}",
+                source=route.match.get("source", "any"),
+                modality=_pattern(route.match.get("modality"), exact=True),
+                calling_ae=route.match.get("calling_ae", ""),
+                called_ae=route.match.get("called_ae", ""),
+                study_description=_pattern(route.match.get("study_description")),
+                peers=tuple(route.to),
+            )
+            for index, route in enumerate(settings.routes)
+        ]
+
+    def __bool__(self) -> bool:
+        return bool(self._rules)
+
+    def destinations(self, entry: IndexEntry) -> list[tuple[str, str]]:
+        """(peer, route) for every rule `entry` matches, each peer once."""
+        found: dict[str, str] = {}
+        for rule in self._rules:
+            if rule.source not in ("any", entry.source):
+                continue
+            if rule.modality is not None and not rule.modality.fullmatch(entry.modality):
+                continue
+            if rule.calling_ae and rule.calling_ae != entry.source_ae:
+                continue
+            if rule.called_ae and rule.called_ae != self._our_ae:
+                continue
+            if rule.study_description is not None and not rule.study_description.search(entry.study_description):
+                continue
+            for peer in rule.peers:
+                found.setdefault(peer, rule.name)
+        return list(found.items())
+
+    def enqueue(self, connection: Connection, entries: list[IndexEntry]) -> None:
+        """The index's hook: route jobs in the transaction that indexes `entries`."""
+        RouteJobs.enqueue(
+            connection,
+            [
+                (entry.sop_instance_uid, entry.study_instance_uid, peer, route)
+                for entry in entries
+                for peer, route in self.destinations(entry)
+            ],
+        )
+
+
+def _pattern(text: str | None, exact: bool = False) -> re.Pattern[str] | None:
+    if not text:
+        return None
+    return re.compile(re.escape(text) if exact else text)
+
+
+def backoff(attempts: int) -> timedelta:
+    """2 s, 4 s, 8 s … up to 5 minutes, each between half and the whole of it (jitter)."""
+    delay: timedelta = min(FIRST_RETRY * 2 ** max(attempts - 1, 0), LONGEST_RETRY)
+    return delay * random.uniform(0.5, 1.0)
+
+
+class Router:
+    """Worker threads that send due route jobs."""
+
+    def __init__(self, settings: Settings, database: Database) -> None:
+        self._settings = settings
+        self._jobs = RouteJobs(database)
+        self._index = InstanceIndex(database)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        recovered = self._jobs.recover()
+        if recovered:
+            log.info("route jobs resumed after a restart", jobs=recovered)
+        for number in range(WORKERS):
+            thread = threading.Thread(target=self._run, name=f"route-{number}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                jobs = self._jobs.claim()
+                if jobs:
+                    self._send(jobs)
+                    continue
+            except Exception as exc:  # the database went away for a moment: try again shortly
+                log.error("routing paused", error=str(exc))
+            self._wake.wait(timeout=0.25)  # jobs queued by another process cannot wake us
+            self._wake.clear()
+
+    def _send(self, jobs: list[RouteRecord]) -> None:
+        peer_settings = self._settings.peer(jobs[0].peer)
+        if peer_settings is None:
+            self._jobs.settle([], {}, {job.id: f"no [[peers]] entry is named {jobs[0].peer!r}" for job in jobs})
+            return
+        peer = scu.Peer(peer_settings.ae_title, peer_settings.host, peer_settings.port, peer_settings.name)
+        stored = self._index.lookup(job.sop_instance_uid for job in jobs)
+        by_path: dict[Path, RouteRecord] = {}
+        failed: dict[int, str] = {}
+        for job in jobs:
+            instance = stored.get(job.sop_instance_uid)
+            if instance is None:
+                failed[job.id] = "the instance is no longer stored"
+            else:
+                by_path[self._settings.storage_dir / instance.path] = job
+        done: list[int] = []
+        retry: dict[int, tuple[datetime, str]] = {}
+        if by_path:
+            try:
+                report = scu.send(
+                    peer, self._settings.node.ae_title, list(by_path), scu.Timeouts.of(self._settings.dicom)
+                )
+                faultpoint("route.after_send")
+                refused = dict(report.failed)
+                for path, job in by_path.items():
+                    if path in refused:
+                        self._later(job, str(refused[path]), retry, failed)
+                    else:
+                        done.append(job.id)
+            except (scu.ScuError, OSError) as exc:
+                for job in by_path.values():
+                    self._later(job, str(exc), retry, failed)
+        self._jobs.settle(done, retry, failed)
+        log.info(
+            "routed",
+            peer=peer.name,
+            study_instance_uid=jobs[0].study_instance_uid,
+            sent=len(done),
+            retrying=len(retry),
+            failed=len(failed),
+        )
+
+    @staticmethod
+    def _later(job: RouteRecord, why: str, retry: dict[int, tuple[datetime, str]], failed: dict[int, str]) -> None:
+        if job.attempts >= MAX_ATTEMPTS:
+            failed[job.id] = f"gave up after {job.attempts} attempts: {why}"
+        else:
+            retry[job.id] = (datetime.now(UTC) + backoff(job.attempts), why)
