@@ -594,18 +594,50 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from fabricatord.db.jobs import Acquisitions, RouteJobs
 
     database = _database(_settings(args))
-    states = [args.state] if args.state else []
-    if args.kind in ("all", "acquisitions"):
-        for a in reversed(Acquisitions(database).listing(states, args.limit)):
-            due = a.due_at.astimezone().strftime("%Y-%m-%d %H:%M:%S") if a.due_at else "-"
-            what = a.last_error or (f"{a.instances} instances of {a.study_instance_uid}" if a.instances else "")
-            head = f"acquire {a.id:>6}  step {a.step_pk:<6} {a.policy:<9} {a.state:<9}"
-            _print(f"{head} due {due}  tries {a.attempts}  {what}".rstrip())
-    if args.kind in ("all", "routes"):
-        for r in reversed(RouteJobs(database).listing(states, args.study, args.limit)):
-            head = f"route   {r.id:>6}  {r.peer:<12} {r.state:<9} tries {r.attempts}"
-            _print(f"{head}  {r.sop_instance_uid}  {r.last_error}".rstrip())
-    return 0
+    acquisitions, routes = Acquisitions(database), RouteJobs(database)
+    if args.action == "list":
+        states = [args.state] if args.state else []
+        if args.kind in ("all", "acquisitions"):
+            for a in reversed(acquisitions.listing(states, args.limit)):
+                _print(_acquisition_line(a))
+        if args.kind in ("all", "routes"):
+            for r in reversed(routes.listing(states, args.study, args.limit)):
+                _print(_route_line(r))
+        return 0
+    wanted: dict[str, list[int]] = {"a": [], "r": []}
+    for name in args.ids:
+        kind, number = name[:1].lower(), name[1:]
+        if kind not in wanted or not number.isdigit():
+            raise CliError(f"{name!r}: a job is a1 (acquisition) or r1 (route), as `jobs list` shows", EX_USAGE)
+        wanted[kind].append(int(number))
+    if args.action == "show":
+        for a in acquisitions.by_ids(wanted["a"]):
+            _print(_acquisition_line(a))
+            _print(f"  study {a.study_instance_uid or '-'}  mpps {a.performed_step_uid or '-'}  {a.last_error}")
+        for r in routes.by_ids(wanted["r"]):
+            _print(_route_line(r))
+            at = r.next_attempt_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+            _print(f"  study {r.study_instance_uid}  route {r.route}  next attempt {at}")
+        return 0
+    if args.action == "retry":
+        count = acquisitions.retry(wanted["a"]) + routes.retry(wanted["r"])
+        _print(f"{count} job(s) due again now")
+    else:
+        count = acquisitions.cancel_jobs(wanted["a"]) + routes.cancel(wanted["r"])
+        _print(f"{count} job(s) canceled")
+    return 0 if count == len(args.ids) else 1
+
+
+def _acquisition_line(a: Any) -> str:
+    due = a.due_at.astimezone().strftime("%Y-%m-%d %H:%M:%S") if a.due_at else "-"
+    what = a.last_error or (f"{a.instances} instances of {a.study_instance_uid}" if a.instances else "")
+    head = f"{'a' + str(a.id):<7} acquire  step {a.step_pk:<6} {a.policy:<9} {a.state:<9}"
+    return f"{head} due {due}  tries {a.attempts}  {what}".rstrip()
+
+
+def _route_line(r: Any) -> str:
+    head = f"{'r' + str(r.id):<7} route    {r.peer:<12} {r.state:<9} tries {r.attempts}"
+    return f"{head}  {r.sop_instance_uid}  {r.last_error}".rstrip()
 
 
 def cmd_mpps(args: argparse.Namespace) -> int:
@@ -878,11 +910,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     acquire = command("acquire", cmd_acquire, "have the simulated modality perform a step now (manual, on_query)")
     acquire.add_argument("name", metavar="ACCESSION|SPS_ID")
-    jobs = command("jobs", cmd_jobs, "acquisition and route jobs, newest last")
-    jobs.add_argument("kind", nargs="?", default="all", choices=["all", "acquisitions", "routes"])
-    jobs.add_argument("--state", default="", help="waiting, pending, running, sending, done, failed, canceled")
-    jobs.add_argument("--study", default="", metavar="STUDY_UID", help="route jobs of one study")
-    jobs.add_argument("--limit", type=int, default=50)
+    jobs = command("jobs", cmd_jobs, "acquisition (a1) and route (r1) jobs: list, show, retry, cancel")
+    job_actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing_jobs = job_actions.add_parser("list", help="newest last")
+    listing_jobs.add_argument("kind", nargs="?", default="all", choices=["all", "acquisitions", "routes"])
+    listing_jobs.add_argument("--state", default="", help="waiting, pending, running, sending, done, failed, canceled")
+    listing_jobs.add_argument("--study", default="", metavar="STUDY_UID", help="route jobs of one study")
+    listing_jobs.add_argument("--limit", type=int, default=50)
+    for action, text in (
+        ("show", "one job or more, whole"),
+        ("retry", "failed or canceled jobs due again now"),
+        ("cancel", "pending (or waiting) jobs stop here"),
+    ):
+        job_actions.add_parser(action, help=text).add_argument("ids", nargs="+", metavar="ID")
+    for sub in job_actions.choices.values():
+        sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="TOML file")
 
     mpps = command("mpps", cmd_mpps, "Modality Performed Procedure Steps that modalities reported, newest last")
     mpps.add_argument("--status", default="", choices=["", "IN PROGRESS", "COMPLETED", "DISCONTINUED"])

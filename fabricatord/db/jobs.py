@@ -190,6 +190,31 @@ class Acquisitions:
         with self._db.engine.connect() as connection:
             return [AcquisitionRecord(*row) for row in connection.execute(statement)]
 
+    def by_ids(self, pks: Iterable[int]) -> list[AcquisitionRecord]:
+        with self._db.engine.connect() as connection:
+            rows = connection.execute(select(*_ACQUISITION_COLUMNS).where(Acquisition.id.in_(list(pks))))
+            return [AcquisitionRecord(*row) for row in rows]
+
+    def retry(self, pks: Iterable[int]) -> int:
+        """Failed or canceled acquisitions due again now, with a fresh count of attempts."""
+        now = datetime.now(UTC)
+        with self._db.writer.begin() as connection:
+            result = connection.execute(
+                update(Acquisition)
+                .where(Acquisition.id.in_(list(pks)), Acquisition.state.in_(("failed", "canceled")))
+                .values(state="pending", attempts=0, due_at=now, updated_at=now)
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    def cancel_jobs(self, pks: Iterable[int]) -> int:
+        with self._db.writer.begin() as connection:
+            result = connection.execute(
+                update(Acquisition)
+                .where(Acquisition.id.in_(list(pks)), Acquisition.state.in_(("waiting", "pending")))
+                .values(state="canceled", updated_at=datetime.now(UTC))
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
     def for_steps(self, step_pks: Iterable[int]) -> list[AcquisitionRecord]:
         with self._db.engine.connect() as connection:
             rows = connection.execute(select(*_ACQUISITION_COLUMNS).where(Acquisition.step_pk.in_(list(step_pks))))
@@ -299,6 +324,11 @@ class RouteJobs:
             statement = statement.where(RouteJob.study_instance_uid == study_instance_uid)
         with self._db.engine.connect() as connection:
             return [RouteRecord(*row) for row in connection.execute(statement)]
+
+    def by_ids(self, pks: Iterable[int]) -> list[RouteRecord]:
+        with self._db.engine.connect() as connection:
+            rows = connection.execute(select(*_ROUTE_COLUMNS).where(RouteJob.id.in_(list(pks))))
+            return [RouteRecord(*row) for row in rows]
 
     def retry(self, pks: Iterable[int]) -> int:
         """Failed or canceled jobs go back to pending, due now, with a fresh count of attempts."""

@@ -34,7 +34,7 @@ def stored(daemon: Daemon) -> list[Path]:
 
 
 def acquisitions(daemon: Daemon) -> str:
-    return run_cli("jobs", "acquisitions", "--config", str(daemon.config)).stdout
+    return run_cli("jobs", "list", "acquisitions", "--config", str(daemon.config)).stdout
 
 
 def test_an_order_becomes_a_study_that_carries_it(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:

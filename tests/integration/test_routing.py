@@ -82,7 +82,7 @@ def routed_to_orthanc(port: int, match: str = '{ source = "generated" }') -> str
 
 
 def route_jobs(daemon: Daemon) -> str:
-    return run_cli("jobs", "routes", "--config", str(daemon.config), "--limit", "500").stdout
+    return run_cli("jobs", "list", "routes", "--config", str(daemon.config), "--limit", "500").stdout
 
 
 def test_an_order_arrives_in_orthanc_as_a_study_that_carries_it(
@@ -93,7 +93,7 @@ def test_an_order_arrives_in_orthanc_as_a_study_that_carries_it(
     daemon = start_daemon(routed_to_orthanc(port), synth='acquisition = "immediate"\n')
     started = time.monotonic()
     assert msa(send(daemon, frame_of(IHE)))[0] == "AA"
-    wait_for(lambda: pacs.instances_of(STUDY_UID) > 0 and " pending " not in route_jobs(daemon))
+    wait_for(lambda: _all_done(daemon))
     elapsed = time.monotonic() - started
     [study] = pacs.get("/studies?expand")
     assert study["MainDicomTags"]["StudyInstanceUID"] == STUDY_UID
@@ -118,9 +118,15 @@ def test_orthanc_down_then_up_gets_everything_after_retries(
     wait_for(lambda: "tries 1" in route_jobs(daemon) and " pending " in route_jobs(daemon))
     assert "refused" in route_jobs(daemon) or "failed" in route_jobs(daemon) or "association" in route_jobs(daemon)
     pacs.start()
-    wait_for(lambda: " pending " not in route_jobs(daemon) and " done " in route_jobs(daemon), seconds=90)
+    wait_for(lambda: _all_done(daemon), seconds=90)
     jobs = route_jobs(daemon)
     assert jobs.count(" done ") == pacs.instances_of(_study_of(daemon, "ACCR1")) == 2  # a two-view CR
+
+
+def _all_done(daemon: Daemon) -> bool:
+    """Every route job of the study answered: none pending or being sent, and some done."""
+    jobs = route_jobs(daemon)
+    return " done " in jobs and " pending " not in jobs and " sending " not in jobs
 
 
 def _study_of(daemon: Daemon, accession: str) -> str:
@@ -147,7 +153,7 @@ def test_kill_9_mid_routing_delivers_everything_once(
     assert msa(send(crashing, frame_of(IHE)))[0] == "AA"
     crashing.process.wait(timeout=90)  # killed right after the first send, before it was recorded
     daemon = start_daemon(routed_to_orthanc(port), synth='acquisition = "immediate"\n')
-    wait_for(lambda: " pending " not in route_jobs(daemon) and " sending " not in route_jobs(daemon), seconds=90)
+    wait_for(lambda: _all_done(daemon), seconds=90)
     stored = len(list((daemon.data_dir / "storage").rglob("*.dcm")))
     assert route_jobs(daemon).count(" done ") == stored == pacs.instances_of(STUDY_UID)  # each SOP Instance UID once
 
@@ -155,6 +161,21 @@ def test_kill_9_mid_routing_delivers_everything_once(
 def test_a_rule_that_matches_nothing_routes_nothing(start_daemon: Callable[..., Daemon]) -> None:
     daemon = start_daemon(routed_to_orthanc(free_port(), '{ modality = "MG" }'), synth='acquisition = "immediate"\n')
     assert msa(send(daemon, order("N1", "NW", "SC", "ACCN1")))[0] == "AA"
-    wait_for(lambda: " done " in run_cli("jobs", "acquisitions", "--config", str(daemon.config)).stdout)
+    wait_for(lambda: " done " in run_cli("jobs", "list", "acquisitions", "--config", str(daemon.config)).stdout)
     time.sleep(1)
     assert route_jobs(daemon).strip() == ""
+
+
+def test_jobs_can_be_shown_cancelled_and_retried(start_daemon: Callable[..., Daemon]) -> None:
+    daemon = start_daemon(routed_to_orthanc(free_port()), synth='acquisition = "immediate"\n')  # nobody listens
+    cr = order("J1", "NW", "SC", "ACCJ1").replace(b"||||||CT", b"||||||CR")
+    assert msa(send(daemon, cr))[0] == "AA"
+    wait_for(lambda: "tries 1" in route_jobs(daemon))
+    first = route_jobs(daemon).split()[0]
+    config = ["--config", str(daemon.config)]
+    shown = run_cli("jobs", "show", first, *config).stdout
+    assert first in shown and _study_of(daemon, "ACCJ1") in shown and "association" in shown
+    assert "1 job(s) canceled" in run_cli("jobs", "cancel", first, *config).stdout
+    assert f"{first:<7} route    orthanc      canceled" in route_jobs(daemon)
+    assert "1 job(s) due again now" in run_cli("jobs", "retry", first, *config).stdout
+    assert run_cli("jobs", "cancel", "x9", *config, check=False).returncode != 0
