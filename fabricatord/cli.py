@@ -640,6 +640,21 @@ def _route_line(r: Any) -> str:
     return f"{head}  {r.sop_instance_uid}  {r.last_error}".rstrip()
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    from fabricatord.db.timeline import timeline
+
+    found = timeline(_database(_settings(args)), args.accession)
+    if found is None:
+        raise CliError(f"no order has the accession number {args.accession!r}", EX_DATAERR)
+    _print(f"accession {found.accession_number}  study {', '.join(found.study_instance_uids) or '-'}")
+    first = found.events[0].at if found.events else None
+    for event in found.events:
+        assert first is not None
+        at = event.at.astimezone().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        _print(f"{at}  +{(event.at - first).total_seconds():8.3f} s  {event.what}")
+    return 0
+
+
 def cmd_mpps(args: argparse.Namespace) -> int:
     from fabricatord.db.performed import PerformedSteps
 
@@ -925,6 +940,9 @@ def build_parser() -> argparse.ArgumentParser:
         job_actions.add_parser(action, help=text).add_argument("ids", nargs="+", metavar="ID")
     for sub in job_actions.choices.values():
         sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="TOML file")
+
+    trace = command("trace", cmd_trace, "one order's timeline: HL7, worklist, acquisition, MPPS, storage, routes")
+    trace.add_argument("accession", metavar="ACCESSION")
 
     mpps = command("mpps", cmd_mpps, "Modality Performed Procedure Steps that modalities reported, newest last")
     mpps.add_argument("--status", default="", choices=["", "IN PROGRESS", "COMPLETED", "DISCONTINUED"])

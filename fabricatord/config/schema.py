@@ -265,6 +265,10 @@ class RouteSettings:
     )
     to: list[str] = key([], "`[[peers]]` names that receive every matching instance.")
     allow_prod: bool = key(False, 'Allow this route to send to peers with `environment = "prod"`.')
+    verify: bool = key(
+        False,
+        "Once every instance of a study is delivered, count them at the peer by C-FIND and record the study verified.",
+    )
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
@@ -333,4 +334,5 @@ def _instance_values(entry: IndexEntry, series_pk: int) -> dict[str, object]:
         "digest": entry.digest,
         "source": entry.source,
         "source_ae": entry.source_ae,
+        "created_at": datetime.now(UTC),  # to the microsecond, for `fabricatord trace`
     }

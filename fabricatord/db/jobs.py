@@ -303,6 +303,33 @@ class RouteJobs:
                     .values(state="failed", last_error=why[:512], updated_at=now)
                 )
 
+    def delivered(self, peer: str, study_instance_uid: str) -> int | None:
+        """How many of the study's jobs to `peer` are done; None while any is still open."""
+        with self._db.engine.connect() as connection:
+            counts = dict(
+                connection.execute(
+                    select(RouteJob.state, func.count(RouteJob.id))
+                    .where(RouteJob.peer == peer, RouteJob.study_instance_uid == study_instance_uid)
+                    .group_by(RouteJob.state)
+                ).all()
+            )
+        if any(counts.get(state) for state in OPEN_ROUTE):
+            return None
+        return int(counts.get("done", 0))
+
+    def verified(self, peer: str, study_instance_uid: str) -> None:
+        now = datetime.now(UTC)
+        with self._db.writer.begin() as connection:
+            connection.execute(
+                update(RouteJob)
+                .where(
+                    RouteJob.peer == peer,
+                    RouteJob.study_instance_uid == study_instance_uid,
+                    RouteJob.state == "done",
+                )
+                .values(verified_at=now)
+            )
+
     def recover(self) -> int:
         """At start: what a dead process was sending is sent again (C-STORE is at-least-once)."""
         with self._db.writer.begin() as connection:

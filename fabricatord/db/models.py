@@ -325,6 +325,8 @@ class RouteJob(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str] = mapped_column(String(512), default="")
+    verified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """When the peer's C-FIND counted the study's instances (routes with `verify = true`)."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 

@@ -179,6 +179,8 @@ class Router:
                 for job in by_path.values():
                     self._later(job, str(exc), retry, failed)
         self._jobs.settle(done, retry, failed)
+        if done and any(route.verify for route in self._settings.routes if route.name == jobs[0].route):
+            self._verify(peer, jobs[0].study_instance_uid)
         log.info(
             "routed",
             peer=peer.name,
@@ -187,6 +189,26 @@ class Router:
             retrying=len(retry),
             failed=len(failed),
         )
+
+    def _verify(self, peer: scu.Peer, study_instance_uid: str) -> None:
+        """Once nothing of the study is left to send: the peer's own count, by C-FIND."""
+        delivered = self._jobs.delivered(peer.name, study_instance_uid)
+        if not delivered:
+            return
+        try:
+            held = scu.count_study_instances(
+                peer, self._settings.node.ae_title, study_instance_uid, scu.Timeouts.of(self._settings.dicom)
+            )
+        except (scu.ScuError, OSError) as exc:
+            log.warning("route not verified", peer=peer.name, study_instance_uid=study_instance_uid, error=str(exc))
+            return
+        if held >= delivered:
+            self._jobs.verified(peer.name, study_instance_uid)
+            log.info("route verified", peer=peer.name, study_instance_uid=study_instance_uid, instances=held)
+        else:
+            log.warning(
+                "route not verified", peer=peer.name, study_instance_uid=study_instance_uid, held=held, sent=delivered
+            )
 
     @staticmethod
     def _later(job: RouteRecord, why: str, retry: dict[int, tuple[datetime, str]], failed: dict[int, str]) -> None:

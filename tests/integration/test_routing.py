@@ -31,7 +31,15 @@ class Orthanc:
         self.http_port = free_port()
         self.folder = tmp_path / f"orthanc-{dicom_port}"
         self.folder.mkdir()
-        self.config = orthanc_config(self.folder, dicom_port, self.http_port, AuthenticationEnabled=False)
+        # fabricatord is a known modality there, as a PACS administrator would register it: Orthanc
+        # answers C-FIND (the delivery check) only to the modalities it knows.
+        self.config = orthanc_config(
+            self.folder,
+            dicom_port,
+            self.http_port,
+            AuthenticationEnabled=False,
+            DicomModalities={"fabricatord": ["FABRICATORD", "127.0.0.1", 104]},
+        )
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Orthanc:
@@ -77,7 +85,7 @@ def orthanc(tmp_path: Path) -> Iterator[Callable[[int], Orthanc]]:
 def routed_to_orthanc(port: int, match: str = '{ source = "generated" }') -> str:
     return (
         f'[[peers]]\nname = "orthanc"\nae_title = "ORTHANC"\nport = {port}\n'
-        f'[[routes]]\nname = "to-orthanc"\nmatch = {match}\nto = ["orthanc"]\n'
+        f'[[routes]]\nname = "to-orthanc"\nmatch = {match}\nto = ["orthanc"]\nverify = true\n'
     )
 
 
@@ -105,6 +113,11 @@ def test_an_order_arrives_in_orthanc_as_a_study_that_carries_it(
     request = tags["RequestAttributesSequence"][0]
     assert (request["RequestedProcedureID"], request["ScheduledProcedureStepID"]) == ("RP1001", "SPS1001")
     assert elapsed < 60
+    wait_for(lambda: "verified at orthanc" in run_cli("trace", "ACC1001", "--config", str(daemon.config)).stdout)
+    trace = run_cli("trace", "ACC1001", "--config", str(daemon.config)).stdout
+    for step in ("HL7 ORM^O01 IHE0001 from EPIC: AA", "MPPS COMPLETED from CT01", "route job(s) to orthanc done"):
+        assert step in trace
+    assert trace.index("HL7 ORM^O01") < trace.index("MPPS COMPLETED") < trace.index("verified at orthanc")
 
 
 def test_orthanc_down_then_up_gets_everything_after_retries(

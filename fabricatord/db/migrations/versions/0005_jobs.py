@@ -56,6 +56,7 @@ def upgrade() -> None:
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=False),
         _text("last_error", 512),
+        sa.Column("verified_at", sa.DateTime(timezone=True), nullable=True),
         _timestamp("created_at"),
         _timestamp("updated_at"),
     )
