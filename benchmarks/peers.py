@@ -194,7 +194,10 @@ ORTHANC_JSON = {
 }
 
 
-def orthanc(work: Path, destination_port: int = 0, worklists: Path | None = None) -> Server:
+def orthanc(
+    work: Path, destination_port: int = 0, worklists: Path | None = None, known: dict[str, list[object]] | None = None
+) -> Server:
+    """`known`: more DicomModalities (Orthanc answers C-FIND only to the modalities it knows)."""
     port, http_port = free_port(), free_port()
     config = {
         **ORTHANC_JSON,
@@ -202,7 +205,7 @@ def orthanc(work: Path, destination_port: int = 0, worklists: Path | None = None
         "IndexDirectory": str(work / "index"),
         "HttpPort": http_port,
         "DicomPort": port,
-        "DicomModalities": {"dest": [DEST_AE, "127.0.0.1", destination_port or 104]},
+        "DicomModalities": {"dest": [DEST_AE, "127.0.0.1", destination_port or 104], **(known or {})},
         "Plugins": ["/usr/share/orthanc/plugins/libModalityWorklists.so"] if worklists else [],
         "Worklists": {"Enable": worklists is not None, "Database": str(worklists or work)},
     }
