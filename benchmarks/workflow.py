@@ -124,8 +124,9 @@ def main() -> int:
             hl7_port = int(server.extra["hl7_port"])  # type: ignore[call-overload]
             cr = latency(hl7_port, database, "CR", crs, 0)
             ct = latency(hl7_port, database, "CT", cts, 1000)
+            ours = str(work / "fabricatord" / "fabricatord.toml")
             generated = subprocess.run(
-                [peers.PYTHON, "-m", "fabricatord", "generate", "--config", str(work / "fabricatord" / "fabricatord.toml"),
+                [peers.PYTHON, "-m", "fabricatord", "generate", "--config", ours,
                  "--modality", "CT", "--series", "1", "--images", str(big)],
                 capture_output=True, text=True, check=True,
             ).stdout  # fmt: skip
