@@ -158,7 +158,8 @@ def main() -> int:
         print("no shared harness: hl7apy's MLLPServer and the asyncio server are not measured")
     results: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in SCENARIOS}
     with tempfile.TemporaryDirectory(prefix="fabricatord-hl7-bench-") as folder:
-        server = peers.fabricatord(Path(folder))
+        # The listener alone: orders wait for `fabricatord acquire` instead of making studies.
+        server = peers.fabricatord(Path(folder), '[synth]\nacquisition = "manual"\n')
         port = int(server.extra["hl7_port"])  # type: ignore[call-overload]
         first = 0
         try:

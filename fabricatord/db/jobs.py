@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, Select, bindparam, func, insert, select, update
 
 from fabricatord.config import Settings
 from fabricatord.db.engine import Database
@@ -52,6 +53,36 @@ _ACQUISITION_COLUMNS = [getattr(Acquisition, name) for name in AcquisitionRecord
 _ROUTE_COLUMNS = [getattr(RouteJob, name) for name in RouteRecord.__dataclass_fields__]
 
 
+_ORDER_STEPS = (
+    select(ScheduledStep.id, ScheduledStep.modality)
+    .join(RequestedProcedure, ScheduledStep.procedure_pk == RequestedProcedure.id)
+    .where(RequestedProcedure.order_pk == bindparam("order_pk"))
+)
+_INSERT_ACQUISITION = insert(Acquisition)
+
+
+def _acquisition_row(step_pk: int, policy: str, due_at: datetime | None, now: datetime) -> dict[str, Any]:
+    return {
+        "step_pk": step_pk,
+        "policy": policy,
+        "state": "pending" if due_at is not None else "waiting",
+        "due_at": due_at,
+        "attempts": 0,
+        "last_error": "",
+        "study_instance_uid": "",
+        "performed_step_uid": "",
+        "instances": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _any(database: Database, statement: Select[Any]) -> bool:
+    """A look without the write lock: idle workers poll, and must not hold up the writers."""
+    with database.engine.connect() as connection:
+        return connection.execute(statement.limit(1)).first() is not None
+
+
 class Acquisitions:
     def __init__(self, database: Database) -> None:
         self._db = database
@@ -60,42 +91,22 @@ class Acquisitions:
     def schedule(connection: Connection, step_pks: Iterable[int], policy: str, due_at: datetime | None) -> None:
         """In the caller's transaction (the order's): `due_at` None waits for a release."""
         now = datetime.now(UTC)
-        rows = [
-            {
-                "step_pk": pk,
-                "policy": policy,
-                "state": "pending" if due_at is not None else "waiting",
-                "due_at": due_at,
-                "attempts": 0,
-                "last_error": "",
-                "study_instance_uid": "",
-                "performed_step_uid": "",
-                "instances": 0,
-                "created_at": now,
-                "updated_at": now,
-            }
-            for pk in step_pks
-        ]
+        rows = [_acquisition_row(pk, policy, due_at, now) for pk in step_pks]
         if rows:
-            connection.execute(insert(Acquisition), rows)
+            connection.execute(_INSERT_ACQUISITION, rows)
 
     @staticmethod
     def schedule_order(connection: Connection, order_pk: int, settings: Settings) -> int:
         """Acquisition jobs for every step of a new order, each by its modality's policy, in the
         transaction that made the order; how many are due at once."""
         now = datetime.now(UTC)
-        steps = connection.execute(
-            select(ScheduledStep.id, ScheduledStep.modality)
-            .join(RequestedProcedure, ScheduledStep.procedure_pk == RequestedProcedure.id)
-            .where(RequestedProcedure.order_pk == order_pk)
-        ).all()
-        due_now = 0
-        for step_pk, modality in steps:
+        rows = []
+        for step_pk, modality in connection.execute(_ORDER_STEPS, {"order_pk": order_pk}):
             policy, seconds = settings.acquisition(modality)
             due = None if seconds is None else now + timedelta(seconds=seconds)
-            Acquisitions.schedule(connection, [step_pk], policy, due)
-            due_now += seconds == 0.0
-        return due_now
+            rows.append(_acquisition_row(step_pk, policy, due, now))
+        connection.execute(_INSERT_ACQUISITION, rows[0] if len(rows) == 1 else rows)
+        return sum(row["due_at"] == now for row in rows)
 
     @staticmethod
     def cancel(connection: Connection, step_pks: Iterable[int]) -> int:
@@ -132,6 +143,8 @@ class Acquisitions:
     def claim(self, limit: int = 1) -> list[AcquisitionRecord]:
         """Due acquisitions, moved to `running` (one attempt more) before anyone else sees them."""
         now = datetime.now(UTC)
+        if not _any(self._db, select(Acquisition.id).where(Acquisition.state == "pending", Acquisition.due_at <= now)):
+            return []
         with self._db.writer.begin() as connection:
             rows = connection.execute(
                 select(*_ACQUISITION_COLUMNS)
@@ -252,6 +265,8 @@ class RouteJobs:
     def claim(self, limit: int = 500) -> list[RouteRecord]:
         """Due jobs of one peer and one study (one association sends them), moved to `sending`."""
         now = datetime.now(UTC)
+        if not _any(self._db, select(RouteJob.id).where(RouteJob.state == "pending", RouteJob.next_attempt_at <= now)):
+            return []
         with self._db.writer.begin() as connection:
             first = connection.execute(
                 select(RouteJob.peer, RouteJob.study_instance_uid)
