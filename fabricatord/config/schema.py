@@ -237,6 +237,11 @@ class SynthSettings:
         "Transfer syntax of generated files: `explicit`, `implicit`, `rle`, `jpeg2000-lossless`, `jpegls-lossless`.",
     )
     mpps_peer: str = key("self", "Where the simulated modality sends MPPS: `self` or a `[[peers]]` name.")
+    procedure_templates: dict[str, str] = key(
+        {},
+        "Requested procedure code → the template (CR, DX, CT, MR, US, MG, SC) the simulated modality "
+        'makes its study with, over the item\'s modality: `{ XRCHEST = "DX" }`.',
+    )
     modality: dict[str, ModalityOverride] = key({}, "Per-modality overrides: `[synth.modality.CT]`.")
 
 

@@ -29,6 +29,9 @@ def settings_problems(settings: Settings) -> Iterator[tuple[str, str]]:
                 f"synth.{key}",
                 f"{text!r} makes values of up to {pattern.max_length} characters; {attribute} holds {limit}",
             )
+    for code, template in settings.synth.procedure_templates.items():
+        if template.upper() not in TEMPLATES:
+            yield f"synth.procedure_templates.{code}", f"no template {template!r} (known: {', '.join(TEMPLATES)})"
     for code, override in settings.synth.modality.items():
         if code not in TEMPLATES:
             yield (

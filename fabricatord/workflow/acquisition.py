@@ -46,7 +46,8 @@ class SimulatedModality:
 
     def perform(self, item: StepDetail) -> tuple[GeneratedStudy, str]:
         """The study made for `item`, and the MPPS SOP Instance UID it was reported under."""
-        modality = item.modality.upper() if item.modality.upper() in TEMPLATES else "SC"
+        chosen = self._settings.synth.procedure_templates.get(item.procedure_code[0], item.modality).upper()
+        modality = chosen if chosen in TEMPLATES else "SC"
         station_ae = (item.station_ae or f"{modality}01")[:16]
         mpps_uid = UidFactory(self._settings.node.uid_root, random.Random()).new()
         peer = self._mpps_peer()

@@ -104,3 +104,15 @@ def test_kill_9_mid_acquisition_makes_the_study_once(start_daemon: Callable[...,
     wait_for(lambda: " done " in acquisitions(daemon))
     assert {p.name for p in stored(daemon)} == first  # the same instances, each once
     assert steps(daemon) == [("ACC1001", "SPS1001", "COMPLETED")]
+
+
+def test_an_update_before_acquisition_changes_what_is_made(start_daemon: Callable[..., Daemon]) -> None:
+    daemon = start_daemon(synth='acquisition = "manual"\nprocedure_templates = { XRCHEST = "DX" }\n')
+    assert msa(send(daemon, order("U1", "NW", "SC", "ACCU1")))[0] == "AA"  # a CT abdomen
+    update = order("U2", "XO", "SC", "ACCU1").replace(b"CTABD^CT Abdomen^LOCAL", b"XRCHEST^Chest two views^LOCAL")
+    assert msa(send(daemon, update))[0] == "AA"
+    run_cli("acquire", "ACCU1", "--config", str(daemon.config))
+    wait_for(lambda: " done " in acquisitions(daemon))
+    images = [dcmread(path) for path in stored(daemon)]
+    assert {image.StudyDescription for image in images} == {"Chest two views"}
+    assert {image.SOPClassUID for image in images} == {"1.2.840.10008.5.1.4.1.1.1.1"}  # DX, by the procedure code
