@@ -10,12 +10,9 @@ from __future__ import annotations
 import gc
 from typing import Any, Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints, reactor
-from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
 
 from fabricatord import __version__
 from fabricatord.config import Settings
@@ -25,6 +22,7 @@ from fabricatord.dicom.storage import InstanceWriter
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
 from fabricatord.servers.dicom import DicomNode
+from fabricatord.servers.http import site
 from fabricatord.servers.mllp import MllpListener
 from fabricatord.workflow.acquisition import Acquirer
 from fabricatord.workflow.audit import AuditTrail
@@ -32,30 +30,6 @@ from fabricatord.workflow.hl7 import Inbox
 from fabricatord.workflow.routing import Router, Rules
 
 log = get_logger(__name__)
-
-
-class _Metrics(Resource):
-    isLeaf = True
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
-        return generate_latest()
-
-
-class _Health(Resource):
-    isLeaf = True
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"Content-Type", b"application/json")
-        return b'{"status": "ok"}'
-
-
-def http_site() -> Site:
-    root = Resource()
-    children: dict[bytes, Any] = {b"metrics": _Metrics(), b"healthz": _Health()}
-    for path, child in children.items():
-        root.putChild(path, child)
-    return Site(root)
 
 
 class _Worker(Protocol):
@@ -110,12 +84,20 @@ def build(settings: Settings, reactor_: Any = reactor) -> MultiService:
     audit = AuditTrail(database)
     _WorkerService(audit).setServiceParent(root)
     acquirer = Acquirer(settings, database, writer)
-    DicomNode(settings, database, writer, audit, on_due=acquirer.wake).setServiceParent(root)
-    MllpListener(settings, Inbox(settings, database, on_due=acquirer.wake), reactor_).setServiceParent(root)
+    node = DicomNode(settings, database, writer, audit, on_due=acquirer.wake)
+    node.setServiceParent(root)
+    mllp = MllpListener(settings, Inbox(settings, database, on_due=acquirer.wake), reactor_)
+    mllp.setServiceParent(root)
     _WorkerService(acquirer).setServiceParent(root)  # after the node: it sends MPPS to it
     _WorkerService(Router(settings, database)).setServiceParent(root)
     http = endpoints.TCP4ServerEndpoint(reactor_, settings.http.port, interface=settings.http.host)
-    StreamServerEndpointService(http, http_site()).setServiceParent(root)
+    listeners = {
+        "dicom": f"{settings.dicom.host}:{settings.dicom.port}",
+        "mllp": f"{settings.hl7.host}:{settings.hl7.port}",
+        "http": f"{settings.http.host}:{settings.http.port}",
+    }
+    checks = [("dicom", lambda: node.listening), ("mllp", lambda: mllp.listening)]
+    StreamServerEndpointService(http, site(database, checks, listeners)).setServiceParent(root)
     return root
 
 

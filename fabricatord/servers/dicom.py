@@ -154,6 +154,10 @@ class DicomNode(Service):
         self._active_lock = threading.Lock()
 
     @property
+    def listening(self) -> bool:
+        return self._server is not None
+
+    @property
     def port(self) -> int:
         """The bound port (the configured one, or the one the system chose for port 0)."""
         return int(self._server.server_address[1])

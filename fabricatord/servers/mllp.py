@@ -210,6 +210,10 @@ class MllpListener(Service):
         self._factory = MllpFactory(settings, inbox, self._pool)
         self._port: Any = None
 
+    @property
+    def listening(self) -> bool:
+        return self._port is not None
+
     def startService(self) -> None:
         self._pool.start()
         hl7 = self._settings.hl7

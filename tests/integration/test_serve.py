@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import free_port, wait_for_port
+from tests.integration.conftest import Daemon
+from tests.integration.test_worklist import schedule
 
 pytestmark = pytest.mark.integration
 
@@ -65,3 +69,23 @@ def test_a_port_in_use_stops_the_start_with_one_clear_line(tmp_path: Path) -> No
     assert result.returncode == 1
     assert '"event": "startup failed"' in result.stderr and "Address already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_readiness_and_status_report_the_listeners_and_what_is_held(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    daemon = start_daemon()
+    base = f"http://127.0.0.1:{daemon.http_port}"
+    with urllib.request.urlopen(f"{base}/readyz", timeout=10) as response:
+        ready = json.loads(response.read())
+    assert response.status == 200 and ready == {
+        "ready": True,
+        "checks": {"database": True, "dicom": True, "mllp": True},
+    }
+    schedule(daemon, "--modality", "CT", "--station", "CT01")
+    with urllib.request.urlopen(f"{base}/api/v1/status", timeout=10) as response:
+        status = json.loads(response.read())
+    assert status["version"] and status["uptime_seconds"] >= 0
+    assert status["listeners"]["mllp"] == f"127.0.0.1:{daemon.hl7_port}"
+    assert (status["patients"], status["orders"], status["worklist_steps"]) == (1, 1, {"SCHEDULED": 1})
+    assert status["acquisitions"] == {"waiting": 1} and status["route_jobs"] == {} and status["instances"] == 0
