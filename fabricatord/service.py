@@ -8,22 +8,27 @@ router, and serves `/metrics` and `/healthz` over HTTP.
 from __future__ import annotations
 
 import gc
+import signal
 from typing import Any, Protocol
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints, reactor
+from twisted.internet.task import LoopingCall
 
 from fabricatord import __version__
-from fabricatord.config import Settings
+from fabricatord.config import ConfigError, Settings, load
 from fabricatord.config.values import parse_size
 from fabricatord.db import Database, InstanceIndex, open_database
 from fabricatord.dicom.storage import InstanceWriter
+from fabricatord.hl7.mapping import profile_problems
 from fabricatord.obs import metrics
-from fabricatord.obs.logging import get_logger
+from fabricatord.obs.logging import configure, get_logger
+from fabricatord.obs.systemd import notify, watchdog_interval
 from fabricatord.servers.dicom import DicomNode
 from fabricatord.servers.http import site
 from fabricatord.servers.mllp import MllpListener
+from fabricatord.synth.checks import settings_problems
 from fabricatord.workflow.acquisition import Acquirer
 from fabricatord.workflow.audit import AuditTrail
 from fabricatord.workflow.hl7 import Inbox
@@ -53,13 +58,13 @@ class _WorkerService(Service):
         super().stopService()
 
 
-def storage_writer(settings: Settings, database: Database) -> InstanceWriter:
+def storage_writer(settings: Settings, database: Database, rules: Rules | None = None) -> InstanceWriter:
     """The atomic writer over `data_dir/storage`, as the settings shape it."""
     # Routes queue their jobs in the transaction that indexes each instance, whoever stores it
     # (the node, the simulated modality, `fabricatord generate`); the daemon's router sends them.
-    rules = Rules(settings)
+    rules = rules if rules is not None else Rules(settings)
     return InstanceWriter(
-        InstanceIndex(database, on_indexed=rules.enqueue if rules else None),
+        InstanceIndex(database, on_indexed=rules.enqueue),
         settings.storage_dir,
         settings.tmp_dir,
         settings.dicom.storage_layout,
@@ -69,10 +74,15 @@ def storage_writer(settings: Settings, database: Database) -> InstanceWriter:
     )
 
 
-def build(settings: Settings, reactor_: Any = reactor) -> MultiService:
-    """Every part of the daemon as one service tree."""
+class _Reloadable(Protocol):
+    def reload(self, settings: Settings) -> None: ...
+
+
+def build(settings: Settings, reactor_: Any = reactor) -> tuple[MultiService, list[_Reloadable]]:
+    """Every part of the daemon as one service tree, and the parts a SIGHUP gives new settings."""
     database = open_database(settings.database_url, migrate_in_child=True)
-    writer = storage_writer(settings, database)
+    rules = Rules(settings)
+    writer = storage_writer(settings, database, rules)
     report = writer.recover()
     log.info(
         "storage recovered",
@@ -86,10 +96,12 @@ def build(settings: Settings, reactor_: Any = reactor) -> MultiService:
     acquirer = Acquirer(settings, database, writer)
     node = DicomNode(settings, database, writer, audit, on_due=acquirer.wake)
     node.setServiceParent(root)
-    mllp = MllpListener(settings, Inbox(settings, database, on_due=acquirer.wake), reactor_)
+    inbox = Inbox(settings, database, on_due=acquirer.wake)
+    mllp = MllpListener(settings, inbox, reactor_)
     mllp.setServiceParent(root)
     _WorkerService(acquirer).setServiceParent(root)  # after the node: it sends MPPS to it
-    _WorkerService(Router(settings, database)).setServiceParent(root)
+    router = Router(settings, database)
+    _WorkerService(router).setServiceParent(root)
     http = endpoints.TCP4ServerEndpoint(reactor_, settings.http.port, interface=settings.http.host)
     listeners = {
         "dicom": f"{settings.dicom.host}:{settings.dicom.port}",
@@ -98,7 +110,7 @@ def build(settings: Settings, reactor_: Any = reactor) -> MultiService:
     }
     checks = [("dicom", lambda: node.listening), ("mllp", lambda: mllp.listening)]
     StreamServerEndpointService(http, site(database, checks, listeners)).setServiceParent(root)
-    return root
+    return root, [rules, node, inbox, acquirer, router]
 
 
 def run(settings: Settings) -> int:
@@ -106,11 +118,12 @@ def run(settings: Settings) -> int:
     metrics.BUILD_INFO.labels(__version__).set(1)
     the_reactor: Any = reactor
     try:
-        root = build(settings)
+        root, reloadable = build(settings)
         root.startService()
     except Exception as exc:  # a port in use, an unwritable data_dir, a newer database: one clear line
         log.error("startup failed", error=str(exc))
         return 1
+    the_reactor.addSystemEventTrigger("before", "shutdown", _stopping)
     the_reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
     # Everything built so far (pydicom's dictionaries, SQLAlchemy's mappers, Twisted) lives as
     # long as the process: out of the collector's sight, a full collection no longer walks it.
@@ -124,6 +137,32 @@ def run(settings: Settings) -> int:
         http=f"{settings.http.host}:{settings.http.port}",
         mllp=f"{settings.hl7.host}:{settings.hl7.port}",
     )
+    signal.signal(signal.SIGHUP, lambda *_: the_reactor.callFromThread(_reload, settings, reloadable))
+    notify("READY=1", f"STATUS=serving DICOM on {settings.dicom.port}, MLLP on {settings.hl7.port}")
+    interval = watchdog_interval()
+    if interval is not None:
+        LoopingCall(notify, "WATCHDOG=1").start(interval, now=True)
     the_reactor.run()
     log.info("fabricatord stopped")
     return 0
+
+
+def _reload(current: Settings, parts: list[_Reloadable]) -> None:
+    """SIGHUP: peers, routes, mapping profiles, synth and log level from the file again; an
+    invalid file changes nothing. Ports, data_dir and the database take effect at a restart."""
+    notify("RELOADING=1", "STATUS=reloading the configuration")
+    try:
+        fresh = load(current.source, checks=[settings_problems, profile_problems])
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("configuration not reloaded", problem=str(problem))
+    else:
+        configure(fresh.log.level, fresh.log.format, fresh.log.phi)
+        for part in parts:
+            part.reload(fresh)
+        log.info("configuration reloaded", source=str(current.source), peers=len(fresh.peers), routes=len(fresh.routes))
+    notify("READY=1", "STATUS=serving")
+
+
+def _stopping() -> None:
+    notify("STOPPING=1", "STATUS=stopping: finishing what is in flight")

@@ -153,6 +153,13 @@ class DicomNode(Service):
         self._active: set[int] = set()
         self._active_lock = threading.Lock()
 
+    def reload(self, settings: Settings) -> None:
+        """New `[[peers]]` and their permissions (SIGHUP), for the associations that follow."""
+        self._settings = settings
+        self._peers = {p.ae_title: p for p in reversed(settings.peers)}
+        if self._server is not None and settings.dicom.require_known_ae:
+            self._server.ae.require_calling_aet = sorted(self._peers)
+
     @property
     def listening(self) -> bool:
         return self._server is not None

@@ -42,6 +42,7 @@ class SimulatedModality:
     def __init__(self, settings: Settings, database: Database, writer: InstanceWriter) -> None:
         self._settings = settings
         self._database = database
+        self._writer = writer
         self._generator = StudyGenerator(settings, database, writer)
 
     def perform(self, item: StepDetail) -> tuple[GeneratedStudy, str]:
@@ -91,6 +92,10 @@ class SimulatedModality:
         if peer.name != "self":
             self._mark(item, "COMPLETED")
         return study, mpps_uid
+
+    def reload(self, settings: Settings) -> None:
+        self._settings = settings
+        self._generator = StudyGenerator(settings, self._database, self._writer)
 
     def _mark(self, item: StepDetail, status: str) -> None:
         with self._database.writer.begin() as connection:
@@ -186,6 +191,10 @@ class Acquirer:
     def wake(self) -> None:
         """Something may be due now (a new order, a release): look without waiting."""
         self._wake.set()
+
+    def reload(self, settings: Settings) -> None:
+        """New `[synth]` and `[[peers]]` (SIGHUP): the next acquisition uses them."""
+        self._modality.reload(settings)
 
     def _run(self) -> None:
         while not self._stop.is_set():

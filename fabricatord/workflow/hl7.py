@@ -174,6 +174,11 @@ class Inbox:
         self._control_prefix = f"{int(time.time()):x}"
         self._min_free = parse_size(settings.dicom.min_free_space)
 
+    def reload(self, settings: Settings) -> None:
+        """New `[hl7]` profiles and tables (SIGHUP): the next message is read with them."""
+        self._settings = settings
+        self._min_free = parse_size(settings.dicom.min_free_space)
+
     # --- frames ------------------------------------------------------------------------------
 
     def receive(self, raw: bytes, peer: str = "") -> list[bytes]:

@@ -46,6 +46,10 @@ class Rules:
     """`[[routes]]` compiled once: which peers an indexed instance goes to."""
 
     def __init__(self, settings: Settings) -> None:
+        self.reload(settings)
+
+    def reload(self, settings: Settings) -> None:
+        """New `[[routes]]` (SIGHUP): instances indexed from now on follow them."""
         self._our_ae = settings.node.ae_title
         self._rules = [
             _Rule(
@@ -59,9 +63,6 @@ class Rules:
             )
             for index, route in enumerate(settings.routes)
         ]
-
-    def __bool__(self) -> bool:
-        return bool(self._rules)
 
     def destinations(self, entry: IndexEntry) -> list[tuple[str, str]]:
         """(peer, route) for every rule `entry` matches, each peer once."""
@@ -133,6 +134,10 @@ class Router:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def reload(self, settings: Settings) -> None:
+        """New `[[peers]]` and `[[routes]]` (SIGHUP): the next send uses them."""
+        self._settings = settings
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import urllib.request
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, wait_for_port
-from tests.integration.conftest import Daemon
+from tests.conftest import free_port, run_cli, wait_for_port
+from tests.integration.conftest import Daemon, dcmtk, generated, storescu
+from tests.integration.test_acquisition import wait_for
 from tests.integration.test_worklist import schedule
 
 pytestmark = pytest.mark.integration
@@ -89,3 +91,48 @@ def test_readiness_and_status_report_the_listeners_and_what_is_held(
     assert status["listeners"]["mllp"] == f"127.0.0.1:{daemon.hl7_port}"
     assert (status["patients"], status["orders"], status["worklist_steps"]) == (1, 1, {"SCHEDULED": 1})
     assert status["acquisitions"] == {"waiting": 1} and status["route_jobs"] == {} and status["instances"] == 0
+
+
+def test_systemd_hears_ready_watchdog_and_stopping(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(address)
+        listener.settimeout(30)
+        daemon = start_daemon(env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"})
+        heard: list[str] = []
+        while "READY=1" not in heard or heard.count("WATCHDOG=1") < 2:
+            heard += listener.recv(4096).decode().split("\n")
+        assert any(line.startswith("STATUS=serving DICOM on") for line in heard)
+        daemon.process.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in heard:
+            heard += listener.recv(4096).decode().split("\n")
+        assert daemon.process.wait(timeout=30) == 0
+
+
+def test_sighup_applies_a_new_route_and_keeps_the_old_config_when_the_new_one_is_bad(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    daemon = start_daemon()
+    files = generated(tmp_path, "CT", 3)
+    assert storescu(daemon.port, files[:1]).returncode == 0
+    original = daemon.config.read_text()
+    daemon.config.write_text(
+        original + f'[[peers]]\nname = "pacs"\nae_title = "PACS"\nport = {free_port()}\n'
+        '[[routes]]\nname = "received"\nmatch = { source = "received" }\nto = ["pacs"]\n'
+    )
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "configuration reloaded" in daemon.log.read_text())
+    assert storescu(daemon.port, files[1:2]).returncode == 0
+    jobs = run_cli("jobs", "list", "routes", "--config", str(daemon.config)).stdout
+    assert len(jobs.splitlines()) == 1 and " pacs " in jobs  # only what came after the reload
+    daemon.config.write_text(original + "[dicom\n")  # not TOML
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "configuration not reloaded" in daemon.log.read_text())
+    assert daemon.process.poll() is None and echo_ok(daemon)
+    assert storescu(daemon.port, files[2:]).returncode == 0  # the route of before still applies
+    with sqlite3.connect(daemon.data_dir / "fabricatord.sqlite") as connection:
+        assert connection.execute("SELECT count(*) FROM route_jobs").fetchone()[0] == 2
+
+
+def echo_ok(daemon: Daemon) -> bool:
+    return dcmtk("echoscu", "-aec", "FABRICATORD", "127.0.0.1", str(daemon.port)).returncode == 0
