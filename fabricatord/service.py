@@ -32,6 +32,7 @@ from fabricatord.synth.checks import settings_problems
 from fabricatord.workflow.acquisition import Acquirer
 from fabricatord.workflow.audit import AuditTrail
 from fabricatord.workflow.hl7 import Inbox
+from fabricatord.workflow.monitor import Monitor
 from fabricatord.workflow.routing import Router, Rules
 
 log = get_logger(__name__)
@@ -102,6 +103,8 @@ def build(settings: Settings, reactor_: Any = reactor) -> tuple[MultiService, li
     _WorkerService(acquirer).setServiceParent(root)  # after the node: it sends MPPS to it
     router = Router(settings, database)
     _WorkerService(router).setServiceParent(root)
+    monitor = Monitor(settings, database)
+    _WorkerService(monitor).setServiceParent(root)
     http = endpoints.TCP4ServerEndpoint(reactor_, settings.http.port, interface=settings.http.host)
     listeners = {
         "dicom": f"{settings.dicom.host}:{settings.dicom.port}",
@@ -110,7 +113,7 @@ def build(settings: Settings, reactor_: Any = reactor) -> tuple[MultiService, li
     }
     checks = [("dicom", lambda: node.listening), ("mllp", lambda: mllp.listening)]
     StreamServerEndpointService(http, site(database, checks, listeners)).setServiceParent(root)
-    return root, [rules, node, inbox, acquirer, router]
+    return root, [rules, node, inbox, acquirer, router, monitor]
 
 
 def run(settings: Settings) -> int:

@@ -92,6 +92,11 @@ class DicomSettings:
     dimse_timeout: str = key("30s", "Wait for a DIMSE message.", check_duration)
     network_timeout: str = key("60s", "An idle association is aborted after this.", check_duration)
     connect_timeout: str = key("10s", "TCP connect timeout of outgoing associations.", check_duration)
+    peer_echo_interval: str = key(
+        "60s",
+        "How often every `[[peers]]` entry is C-ECHOed for `fabricatord_peer_up`; `0` turns it off.",
+        check_duration,
+    )
     require_known_ae: bool = key(False, "Only calling AE titles listed in `[[peers]]` may associate.")
     allowed_hosts: list[str] = key(
         [], "Addresses or networks (`10.1.2.3`, `10.1.0.0/16`) that may connect; empty: any.", check_networks

@@ -372,6 +372,23 @@ class RouteJobs:
             rows = connection.execute(select(*_ROUTE_COLUMNS).where(RouteJob.id.in_(list(pks))))
             return [RouteRecord(*row) for row in rows]
 
+    def gauges(self) -> tuple[dict[str, int], dict[str, tuple[int, datetime]]]:
+        """(jobs by state, {peer: (jobs waiting, oldest created_at)}) for the metrics."""
+        with self._db.engine.connect() as connection:
+            states = {
+                str(s): int(n)
+                for s, n in connection.execute(select(RouteJob.state, func.count()).group_by(RouteJob.state))
+            }
+            waiting = {
+                str(peer): (int(n), oldest)
+                for peer, n, oldest in connection.execute(
+                    select(RouteJob.peer, func.count(), func.min(RouteJob.created_at))
+                    .where(RouteJob.state.in_(OPEN_ROUTE))
+                    .group_by(RouteJob.peer)
+                )
+            }
+        return states, waiting
+
     def retry(self, pks: Iterable[int]) -> int:
         """Failed or canceled jobs go back to pending, due now, with a fresh count of attempts."""
         now = datetime.now(UTC)

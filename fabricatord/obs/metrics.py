@@ -106,6 +106,58 @@ HL7_FRAMES_REFUSED = Counter(
     "MLLP frames or connections refused before processing, by reason (oversized, too_many_connections, idle).",
     ["reason"],
 )
+ACQUISITIONS = Counter(
+    "fabricatord_acquisitions_total",
+    "Worklist steps the simulated modality performed, by modality and outcome (done, retry, failed).",
+    ["modality", "outcome"],
+)
+ACQUISITION_SECONDS = Histogram(
+    "fabricatord_acquisition_seconds",
+    "Time to perform one step: MPPS, the study made and stored, MPPS again; by modality.",
+    ["modality"],
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+ROUTE_JOBS = Gauge(
+    "fabricatord_route_jobs",
+    "Route jobs by state (pending, sending, done, failed, canceled), as of the last look.",
+    ["state"],
+)
+ROUTE_QUEUE = Gauge(
+    "fabricatord_route_queue_depth",
+    "Route jobs waiting to be sent, by destination ([[peers]] name).",
+    ["peer"],
+)
+ROUTE_OLDEST = Gauge(
+    "fabricatord_route_oldest_pending_seconds",
+    "Age of the oldest route job waiting to be sent, by destination; 0 when none waits.",
+    ["peer"],
+)
+ROUTE_SEND_SECONDS = Histogram(
+    "fabricatord_route_send_seconds",
+    "Time to send one group of route jobs (one study to one peer), by destination.",
+    ["peer"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+SENT_BYTES = Counter(
+    "fabricatord_sent_bytes_total",
+    "Bytes of instances sent by C-STORE (routing), by destination.",
+    ["peer"],
+)
+STORAGE_BYTES = Gauge(
+    "fabricatord_storage_bytes",
+    "Bytes of stored instances, as of the last look.",
+)
+PEER_UP = Gauge(
+    "fabricatord_peer_up",
+    "1 when the last C-ECHO to the [[peers]] entry succeeded, 0 when it did not.",
+    ["peer"],
+)
+PEER_ECHO_SECONDS = Histogram(
+    "fabricatord_peer_echo_seconds",
+    "Round trip of the periodic C-ECHO to each [[peers]] entry, association included.",
+    ["peer"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 BUILD_INFO = Gauge(
     "fabricatord_build_info",
     "Always 1; the version label says which fabricatord runs.",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 from pydicom.dataset import Dataset
@@ -23,6 +24,7 @@ from fabricatord.db.jobs import AcquisitionRecord, Acquisitions
 from fabricatord.db.worklist import StepDetail, Worklist
 from fabricatord.dicom import scu
 from fabricatord.dicom.storage import InstanceWriter
+from fabricatord.obs import metrics
 from fabricatord.obs.faults import faultpoint
 from fabricatord.obs.logging import get_logger
 from fabricatord.synth.builder import OrderContext
@@ -206,19 +208,25 @@ class Acquirer:
             self._acquire(jobs[0])
 
     def _acquire(self, job: AcquisitionRecord) -> None:
+        started = time.perf_counter()
+        modality = "unknown"
         try:
             item = self._worklist.detail(job.step_pk)
             if item is None or item.status in ("CANCELED", "DISCONTINUED", "COMPLETED"):
                 self._jobs.finish(job.id, "canceled", f"the step is {item.status if item else 'gone'}")
                 return
+            modality = item.modality or "unknown"
             study, mpps_uid = self._modality.perform(item)
         except Exception as exc:  # a peer down, a full disk: retried, then kept as failed
             failed = job.attempts >= MAX_ATTEMPTS
+            metrics.ACQUISITIONS.labels(modality, "failed" if failed else "retry").inc()
             log.warning("acquisition failed", step=job.step_pk, attempt=job.attempts, error=str(exc), final=failed)
             retry_at = None if failed else datetime.now(UTC) + RETRY_AFTER * job.attempts
             self._jobs.finish(job.id, "failed" if failed else "pending", str(exc), retry_at=retry_at)
             return
         self._jobs.finish(job.id, "done", "", study.study_instance_uid, mpps_uid, len(study.files))
+        metrics.ACQUISITIONS.labels(study.modality, "done").inc()
+        metrics.ACQUISITION_SECONDS.labels(study.modality).observe(time.perf_counter() - started)
         log.info(
             "acquired",
             sps_id=item.sps_id,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import re
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,6 +20,7 @@ from fabricatord.config import Settings
 from fabricatord.db import Database, IndexEntry, InstanceIndex
 from fabricatord.db.jobs import RouteJobs, RouteRecord
 from fabricatord.dicom import scu
+from fabricatord.obs import metrics
 from fabricatord.obs.faults import faultpoint
 from fabricatord.obs.logging import get_logger
 
@@ -168,12 +170,14 @@ class Router:
                 by_path[self._settings.storage_dir / instance.path] = job
         done: list[int] = []
         retry: dict[int, tuple[datetime, str]] = {}
+        started = time.perf_counter()
         if by_path:
             try:
                 report = scu.send(
                     peer, self._settings.node.ae_title, list(by_path), scu.Timeouts.of(self._settings.dicom)
                 )
                 faultpoint("route.after_send")
+                metrics.SENT_BYTES.labels(peer.name).inc(report.bytes)
                 refused = dict(report.failed)
                 for path, job in by_path.items():
                     if path in refused:
@@ -183,6 +187,7 @@ class Router:
             except (scu.ScuError, OSError) as exc:
                 for job in by_path.values():
                     self._later(job, str(exc), retry, failed)
+        metrics.ROUTE_SEND_SECONDS.labels(peer.name).observe(time.perf_counter() - started)
         self._jobs.settle(done, retry, failed)
         if done and any(route.verify for route in self._settings.routes if route.name == jobs[0].route):
             self._verify(peer, jobs[0].study_instance_uid)

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port, run_cli, wait_for_port
-from tests.integration.conftest import Daemon, dcmtk, generated, storescu
+from tests.integration.conftest import Daemon, dcmtk, generated, running_peer, storescu
 from tests.integration.test_acquisition import wait_for
+from tests.integration.test_hl7_listener import msa, order, send
 from tests.integration.test_worklist import schedule
 
 pytestmark = pytest.mark.integration
@@ -136,3 +137,28 @@ def test_sighup_applies_a_new_route_and_keeps_the_old_config_when_the_new_one_is
 
 def echo_ok(daemon: Daemon) -> bool:
     return dcmtk("echoscu", "-aec", "FABRICATORD", "127.0.0.1", str(daemon.port)).returncode == 0
+
+
+def test_metrics_move_with_traffic_and_show_which_peers_answer(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    up, down = free_port(), free_port()
+    peers = (
+        f'[[peers]]\nname = "up"\nae_title = "STORESCP"\nport = {up}\n'
+        f'[[peers]]\nname = "down"\nae_title = "NOBODY"\nport = {down}\n'
+    )
+    (tmp_path / "received").mkdir()
+    with running_peer(["storescp", "-aet", "STORESCP", "-od", str(tmp_path / "received"), str(up)], up, "STORESCP"):
+        daemon = start_daemon(peers, env={"FABRICATORD__DICOM__PEER_ECHO_INTERVAL": "1s"})
+        assert msa(send(daemon, order("MET1", "NW", "SC", "ACCMET1")))[0] == "AA"
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{daemon.http_port}/metrics", timeout=10) as response:
+                return response.read().decode()
+
+        wait_for(lambda: 'fabricatord_peer_up{peer="up"} 1.0' in scrape())
+        text = scrape()
+    assert 'fabricatord_peer_up{peer="down"} 0.0' in text
+    assert 'fabricatord_hl7_messages_total{ack="AA",type="ORM^O01"} 1.0' in text
+    assert 'fabricatord_route_queue_depth{peer="up"} 0.0' in text and "fabricatord_storage_bytes 0.0" in text
+    assert 'fabricatord_peer_echo_seconds_count{peer="up"}' in text
