@@ -228,9 +228,17 @@ class DicomNode(Service):
         super().startService()
 
     def stopService(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        """No new associations; those under way get `[node] shutdown_grace` to finish (a C-STORE
+        answered success is already kept), then the rest are aborted."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            deadline = time.monotonic() + parse_duration(self._settings.node.shutdown_grace)
+            while server.active_associations and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for association in server.active_associations:
+                log.warning("association aborted at shutdown", calling_ae=str(association.requestor.ae_title))
+                association.abort()
         self._background.shutdown(wait=True)
         super().stopService()
 

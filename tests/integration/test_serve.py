@@ -8,13 +8,14 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, run_cli, wait_for_port
+from tests.conftest import free_port, need, run_cli, wait_for_port
 from tests.integration.conftest import Daemon, dcmtk, generated, running_peer, storescu
 from tests.integration.test_acquisition import wait_for
 from tests.integration.test_hl7_listener import msa, order, send
@@ -162,3 +163,34 @@ def test_metrics_move_with_traffic_and_show_which_peers_answer(
     assert 'fabricatord_hl7_messages_total{ack="AA",type="ORM^O01"} 1.0' in text
     assert 'fabricatord_route_queue_depth{peer="up"} 0.0' in text and "fabricatord_storage_bytes 0.0" in text
     assert 'fabricatord_peer_echo_seconds_count{peer="up"}' in text
+
+
+def test_sigterm_under_load_keeps_everything_it_acknowledged(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    daemon = start_daemon()
+    files = generated(tmp_path, "CT", 60)
+    sender = subprocess.Popen(
+        [need("storescu"), "-v", "-aet", "MODALITY", "-aec", "FABRICATORD", "127.0.0.1", str(daemon.port),
+         *map(str, files)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    frames = b"".join(b"\x0b" + order(f"T{i}", "NW", "SC", f"ACCT{i}") + b"\x1c\r" for i in range(300))
+    with socket.create_connection(("127.0.0.1", daemon.hl7_port), timeout=60) as connection:
+        connection.sendall(frames)
+        time.sleep(0.5)
+        daemon.process.send_signal(signal.SIGTERM)
+        acked = []
+        data = b""
+        while chunk := connection.recv(65536):
+            data += chunk
+        for part in data.split(b"\x1c")[:-1]:
+            acked.append(part.decode().split("MSA|")[1].split("|")[1].split("\r")[0])
+    output, _ = sender.communicate(timeout=60)
+    assert daemon.process.wait(timeout=60) == 0
+    with sqlite3.connect(daemon.data_dir / "fabricatord.sqlite") as connection:
+        kept_orders = {row[0] for row in connection.execute("SELECT accession_number FROM orders")}
+        kept_instances = {row[0] for row in connection.execute("SELECT sop_instance_uid FROM instances")}
+    assert len(acked) > 0 and {f"ACC{control}" for control in acked} <= kept_orders  # every AA was kept
+    stored = output.count("Received Store Response (Success)")
+    assert stored <= len(kept_instances)  # every success storescu heard is in the index
