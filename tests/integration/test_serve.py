@@ -157,9 +157,14 @@ def test_metrics_move_with_traffic_and_show_which_peers_answer(
             with urllib.request.urlopen(f"http://127.0.0.1:{daemon.http_port}/metrics", timeout=10) as response:
                 return response.read().decode()
 
-        wait_for(lambda: 'fabricatord_peer_up{peer="up"} 1.0' in scrape())
+        # The two echoes run side by side: wait for both answers.
+        wait_for(
+            lambda: (
+                {'fabricatord_peer_up{peer="up"} 1.0', 'fabricatord_peer_up{peer="down"} 0.0'}
+                <= set(scrape().splitlines())
+            )
+        )
         text = scrape()
-    assert 'fabricatord_peer_up{peer="down"} 0.0' in text
     assert 'fabricatord_hl7_messages_total{ack="AA",type="ORM^O01"} 1.0' in text
     assert 'fabricatord_route_queue_depth{peer="up"} 0.0' in text and "fabricatord_storage_bytes 0.0" in text
     assert 'fabricatord_peer_echo_seconds_count{peer="up"}' in text
