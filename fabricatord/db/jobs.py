@@ -16,7 +16,6 @@ from fabricatord.config import Settings
 from fabricatord.db.engine import Database
 from fabricatord.db.models import Acquisition, RequestedProcedure, RouteJob, ScheduledStep
 
-OPEN_ACQUISITION = ("waiting", "pending", "running")
 OPEN_ROUTE = ("pending", "sending")
 
 
@@ -86,14 +85,6 @@ def _any(database: Database, statement: Select[Any]) -> bool:
 class Acquisitions:
     def __init__(self, database: Database) -> None:
         self._db = database
-
-    @staticmethod
-    def schedule(connection: Connection, step_pks: Iterable[int], policy: str, due_at: datetime | None) -> None:
-        """In the caller's transaction (the order's): `due_at` None waits for a release."""
-        now = datetime.now(UTC)
-        rows = [_acquisition_row(pk, policy, due_at, now) for pk in step_pks]
-        if rows:
-            connection.execute(_INSERT_ACQUISITION, rows)
 
     @staticmethod
     def schedule_order(connection: Connection, order_pk: int, settings: Settings) -> int:
@@ -350,12 +341,6 @@ class RouteJobs:
         with self._db.writer.begin() as connection:
             result = connection.execute(update(RouteJob).where(RouteJob.state == "sending").values(state="pending"))
             return int(getattr(result, "rowcount", 0) or 0)
-
-    def next_due(self) -> datetime | None:
-        with self._db.engine.connect() as connection:
-            return connection.execute(
-                select(func.min(RouteJob.next_attempt_at)).where(RouteJob.state == "pending")
-            ).scalar_one_or_none()
 
     def listing(self, states: Iterable[str] = (), study_instance_uid: str = "", limit: int = 50) -> list[RouteRecord]:
         statement = select(*_ROUTE_COLUMNS).order_by(RouteJob.id.desc()).limit(limit)

@@ -75,11 +75,6 @@ class MessageLog:
         """What the message did, once it has done it."""
         connection.execute(_DESCRIBE, {"pk": pk, "detail": detail})
 
-    def record(self, values: dict[str, Any]) -> None:
-        """Keep a message that changed nothing (an AE or AR) in a transaction of its own."""
-        with self._db.writer.begin() as connection:
-            self.add(connection, values)
-
     def recent(
         self,
         limit: int = 50,

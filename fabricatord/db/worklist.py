@@ -128,11 +128,6 @@ class Worklist:
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    def schedule(self, plan: OrderPlan) -> int:
-        """Store the order with its procedures and steps in one transaction; the order's key."""
-        with self._db.writer.begin() as connection:
-            return self.place(connection, plan)
-
     # place, find and set_status run once per HL7 order: Core statements built once, because the
     # ORM's unit of work cost several times the commit here.
     @staticmethod

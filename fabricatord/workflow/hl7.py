@@ -167,7 +167,6 @@ class Inbox:
         self._on_due = on_due
         self._due = False
         self._db = database
-        self._log = MessageLog(database)
         self._draw = _Counters(StudyGenerator(settings, database), Sequences(database), settings.node.uid_root)
         self._clock = clock
         self._control_ids = itertools.count(1)
