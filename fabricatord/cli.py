@@ -109,7 +109,7 @@ def _peer(settings: Settings, text: str) -> Any:
 
     configured = settings.peer(text)
     if configured is not None:
-        return Peer(configured.ae_title, configured.host, configured.port, configured.name)
+        return Peer.of(configured)
     address = parse_address(text)
     if address is None:
         names = ", ".join(p.name for p in settings.peers) or "none configured"

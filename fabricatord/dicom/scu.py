@@ -26,7 +26,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from fabricatord.config.schema import DicomSettings
+from fabricatord.config.schema import DicomSettings, PeerSettings
 from fabricatord.config.values import parse_duration
 from fabricatord.dicom.mpps import MPPS_SOP_CLASS
 from fabricatord.obs import metrics
@@ -49,6 +49,11 @@ class Peer:
     port: int
     name: str = "other"
     """The `[[peers]]` name, or `other` for an address typed on the command line (metric label)."""
+
+    @classmethod
+    def of(cls, peer: PeerSettings) -> Peer:
+        """A `[[peers]]` entry, to associate with."""
+        return cls(peer.ae_title, peer.host, peer.port, peer.name)
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,7 @@ class SimulatedModality:
             return scu.Peer(self._settings.node.ae_title, host, dicom.port, "self")
         peer = self._settings.peer(name)
         assert peer is not None  # the config loader checked the name
-        return scu.Peer(peer.ae_title, peer.host, peer.port, peer.name)
+        return scu.Peer.of(peer)
 
 
 def _in_progress(item: StepDetail, modality: str, station_ae: str, started: datetime) -> Dataset:

@@ -81,7 +81,7 @@ class Monitor:
         quick = scu.Timeouts(min(timeouts.connect, 5.0), min(timeouts.acse, 5.0), min(timeouts.dimse, 5.0), 10.0)
         with ThreadPoolExecutor(min(len(peers), 8), thread_name_prefix="echo") as pool:
             for peer in peers:
-                pool.submit(self._echo, scu.Peer(peer.ae_title, peer.host, peer.port, peer.name), quick)
+                pool.submit(self._echo, scu.Peer.of(peer), quick)
 
     def _echo(self, peer: scu.Peer, timeouts: scu.Timeouts) -> None:
         try:

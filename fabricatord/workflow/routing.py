@@ -158,7 +158,7 @@ class Router:
         if peer_settings is None:
             self._jobs.settle([], {}, {job.id: f"no [[peers]] entry is named {jobs[0].peer!r}" for job in jobs})
             return
-        peer = scu.Peer(peer_settings.ae_title, peer_settings.host, peer_settings.port, peer_settings.name)
+        peer = scu.Peer.of(peer_settings)
         stored = self._index.lookup(job.sop_instance_uid for job in jobs)
         by_path: dict[Path, RouteRecord] = {}
         failed: dict[int, str] = {}
