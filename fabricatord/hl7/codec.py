@@ -220,13 +220,12 @@ def header(message: str) -> Header:
     component = encoding[0]
 
     def at(number: int, part: int = 0) -> str:
-        index = number - 1
-        value = fields[index] if index < len(fields) else ""
-        return value.split(component)[part] if component in value and part else value.split(component)[0]
+        """Component `part` (counted from 0) of MSH-`number`; empty when absent."""
+        value = fields[number - 1] if number - 1 < len(fields) else ""
+        return [*value.split(component), ""][part]
 
     def unescaped(number: int) -> str:
-        value = fields[number - 1] if number - 1 < len(fields) else ""
-        return unescape_text(value.split(encoding[1])[0].split(component)[0], separator, encoding)
+        return unescape_text(at(number).split(encoding[1])[0], separator, encoding)
 
     return Header(
         field_separator=separator,
@@ -236,7 +235,7 @@ def header(message: str) -> Header:
         receiving_application=unescaped(5),
         receiving_facility=unescaped(6),
         message_type=at(9),
-        trigger=at(9, 1) if component in (fields[8] if len(fields) > 8 else "") else "",
+        trigger=at(9, 1),
         control_id=unescaped(10),
         processing_id=at(11) or "P",
         version=at(12) or "2.5.1",
