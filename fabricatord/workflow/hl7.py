@@ -226,13 +226,11 @@ class Inbox:
         previews = []
         for text in split(decoded.text).messages:
             head = header(text)
-            self._check_header(head, decoded)
-            parsed = Parsed(text)
-            profile = choose_profile(self._settings.hl7.profiles, head)
-            mapper = Mapper(parsed, profile)
+            mapper = self._read(text, head, decoded)
+            profile = mapper.profile
             kind = head.message_type
             orders: list[tuple[str, OrderPlan]] = []
-            patient = mapper.patient() if parsed.has("PID") else None
+            patient = mapper.patient() if mapper.parsed.has("PID") else None
             if kind in ORDER_MESSAGES and patient is not None:
                 arrived = self._clock()
                 for order in mapper.orders():
@@ -249,16 +247,19 @@ class Inbox:
         head = header(text)
         pending = _Pending(head, decoded, _row(head, raw, peer))
         try:
-            self._check_header(head, decoded)
-            parsed = Parsed(text)
-            profile = choose_profile(self._settings.hl7.profiles, head)
-            pending.row["profile"] = profile.name[:64]
-            pending.apply = self._handler(head)(Mapper(parsed, profile), profile, decoded)
+            mapper = self._read(text, head, decoded)
+            pending.row["profile"] = mapper.profile.name[:64]
+            pending.apply = self._handler(head)(mapper, mapper.profile, decoded)
         except Hl7Error as error:
             pending.error = error
         except (SQLAlchemyError, OSError) as exc:  # drawing a counter failed
             pending.error = _database_error(exc)
         return pending
+
+    def _read(self, text: str, head: Header, decoded: Decoded) -> Mapper:
+        """Checked, parsed and ready to map through the sender's profile; Hl7Error says why not."""
+        self._check_header(head, decoded)
+        return Mapper(Parsed(text), choose_profile(self._settings.hl7.profiles, head))
 
     def _oversized(self, frame: Frame, decoded: Decoded) -> _Pending:
         head = header(decoded.text)
