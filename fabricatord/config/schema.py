@@ -94,7 +94,7 @@ class DicomSettings:
     connect_timeout: str = key("10s", "TCP connect timeout of outgoing associations.", check_duration)
     peer_echo_interval: str = key(
         "60s",
-        "How often every `[[peers]]` entry is C-ECHOed for `fabricatord_peer_up`; `0` turns it off.",
+        "How often every `[[peers]]` entry is C-ECHOed for `fabricatord_peer_up` (looked at every 15 s); `0`: never.",
         check_duration,
     )
     require_known_ae: bool = key(False, "Only calling AE titles listed in `[[peers]]` may associate.")

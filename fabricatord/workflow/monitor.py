@@ -1,5 +1,5 @@
 """What Prometheus cannot count as it happens: route queues, stored bytes, and whether each
-`[[peers]]` entry answers C-ECHO. A thread looks every few seconds (echoes at their own
+`[[peers]]` entry answers C-ECHO. A thread looks every 15 seconds (echoes at their own
 interval), so a scrape never waits on the database or a peer."""
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from fabricatord.obs.logging import get_logger
 
 log = get_logger(__name__)
 
-LOOK_EVERY = 5.0
+LOOK_EVERY = 15.0
+"""Prometheus's usual scrape interval: the route counts and the stored bytes are whole-table
+aggregates, not worth reading more often than anyone looks."""
 ROUTE_STATES = ("pending", "sending", "done", "failed", "canceled")
 
 
