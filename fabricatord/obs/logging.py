@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import AbstractContextManager
 from typing import Any
 
 import structlog
@@ -54,3 +55,14 @@ def configure(level: str = "info", fmt: str = "auto", phi: bool = False) -> None
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     return structlog.stdlib.get_logger(name)
+
+
+def bind_context(**values: Any) -> None:
+    """Every later event of this thread, the libraries' included, carries `values`. pynetdicom
+    gives each association threads of its own, so binding there names the association."""
+    structlog.contextvars.bind_contextvars(**values)
+
+
+def in_context(**values: Any) -> AbstractContextManager[None]:
+    """The events inside the block carry `values`; those after it no longer do."""
+    return structlog.contextvars.bound_contextvars(**values)

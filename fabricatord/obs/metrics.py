@@ -140,8 +140,9 @@ ROUTE_SEND_SECONDS = Histogram(
 )
 SENT_BYTES = Counter(
     "fabricatord_sent_bytes_total",
-    "Bytes of instances sent by C-STORE (routing), by destination.",
-    ["peer"],
+    "Bytes of stored files a peer took (C-STORE success or warning), by service (route, C-MOVE, "
+    "C-GET) and peer ([[peers]] name; for C-GET the requestor's, or other).",
+    ["service", "peer"],
 )
 STORAGE_BYTES = Gauge(
     "fabricatord_storage_bytes",

@@ -62,7 +62,7 @@ from fabricatord.dicom.mpps import PROCESSING_FAILURE, MppsError
 from fabricatord.dicom.scu import MAX_CONTEXTS, keep_stray_responses, nodelay, storage_contexts
 from fabricatord.dicom.storage import InstanceWriter, InvalidInstance, OutOfSpace
 from fabricatord.obs import metrics
-from fabricatord.obs.logging import get_logger
+from fabricatord.obs.logging import bind_context, get_logger
 from fabricatord.workflow.audit import AuditTrail
 from fabricatord.workflow.mpps import PerformedProcedureSteps
 
@@ -208,13 +208,13 @@ class DicomNode(Service):
         _configure_pynetdicom(self._settings.tmp_dir)
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_connect),
-            (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_N_CREATE, self._on_mpps_create),
-            (evt.EVT_N_SET, self._on_mpps_set),
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_C_FIND, self._on_find_request),
-            (evt.EVT_C_MOVE, lambda event: _timed("C-MOVE", self._on_move(event))),
-            (evt.EVT_C_GET, lambda event: _timed("C-GET", self._on_get(event))),
+            (evt.EVT_C_ECHO, self._named(self._on_echo)),
+            (evt.EVT_N_CREATE, self._named(self._on_mpps_create)),
+            (evt.EVT_N_SET, self._named(self._on_mpps_set)),
+            (evt.EVT_C_STORE, self._named(self._on_store)),
+            (evt.EVT_C_FIND, self._named(self._on_find_request)),
+            (evt.EVT_C_MOVE, self._named(lambda event: _timed("C-MOVE", self._on_move(event)))),
+            (evt.EVT_C_GET, self._named(lambda event: _timed("C-GET", self._on_get(event)))),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_REJECTED, self._on_ended),
             (evt.EVT_RELEASED, self._on_ended),
@@ -242,6 +242,18 @@ class DicomNode(Service):
         self._background.shutdown(wait=True)
         super().stopService()
 
+    def _named(self, handler: Callable[[Any], T]) -> Callable[[Any], T]:
+        """`handler`, run with every log event of its thread (pynetdicom's too) naming the
+        association, the calling AE and the operation, so that an operator can follow one
+        association through the log."""
+
+        def named(event: Any) -> T:
+            state = self._association(event)
+            bind_context(association=state.number, calling_ae=state.calling_ae, operation=state.operation)
+            return handler(event)
+
+        return named
+
     def _on_connect(self, event: Any) -> None:
         nodelay(event)
         if self._networks:
@@ -259,6 +271,14 @@ class DicomNode(Service):
         self._association(event)  # the audit state from the start, so the duration is the whole association
         metrics.ASSOCIATIONS_ACTIVE.inc()
         metrics.ASSOCIATIONS.labels(self._peer_label(event), "established").inc()
+        state = self._association(event)
+        log.info(
+            "association established",
+            association=state.number,
+            calling_ae=state.calling_ae,
+            called_ae=state.called_ae,
+            address=state.address,
+        )
 
     def _on_ended(self, event: Any) -> None:
         result = {"EVT_REJECTED": "rejected", "EVT_RELEASED": "released"}.get(event.event.name, "aborted")
@@ -271,6 +291,14 @@ class DicomNode(Service):
             metrics.ASSOCIATIONS_ACTIVE.dec()
         if result == "rejected":
             state.detail = f"called AE {_called_ae(event)}"
+        (log.info if result == "released" else log.warning)(
+            f"association {result}",
+            association=state.number,
+            calling_ae=state.calling_ae,
+            address=state.address,
+            instances_stored=state.stored,
+            seconds=round(time.perf_counter() - state.started, 3),
+        )
         self._record(state, "ASSOCIATION", result, state.stored, state.bytes, time.perf_counter() - state.started)
 
     def _association(self, event: Any) -> _Association:
@@ -304,6 +332,7 @@ class DicomNode(Service):
         ):
             operation = "MWL"
         state.operation, state.operation_started, state.answers, state.detail = operation, time.perf_counter(), 0, ""
+        state.operation_bytes = 0
 
     def _on_response(self, event: Any) -> None:
         """One of our responses left: pending ones are counted, a final one is audited."""
@@ -327,7 +356,7 @@ class DicomNode(Service):
             state.operation or name[:-4].replace("_", "-"),
             f"0x{status:04X}",
             state.answers,
-            state.operation_bytes if name == "C_STORE_RSP" else 0,
+            state.operation_bytes,
             time.perf_counter() - state.operation_started,
         )
 
@@ -358,7 +387,7 @@ class DicomNode(Service):
         peer = self._peers.get(calling)
         if peer is None or getattr(peer, PERMISSIONS[service]):
             return False
-        log.warning("operation not allowed for this peer", calling_ae=calling, service=service)
+        log.warning("operation not allowed for this peer", service=service)
         metrics.DIMSE_OPERATIONS.labels(service, peer.name, "refused").inc()
         return True
 
@@ -393,14 +422,13 @@ class DicomNode(Service):
         except MppsError as refusal:
             log.warning(
                 "mpps refused",
-                calling_ae=self._calling(event),
                 status=f"0x{refusal.status:04X}",
                 reason=refusal.comment,
             )
             metrics.DIMSE_OPERATIONS.labels("MPPS", peer, "failure").inc()
             return refusal.status_dataset(), None
         except (SQLAlchemyError, OSError, ValueError) as exc:
-            log.error("mpps not kept", calling_ae=self._calling(event), error=str(exc))
+            log.error("mpps not kept", error=str(exc))
             metrics.DIMSE_OPERATIONS.labels("MPPS", peer, "failure").inc()
             return _status(PROCESSING_FAILURE, "the Performed Procedure Step could not be kept"), None
         metrics.DIMSE_OPERATIONS.labels("MPPS", peer, "success").inc()
@@ -444,15 +472,14 @@ class DicomNode(Service):
         except OutOfSpace as exc:
             return STATUS_OUT_OF_RESOURCES, str(exc)
         except OSError as exc:
-            log.error("c-store could not write", calling_ae=calling, error=str(exc))
+            log.error("c-store could not write", error=str(exc))
             return STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror}"
         except Exception as exc:
-            log.error("c-store could not decode the dataset", calling_ae=calling, error=str(exc))
+            log.error("c-store could not decode the dataset", error=str(exc))
             return STATUS_CANNOT_UNDERSTAND, f"cannot decode the dataset: {exc}"
         state.stored += 1
         log.info(
             "c-store",
-            calling_ae=calling,
             sop_instance_uid=result.sop_instance_uid,
             outcome=result.outcome,
             bytes=result.size,
@@ -497,7 +524,7 @@ class DicomNode(Service):
             self._background.submit(self._record_fetches, answered, calling)
         metrics.DIMSE_OPERATIONS.labels("MWL", peer, "success").inc()
         metrics.MWL_QUERIES.labels(peer, "hit" if rows else "miss").inc()
-        log.info("worklist query", calling_ae=calling, items=len(rows), unsupported=find.unsupported or None)
+        log.info("worklist query", items=len(rows), unsupported=find.unsupported or None)
         yield STATUS_SUCCESS, None
 
     def _record_fetches(self, step_pks: list[int], calling_ae: str) -> None:
@@ -591,6 +618,18 @@ class DicomNode(Service):
         find = query.build(identifier, query.PATIENT_ROOT)
         return [row[-1] for row in query.run(self._database, find, MAX_SUBOPERATIONS)]
 
+    def _sent_counter(self, event: Any, service: str, peer: str) -> Callable[[int], None]:
+        """What counts the bytes of each sub-operation the peer accepted: metric and audit."""
+        state = self._association(event)
+        counter = metrics.SENT_BYTES.labels(service, peer)
+
+        def sent(size: int) -> None:
+            counter.inc(size)
+            state.operation_bytes += size
+            state.bytes += size
+
+        return sent
+
     def _datasets(self, event: Any, instances: list[Any]) -> Iterator[tuple[int, Dataset | None]]:
         for instance in instances:
             if event.is_cancelled:
@@ -621,6 +660,7 @@ class DicomNode(Service):
             yield 1
             yield _status(STATUS_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
             return
+        sent = self._sent_counter(event, "C-MOVE", destination.name)
         pairs = [(i.sop_class_uid, i.transfer_syntax_uid) for i in instances]
         # One transfer syntax per context, so that each file can go as it is stored (a chunked
         # send cannot convert); when a syntax is declined, `_send_stored_files` converts.
@@ -632,7 +672,7 @@ class DicomNode(Service):
         handlers = [
             (evt.EVT_CONN_OPEN, nodelay),
             (evt.EVT_CONN_OPEN, keep_stray_responses),
-            (evt.EVT_CONN_OPEN, lambda opened: _send_stored_files(opened.assoc)),
+            (evt.EVT_CONN_OPEN, lambda opened: _send_stored_files(opened.assoc, sent)),
         ]
         yield destination.host, destination.port, {"contexts": contexts, "evt_handlers": handlers}
         yield len(instances)
@@ -654,7 +694,7 @@ class DicomNode(Service):
             yield 1
             yield _status(STATUS_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
             return
-        _send_stored_files(event.assoc)
+        _send_stored_files(event.assoc, self._sent_counter(event, "C-GET", peer))
         yield len(instances)
         yield from self._datasets(event, instances)
         metrics.DIMSE_OPERATIONS.labels("C-GET", peer, "success").inc()
@@ -685,6 +725,10 @@ def _mismatch(request: Any, ds: Dataset) -> str:
     return ""
 
 
+_TAKEN = frozenset({STATUS_SUCCESS, 0xB000, 0xB006, 0xB007})
+"""C-STORE statuses that mean the peer kept the instance (PS3.4 B.2.3: success and the warnings)."""
+
+
 class _StoredFile(Dataset):
     """A stored instance as a C-MOVE or C-GET sub-operation: pynetdicom's retrieve services take
     only datasets, and `_send_stored_files` has the association send the file itself."""
@@ -692,14 +736,16 @@ class _StoredFile(Dataset):
     def __init__(self, path: Path, instance: Any) -> None:
         super().__init__()
         self.stored_path = path
+        self.stored_size = int(instance.size)
         self.SOPClassUID = instance.sop_class_uid
         self.SOPInstanceUID = instance.sop_instance_uid
 
 
-def _send_stored_files(assoc: Any) -> None:
+def _send_stored_files(assoc: Any, sent: Callable[[int], None]) -> None:
     """Make `assoc` send a `_StoredFile` from its file in chunks, as stored: no decode and no
     encode of the pixel data. A file whose transfer syntax the peer declined is read and
-    converted by pynetdicom, as any dataset would be."""
+    converted by pynetdicom, as any dataset would be. `sent` hears the size of each file the
+    peer took (success or warning)."""
     send = assoc.send_c_store
     if getattr(send, "sends_stored_files", False):
         return
@@ -708,9 +754,12 @@ def _send_stored_files(assoc: Any) -> None:
         if not isinstance(dataset, _StoredFile):
             return send(dataset, *args, **kwargs)
         try:
-            return send(dataset.stored_path, *args, **kwargs)
+            status = send(dataset.stored_path, *args, **kwargs)
         except ValueError:  # no context with the file's own transfer syntax
-            return send(dcmread(dataset.stored_path), *args, **kwargs)
+            status = send(dcmread(dataset.stored_path), *args, **kwargs)
+        if getattr(status, "Status", None) in _TAKEN:
+            sent(dataset.stored_size)
+        return status
 
     send_stored.sends_stored_files = True  # type: ignore[attr-defined]
     assoc.send_c_store = send_stored

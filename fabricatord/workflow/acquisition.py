@@ -26,7 +26,7 @@ from fabricatord.dicom import scu
 from fabricatord.dicom.storage import InstanceWriter
 from fabricatord.obs import metrics
 from fabricatord.obs.faults import faultpoint
-from fabricatord.obs.logging import get_logger
+from fabricatord.obs.logging import get_logger, in_context
 from fabricatord.synth.builder import OrderContext
 from fabricatord.synth.templates import TEMPLATES
 from fabricatord.synth.uids import UidFactory
@@ -205,7 +205,8 @@ class Acquirer:
                 self._wake.wait(timeout=_seconds_until(self._jobs.next_due()))
                 self._wake.clear()
                 continue
-            self._acquire(jobs[0])
+            with in_context(job=f"a{jobs[0].id}"):  # as `fabricatord jobs show` names it
+                self._acquire(jobs[0])
 
     def _acquire(self, job: AcquisitionRecord) -> None:
         started = time.perf_counter()

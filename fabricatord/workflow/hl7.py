@@ -54,7 +54,7 @@ from fabricatord.hl7.codec import (
 from fabricatord.hl7.mapping import ItemData, Mapper, OrderData, PatientData, choose_profile
 from fabricatord.obs import metrics
 from fabricatord.obs.faults import faultpoint
-from fabricatord.obs.logging import get_logger
+from fabricatord.obs.logging import get_logger, in_context
 from fabricatord.synth.uids import UidFactory
 from fabricatord.workflow.generation import StudyGenerator
 
@@ -141,6 +141,8 @@ class _Pending:
     apply: _Prepared | None = None
     error: Hl7Error | None = None
     ack: str = ""
+    log_pk: int | None = None
+    """Its row in the message log, once added."""
     outcome: str = ""
     """AA, AE, AR, or resend."""
 
@@ -284,7 +286,11 @@ class Inbox:
                 self._on_due()
         except (SQLAlchemyError, OSError) as exc:
             failure = _database_error(exc)
-            log.error("hl7 messages not kept", messages=len(pendings), error=str(exc))
+            log.error(
+                "hl7 messages not kept",
+                control_ids=[pending.head.control_id for pending in pendings],
+                error=str(exc),
+            )
             for pending in pendings:
                 pending.error = failure
                 self._refuse(pending)
@@ -298,7 +304,10 @@ class Inbox:
                 log.error("hl7 messages not logged", messages=len(pendings), error=str(again))
             return
         for pending in pendings:
-            self._report(pending)
+            # The log row's key (`fabricatord hl7 log --show`), the sender's control ID and the
+            # connection name the message on every line about it.
+            with in_context(message=pending.log_pk, control_id=pending.head.control_id, peer=pending.row["peer"]):
+                self._report(pending)
 
     def _check_space(self) -> None:
         if self._min_free and shutil.disk_usage(self._settings.node.data_dir).free < self._min_free:
@@ -316,7 +325,7 @@ class Inbox:
             row.update(
                 outcome=_msa_code(pending.ack), detail="resend of a settled message: nothing changed", ack=stored
             )
-            MessageLog.add(connection, row)
+            pending.log_pk = MessageLog.add(connection, row)
             return
         if pending.apply is not None:
             pending.ack, pending.outcome = self._ack(head, "AA", []), "AA"
@@ -325,7 +334,7 @@ class Inbox:
                 # A savepoint: a message that fails half-way leaves nothing behind, and its group
                 # commits without it.
                 with connection.begin_nested():
-                    pk = MessageLog.add(connection, row)
+                    pk = pending.log_pk = MessageLog.add(connection, row)
                     row["detail"] = pending.apply(connection, pk)[:512]
                     MessageLog.describe(connection, pk, row["detail"])
                 return
@@ -334,7 +343,7 @@ class Inbox:
             except IntegrityError as exc:
                 pending.error = Hl7Error(207, f"the database refused the change: {exc.orig}")
         self._refuse(pending)
-        MessageLog.add(connection, row)
+        pending.log_pk = MessageLog.add(connection, row)
 
     def _refuse(self, pending: _Pending) -> None:
         """AE or AR with the error: the ACK and the log row."""
@@ -352,12 +361,11 @@ class Inbox:
             log.info(
                 "hl7 message accepted",
                 type=pending.row["message_type"],
-                control_id=head.control_id,
                 sender=head.sending_application,
                 detail=pending.row["detail"],
             )
         elif pending.outcome == "resend":
-            log.info("hl7 resend answered with the stored ACK", control_id=head.control_id)
+            log.info("hl7 resend answered with the stored ACK")
         elif pending.error is not None:
             log.warning(
                 "hl7 message refused",
@@ -365,7 +373,6 @@ class Inbox:
                 error=pending.error.code,
                 where=pending.error.location,
                 reason=pending.error.text,
-                control_id=head.control_id,
                 sender=head.sending_application,
             )
 

@@ -22,7 +22,7 @@ from fabricatord.db.jobs import RouteJobs, RouteRecord
 from fabricatord.dicom import scu
 from fabricatord.obs import metrics
 from fabricatord.obs.faults import faultpoint
-from fabricatord.obs.logging import get_logger
+from fabricatord.obs.logging import get_logger, in_context
 
 log = get_logger(__name__)
 
@@ -146,7 +146,8 @@ class Router:
             try:
                 jobs = self._jobs.claim()
                 if jobs:
-                    self._send(jobs)
+                    with in_context(jobs=[f"r{job.id}" for job in jobs]):  # as `fabricatord jobs` names them
+                        self._send(jobs)
                     continue
             except Exception as exc:  # the database went away for a moment: try again shortly
                 log.error("routing paused", error=str(exc))
@@ -177,7 +178,7 @@ class Router:
                     peer, self._settings.node.ae_title, list(by_path), scu.Timeouts.of(self._settings.dicom)
                 )
                 faultpoint("route.after_send")
-                metrics.SENT_BYTES.labels(peer.name).inc(report.bytes)
+                metrics.SENT_BYTES.labels("route", peer.name).inc(report.bytes)
                 refused = dict(report.failed)
                 for path, job in by_path.items():
                     if path in refused:

@@ -8,12 +8,14 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
@@ -62,6 +64,19 @@ class Daemon:
     def files(self) -> set[str]:
         storage = self.data_dir / "storage"
         return {str(p.relative_to(storage)) for p in storage.rglob("*.dcm")}
+
+    def metrics(self) -> str:
+        """What Prometheus would scrape now."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=10) as response:
+            return str(response.read().decode())
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """One sample's value (exact, where the text form may print 1.5e+07), None when absent."""
+        for family in text_string_to_metric_families(self.metrics()):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return None
 
     def stop(self) -> str:
         """SIGTERM, wait, and return everything the daemon logged."""

@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,8 +68,7 @@ def test_storescu_stores_and_indexes_in_every_transfer_syntax(
     for files, options in groups:
         assert storescu(daemon.port, files, *options).returncode == 0
     assert len(daemon.rows()) == 10
-    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.http_port}/metrics", timeout=5) as response:
-        text = response.read().decode()
+    text = daemon.metrics()
     assert 'fabricatord_dimse_operations_total{peer="other",service="C-STORE",status="success"} 20.0' in text
     assert 'fabricatord_instances_stored_total{outcome="identical",source="received"} 10.0' in text
     assert 'fabricatord_dimse_seconds_count{service="C-STORE"} 20.0' in text

@@ -416,10 +416,3 @@ def test_a_locked_database_is_ar_206_and_the_resend_succeeds(start_daemon: Calla
         blocker.close()
     assert msa(send(daemon, order("LK1", "NW", "SC", "ACCLK1")))[0] == "AA"
     assert steps(daemon) == [("ACCLK1", "ACCLK1.1", "SCHEDULED")]
-
-
-def test_below_the_free_space_watermark_is_ar_207(start_daemon: Callable[..., Daemon]) -> None:
-    daemon = start_daemon(env={"FABRICATORD__DICOM__MIN_FREE_SPACE": "1000TiB"})
-    code, _, errors = msa(send(daemon, order("FS1", "NW", "SC", "ACCFS1")))
-    assert code == "AR" and "207^Application internal error" in errors[0] and "min_free_space" in errors[0]
-    assert steps(daemon) == []

@@ -75,6 +75,9 @@ def test_movescu_moves_a_study_to_a_configured_peer(
     received = [dcmread(p) for p in destination[1].iterdir()]
     assert len(received) == 4 and {ds.StudyInstanceUID for ds in received} == {studies[0]}
     assert {str(ds.file_meta.TransferSyntaxUID) for ds in received} == {"1.2.840.10008.1.2.5"}  # sent as stored
+    sizes = daemon.rows()
+    moved = sum(sizes[ds.SOPInstanceUID][1] for ds in received)
+    assert daemon.metric("fabricatord_sent_bytes_total", peer="dest", service="C-MOVE") == moved
 
 
 def test_getscu_gets_a_series_over_its_own_association(node: tuple[Daemon, list[str]], tmp_path: Path) -> None:
@@ -123,6 +126,9 @@ def test_getscu_gets_a_series_over_its_own_association(node: tuple[Daemon, list[
     assert result.returncode == 0, result.stderr
     got = [dcmread(p) for p in out.iterdir()]
     assert len(got) == 2 and {ds.Modality for ds in got} == {"DX"}
+    sizes = daemon.rows()
+    taken = sum(sizes[ds.SOPInstanceUID][1] for ds in got)
+    assert daemon.metric("fabricatord_sent_bytes_total", peer="other", service="C-GET") == taken
 
 
 def _move(daemon: Daemon, destination_ae: str, identifier: Dataset) -> list[Dataset]:

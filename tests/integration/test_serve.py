@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -14,11 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from tests.conftest import free_port, need, run_cli, wait_for_port
 from tests.integration.conftest import Daemon, dcmtk, generated, running_peer, storescu
 from tests.integration.test_acquisition import wait_for
-from tests.integration.test_hl7_listener import msa, order, send
+from tests.integration.test_hl7_listener import msa, order, send, worklist
 from tests.integration.test_worklist import schedule
 
 pytestmark = pytest.mark.integration
@@ -153,18 +157,14 @@ def test_metrics_move_with_traffic_and_show_which_peers_answer(
         daemon = start_daemon(peers, env={"FABRICATORD__DICOM__PEER_ECHO_INTERVAL": "1s"})
         assert msa(send(daemon, order("MET1", "NW", "SC", "ACCMET1")))[0] == "AA"
 
-        def scrape() -> str:
-            with urllib.request.urlopen(f"http://127.0.0.1:{daemon.http_port}/metrics", timeout=10) as response:
-                return response.read().decode()
-
         # The two echoes run side by side: wait for both answers.
         wait_for(
             lambda: (
                 {'fabricatord_peer_up{peer="up"} 1.0', 'fabricatord_peer_up{peer="down"} 0.0'}
-                <= set(scrape().splitlines())
+                <= set(daemon.metrics().splitlines())
             )
         )
-        text = scrape()
+        text = daemon.metrics()
     assert 'fabricatord_hl7_messages_total{ack="AA",type="ORM^O01"} 1.0' in text
     assert 'fabricatord_route_queue_depth{peer="up"} 0.0' in text and "fabricatord_storage_bytes 0.0" in text
     assert 'fabricatord_peer_echo_seconds_count{peer="up"}' in text
@@ -199,3 +199,80 @@ def test_sigterm_under_load_keeps_everything_it_acknowledged(
     assert len(acked) > 0 and {f"ACC{control}" for control in acked} <= kept_orders  # every AA was kept
     stored = output.count("Received Store Response (Success)")
     assert stored <= len(kept_instances)  # every success storescu heard is in the index
+
+
+def test_every_log_line_names_its_association_or_message_and_no_patient(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    daemon = start_daemon()
+    files = generated(tmp_path, "CT", 2)
+    names = {str(dcmread(path).PatientName).split("^")[0] for path in files} | {"Tester", "MRN9009"}
+    assert storescu(daemon.port, files).returncode == 0
+    assert msa(send(daemon, order("LOG1", "NW", "SC", "ACCLOG1")))[0] == "AA"
+    assert msa(send(daemon, b"MSH|^~\\&|RIS|HOSP|FAB|FAB|20261124||ORM^O01|LOG2|P|9.9"))[0] == "AR"
+    assert worklist(daemon, tmp_path, "AccessionNumber=ACCLOG1")
+    run_cli("acquire", "ACCLOG1", "--config", str(daemon.config))
+    wait_for(lambda: '"acquired"' in daemon.log.read_text())
+    lines = [json.loads(line) for line in daemon.stop().splitlines()]  # JSON off a terminal, every line
+
+    def events(name: str) -> list[dict[str, object]]:
+        found = [line for line in lines if line["event"] == name]
+        assert found, name
+        return found
+
+    stores = events("c-store")
+    assert len(stores) == 2 and {(e["calling_ae"], e["operation"]) for e in stores} == {("MODALITY", "C-STORE")}
+    assert len({e["association"] for e in stores}) == 1
+    assert {e["association"] for e in events("association released")} >= {stores[0]["association"]}
+    [query] = [e for e in events("worklist query") if e["calling_ae"] == "PACS"]
+    assert query["operation"] == "MWL" and query["association"] != stores[0]["association"]
+    accepted, refused = events("hl7 message accepted")[0], events("hl7 message refused")[0]
+    assert (accepted["control_id"], refused["control_id"]) == ("LOG1", "LOG2")
+    assert isinstance(accepted["message"], int) and refused["message"] == accepted["message"] + 1
+    assert str(accepted["peer"]).startswith("127.0.0.1:") and str(refused["peer"]).startswith("127.0.0.1:")
+    assert events("acquired")[0]["job"] == "a1"
+    text = daemon.log.read_text()
+    assert not [name for name in names if name in text]  # no patient name or ID without log_phi
+
+
+def test_a_full_disk_is_refused_a700_and_ar_and_served_again_when_space_returns(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """Real space taken and given back on the data_dir's own file system, with no restart:
+    the watermark sits 256 MiB below what is free, and a 512 MiB file crosses it."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    mib = 2**20
+    free = shutil.disk_usage(tmp_path).free
+    if free < 2048 * mib:
+        pytest.skip(f"{free // mib} MiB free: too little to fill and give back")
+    daemon = start_daemon(env={"FABRICATORD__DICOM__MIN_FREE_SPACE": f"{free // mib - 256}MiB"})
+    slices = [dcmread(p) for p in generated(tmp_path, "CT", 3)]
+
+    def store(ds: Dataset) -> Dataset:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", daemon.port, ae_title="FABRICATORD")
+        try:
+            return assoc.send_c_store(ds)
+        finally:
+            assoc.release()
+
+    assert store(slices[0]).Status == 0x0000
+    filler = tmp_path / "filler"
+    with filler.open("wb") as sink:
+        os.posix_fallocate(sink.fileno(), 0, 512 * mib)
+    refused = store(slices[1])
+    assert refused.Status == 0xA700 and "watermark" in refused.ErrorComment
+    code, _, errors = msa(send(daemon, order("FS1", "NW", "SC", "ACCFS1")))
+    assert code == "AR" and "207^Application internal error" in errors[0] and "min_free_space" in errors[0]
+    assert daemon.metric("fabricatord_storage_write_failures_total", reason="disk_full") == 1
+    assert daemon.process.poll() is None and list((daemon.data_dir / "tmp").iterdir()) == []
+
+    filler.unlink()
+    assert store(slices[1]).Status == 0x0000 and store(slices[2]).Status == 0x0000
+    assert msa(send(daemon, order("FS1", "NW", "SC", "ACCFS1")))[0] == "AA"  # the sender's retry
+    assert len(daemon.rows()) == 3
+    assert [line for line in run_cli("worklist", "list", "--config", str(daemon.config)).stdout.splitlines()
+            if "ACCFS1" in line]  # fmt: skip

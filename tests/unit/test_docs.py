@@ -38,3 +38,18 @@ def test_readme_shows_every_command() -> None:
     commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     for command in commands:
         assert f"fabricatord {command}" in readme or (command == "serve" and "scripts/run" in readme), command
+
+
+def test_operations_doc_lists_every_metric() -> None:
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from fabricatord.obs import metrics
+
+    text = (ROOT / "docs" / "operations.md").read_text()
+    names = [
+        value._name + ("_total" if value._type == "counter" else "")
+        for value in vars(metrics).values()
+        if isinstance(value, MetricWrapperBase)
+    ]
+    assert len(names) > 30 and "fabricatord_sent_bytes_total" in names
+    assert [name for name in names if f"`{name}`" not in text] == []
