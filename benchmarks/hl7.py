@@ -55,7 +55,7 @@ def orm(number: int) -> bytes:
     ).encode()
 
 
-def _read_ack(connection: socket.socket, buffer: bytearray) -> bytes:
+def read_ack(connection: socket.socket, buffer: bytearray) -> bytes:
     while True:
         end = buffer.find(END)
         if end >= 0:
@@ -68,7 +68,7 @@ def _read_ack(connection: socket.socket, buffer: bytearray) -> bytes:
         buffer += chunk
 
 
-def _connect(port: int) -> socket.socket:
+def connect(port: int) -> socket.socket:
     connection = socket.create_connection(("127.0.0.1", port), timeout=60)
     connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return connection
@@ -81,13 +81,13 @@ def _sender(job: tuple[int, str, int, int]) -> tuple[float, float, list[float], 
     latencies = []
     refused = 0
     started = time.perf_counter()
-    connection = _connect(port) if shape == "persistent" else None
+    connection = connect(port) if shape == "persistent" else None
     buffer = bytearray()
     for message in messages:
         sent = time.perf_counter()
-        link = connection or _connect(port)
+        link = connection or connect(port)
         link.sendall(message)
-        ack = _read_ack(link, buffer)
+        ack = read_ack(link, buffer)
         if connection is None:
             link.close()
             buffer.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -234,3 +235,29 @@ def test_allowed_hosts_closes_other_connections(start_daemon: Callable[..., Daem
     result = dcmtk("echoscu", "-aec", "FABRICATORD", "127.0.0.1", str(daemon.port), timeout=30)
     assert result.returncode != 0
     assert "connection from a host not in allowed_hosts" in daemon.stop()
+
+
+def test_idle_associations_cost_almost_no_cpu(start_daemon: Callable[..., Daemon]) -> None:
+    """pynetdicom's reactors poll every millisecond; the node calms them (docs/upstream.md)."""
+    from pynetdicom import AE
+
+    daemon = start_daemon()
+    ae = AE(ae_title="IDLE")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    associations = [ae.associate("127.0.0.1", daemon.port, ae_title="FABRICATORD") for _ in range(10)]
+    try:
+        assert all(assoc.is_established for assoc in associations)
+        time.sleep(0.5)
+        before = _cpu_seconds(daemon.process.pid)
+        time.sleep(3)
+        spent = _cpu_seconds(daemon.process.pid) - before
+        assert all(assoc.send_c_echo().Status == 0 for assoc in associations)  # still answering at once
+    finally:
+        for assoc in associations:
+            assoc.release()
+    assert spent < 0.7, f"{spent:.2f} s of CPU in 3 s for 10 idle associations"  # polling: 1.4 s
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
