@@ -311,10 +311,9 @@ class DicomNode(Service):
     def _on_established(self, event: Any) -> None:
         with self._active_lock:
             self._active.add(id(event.assoc))
-        self._association(event)  # the audit state from the start, so the duration is the whole association
+        state = self._association(event)  # the audit state from the start: the duration is the whole association
         metrics.ASSOCIATIONS_ACTIVE.inc()
         metrics.ASSOCIATIONS.labels(self._peer_label(event), "established").inc()
-        state = self._association(event)
         log.info(
             "association established",
             association=state.number,
@@ -334,15 +333,16 @@ class DicomNode(Service):
             metrics.ASSOCIATIONS_ACTIVE.dec()
         if result == "rejected":
             state.detail = f"called AE {_called_ae(event)}"
+        seconds = time.perf_counter() - state.started
         (log.info if result == "released" else log.warning)(
             f"association {result}",
             association=state.number,
             calling_ae=state.calling_ae,
             address=state.address,
             instances_stored=state.stored,
-            seconds=round(time.perf_counter() - state.started, 3),
+            seconds=round(seconds, 3),
         )
-        self._record(state, "ASSOCIATION", result, state.stored, state.bytes, time.perf_counter() - state.started)
+        self._record(state, "ASSOCIATION", result, state.stored, state.bytes, seconds)
 
     def _association(self, event: Any) -> _Association:
         """The audit state of this event's association, made on first use."""
