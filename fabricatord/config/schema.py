@@ -88,6 +88,12 @@ class DicomSettings:
         "Largest P-DATA PDU we accept, in bytes: 1 MiB carries a CT image in one PDU (as fast as no limit) "
         "and bounds what one association can make us hold in memory; 0 means no limit.",
     )
+    max_dataset_size: str = key(
+        "4GiB",
+        "Largest C-STORE dataset we receive (it goes to a file in data_dir/tmp); a larger one aborts the "
+        "association. Query identifiers and MPPS datasets are held in memory and limited to 16 MiB.",
+        check_size,
+    )
     acse_timeout: str = key("30s", "Association negotiation and release timeout.", check_duration)
     dimse_timeout: str = key("30s", "Wait for a DIMSE message.", check_duration)
     network_timeout: str = key("60s", "An idle association is aborted after this.", check_duration)

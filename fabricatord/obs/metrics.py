@@ -70,7 +70,15 @@ RECEIVED_BYTES = Counter(
 )
 ASSOCIATIONS_REFUSED = Counter(
     "fabricatord_associations_refused_total",
-    "Connections or associations we refused before any DIMSE, by reason (host).",
+    "Connections or associations we refused before any DIMSE, by reason (host, calling_ae, called_ae, "
+    "application_context).",
+    ["reason"],
+)
+PROTOCOL_ERRORS = Counter(
+    "fabricatord_protocol_errors_total",
+    "Connections aborted, or presentation contexts left unanswered, for what a peer sent, by reason "
+    "(unknown_pdu, pdu_too_long, undecodable_pdu, bad_context_id, message_too_large, "
+    "unsolicited_response, exception).",
     ["reason"],
 )
 MWL_QUERIES = Counter(

@@ -53,12 +53,13 @@ from twisted.application.service import Service
 
 from fabricatord import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from fabricatord.config import Settings
-from fabricatord.config.values import is_valid_uid, parse_duration
+from fabricatord.config.values import is_valid_uid, parse_duration, parse_size
 from fabricatord.db import Database
 from fabricatord.db.audit import AuditRecord
 from fabricatord.db.jobs import Acquisitions
 from fabricatord.db.worklist import Worklist
 from fabricatord.dicom import answers, query, worklist
+from fabricatord.dicom.guard import Limits, guard, refuse_vetted
 from fabricatord.dicom.mpps import PROCESSING_FAILURE, MppsError
 from fabricatord.dicom.scu import MAX_CONTEXTS, keep_stray_responses, nodelay, storage_contexts
 from fabricatord.dicom.storage import InstanceWriter, InvalidInstance, OutOfSpace
@@ -193,6 +194,7 @@ class DicomNode(Service):
         self._networks = [ipaddress.ip_network(h, strict=False) for h in settings.dicom.allowed_hosts]
         self._active: set[int] = set()
         self._active_lock = threading.Lock()
+        self._limits = Limits.of(settings.dicom.max_pdu, parse_size(settings.dicom.max_dataset_size))
 
     def reload(self, settings: Settings) -> None:
         """New `[[peers]]` and their permissions (SIGHUP), for the associations that follow."""
@@ -249,6 +251,7 @@ class DicomNode(Service):
         _configure_pynetdicom(self._settings.tmp_dir)
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_connect),
+            (evt.EVT_REQUESTED, refuse_vetted),
             (evt.EVT_C_ECHO, self._named(self._on_echo)),
             (evt.EVT_N_CREATE, self._named(self._on_mpps_create)),
             (evt.EVT_N_SET, self._named(self._on_mpps_set)),
@@ -299,6 +302,7 @@ class DicomNode(Service):
     def _on_connect(self, event: Any) -> None:
         nodelay(event)
         _calm_reactors(event.assoc)
+        guard(event.assoc, self._limits)
         if self._networks:
             address = ipaddress.ip_address(event.address[0])
             if not any(address in network for network in self._networks):

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -85,47 +86,64 @@ class Daemon:
         return self.log.read_text()
 
 
-@pytest.fixture
-def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    started: list[Daemon] = []
-
-    def start(
-        extra: str = "",
-        env: dict[str, str] | None = None,
-        dicom_extra: str = "",
-        wait: bool = True,
-        hl7_extra: str = "",
-        synth: str = 'acquisition = "manual"\n',
-    ) -> Daemon:
-        """`synth` is the [synth] section: by default the simulated modality waits for
-        `fabricatord acquire`, so that the worklist keeps what a test schedules."""
-        port, http_port, hl7_port = free_port(), free_port(), free_port()
-        config = tmp_path / "fabricatord.toml"
-        config.write_text(
-            f'[node]\ndata_dir = "data"\n[dicom]\nport = {port}\n{dicom_extra}[http]\nport = {http_port}\n'
-            f"[hl7]\nport = {hl7_port}\n{hl7_extra}[synth]\n{synth}{extra}"
+def launch(
+    folder: Path,
+    name: str = "daemon",
+    extra: str = "",
+    env: dict[str, str] | None = None,
+    dicom_extra: str = "",
+    wait: bool = True,
+    hl7_extra: str = "",
+    synth: str = 'acquisition = "manual"\n',
+) -> Daemon:
+    """`fabricatord serve` with its data_dir in `folder`, on free ports, as a user starts it.
+    `synth` is the [synth] section: by default the simulated modality waits for
+    `fabricatord acquire`, so that the worklist keeps what a test schedules."""
+    port, http_port, hl7_port = free_port(), free_port(), free_port()
+    config = folder / "fabricatord.toml"
+    config.write_text(
+        f'[node]\ndata_dir = "data"\n[dicom]\nport = {port}\n{dicom_extra}[http]\nport = {http_port}\n'
+        f"[hl7]\nport = {hl7_port}\n{hl7_extra}[synth]\n{synth}{extra}"
+    )
+    log = folder / f"{name}.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fabricatord", "serve", "--config", str(config)],
+            stdout=sink,
+            stderr=sink,
+            env={**os.environ, **(env or {})},
+            cwd=folder,
         )
-        log = tmp_path / f"daemon-{len(started)}.log"
-        with log.open("wb") as sink:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "fabricatord", "serve", "--config", str(config)],
-                stdout=sink,
-                stderr=sink,
-                env={**os.environ, **(env or {})},
-            )
-        daemon = Daemon(port, http_port, hl7_port, tmp_path / "data", config, process, log)
-        started.append(daemon)
+    daemon = Daemon(port, http_port, hl7_port, folder / "data", config, process, log)
+    try:
         if wait:
             wait_for_echo(port, "FABRICATORD", process=process)  # type: ignore[arg-type]
         else:  # the node may refuse the probe itself; the HTTP port says it is up
             wait_for_port(http_port, process=process)  # type: ignore[arg-type]
+    except BaseException:
+        halt(daemon)
+        raise
+    return daemon
+
+
+def halt(daemon: Daemon) -> None:
+    if daemon.process.poll() is None:
+        daemon.process.kill()
+        daemon.process.wait(timeout=30)
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def start(extra: str = "", **options: Any) -> Daemon:
+        daemon = launch(tmp_path, f"daemon-{len(started)}", extra, **options)
+        started.append(daemon)
         return daemon
 
     yield start
     for daemon in started:
-        if daemon.process.poll() is None:
-            daemon.process.kill()
-            daemon.process.wait(timeout=30)
+        halt(daemon)
 
 
 def generated(tmp_path: Path, modality: str, images: int, syntax: str = "explicit") -> list[Path]:

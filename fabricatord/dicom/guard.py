@@ -1,0 +1,321 @@
+"""The guard around pynetdicom's association machinery for the associations we accept.
+
+Whatever a broken or hostile peer writes must end in a standard answer (an A-ASSOCIATE-RJ or an
+A-ABORT), a log line, a counted reason and a freed slot: never a hung thread, unbounded
+buffering, or a crash that leaves the connection open. pynetdicom 3.0.4 reads any PDU length a
+header declares, raises in the association thread on an even presentation context ID or an
+unknown command, ignores unsolicited responses, buffers an endless message, and accepts a wrong
+application context. `guard()` is installed on each association as its connection opens,
+before either of its threads runs; docs/upstream.md has the report for each of these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
+
+from fabricatord.obs import metrics
+from fabricatord.obs.logging import get_logger
+
+log = get_logger(__name__)
+
+APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
+A_ASSOCIATE_RQ, P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x01, 0x04, 0x05, 0x06, 0x07
+# An A-ASSOCIATE-RQ proposing all 128 contexts with a dozen transfer syntaxes each, role
+# selection and extended negotiation is under 64 KiB; four times that is room for any real one.
+ASSOCIATION_PDU_LIMIT = 256 * 1024
+# Release and abort PDUs are 4 bytes long; anything much longer is not one.
+SHORT_PDU_LIMIT = 64
+# What a P-DATA-TF may exceed the maximum length we announced by: some senders count the PDV
+# headers, some do not.
+P_DATA_SLACK = 1024
+# With `[dicom] max_pdu = 0` (no limit announced) a single PDU still may not claim more.
+UNANNOUNCED_P_DATA_LIMIT = 256 * 1024 * 1024
+# A command set is a dozen elements; a query identifier or an N-CREATE/N-SET dataset is held in
+# memory. C-STORE datasets go to a file and are bounded by `max_dataset_size` instead.
+COMMAND_LIMIT = 64 * 1024
+IN_MEMORY_DATASET_LIMIT = 16 * 1024 * 1024
+C_STORE_RQ = 0x0001
+# PS3.8 9.3.8: A-ABORT from the service provider, and its reasons.
+_PROVIDER = 2
+_UNRECOGNIZED_PDU, _UNEXPECTED_PDU, _INVALID_PARAMETER = 1, 2, 6
+# The AE title characters PS3.5 6.2 allows: printable ASCII without backslash.
+_AE_TITLE = re.compile(rb"[ -\[\]-~]{16}")
+_REFUSAL = "_fabricatord_refusal"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much one PDU and one DIMSE message may be."""
+
+    p_data: int
+    dataset: int
+
+    @classmethod
+    def of(cls, max_pdu: int, max_dataset_size: int) -> Limits:
+        return cls(max_pdu + P_DATA_SLACK if max_pdu else UNANNOUNCED_P_DATA_LIMIT, max_dataset_size)
+
+    def pdu(self, kind: int) -> int | None:
+        """The longest PDU of `kind` we read; None for a type that does not exist."""
+        if kind == P_DATA_TF:
+            return self.p_data
+        if kind in (A_RELEASE_RQ, A_RELEASE_RP, A_ABORT):
+            return SHORT_PDU_LIMIT
+        if kind in (0x01, 0x02, 0x03):
+            return ASSOCIATION_PDU_LIMIT
+        return None
+
+
+def guard(assoc: Any, limits: Limits) -> None:
+    """Install every guard on one accepted association (from an EVT_CONN_OPEN handler)."""
+    dul = assoc.dul
+    dul._read_pdu_data = lambda: _read_pdu(dul, limits)
+    dul._target = _caught(dul._target, assoc, "the DUL thread")
+    assoc._target = _caught(assoc._target, assoc, "the association thread")
+    _cap_messages(assoc, limits)
+    _abort_unsolicited(assoc)
+
+
+def refuse_vetted(event: Any) -> None:
+    """EVT_REQUESTED: reject an A-ASSOCIATE-RQ the reader found wrong, with the standard reason,
+    the way pynetdicom rejects one for an unknown calling AE."""
+    assoc = event.assoc
+    refusal: tuple[tuple[int, int, int], str] | None = getattr(assoc, _REFUSAL, None)
+    if refusal is None:
+        return
+    (result, source, reason), why = refusal
+    metrics.ASSOCIATIONS_REFUSED.labels(why.split(":")[0]).inc()
+    log.warning("association request refused", why=why, reject=f"{result}/{source}/{reason}", address=_address(assoc))
+    assoc.acse.send_reject(result, source, reason)
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.kill()
+
+
+def _read_pdu(dul: Any, limits: Limits) -> None:
+    """pynetdicom's PDU reader, with the length checked before anything is buffered and the
+    A-ASSOCIATE-RQ vetted before it is decoded."""
+    sock = dul.socket
+    try:
+        header = sock.recv(6)
+        if len(header) < 6:
+            dul.event_queue.put("Evt17")  # closed
+            return
+        kind, _, length = struct.unpack(">BBL", header)
+        limit = limits.pdu(kind)
+        if limit is None:
+            _hang_up(dul, "unknown_pdu", f"PDU type 0x{kind:02X}", _UNRECOGNIZED_PDU)
+            return
+        if length > limit:
+            _hang_up(dul, "pdu_too_long", f"PDU type 0x{kind:02X} of {length} bytes, limit {limit}", _INVALID_PARAMETER)
+            return
+        body = sock.recv(length)
+    except OSError:
+        dul.event_queue.put("Evt17")
+        return
+    if len(body) != length:
+        dul.event_queue.put("Evt17")
+        return
+    if kind == A_ASSOCIATE_RQ:
+        body = _vet_request(dul.assoc, bytes(body))
+    try:
+        pdu, event = dul._decode_pdu(header + body)
+    except Exception as exc:  # pynetdicom's own answer to an undecodable PDU: Evt19, an A-P-ABORT
+        log.warning(
+            "connection aborted",
+            why="undecodable_pdu",
+            pdu_type=f"0x{kind:02X}",
+            error=str(exc),
+            address=_address(dul.assoc),
+        )
+        metrics.PROTOCOL_ERRORS.labels("undecodable_pdu").inc()
+        dul.event_queue.put("Evt19")
+        return
+    dul.event_queue.put(event)
+    dul._recv_pdu.put(pdu)
+
+
+def _vet_request(assoc: Any, body: bytes) -> bytes:
+    """Check what pynetdicom does not (application context, AE title characters) and drop what
+    would crash it (even or repeated context IDs), so that `refuse_vetted` can answer with the
+    standard reason. Returns the body pynetdicom may decode: a flagged title is replaced, since
+    its decoder raises on one instead of rejecting it."""
+    if len(body) < 68:
+        return body
+    called, calling = body[4:20], body[20:36]
+    refusal: tuple[tuple[int, int, int], str] | None = None
+    if not _AE_TITLE.fullmatch(calling) or not calling.strip():
+        refusal = ((1, 1, 3), f"calling_ae: {calling!r} is not an AE title")
+        calling = b"INVALID".ljust(16)
+    if not _AE_TITLE.fullmatch(called) or not called.strip():
+        refusal = refusal or ((1, 1, 7), f"called_ae: {called!r} is not an AE title")
+        called = b"INVALID".ljust(16)
+    kept, seen, dropped = [], set(), []
+    application_context = None
+    for kind, value, raw in _items(body[68:]):
+        if kind == 0x10:
+            application_context = value
+        if kind == 0x20 and value:
+            context_id = value[0]
+            if context_id % 2 == 0 or context_id in seen:
+                dropped.append(context_id)
+                continue
+            seen.add(context_id)
+        kept.append(raw)
+    if application_context != APPLICATION_CONTEXT:
+        name = "missing" if application_context is None else repr(application_context)
+        refusal = refusal or ((1, 1, 2), f"application_context: {name}")
+    if dropped:
+        metrics.PROTOCOL_ERRORS.labels("bad_context_id").inc()
+        log.warning(
+            "presentation contexts left unanswered",
+            why="bad_context_id",
+            context_ids=dropped,
+            address=_address(assoc),
+        )
+    if refusal is not None:
+        setattr(assoc, _REFUSAL, refusal)
+    return body[:4] + called + calling + body[36:68] + b"".join(kept)
+
+
+def _items(data: bytes) -> list[tuple[int, bytes, bytes]]:
+    """The variable items of an A-ASSOCIATE-RQ as (type, value, whole item); an item that
+    overruns the PDU ends the list, and pynetdicom's decoder judges what is left."""
+    items, offset = [], 0
+    while offset + 4 <= len(data):
+        length = struct.unpack(">H", data[offset + 2 : offset + 4])[0]
+        end = offset + 4 + length
+        if end > len(data):
+            items.append((-1, b"", data[offset:]))
+            break
+        items.append((data[offset], data[offset + 4 : end], data[offset:end]))
+        offset = end
+    return items
+
+
+def _hang_up(dul: Any, reason: str, detail: str, abort_reason: int) -> None:
+    """Answer with an A-ABORT and close at once, reading nothing more: the rest of what the peer
+    sends cannot be trusted to frame. A thread still waiting for the A-ASSOCIATE-RQ is woken."""
+    metrics.PROTOCOL_ERRORS.labels(reason).inc()
+    log.warning("connection aborted", why=reason, detail=detail, address=_address(dul.assoc))
+    _send_abort(dul, abort_reason)
+    dul.socket.close()  # Evt17: the state machine ends the association
+    if dul.state_machine.current_state == "Sta2":
+        dul.to_user_queue.put(None)  # the acceptor waits for a request: None ends it at once
+
+
+def _send_abort(dul: Any, reason: int) -> None:
+    abort = A_ABORT_RQ()
+    abort.source = _PROVIDER
+    abort.reason_diagnostic = reason
+    raw = getattr(dul.socket, "socket", None)
+    if raw is not None:
+        with contextlib.suppress(OSError):  # the peer is gone already
+            raw.sendall(abort.encode())
+
+
+def _caught(target: Callable[[], None], assoc: Any, thread: str) -> Callable[[], None]:
+    """A thread target that cannot die silently: an exception aborts the association, closes the
+    connection and is counted, so the slot is free at once (pynetdicom's thread would die with
+    the connection open and the slot taken until the peer gives up)."""
+
+    def run() -> None:
+        try:
+            target()
+        except Exception as exc:
+            metrics.PROTOCOL_ERRORS.labels("exception").inc()
+            log.exception(
+                "association aborted", why="exception", thread=thread, error=str(exc), address=_address(assoc)
+            )
+            dul = assoc.dul
+            _send_abort(dul, _UNEXPECTED_PDU)
+            if dul.state_machine.current_state == "Sta2":
+                dul.to_user_queue.put(None)  # the association thread waits for a request: end it
+            assoc.is_aborted, assoc.is_established, assoc._kill = True, False, True
+            dul.kill_dul()
+            raw = getattr(dul.socket, "socket", None)
+            if raw is not None:
+                with contextlib.suppress(OSError):
+                    raw.shutdown(socket.SHUT_RDWR)
+                raw.close()
+            evt.trigger(assoc, evt.EVT_ABORTED, {})
+
+    return run
+
+
+def _cap_messages(assoc: Any, limits: Limits) -> None:
+    """Count the bytes of the DIMSE message being received and abort (Evt19, as pynetdicom does
+    for an undecodable message) when a command, an in-memory dataset or a C-STORE dataset is
+    larger than it may be; nothing more of it is read, and the part of a C-STORE dataset in
+    data_dir/tmp is removed when the connection closes, as after any abort."""
+    dimse = assoc.dimse
+    receive = dimse.receive_primitive
+    sizes = {"command": 0, "dataset": 0}
+    over = False
+
+    def receive_primitive(primitive: P_DATA) -> None:
+        nonlocal over
+        if over:
+            return
+        if dimse.message is None:
+            sizes["command"] = sizes["dataset"] = 0
+        for _context_id, value in primitive.presentation_data_value_list:
+            sizes["command" if value[0] & 1 else "dataset"] += len(value) - 1
+        message = dimse.message
+        is_store = message is not None and _command_field(message) == C_STORE_RQ
+        limit = limits.dataset if is_store else IN_MEMORY_DATASET_LIMIT
+        if sizes["command"] > COMMAND_LIMIT or sizes["dataset"] > limit:
+            over = True
+            what = "command" if sizes["command"] > COMMAND_LIMIT else "dataset"
+            metrics.PROTOCOL_ERRORS.labels("message_too_large").inc()
+            log.warning(
+                "association aborted",
+                why="message_too_large",
+                part=what,
+                limit=COMMAND_LIMIT if what == "command" else limit,
+                address=_address(assoc),
+            )
+            assoc.dul.event_queue.put("Evt19")  # what was received goes with the association
+            return
+        receive(primitive)
+
+    dimse.receive_primitive = receive_primitive
+
+
+def _command_field(message: Any) -> int | None:
+    command = getattr(message, "command_set", None)
+    return getattr(command, "CommandField", None) if command is not None else None
+
+
+def _abort_unsolicited(assoc: Any) -> None:
+    """A DIMSE response nobody asked for (we are the SCP; a C-GET's sub-operation responses are
+    read by the C-GET itself) means the peer's state is not ours: abort, as DCMTK does."""
+    serve = assoc._serve_request
+
+    def serve_request(msg: Any, context_id: int) -> None:
+        if not msg.is_valid_request and not assoc._sent_release:
+            metrics.PROTOCOL_ERRORS.labels("unsolicited_response").inc()
+            log.warning(
+                "association aborted", why="unsolicited_response", message=msg.msg_type, address=_address(assoc)
+            )
+            assoc.abort()
+            return
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_request
+
+
+def _address(assoc: Any) -> str:
+    try:
+        host, port = assoc.dul.socket.socket.getpeername()[:2]
+    except (AttributeError, OSError):
+        return ""
+    return f"{host}:{port}"
