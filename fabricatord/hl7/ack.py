@@ -92,18 +92,19 @@ def batch_acknowledgment(acks: Sequence[str], batch_header: str, file_header: st
     segments = []
     if file_header:
         segments.append(_swapped_envelope(file_header, stamp))
-    segments.append(_swapped_envelope(batch_header, stamp) if batch_header else f"BHS|^~\\&|||||{stamp}")
+    segments.append(_swapped_envelope(batch_header or "BHS", stamp))
     segments += acks
-    separator = batch_header[3:4] if batch_header else "|"
-    segments.append(f"BTS{separator}{len(acks)}")
+    segments.append(f"BTS{batch_header[3:4] or '|'}{len(acks)}")
     if file_header:
-        segments.append(f"FTS{file_header[3:4]}1")
+        segments.append(f"FTS{file_header[3:4] or '|'}1")
     return "\r".join(segments)
 
 
 def _swapped_envelope(segment: str, stamp: str) -> str:
     """FHS or BHS answered: sender and receiver swapped, our time, the original's control ID as
-    the reference (FHS-12 / BHS-12)."""
+    the reference (FHS-12 / BHS-12). A bare FHS or BHS gets the default separators."""
+    if len(segment) < 4:
+        segment += "|^~\\&"
     separator = segment[3]
     fields = segment.split(separator) + [""] * 12
     name, encoding = fields[0], fields[1]

@@ -217,6 +217,7 @@ def header(message: str) -> Header:
     separator = message[3]
     fields = message.split("\r", 1)[0].split(separator)
     encoding = fields[1] if len(fields) > 1 and len(fields[1]) >= 2 else "^~\\&"
+    encoding += "^~\\&"[len(encoding) :]  # MSH-2 may omit the escape and subcomponent characters
     component = encoding[0]
 
     def at(number: int, part: int = 0) -> str:
@@ -272,8 +273,9 @@ class Parsed:
             raise Hl7Error(100, "the message does not start with an MSH segment", "MSH")
         try:
             self.message: Message = hl7.parse(text)
-        except (hl7.ParseException, IndexError, ValueError) as exc:
-            raise Hl7Error(100, f"unreadable message: {exc}", "MSH") from exc
+        except (hl7.ParseException, IndexError, ValueError, AssertionError) as exc:
+            # python-hl7 asserts on MSH-1/MSH-2 characters that repeat (found by tests/fuzz).
+            raise Hl7Error(100, f"unreadable message: {str(exc) or 'its separators repeat'}", "MSH") from exc
         self.header = header(text)
         self._segments: dict[str, list[Segment]] = {}
         for segment in self.message:

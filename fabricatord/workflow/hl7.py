@@ -706,8 +706,11 @@ def _msa_code(ack: str) -> str:
 
 
 def _wanted(condition: str, success: bool) -> bool:
-    """HL7 table 0155: AL always, NE never, ER on error, SU on success."""
-    return condition == "AL" or (condition == "ER" and not success) or (condition == "SU" and success)
+    """HL7 table 0155: AL always, NE never, ER on error, SU on success. A value outside the table
+    counts as AL: an answer the sender did not need costs less than a silence it resends into."""
+    if condition not in ("NE", "ER", "SU"):
+        return True
+    return (condition == "ER" and not success) or (condition == "SU" and success)
 
 
 def _place(profile: Hl7Profile, mapper: Mapper, name: str, sequence: int, code: int, text: str) -> Hl7Error:
