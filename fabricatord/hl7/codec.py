@@ -179,8 +179,8 @@ def split(text: str) -> Batch:
             else:
                 batch.batch_header = segment
             continue
-        if kind in ("BTS", "FTS"):
-            continue
+        if kind in ("BTS", "FTS") and (batch.batch_header or batch.file_header):
+            continue  # a trailer without its header is content: it is answered AR 100 (tests/fuzz)
         if kind == "MSH" and current:
             batch.messages.append("\r".join(current))
             current = []
@@ -212,8 +212,8 @@ class Header:
 
 def header(message: str) -> Header:
     """MSH as far as it goes; the defaults stand in for what is missing."""
-    if not message.startswith("MSH") or len(message) < 8:
-        return Header()
+    if not message.startswith("MSH") or len(message) < 8 or message[3] in "\r\n":
+        return Header()  # no MSH, or one that ends before its field separator (found by tests/fuzz)
     separator = message[3]
     fields = message.split("\r", 1)[0].split(separator)
     encoding = fields[1] if len(fields) > 1 and len(fields[1]) >= 2 else "^~\\&"

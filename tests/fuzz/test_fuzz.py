@@ -39,6 +39,7 @@ def test_the_fuzz_target_finds_nothing(target: str, tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     crashes = sorted(p.name for p in tmp_path.glob("crash-*"))
-    assert result.returncode == 0 and not crashes, result.stderr[-4000:]
+    report = result.stderr[result.stderr.find("=== Uncaught") :] if "=== Uncaught" in result.stderr else result.stderr
+    assert result.returncode == 0 and not crashes, f"{crashes}: {report[:4000]}"
     runs = next(line for line in result.stderr.splitlines() if line.startswith("stat::number_of_executed_units"))
     assert int(runs.split(":")[-1]) > 100  # it really ran

@@ -15,7 +15,7 @@ PID = "PID|1||MRN-F1^^^TESTHOSP||Fuzz^Fiona||19800101|F"
 def exchange(node: Node, frame: bytes) -> str:
     with MLLPClient("127.0.0.1", node.daemon.hl7_port) as client:
         client.socket.settimeout(30)
-        return client.send_message(frame).decode("latin-1")
+        return client.send_message(frame).decode("latin-1").strip("\x0b\x1c\r")
 
 
 def msa_codes(reply: str) -> list[str]:
@@ -33,9 +33,15 @@ def msa_codes(reply: str) -> list[str]:
         ("MSH|^^\\&|ROBUST|TESTFAC|FABRICATORD|RAD|20261124090000||ADT^A08|F3|P|2.5.1\r" + PID, ["AR"]),
         # A bare BHS before the message (was an IndexError building the batch ACK).
         ("BHS\r" + MSH.format(cid="F4") + "\r" + PID + "\rBTS|1", ["AA"]),
+        # MSH ending where its field separator should be (the ACK was built with CR as separator).
+        ("MSH\r" + PID, ["AR"]),
+        # A batch trailer without its header, and nothing else (was silence).
+        ("BTS|0", ["AR"]),
     ],
-    ids=["msh15-16-outside-table", "msh2-two-characters", "repeated-separators", "bare-bhs"],
+    ids=["msh15-16-outside-table", "msh2-two-characters", "repeated-separators", "bare-bhs", "bare-msh", "bare-bts"],
 )
 def test_a_frame_the_fuzzer_found_gets_its_ack(node: Node, frame: str, codes: list[str]) -> None:
-    assert msa_codes(exchange(node, frame.encode())) == codes
+    reply = exchange(node, frame.encode())
+    assert reply.startswith(("MSH|", "BHS|")), reply
+    assert msa_codes(reply) == codes
     node.check()
