@@ -145,7 +145,7 @@ def _read_pdu(dul: Any, limits: Limits) -> None:
 
 def _vet_request(assoc: Any, body: bytes) -> bytes:
     """Check what pynetdicom does not (application context, AE title characters) and drop what
-    would crash it (even or repeated context IDs), so that `refuse_vetted` can answer with the
+    would crash it (even or repeated context IDs, an AC's context items), so that `refuse_vetted` can answer with the
     standard reason. Returns the body pynetdicom may decode: a flagged title is replaced, since
     its decoder raises on one instead of rejecting it."""
     if len(body) < 68:
@@ -163,13 +163,14 @@ def _vet_request(assoc: Any, body: bytes) -> bytes:
     for kind, value, raw in _items(body[68:]):
         if kind == 0x10:
             application_context = value
-        if kind == 0x20 and value:
+        if kind in (0x20, 0x21) and value:  # 0x21 is an AC's item; pynetdicom reads it in an RQ too
             context_id = value[0]
-            if context_id % 2 == 0 or context_id in seen:
+            if kind == 0x21 or context_id % 2 == 0 or context_id in seen:
                 dropped.append(context_id)
                 continue
             seen.add(context_id)
-        kept.append(raw)
+        # User information holds only its own sub-items (0x51–0x5F).
+        kept.append(_user_information(value) if kind == 0x50 else raw)
     if application_context != APPLICATION_CONTEXT:
         name = "missing" if application_context is None else repr(application_context)
         refusal = refusal or ((1, 1, 2), f"application_context: {name}")
@@ -184,6 +185,13 @@ def _vet_request(assoc: Any, body: bytes) -> bytes:
     if refusal is not None:
         setattr(assoc, _REFUSAL, refusal)
     return body[:4] + called + calling + body[36:68] + b"".join(kept)
+
+
+def _user_information(value: bytes) -> bytes:
+    """The user information item without sub-items of other kinds: pynetdicom takes a
+    presentation context item found there as one of the request's (found by tests/fuzz)."""
+    sub_items = b"".join(raw for kind, _, raw in _items(value) if kind == -1 or 0x51 <= kind <= 0x5F)
+    return struct.pack(">BBH", 0x50, 0, len(sub_items)) + sub_items
 
 
 def _items(data: bytes) -> list[tuple[int, bytes, bytes]]:

@@ -306,3 +306,19 @@ def test_more_associations_than_allowed_are_rejected_2_3_2_at_once(node: Node) -
             assert wire.read().kind == A_RELEASE_RP
             wire.sock.close()
     node.check()
+
+
+def test_a_presentation_context_item_inside_user_information_is_ignored(node: Node) -> None:
+    """Found by tests/fuzz/fuzz_pdu.py: pynetdicom took an AC's context item (0x21, ID 0) in the
+    user information of an RQ as a context of the request, and its thread died on the ID."""
+    stray = bytes.fromhex("2100000400004000")
+    request = associate_rq(contexts=[context(1, VERIFICATION)])
+    user = request.rindex(b"\x50\x00")
+    length = struct.unpack(">H", request[user + 2 : user + 4])[0] + len(stray)
+    request = request[:user] + struct.pack(">BBH", 0x50, 0, length) + request[user + 4 :] + stray
+    request = pdu(0x01, request[6:])
+    with Wire(node.daemon.port) as wire:
+        assert wire.associate(request).accepted_contexts() == {1: 0}
+        wire.send(pdu(0x05, bytes(4)))
+        assert wire.read().kind == A_RELEASE_RP
+    node.check()
