@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_dataset
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -75,9 +76,7 @@ def command(**elements: object) -> bytes:
     return struct.pack("<HHLL", 0, 0, 4, len(encoded)) + encoded
 
 
-def _implicit(buffer: BytesIO) -> object:
-    from pydicom.filebase import DicomFileLike
-
+def _implicit(buffer: BytesIO) -> DicomFileLike:
     fp = DicomFileLike(buffer)
     fp.is_little_endian = True
     fp.is_implicit_VR = True
