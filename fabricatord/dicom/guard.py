@@ -12,17 +12,22 @@ before either of its threads runs; docs/upstream.md has the report for each of t
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from io import BytesIO
 from typing import Any
 
+from pydicom.uid import UID
 from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 
+from fabricatord.dicom.walk import Malformed, WalkLimits, walk
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
 
@@ -51,6 +56,13 @@ _UNRECOGNIZED_PDU, _UNEXPECTED_PDU, _INVALID_PARAMETER = 1, 2, 6
 # The AE title characters PS3.5 6.2 allows: printable ASCII without backslash.
 _AE_TITLE = re.compile(rb"[ -\[\]-~]{16}")
 _REFUSAL = "_fabricatord_refusal"
+# What a request on a context of another SOP Class is answered with: PS3.4's "does not match
+# SOP Class" for the composite services, "SOP Class not supported" for C-ECHO (PS3.7 C.3.5);
+# the normalized services get "no such SOP Class" (0x0118).
+_WRONG_CONTEXT = {C_STORE: 0xA900, C_FIND: 0xA900, C_GET: 0xA900, C_MOVE: 0xA900, C_ECHO: 0x0122}
+# An identifier that cannot be read: "unable to process" (PS3.4 C.4); "processing failure"
+# (0x0110) for the normalized services.
+_MALFORMED = {C_FIND: 0xC000, C_GET: 0xC000, C_MOVE: 0xC000}
 
 
 @dataclass(frozen=True)
@@ -59,10 +71,17 @@ class Limits:
 
     p_data: int
     dataset: int
+    walk: WalkLimits
+    """How deep, how many and how far inflated a dataset we read may be."""
 
     @classmethod
     def of(cls, max_pdu: int, max_dataset_size: int) -> Limits:
-        return cls(max_pdu + P_DATA_SLACK if max_pdu else UNANNOUNCED_P_DATA_LIMIT, max_dataset_size)
+        """A deflated dataset may inflate to what we would accept uncompressed."""
+        return cls(
+            max_pdu + P_DATA_SLACK if max_pdu else UNANNOUNCED_P_DATA_LIMIT,
+            max_dataset_size,
+            WalkLimits(inflated=max_dataset_size),
+        )
 
     def pdu(self, kind: int) -> int | None:
         """The longest PDU of `kind` we read; None for a type that does not exist."""
@@ -82,7 +101,7 @@ def guard(assoc: Any, limits: Limits) -> None:
     dul._target = _caught(dul._target, assoc, "the DUL thread")
     assoc._target = _caught(assoc._target, assoc, "the association thread")
     _cap_messages(assoc, limits)
-    _abort_unsolicited(assoc)
+    _vet_requests(assoc, limits.walk)
 
 
 def refuse_vetted(event: Any) -> None:
@@ -303,9 +322,16 @@ def _command_field(message: Any) -> int | None:
     return getattr(command, "CommandField", None) if command is not None else None
 
 
-def _abort_unsolicited(assoc: Any) -> None:
-    """A DIMSE response nobody asked for (we are the SCP; a C-GET's sub-operation responses are
-    read by the C-GET itself) means the peer's state is not ours: abort, as DCMTK does."""
+def _vet_requests(assoc: Any, limits: WalkLimits) -> None:
+    """Before a request reaches its service:
+    - a DIMSE response nobody asked for (we are the SCP; a C-GET's sub-operation responses are
+      read by the C-GET itself) means the peer's state is not ours: abort, as DCMTK does;
+    - a request whose SOP Class is not the abstract syntax of its presentation context gets a
+      failure status: pynetdicom picks the service by the request's SOP Class, and would store
+      an MR image on a CT context;
+    - an identifier or N-service dataset that does not frame, or nests or counts past the
+      limits, gets a failure status before pydicom decodes it (leniently: garbage read as an
+      empty identifier, a universal query), or recurses until it raises."""
     serve = assoc._serve_request
 
     def serve_request(msg: Any, context_id: int) -> None:
@@ -316,9 +342,67 @@ def _abort_unsolicited(assoc: Any) -> None:
             )
             assoc.abort()
             return
+        context = assoc._accepted_cx.get(context_id)
+        if context is None or not msg.is_valid_request:
+            serve(msg, context_id)  # pynetdicom aborts for an unknown context
+            return
+        sop_class = str(getattr(msg, "AffectedSOPClassUID", None) or getattr(msg, "RequestedSOPClassUID", ""))
+        if sop_class != str(context.abstract_syntax):
+            comment = f"the SOP Class is not the abstract syntax of context {context_id}"
+            _refuse_request(assoc, msg, context_id, sop_class, _WRONG_CONTEXT.get(type(msg), 0x0118), comment)
+            return
+        problem = _malformed(msg, context.transfer_syntax[0], limits)
+        if problem:
+            _refuse_request(assoc, msg, context_id, sop_class, _MALFORMED.get(type(msg), 0x0110), problem)
+            return
         serve(msg, context_id)
 
     assoc._serve_request = serve_request
+
+
+def _malformed(msg: Any, syntax: str, limits: WalkLimits) -> str:
+    """Why the request's in-memory dataset cannot be read, or ''."""
+    data = msg._dataset_variant
+    if not isinstance(data, BytesIO) or isinstance(msg, C_STORE):  # a C-STORE's goes to a file
+        return ""
+    data.seek(0)
+    try:
+        walk(data, UID(syntax), frozenset(), limits)
+    except Malformed as exc:
+        return str(exc)
+    finally:
+        data.seek(0)
+    return ""
+
+
+def _refuse_request(assoc: Any, msg: Any, context_id: int, sop_class: str, status: int, comment: str) -> None:
+    """Answer a request with a failure status and an Error Comment instead of serving it."""
+    why = "wrong_context" if status in _WRONG_CONTEXT.values() or status == 0x0118 else "malformed"
+    metrics.PROTOCOL_ERRORS.labels(why).inc()
+    log.warning(
+        "request refused",
+        why=why,
+        message=msg.msg_type,
+        status=f"0x{status:04X}",
+        reason=comment,
+        address=_address(assoc),
+    )
+    received = getattr(msg, "_dataset_file", None)
+    if received is not None:  # a C-STORE's dataset, which pynetdicom wrote to data_dir/tmp
+        received.close()
+        with contextlib.suppress(OSError):
+            os.unlink(received.name)
+    response = type(msg)()
+    try:
+        response.MessageIDBeingRespondedTo = msg.MessageID
+        response.AffectedSOPClassUID = sop_class
+        if isinstance(msg, C_STORE):
+            response.AffectedSOPInstanceUID = msg.AffectedSOPInstanceUID
+        response.Status = status
+        response.ErrorComment = comment[:64]
+        assoc.dimse.send_msg(response, context_id)
+    except (ValueError, TypeError, AttributeError):  # a request too broken to answer in kind
+        assoc.abort()
 
 
 def _address(assoc: Any) -> str:

@@ -82,6 +82,32 @@ def relative_path(ds: Dataset, layout: Layout) -> str:
     return f"{study}/{series}/{sop}.dcm"
 
 
+INDEXED_KEYWORDS = (
+    "SpecificCharacterSet",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "InstanceNumber",
+)
+"""What `index_entry` and `relative_path` read of an instance (and the character set they are in)."""
+
+
 def index_entry(ds: Dataset, path: str, size: int, digest: str, source: str, source_ae: str) -> IndexEntry:
     return IndexEntry(
         patient_id=_text(ds, "PatientID", 64),

@@ -78,7 +78,8 @@ PROTOCOL_ERRORS = Counter(
     "fabricatord_protocol_errors_total",
     "Connections aborted, or presentation contexts left unanswered, for what a peer sent, by reason "
     "(unknown_pdu, pdu_too_long, undecodable_pdu, bad_context_id, message_too_large, "
-    "unsolicited_response, exception).",
+    "unsolicited_response, exception), or requests answered with a failure before their service "
+    "ran (wrong_context, malformed).",
     ["reason"],
 )
 MWL_QUERIES = Counter(

@@ -18,10 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
+from io import BytesIO
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import (
@@ -33,7 +35,8 @@ from pynetdicom import (
     dimse_messages,
     evt,
 )
-from pynetdicom.dsutils import create_file_meta
+from pynetdicom.dimse_primitives import C_MOVE
+from pynetdicom.dsutils import create_file_meta, encode
 from pynetdicom.pdu_primitives import P_DATA
 
 # Generated at import time by pynetdicom, so invisible to type checkers.
@@ -62,7 +65,8 @@ from fabricatord.dicom import answers, query, worklist
 from fabricatord.dicom.guard import Limits, guard, refuse_vetted
 from fabricatord.dicom.mpps import PROCESSING_FAILURE, MppsError
 from fabricatord.dicom.scu import MAX_CONTEXTS, keep_stray_responses, nodelay, storage_contexts
-from fabricatord.dicom.storage import InstanceWriter, InvalidInstance, OutOfSpace
+from fabricatord.dicom.storage import INDEXED_KEYWORDS, InstanceWriter, InvalidInstance, OutOfSpace
+from fabricatord.dicom.walk import Malformed, read_received
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import bind_context, get_logger
 from fabricatord.workflow.audit import AuditTrail
@@ -80,6 +84,8 @@ STATUS_PENDING = 0xFF00
 STATUS_PENDING_UNSUPPORTED_KEYS = 0xFF01
 STATUS_CANCEL = 0xFE00
 STATUS_NOT_AUTHORIZED = 0x0124  # PS3.7 C.5: Refused, not authorized
+STATUS_SUBOPERATIONS_REFUSED = 0xA702  # PS3.4 C.4.2.1.5, C.4.3.1.4: unable to perform sub-operations
+STATUS_MOVE_DESTINATION_UNKNOWN = 0xA801
 MAX_ERROR_COMMENT = 64  # Error Comment is LO
 MAX_SUBOPERATIONS = 65535  # the sub-operation counts are US (PS3.7 C.4.2.1.4)
 STUDY_ROOT_RETRIEVE = frozenset({"1.2.840.10008.5.1.4.1.2.2.2", "1.2.840.10008.5.1.4.1.2.2.3"})
@@ -98,6 +104,7 @@ _MAX_QUEUED_PDUS = 32
 # Queries are answered in the little-endian syntaxes only: `fabricatord.dicom.answers` encodes them.
 QUERY_SYNTAXES = [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
 _association_numbers = itertools.count(1)
+INDEXED_TAGS = frozenset(int(tag_for_keyword(keyword) or 0) for keyword in INDEXED_KEYWORDS)
 T = TypeVar("T")
 
 
@@ -303,6 +310,7 @@ class DicomNode(Service):
         nodelay(event)
         _calm_reactors(event.assoc)
         guard(event.assoc, self._limits)
+        _answer_unreachable_moves(event.assoc)
         if self._networks:
             address = ipaddress.ip_address(event.address[0])
             if not any(address in network for network in self._networks):
@@ -489,41 +497,31 @@ class DicomNode(Service):
         if self._refused(event, "C-STORE"):
             return _status(STATUS_NOT_AUTHORIZED, "this AE may not store here")
         started = time.perf_counter()
-        code, comment = self._store(event)
+        code, comment, why = self._store(event)
         metrics.DIMSE_SECONDS.labels("C-STORE").observe(time.perf_counter() - started)
         outcome = "success" if code == STATUS_SUCCESS else "failure"
         metrics.DIMSE_OPERATIONS.labels("C-STORE", self._peer_label(event), outcome).inc()
         if comment:
-            log.warning("c-store refused", status=f"0x{code:04X}", reason=comment)
+            log.warning("c-store refused", why=why, status=f"0x{code:04X}", reason=comment)
         return _status(code, comment)
 
-    def _store(self, event: Any) -> tuple[int, str]:
-        """Write the instance durably; (status, Error Comment)."""
+    def _store(self, event: Any) -> tuple[int, str, str]:
+        """Write the instance durably; (status, Error Comment, why it was refused)."""
         calling = str(event.assoc.requestor.ae_title).strip()
         try:
             # pynetdicom wrote the request's dataset, as the peer sent it, behind our file meta
-            # into data_dir/tmp (see `_configure_pynetdicom`): read the header, then rename the file.
+            # into data_dir/tmp (see `_configure_pynetdicom`): walk it, then rename the file.
             received = Path(event.dataset_path)
-            ds = dcmread(received, stop_before_pixels=True)
-            problem = _mismatch(event.request, ds)
-            if problem:
-                return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, problem
+            ds = read_received(received, INDEXED_TAGS, self._limits.walk)
+            _check_match(event.request, ds)
             dataset_bytes = received.stat().st_size - _dataset_offset(ds)
             metrics.RECEIVED_BYTES.inc(dataset_bytes)
             state = self._association(event)
             state.operation_bytes = dataset_bytes
             state.bytes += dataset_bytes
             result = self._writer.adopt(received, ds, "received", calling)
-        except InvalidInstance as exc:
-            return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)
-        except OutOfSpace as exc:
-            return STATUS_OUT_OF_RESOURCES, str(exc)
-        except OSError as exc:
-            log.error("c-store could not write", error=str(exc))
-            return STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror}"
         except Exception as exc:
-            log.error("c-store could not decode the dataset", error=str(exc))
-            return STATUS_CANNOT_UNDERSTAND, f"cannot decode the dataset: {exc}"
+            return _store_refusal(exc)
         state.stored += 1
         log.info(
             "c-store",
@@ -531,7 +529,7 @@ class DicomNode(Service):
             outcome=result.outcome,
             bytes=result.size,
         )
-        return STATUS_SUCCESS, ""
+        return STATUS_SUCCESS, "", ""
 
     def _on_find_request(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         if str(event.request.AffectedSOPClassUID) == worklist.MODALITY_WORKLIST_FIND:
@@ -721,6 +719,7 @@ class DicomNode(Service):
             (evt.EVT_CONN_OPEN, keep_stray_responses),
             (evt.EVT_CONN_OPEN, lambda opened: _send_stored_files(opened.assoc, sent)),
         ]
+        _expect_move(event.assoc, peer, destination.name, [i.sop_instance_uid for i in instances])
         yield destination.host, destination.port, {"contexts": contexts, "evt_handlers": handlers}
         yield len(instances)
         yield from self._datasets(event, instances)
@@ -741,11 +740,63 @@ class DicomNode(Service):
             yield 1
             yield _status(STATUS_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
             return
+        sendable = {str(cx.abstract_syntax) for cx in event.assoc.accepted_contexts if cx.as_scu}
+        if instances and not any(i.sop_class_uid in sendable for i in instances):
+            # PS3.4 C.4.3.3: the sub-operations need a Storage context on which the requestor
+            # took the SCP role; without one none can be attempted.
+            metrics.DIMSE_OPERATIONS.labels("C-GET", peer, "failure").inc()
+            log.warning("c-get refused", why="no_scp_role", instances=len(instances))
+            failed = Dataset()
+            failed.FailedSOPInstanceUIDList = [i.sop_instance_uid for i in instances]
+            yield len(instances)
+            yield _status(STATUS_SUBOPERATIONS_REFUSED, "no Storage context with the SCP role was negotiated"), failed
+            return
         _send_stored_files(event.assoc, self._sent_counter(event, "C-GET", peer))
         yield len(instances)
         yield from self._datasets(event, instances)
         metrics.DIMSE_OPERATIONS.labels("C-GET", peer, "success").inc()
         log.info("c-get", instances=len(instances))
+
+
+_MOVE = "_fabricatord_move"
+
+
+def _expect_move(assoc: Any, peer: str, destination: str, instances: list[str]) -> None:
+    """Tell `_answer_unreachable_moves` which known destination the C-MOVE under way goes to."""
+    setattr(assoc, _MOVE, (peer, destination, instances))
+
+
+def _answer_unreachable_moves(assoc: Any) -> None:
+    """pynetdicom answers 0xA801 (move destination unknown) also when a destination we know does
+    not accept the association. Say what happened instead, as DCMTK does: 0xA702 (unable to
+    perform sub-operations), every sub-operation failed and counted (docs/upstream.md)."""
+    dimse = assoc.dimse
+    send = dimse.send_msg
+
+    def send_msg(primitive: Any, context_id: int) -> None:
+        expected = getattr(assoc, _MOVE, None)
+        if isinstance(primitive, C_MOVE) and expected is not None and primitive.Status not in _PENDING:
+            setattr(assoc, _MOVE, None)
+            peer, destination, instances = expected
+            if primitive.Status == STATUS_MOVE_DESTINATION_UNKNOWN:
+                metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "failure").inc()
+                log.warning("c-move destination unreachable", why="destination_unreachable", destination=destination)
+                _all_failed(primitive, destination, instances, assoc._accepted_cx[context_id].transfer_syntax[0])
+        send(primitive, context_id)
+
+    dimse.send_msg = send_msg
+
+
+def _all_failed(response: Any, destination: str, instances: list[str], syntax: UID) -> None:
+    response.Status = STATUS_SUBOPERATIONS_REFUSED
+    response.ErrorComment = f"{destination[:40]} did not accept an association"
+    response.NumberOfRemainingSuboperations = None
+    response.NumberOfCompletedSuboperations = response.NumberOfWarningSuboperations = 0
+    response.NumberOfFailedSuboperations = len(instances)
+    failed = Dataset()
+    failed.FailedSOPInstanceUIDList = instances
+    encoded = encode(failed, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+    response.Identifier = BytesIO(encoded or b"")
 
 
 def _timed(service: str, answers: Iterator[Any]) -> Iterator[Any]:
@@ -757,19 +808,43 @@ def _timed(service: str, answers: Iterator[Any]) -> Iterator[Any]:
         metrics.DIMSE_SECONDS.labels(service).observe(time.perf_counter() - started)
 
 
-def _mismatch(request: Any, ds: Dataset) -> str:
-    """Why the dataset does not belong to the request it came with (PS3.4 B.2.3), or ''."""
+class _Mismatch(ValueError):
+    """The dataset does not belong to the request it came with (PS3.4 B.2.3)."""
+
+
+def _check_match(request: Any, ds: Dataset) -> None:
     sop_instance = str(ds.get("SOPInstanceUID", ""))
     sop_class = str(ds.get("SOPClassUID", ""))
     if not is_valid_uid(sop_instance):
-        return "SOP Instance UID missing or not a UID"
+        raise _Mismatch("SOP Instance UID missing or not a UID")
     if not is_valid_uid(sop_class):
-        return "SOP Class UID missing or not a UID"
+        raise _Mismatch("SOP Class UID missing or not a UID")
     if sop_instance != str(request.AffectedSOPInstanceUID):
-        return "SOP Instance UID differs from the command's"
+        raise _Mismatch("SOP Instance UID differs from the command's")
     if sop_class != str(request.AffectedSOPClassUID):
-        return "SOP Class UID differs from the command's"
-    return ""
+        raise _Mismatch("SOP Class UID differs from the command's")
+
+
+def _store_refusal(exc: Exception) -> tuple[int, str, str]:
+    """The C-STORE status, Error Comment and counted reason for what stopped a store."""
+    if isinstance(exc, Malformed):
+        metrics.STORAGE_WRITE_FAILURES.labels("malformed").inc()
+        return STATUS_CANNOT_UNDERSTAND, str(exc), "malformed"
+    if isinstance(exc, _Mismatch):
+        metrics.STORAGE_WRITE_FAILURES.labels("mismatch").inc()
+        return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc), "mismatch"
+    if isinstance(exc, InvalidInstance):  # counted by the writer
+        return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc), "invalid"
+    if isinstance(exc, OutOfSpace):  # counted by the writer
+        return STATUS_OUT_OF_RESOURCES, str(exc), "out_of_space"
+    if isinstance(exc, OSError):
+        log.error("c-store could not write", error=str(exc))
+        metrics.STORAGE_WRITE_FAILURES.labels("write").inc()
+        return STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror}", "write"
+    # pynetdicom would answer 0xC211 and log nothing
+    log.exception("c-store failed", error=str(exc))  # called in the except block: the traceback goes too
+    metrics.STORAGE_WRITE_FAILURES.labels("exception").inc()
+    return STATUS_CANNOT_UNDERSTAND, f"cannot store the dataset: {exc}", "exception"
 
 
 _TAKEN = frozenset({STATUS_SUCCESS, 0xB000, 0xB006, 0xB007})

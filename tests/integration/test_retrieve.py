@@ -166,4 +166,5 @@ def test_move_statuses(node: tuple[Daemon, list[str]], destination: tuple[int, P
     bad = Dataset()
     bad.QueryRetrieveLevel = "WARD"
     assert _move(daemon, "DEST", bad)[-1].Status == 0xA900
-    assert _move(daemon, "GONE", query)[-1].Status == 0xA801  # configured but not listening
+    gone = _move(daemon, "GONE", query)[-1]  # configured but not listening: every sub-operation failed
+    assert (gone.Status, gone.NumberOfFailedSuboperations, gone.NumberOfCompletedSuboperations) == (0xA702, 2, 0)

@@ -100,6 +100,11 @@ class Node:
         assert active == 0
         assert threads <= self.threads, f"{threads} threads, {self.threads} when idle"
         assert files <= self.files + 1, f"{files} open files, {self.files} when idle"
+        # O2 and O3: every row has its complete file, and every stored file its row.
+        rows = self.daemon.rows()
+        assert {path for path, _ in rows.values()} == self.daemon.files()
+        storage = self.daemon.data_dir / "storage"
+        assert all((storage / path).stat().st_size == size for path, size in rows.values())
         # O5: counted under its reason and logged with it.
         if reason is not None:
             assert self.counter(label, reason=reason) > before, f"{label}{{reason={reason}}} did not move"
@@ -108,21 +113,30 @@ class Node:
         assert {p.name for p in self.folder.iterdir()} == {"data", "fabricatord.toml", "daemon.log"}
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    folder = tmp_path_factory.mktemp("robust")
-    daemon = launch(
-        folder,
-        dicom_extra='max_dataset_size = "1MiB"\nnetwork_timeout = "3s"\nacse_timeout = "3s"\n',
-        extra='[log]\nformat = "json"\n',
-    )
+DICOM_SETTINGS = 'max_dataset_size = "1MiB"\nnetwork_timeout = "3s"\nacse_timeout = "3s"\n'
+"""The node's [dicom] settings; a module sets its own `DICOM_SETTINGS` (and `EXTRA_SETTINGS`)."""
+
+
+def start_node(folder: Path, dicom: str = DICOM_SETTINGS, extra: str = "") -> Node:
+    """A daemon with JSON logs, and its idle baseline once its pools and connections are up."""
+    daemon = launch(folder, dicom_extra=dicom, extra='[log]\nformat = "json"\n' + extra)
     node = Node(daemon, folder, 0, 0, iter(range(1, 1_000_000)))
     for _ in range(3):  # thread pools and database connections are up: that is the idle baseline
         node.alive()
     time.sleep(1)
     node.threads, node.files = node.resources()
+    return node
+
+
+@pytest.fixture(scope="module")
+def node(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    node = start_node(
+        tmp_path_factory.mktemp("robust"),
+        getattr(request.module, "DICOM_SETTINGS", DICOM_SETTINGS),
+        getattr(request.module, "EXTRA_SETTINGS", ""),
+    )
     yield node
-    halt(daemon)
+    halt(node.daemon)
 
 
 @pytest.fixture

@@ -8,8 +8,12 @@ import struct
 from dataclasses import dataclass
 from io import BytesIO
 
+from pydicom import config
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomFileLike
+from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -65,28 +69,68 @@ def p_data(*values: bytes) -> bytes:
     return pdu(P_DATA_TF, b"".join(values))
 
 
-def command(**elements: object) -> bytes:
-    """A command set in Implicit VR Little Endian with its group length, from keyword=value."""
+def dataset(**elements: object) -> Dataset:
+    """A dataset from keyword=value, as given: a raw client validates nothing it sends."""
     ds = Dataset()
     for keyword, value in elements.items():
-        setattr(ds, keyword, value)
-    body = BytesIO()
-    write_dataset(_implicit(body), ds)
-    encoded = body.getvalue()
+        tag = tag_for_keyword(keyword)
+        assert tag is not None, keyword
+        ds[tag] = DataElement(tag, dictionary_VR(tag), value, validation_mode=config.IGNORE)
+    return ds
+
+
+def command(**elements: object) -> bytes:
+    """A command set in Implicit VR Little Endian with its group length, from keyword=value."""
+    encoded = encode(dataset(**elements))
     return struct.pack("<HHLL", 0, 0, 4, len(encoded)) + encoded
 
 
-def _implicit(buffer: BytesIO) -> DicomFileLike:
+def encode(ds: Dataset, implicit: bool = True) -> bytes:
+    """A dataset as a peer puts it on the wire: Implicit or Explicit VR Little Endian, no meta."""
+    buffer = BytesIO()
     fp = DicomFileLike(buffer)
     fp.is_little_endian = True
-    fp.is_implicit_VR = True
-    return fp
+    fp.is_implicit_VR = implicit
+    write_dataset(fp, ds)
+    return buffer.getvalue()
+
+
+def decode(data: bytes) -> Dataset:
+    """A command set or an Implicit VR Little Endian dataset read back."""
+    return read_dataset(BytesIO(data), is_implicit_VR=True, is_little_endian=True)
+
+
+def store_rq(sop_class: str, sop_instance: str, message_id: int = 1) -> bytes:
+    return command(
+        AffectedSOPClassUID=sop_class,
+        CommandField=0x0001,
+        MessageID=message_id,
+        Priority=0,
+        CommandDataSetType=0,
+        AffectedSOPInstanceUID=sop_instance,
+    )
 
 
 def echo_rq(message_id: int = 1) -> bytes:
     return command(
         AffectedSOPClassUID=VERIFICATION, CommandField=0x0030, MessageID=message_id, CommandDataSetType=0x0101
     )
+
+
+@dataclass
+class Response:
+    """One DIMSE message the peer sent: its command set and the encoded dataset, if any."""
+
+    command: Dataset
+    data: bytes = b""
+
+    @property
+    def status(self) -> int:
+        return int(self.command.Status)
+
+    @property
+    def comment(self) -> str:
+        return str(self.command.get("ErrorComment", ""))
 
 
 @dataclass
@@ -163,6 +207,39 @@ class Wire:
         except ConnectionResetError:
             pass
         return True
+
+    def request(self, context_id: int, command_set: bytes, dataset: bytes | None = None, fragment: int = 65536) -> None:
+        """A DIMSE request: the command, then the dataset (empty allowed) in fragments of at most
+        `fragment` bytes, one PDU each."""
+        values = [pdv(context_id, 3, command_set)]
+        if dataset is not None:
+            chunks = [dataset[at : at + fragment] for at in range(0, len(dataset), fragment)] or [b""]
+            values += [pdv(context_id, 2 if n == len(chunks) - 1 else 0, c) for n, c in enumerate(chunks)]
+        self.send(b"".join(p_data(value) for value in values))
+
+    def response(self) -> Response | Answer:
+        """The next DIMSE message, or the PDU that came instead (an A-ABORT, a close)."""
+        command_set, data = bytearray(), bytearray()
+        message: Dataset | None = None
+        while True:
+            answer = self.read()
+            if answer.kind != P_DATA_TF:
+                return answer
+            body, offset = answer.body, 0
+            while offset + 6 <= len(body):
+                length = struct.unpack(">L", body[offset : offset + 4])[0]
+                control, value = body[offset + 5], body[offset + 6 : offset + 4 + length]
+                offset += 4 + length
+                if control & 1:
+                    command_set += value
+                    if control & 2:
+                        message = decode(bytes(command_set))
+                        if message.get("CommandDataSetType", 0x0101) == 0x0101:
+                            return Response(message)
+                else:
+                    data += value
+                    if control & 2 and message is not None:
+                        return Response(message, bytes(data))
 
     def associate(self, request: bytes | None = None) -> Answer:
         self.send(request or associate_rq())
