@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import codecs
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import hl7
@@ -181,7 +181,9 @@ def split(text: str) -> Batch:
             continue
         if kind in ("BTS", "FTS") and (batch.batch_header or batch.file_header):
             continue  # a trailer without its header is content: it is answered AR 100 (tests/fuzz)
-        if kind == "MSH" and current:
+        # A segment before the frame's MSH is no message of its own: the frame is one message
+        # whose MSH is misplaced, answered once (AR 100), not an ACK for each part.
+        if kind == "MSH" and current and current[0].startswith("MSH"):
             batch.messages.append("\r".join(current))
             current = []
         current.append(segment)
@@ -208,10 +210,15 @@ class Header:
     accept_ack: str = ""
     application_ack: str = ""
     charset: str = ""
+    misplaced: bool = False
+    """MSH is not the message's first segment."""
 
 
 def header(message: str) -> Header:
-    """MSH as far as it goes; the defaults stand in for what is missing."""
+    """MSH as far as it goes; the defaults stand in for what is missing. An MSH after other
+    segments is read, so that its AR names the message, and marked misplaced."""
+    if not message.startswith("MSH") and "\rMSH" in message:
+        return replace(header(message[message.index("\rMSH") + 1 :]), misplaced=True)
     if not message.startswith("MSH") or len(message) < 8 or message[3] in "\r\n":
         return Header()  # no MSH, or one that ends before its field separator (found by tests/fuzz)
     separator = message[3]

@@ -112,7 +112,8 @@ HL7_CONNECTIONS_ACTIVE = Gauge(
 )
 HL7_FRAMES_REFUSED = Counter(
     "fabricatord_hl7_frames_refused_total",
-    "MLLP frames or connections refused before processing, by reason (oversized, too_many_connections, idle).",
+    "MLLP frames or connections refused before processing, by reason (oversized, too_many_connections, idle, "
+    "unfinished: the connection closed inside a frame).",
     ["reason"],
 )
 ACQUISITIONS = Counter(

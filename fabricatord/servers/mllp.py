@@ -59,7 +59,9 @@ class MllpProtocol(Protocol, TimeoutMixin):
         factory = self._factory
         if factory.active >= factory.settings.hl7.max_connections:
             metrics.HL7_FRAMES_REFUSED.labels("too_many_connections").inc()
-            log.warning("mllp connection refused: too many", peer=self._peer, limit=factory.active)
+            log.warning(
+                "mllp connection refused: too many", why="too_many_connections", peer=self._peer, limit=factory.active
+            )
             self._link.loseConnection()
             self._closed = True
             return
@@ -76,12 +78,18 @@ class MllpProtocol(Protocol, TimeoutMixin):
             self._factory.active -= 1
             metrics.HL7_CONNECTIONS_ACTIVE.dec()
         self._closed = True
-        if self._in_frame and self._buffer:
-            log.info("mllp connection closed inside a frame: nothing kept", peer=self._peer, bytes=len(self._buffer))
+        if self._in_frame and self._buffer and not self._closing_after_queue:
+            metrics.HL7_FRAMES_REFUSED.labels("unfinished").inc()
+            log.warning(
+                "mllp connection closed inside a frame: nothing kept",
+                why="unfinished",
+                peer=self._peer,
+                bytes=len(self._buffer),
+            )
 
     def timeoutConnection(self) -> None:
         metrics.HL7_FRAMES_REFUSED.labels("idle").inc()
-        log.info("mllp connection idle: closed", peer=self._peer, seconds=self._factory.idle_timeout)
+        log.info("mllp connection idle: closed", why="idle", peer=self._peer, seconds=self._factory.idle_timeout)
         self._link.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
@@ -115,7 +123,7 @@ class MllpProtocol(Protocol, TimeoutMixin):
     def _oversized(self, limit: int) -> None:
         """AR for a frame over the cap, then close: reading on would only buffer more of it."""
         metrics.HL7_FRAMES_REFUSED.labels("oversized").inc()
-        log.warning("mllp frame over max_message_bytes: AR and close", peer=self._peer, limit=limit)
+        log.warning("mllp frame over max_message_bytes: AR and close", why="oversized", peer=self._peer, limit=limit)
         prefix = bytes(self._buffer[:65536])
         self._buffer.clear()
         self._queue.append((prefix, True))

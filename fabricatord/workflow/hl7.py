@@ -220,6 +220,8 @@ class Inbox:
         answers = [answer for pending in pendings for answer in _answers(pending)]
         if batch.batch_header or batch.file_header:
             answers = [batch_acknowledgment(answers, batch.batch_header, batch.file_header, self._clock())]
+        elif len(answers) > 1:  # messages in one frame without a batch envelope: one frame back
+            answers = ["\r".join(answers)]
         return [_encoded(answer, decoded) for answer in answers]
 
     def preview(self, raw: bytes) -> list[Preview]:
@@ -380,6 +382,8 @@ class Inbox:
         return _encoded(pending.ack, pending.decoded)
 
     def _check_header(self, head: Header, decoded: Decoded) -> None:
+        if head.misplaced:
+            raise Hl7Error(100, "MSH is not the first segment of the message", "MSH", 1)
         if not head.message_type:
             raise Hl7Error(100, "no MSH segment with a message type", "MSH", 1, 9)
         if decoded.charset_error is not None:
@@ -652,19 +656,20 @@ def _row(head: Header, raw: bytes, peer: str) -> dict[str, Any]:
 
 
 def _answers(pending: _Pending) -> list[str]:
-    """Original mode: the ACK. Enhanced mode (MSH-15/16 valued): a commit ACK when MSH-15 asks
-    for it (empty counts as AL), then the application ACK when MSH-16 asks for it."""
+    """Original mode: the ACK. Enhanced mode (MSH-15/16 valued): the commit ACK when MSH-15 asks
+    for it (empty counts as AL); else the application ACK when MSH-16 asks for it; else nothing.
+    One answer at most: a second frame would be read as the answer to the sender's next
+    message, and an application ACK of our own initiative would need a commit ACK back."""
     head, ack = pending.head, pending.ack
     if not (head.accept_ack or head.application_ack) or pending.outcome == "resend":
         return [ack]
     code = _msa_code(ack)
-    answers = []
     if _wanted(head.accept_ack or "AL", code == "AA"):
         msa = f"\rMSA{head.field_separator}"
-        answers.append(ack.replace(msa + code, msa + COMMIT_CODES[code], 1))
+        return [ack.replace(msa + code, msa + COMMIT_CODES[code], 1)]
     if _wanted(head.application_ack or "NE", code == "AA"):
-        answers.append(ack)
-    return answers
+        return [ack]
+    return []
 
 
 def _encoded(text: str, decoded: Decoded) -> bytes:

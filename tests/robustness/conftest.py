@@ -54,6 +54,11 @@ class Node:
             descriptors += not target.endswith(DATABASE_FILES)
         return count(Path(f"/proc/{pid}/task")), descriptors
 
+    def rss(self) -> int:
+        """The daemon's resident memory in bytes."""
+        status = Path(f"/proc/{self.daemon.process.pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+
     def counter(self, name: str, **labels: str) -> float:
         return self.daemon.metric(name, **labels) or 0.0
 
@@ -114,12 +119,13 @@ class Node:
 
 
 DICOM_SETTINGS = 'max_dataset_size = "1MiB"\nnetwork_timeout = "3s"\nacse_timeout = "3s"\n'
-"""The node's [dicom] settings; a module sets its own `DICOM_SETTINGS` (and `EXTRA_SETTINGS`)."""
+"""The node's [dicom] settings; a module sets its own `DICOM_SETTINGS` (and `HL7_SETTINGS`,
+`EXTRA_SETTINGS` for the sections after [synth])."""
 
 
-def start_node(folder: Path, dicom: str = DICOM_SETTINGS, extra: str = "") -> Node:
+def start_node(folder: Path, dicom: str = DICOM_SETTINGS, extra: str = "", hl7: str = "") -> Node:
     """A daemon with JSON logs, and its idle baseline once its pools and connections are up."""
-    daemon = launch(folder, dicom_extra=dicom, extra='[log]\nformat = "json"\n' + extra)
+    daemon = launch(folder, dicom_extra=dicom, hl7_extra=hl7, extra='[log]\nformat = "json"\n' + extra)
     node = Node(daemon, folder, 0, 0, iter(range(1, 1_000_000)))
     for _ in range(3):  # thread pools and database connections are up: that is the idle baseline
         node.alive()
@@ -134,6 +140,7 @@ def node(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         tmp_path_factory.mktemp("robust"),
         getattr(request.module, "DICOM_SETTINGS", DICOM_SETTINGS),
         getattr(request.module, "EXTRA_SETTINGS", ""),
+        getattr(request.module, "HL7_SETTINGS", ""),
     )
     yield node
     halt(node.daemon)

@@ -7,7 +7,6 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
@@ -65,12 +64,12 @@ def test_a_declared_length_of_2_gib_is_refused_before_anything_is_buffered(
     node: Node, counted: Callable[[str], float]
 ) -> None:
     before = counted("pdu_too_long")
-    rss = _rss(node)
+    rss = node.rss()
     with Wire(node.daemon.port) as wire:
         wire.send(struct.pack(">BBL", 0x01, 0, 2**31) + bytes(60000))
         assert wire.read().abort == (PROVIDER, INVALID_PARAMETER)
         assert wire.closed_within(1.0)
-    assert _rss(node) - rss < 8 * 2**20
+    assert node.rss() - rss < 8 * 2**20
     node.check("pdu_too_long", before)
 
 
@@ -286,11 +285,6 @@ def _send_until_answered(wire: Wire, data: bytes, times: int) -> None:
         finally:
             wire.sock.setblocking(True)
             wire.sock.settimeout(10)
-
-
-def _rss(node: Node) -> int:
-    status = Path(f"/proc/{node.daemon.process.pid}/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
 
 
 def test_more_associations_than_allowed_are_rejected_2_3_2_at_once(node: Node) -> None:

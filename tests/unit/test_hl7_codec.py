@@ -59,6 +59,14 @@ def test_split_keeps_every_message_of_a_batch_and_its_header() -> None:
     assert batch.batch_header.startswith("BHS") and batch.file_header.startswith("FHS")
 
 
+def test_a_segment_before_msh_makes_one_message_whose_msh_is_misplaced() -> None:
+    frame = split("PID|1||X\rMSH|^~\\&|S|F|R|RF|2026||ADT^A08|C7|P|2.5.1\rPV1|1")
+    assert frame.messages == ["PID|1||X\rMSH|^~\\&|S|F|R|RF|2026||ADT^A08|C7|P|2.5.1\rPV1|1"]
+    head = header(frame.messages[0])
+    assert (head.misplaced, head.control_id, head.sending_application) == (True, "C7", "S")
+    assert not header("MSH|^~\\&|S|F|R|RF|2026||ADT^A08|C8|P|2.5.1").misplaced
+
+
 def test_header_unescapes_and_tolerates_a_truncated_msh() -> None:
     head = header("MSH|^~\\&|A\\F\\B|FAC|R|RF|2026||ORM^O01|X\\S\\1|T|2.3|||AL|NE||8859/1")
     assert (head.sending_application, head.control_id, head.trigger) == ("A|B", "X^1", "O01")
