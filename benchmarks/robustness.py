@@ -1,4 +1,4 @@
-"""The DICOM upper layer's bad inputs of ROBUSTNESS.md, sent to fabricatord and to the peers.
+"""The DICOM bad inputs of ROBUSTNESS.md, upper layer and DIMSE, sent to fabricatord and to the peers.
 
     .venv/bin/python benchmarks/robustness.py [--json OUT]
 
@@ -6,7 +6,8 @@ Each input is written byte by byte on a raw socket (tests/robustness/wire.py) to
 to pynetdicom's own storescp (what fabricatord would answer without its guard), to DCMTK's
 storescp and to Orthanc; the table shows what each answered within 8 s: an A-ASSOCIATE-RJ
 (result/source/reason), an A-ABORT (source/reason), an A-ASSOCIATE-AC with the contexts it
-accepted, a close, or nothing. The last row says whether each still answers C-ECHO.
+accepted, a DIMSE status, a close, or nothing. The last row says whether each still answers
+C-ECHO.
 docs/robustness.md holds the table of a run.
 """
 
@@ -26,23 +27,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import peers
 from benchmarks.report import RESULTS, finish, table
 from benchmarks.report import start as start_report
+from tests.robustness.dimse import (
+    DEFLATED_LE,
+    GARBAGE,
+    LONG_ELEMENT,
+    deflate_bomb,
+    empty_items,
+    instance,
+    nested,
+)
 from tests.robustness.wire import (
     A_ASSOCIATE_AC,
     CT_IMAGE_STORAGE,
+    IMPLICIT_LE,
     VERIFICATION,
     Answer,
+    Response,
     Wire,
     associate_rq,
     command,
     context,
     echo_rq,
+    encode,
     p_data,
     pdu,
     pdv,
+    store_rq,
 )
 
 WAIT = 8.0
-Case = Callable[[Wire, bytes], Answer]
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+Case = Callable[[Wire, bytes], Answer | Response]
 
 
 def _after_association(wire: Wire, called: bytes, data: bytes) -> Answer:
@@ -69,6 +84,26 @@ def _fragments_forever(wire: Wire, called: bytes) -> Answer:
     for _ in range(4096):  # 64 MiB of one dataset in PDUs every peer takes, never the last fragment
         wire.send(p_data(pdv(1, 0, bytes(16000))))
     return wire.read()
+
+
+UID = "1.2.826.0.1.3680043.9.7433.70.90.1"
+
+
+def _stored(data: bytes, syntax: str = IMPLICIT_LE, uid: str = UID, sop_class: str = CT_IMAGE_STORAGE) -> Case:
+    """A C-STORE-RQ for `uid` of `sop_class` with `data`, on a CT Image Storage context in `syntax`."""
+
+    def case(wire: Wire, called: bytes) -> Answer | Response:
+        answer = wire.associate(associate_rq(called, contexts=[context(1, CT_IMAGE_STORAGE, syntax)]))
+        if answer.kind != A_ASSOCIATE_AC or answer.accepted_contexts().get(1) != 0:
+            return answer
+        wire.request(1, store_rq(sop_class, uid), data, fragment=16000)  # within every peer's maximum PDU
+        return wire.response()
+
+    return case
+
+
+def _instance(uid: str = UID, **values: object) -> bytes:
+    return encode(instance(uid, **values))
 
 
 CASES: dict[str, Case] = {
@@ -98,11 +133,24 @@ CASES: dict[str, Case] = {
         w, c, p_data(pdv(1, 3, _command(0x8030, MessageIDBeingRespondedTo=1, Status=0)))
     ),
     "64 MiB of fragments, none the last": _fragments_forever,
+    "C-STORE: six bytes of garbage": _stored(GARBAGE),
+    "C-STORE: an element declaring 0x7FFFFFFF bytes": _stored(_instance() + LONG_ELEMENT),
+    "C-STORE: an empty dataset": _stored(b""),
+    "C-STORE: sequences 10,000 deep": _stored(_instance() + nested(10_000)),
+    "C-STORE: 2,000,001 empty items": _stored(_instance() + empty_items(2_000_001)),
+    "C-STORE: deflated, 64 KiB inflating to 64 MiB": _stored(deflate_bomb(UID), syntax=DEFLATED_LE),
+    "C-STORE: SOP Instance UID ../../tmp/x": _stored(_instance("../../tmp/x"), uid="../../tmp/x"),
+    "C-STORE: dataset UID not the command's": _stored(_instance("1.2.826.0.1.3680043.9.7433.70.90.2")),
+    "C-STORE: an MR instance on a CT context": _stored(
+        encode(instance(UID, sop_class=MR_IMAGE_STORAGE)), sop_class=MR_IMAGE_STORAGE
+    ),
 }
 
 
-def describe(answer: Answer, started: float) -> str:
+def describe(answer: Answer | Response, started: float) -> str:
     seconds = time.monotonic() - started
+    if isinstance(answer, Response):
+        return f"0x{answer.status:04X}" + (" (stored)" if answer.status == 0 else "")
     if answer.kind is None:
         return f"closed ({seconds:.1f} s)"
     if answer.kind == 3:

@@ -90,6 +90,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """What `serve` does at start, in the foreground and with the whole error if it fails."""
+    from fabricatord.db import open_database
+    from fabricatord.db.engine import revisions
+
+    settings = _settings(args)
+    before, head = revisions(settings.database_url)
+    if before == head:
+        _print(f"database schema at revision {head}: nothing to do")
+        return 0
+    open_database(settings.database_url)
+    _print(f"database schema migrated from revision {before or 'none'} to {head}")
+    return 0
+
+
 # -- serve ----------------------------------------------------------------------------------
 
 
@@ -819,6 +834,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("serve", cmd_serve, "run the daemon")
     command("check-config", cmd_check_config, "validate a configuration file; every problem is listed")
+    command("migrate", cmd_migrate, "bring the database schema up to date, as serve does at start")
 
     gen = command(
         "generate",

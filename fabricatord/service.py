@@ -8,10 +8,12 @@ router, and serves `/metrics` and `/healthz` over HTTP.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import gc
 import os
 import platform
 import signal
+from pathlib import Path
 from typing import Any, Protocol
 
 from twisted.application.internet import StreamServerEndpointService
@@ -23,6 +25,7 @@ from fabricatord import __version__
 from fabricatord.config import ConfigError, Settings, load
 from fabricatord.config.values import parse_size
 from fabricatord.db import Database, InstanceIndex, open_database
+from fabricatord.db.engine import MigrationFailed
 from fabricatord.dicom.storage import InstanceWriter
 from fabricatord.hl7.mapping import profile_problems
 from fabricatord.obs import metrics
@@ -39,6 +42,7 @@ from fabricatord.workflow.monitor import Monitor
 from fabricatord.workflow.routing import Router, Rules
 
 log = get_logger(__name__)
+LOCK_FILE = "fabricatord.lock"
 
 
 class _Worker(Protocol):
@@ -114,9 +118,31 @@ def build(settings: Settings, reactor_: Any = reactor) -> tuple[MultiService, li
         "mllp": f"{settings.hl7.host}:{settings.hl7.port}",
         "http": f"{settings.http.host}:{settings.http.port}",
     }
-    checks = [("dicom", lambda: node.listening), ("mllp", lambda: mllp.listening)]
+    checks = [("dicom", lambda: node.listening), ("mllp", lambda: mllp.listening), ("storage", writer.has_room)]
     StreamServerEndpointService(http, site(database, checks, listeners)).setServiceParent(root)
     return root, [rules, node, inbox, acquirer, router, monitor]
+
+
+class DataDirInUse(RuntimeError):
+    """Another fabricatord serves from this data_dir."""
+
+
+def hold_data_dir(data_dir: Path) -> int:
+    """An exclusive lock on data_dir/fabricatord.lock for as long as the process lives (the
+    kernel lets go of it when the process dies, however it dies). A second daemon on the same
+    data_dir would sweep the first one's temporary files and settle its storage intents as
+    leftovers of a crash: it refuses to start instead. The file holds the holder's PID."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise DataDirInUse(f"data_dir {data_dir} is in use by another fabricatord (pid {holder})") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 # glibc's M_ARENA_MAX (malloc.h); two arenas, the figure MALLOC_ARENA_MAX=2 sets.
@@ -140,8 +166,13 @@ def run(settings: Settings) -> int:
     metrics.BUILD_INFO.labels(__version__).set(1)
     the_reactor: Any = reactor
     try:
+        lock = hold_data_dir(settings.node.data_dir)
         root, reloadable = build(settings)
         root.startService()
+    except MigrationFailed as exc:
+        command = f"fabricatord migrate --config {settings.source}" if settings.source else "fabricatord migrate"
+        log.error("startup failed", error=str(exc), fix=f"{command} shows the whole error; a start migrates again")
+        return 1
     except Exception as exc:  # a port in use, an unwritable data_dir, a newer database: one clear line
         log.error("startup failed", error=str(exc))
         return 1
@@ -166,6 +197,7 @@ def run(settings: Settings) -> int:
         LoopingCall(notify, "WATCHDOG=1").start(interval, now=True)
     the_reactor.run()
     log.info("fabricatord stopped")
+    os.close(lock)
     return 0
 
 

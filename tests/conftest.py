@@ -77,6 +77,20 @@ def wait_for_echo(
     raise TimeoutError(f"no C-ECHO answer on 127.0.0.1:{port} after {timeout} s")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        help="run the load tests at full size (10,000 associations and connects, 10 × 1,000 ORMs …)",
+    )
+
+
+@pytest.fixture(scope="session")
+def soak(request: pytest.FixtureRequest) -> bool:
+    """Whether the load tests run at full size (`--soak`) rather than sized for CI."""
+    return bool(request.config.getoption("--soak"))
+
+
 @pytest.fixture(autouse=True)
 def _strict_pydicom() -> Iterator[None]:
     """Tests read what we write with pydicom's validation raising (highdicom does the same)."""

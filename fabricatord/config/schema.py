@@ -103,7 +103,9 @@ class DicomSettings:
         "How often every `[[peers]]` entry is C-ECHOed for `fabricatord_peer_up` (looked at every 15 s); `0`: never.",
         check_duration,
     )
-    require_known_ae: bool = key(False, "Only calling AE titles listed in `[[peers]]` may associate.")
+    require_known_ae: bool = key(
+        False, "Only calling AE titles listed in `[[peers]]` may associate (RJ 1/1/3); with no peers, none may."
+    )
     allowed_hosts: list[str] = key(
         [], "Addresses or networks (`10.1.2.3`, `10.1.0.0/16`) that may connect; empty: any.", check_networks
     )
@@ -284,6 +286,12 @@ class RouteSettings:
     verify: bool = key(
         False,
         "Once every instance of a study is delivered, count them at the peer by C-FIND and record the study verified.",
+    )
+    attempts: int = key(
+        8,
+        "Sends of a route job before it is kept as `failed` (the dead letter; `fabricatord jobs retry` sends it "
+        "again): 8 retries over about 8 minutes. A refusal the peer would repeat fails at once.",
+        check_positive,
     )
 
 

@@ -108,19 +108,21 @@ def check_codec(value: Any) -> str | None:
     return None
 
 
-def _parsable(parser: Callable[[str], object]) -> Callable[[Any], str | None]:
-    """A check that a value parses: the parser's own message is the complaint."""
+def _parsable(parser: Callable[[str], object], expected: str) -> Callable[[Any], str | None]:
+    """A check that a value parses; the complaint says what was expected."""
 
     def check(value: Any) -> str | None:
         try:
             parser(str(value))
-        except ValueError as exc:
-            return str(exc)
+        except ValueError:
+            return expected
         return None
 
     return check
 
 
-check_size = _parsable(parse_size)
-check_duration = _parsable(parse_duration)
-check_duration_range = _parsable(parse_duration_range)
+check_size = _parsable(parse_size, "a size such as 500MB, 50GiB or 0")
+check_duration = _parsable(parse_duration, "a duration such as 30s, 2m or 500ms")
+check_duration_range = _parsable(
+    parse_duration_range, "a duration, or a range such as 10s-60s that ends after it starts"
+)

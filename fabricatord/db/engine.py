@@ -14,6 +14,8 @@ from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from fabricatord.obs.faults import faultpoint
+
 MIGRATIONS = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 
@@ -37,6 +39,10 @@ class Database:
 
 class DatabaseNewerThanCode(RuntimeError):
     """The database was migrated by a newer fabricatord than this one."""
+
+
+class MigrationFailed(RuntimeError):
+    """The schema could not be brought up to date; being one transaction, nothing changed."""
 
 
 _lock = threading.Lock()
@@ -84,9 +90,11 @@ def _migrate_in_child(url: str) -> None:
     )
     if child.returncode == _NEWER_EXIT:
         raise DatabaseNewerThanCode(child.stderr.strip())
+    if child.returncode < 0:
+        raise MigrationFailed(f"the migration was killed by signal {-child.returncode} and rolled back")
     if child.returncode != 0:
         last = (child.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"database migration failed: {last}")
+        raise MigrationFailed(f"the migration failed and was rolled back: {last}")
 
 
 def dispose_all() -> None:
@@ -160,6 +168,11 @@ def _alembic_config(engine: Engine) -> Any:
     return config
 
 
+def revisions(url: str) -> tuple[str | None, str]:
+    """(the database's schema revision, the newest this code knows)."""
+    return _current_revision(_connect(url).engine), head_revision()
+
+
 def migrate(engine: Engine) -> None:
     """Apply every migration not yet applied; refuse a database newer than the code.
 
@@ -182,6 +195,9 @@ def migrate(engine: Engine) -> None:
         raise DatabaseNewerThanCode(
             f"database schema revision {current} is unknown to this fabricatord: it was migrated by a newer version"
         )
+    # One transaction for every step: a migration interrupted at any point leaves the schema
+    # as it was (SQLite and PostgreSQL both roll DDL back).
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+        faultpoint("migrate.before_commit")

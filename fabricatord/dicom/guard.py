@@ -104,6 +104,14 @@ def guard(assoc: Any, limits: Limits) -> None:
     _vet_requests(assoc, limits.walk)
 
 
+def refuse(assoc: Any, reject: tuple[int, int, int], why: str) -> None:
+    """Have `refuse_vetted` answer this association's request with A-ASSOCIATE-RJ `reject`
+    (result, source, reason); `why` starts with the metric's reason label, then a colon. The
+    first refusal found stands."""
+    if getattr(assoc, _REFUSAL, None) is None:
+        setattr(assoc, _REFUSAL, (reject, why))
+
+
 def refuse_vetted(event: Any) -> None:
     """EVT_REQUESTED: reject an A-ASSOCIATE-RQ the reader found wrong, with the standard reason,
     the way pynetdicom rejects one for an unknown calling AE."""
@@ -126,7 +134,7 @@ def _read_pdu(dul: Any, limits: Limits) -> None:
     try:
         header = sock.recv(6)
         if len(header) < 6:
-            dul.event_queue.put("Evt17")  # closed
+            _closed(dul)
             return
         kind, _, length = struct.unpack(">BBL", header)
         limit = limits.pdu(kind)
@@ -202,7 +210,7 @@ def _vet_request(assoc: Any, body: bytes) -> bytes:
             address=_address(assoc),
         )
     if refusal is not None:
-        setattr(assoc, _REFUSAL, refusal)
+        refuse(assoc, *refusal)
     return body[:4] + called + calling + body[36:68] + b"".join(kept)
 
 
@@ -226,6 +234,15 @@ def _items(data: bytes) -> list[tuple[int, bytes, bytes]]:
         items.append((data[offset], data[offset + 4 : end], data[offset:end]))
         offset = end
     return items
+
+
+def _closed(dul: Any) -> None:
+    """The peer closed the connection (Evt17). Before its A-ASSOCIATE-RQ, the association's
+    thread waits for one until the ACSE timeout, holding a slot: woken now, a burst of silent
+    connections cannot lock everyone else out for that long."""
+    dul.event_queue.put("Evt17")
+    if dul.state_machine.current_state == "Sta2":
+        dul.to_user_queue.put(None)
 
 
 def _hang_up(dul: Any, reason: str, detail: str, abort_reason: int) -> None:

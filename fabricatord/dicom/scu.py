@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -39,7 +40,13 @@ STATUS_PENDING = frozenset({0xFF00, 0xFF01})
 
 
 class ScuError(RuntimeError):
-    """The peer could not be reached or refused the association."""
+    """The peer could not be reached or refused the association. `permanent`: the same request
+    would be refused again (a rejection with result 1, no presentation context accepted), so a
+    retry needs someone to change something first."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,8 @@ class SendReport:
     sent: int = 0
     warnings: int = 0
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    permanent: set[Path] = field(default_factory=set)
+    """Failed files whose refusal a resend would meet again (see `is_permanent`)."""
     resent: int = 0
     """Files sent again on a new association after getting no response."""
     bytes: int = 0
@@ -128,10 +137,29 @@ def _application(calling_ae: str, timeouts: Timeouts) -> AE:
 def _associate(ae: AE, peer: Peer) -> Any:
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=_HANDLERS)
     if not assoc.is_established:
-        reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
+        answer = getattr(assoc.acceptor, "primitive", None)
+        result = getattr(answer, "result", None)
+        permanent = False
+        if assoc.is_rejected:
+            # PS3.8 9.3.4: result 1 is rejected-permanent, 2 rejected-transient.
+            permanent = result == 1
+            source, diagnostic = getattr(answer, "result_source", "?"), getattr(answer, "diagnostic", "?")
+            reason = f"rejected {'permanently' if permanent else 'transiently'} ({result}/{source}/{diagnostic})"
+        elif assoc.is_aborted and result == 0:  # accepted, but not one presentation context
+            permanent, reason = True, "no presentation context was accepted"
+        else:
+            reason = "aborted" if assoc.is_aborted else "no answer"
         metrics.SCU_OPERATIONS.labels("associate", peer.name, "failure").inc()
-        raise ScuError(f"association with {peer.ae_title}@{peer.host}:{peer.port} failed: {reason}")
+        raise ScuError(f"association with {peer.ae_title}@{peer.host}:{peer.port} failed: {reason}", permanent)
     return assoc
+
+
+def is_permanent(status: int | None) -> bool:
+    """Whether a C-STORE failure would be met again by a resend of the same file: everything but
+    no answer at all, Out of Resources (0xA7xx), Resource Limitation (0x0213) and Cancel."""
+    if status is None or _status_class(status) != "failure":
+        return False
+    return not (0xA700 <= status <= 0xA7FF or status in (0x0213, 0xFE00))
 
 
 def _status_class(status: int | None) -> str:
@@ -214,6 +242,8 @@ def send(
             outcome = _status_class(code)
             if why is not None or outcome in {"failure", "none"}:
                 report.failed.append((path, why or _show_status(code)))
+                if is_permanent(code):
+                    report.permanent.add(path)
             else:
                 report.sent += 1
                 report.warnings += outcome == "warning"
@@ -230,10 +260,16 @@ def send(
 def _store_one(assoc: Any, path: Path, peer: Peer) -> tuple[int | None, str | None]:
     """(status, None) for an answer; (None, reason) when the file cannot go on this association."""
     try:
-        status = assoc.send_c_store(path)
-    except ValueError as exc:  # no accepted context for this file's class and syntax
+        try:
+            status = assoc.send_c_store(path)
+        except ValueError:  # the peer took another little-endian syntax: pynetdicom converts a dataset
+            status = assoc.send_c_store(dcmread(path))
+    except ValueError as exc:  # no accepted context for this file's class at all
         metrics.SCU_OPERATIONS.labels("C-STORE", peer.name, "failure").inc()
         return 0xA900, str(exc)
+    except RuntimeError:  # the association ended under us (a timeout, the peer's abort): no answer
+        metrics.SCU_OPERATIONS.labels("C-STORE", peer.name, "none").inc()
+        return None, None
     code = int(status.Status) if "Status" in status else None
     metrics.SCU_OPERATIONS.labels("C-STORE", peer.name, _status_class(code)).inc()
     return code, None

@@ -311,19 +311,30 @@ class InstanceWriter:
                 for staged in pending:
                     staged.tmp.unlink(missing_ok=True)
 
-    def _check_space(self, size: int) -> None:
+    def has_room(self) -> bool:
+        """Whether an instance could be stored now, space-wise (for /readyz): free space above
+        the watermark, and the quota not reached."""
+        try:
+            self._check_space(0, count=False)
+        except OutOfSpace:
+            return False
+        return True
+
+    def _check_space(self, size: int, count: bool = True) -> None:
         if self._min_free:
             free = shutil.disk_usage(self._tmp).free
             if free - size < self._min_free:
-                metrics.STORAGE_WRITE_FAILURES.labels("disk_full").inc()
+                if count:
+                    metrics.STORAGE_WRITE_FAILURES.labels("disk_full").inc()
                 raise OutOfSpace(f"free space {free // 2**20} MiB is below the watermark")
         if self._quota:
             with self._commit_lock:
                 if self._used is None:
                     self._used = self._index.total_size()
                 used = self._used
-            if used + size > self._quota:
-                metrics.STORAGE_WRITE_FAILURES.labels("quota").inc()
+            if used + size > self._quota or used >= self._quota:
+                if count:
+                    metrics.STORAGE_WRITE_FAILURES.labels("quota").inc()
                 raise OutOfSpace(f"storage quota reached ({used // 2**20} MiB used)")
 
     def _stage(self, encoded: Encoded) -> _Pending:

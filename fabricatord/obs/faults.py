@@ -2,13 +2,15 @@
 
 Code marks the places where a crash would matter with `faultpoint("store.after_tmp_write")`.
 Unset, the hook costs one dictionary look-up. Actions: `kill` (SIGKILL this process, as a power
-cut or OOM kill would), `raise` (an `InjectedFault` exception), `exit` (exit code 70).
+cut or OOM kill would), `raise` (an `InjectedFault` exception), `exit` (exit code 70), `hang`
+(the calling thread blocks for good, as a deadlock or a stuck system call would).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 
 ENV_NAME = "FABRICATORD_FAULTPOINT"
 
@@ -44,5 +46,7 @@ def faultpoint(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "exit":
         os._exit(70)
+    elif action == "hang":
+        threading.Event().wait()
     else:
         raise InjectedFault(f"fault injected at {name}")

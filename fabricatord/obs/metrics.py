@@ -71,7 +71,7 @@ RECEIVED_BYTES = Counter(
 ASSOCIATIONS_REFUSED = Counter(
     "fabricatord_associations_refused_total",
     "Connections or associations we refused before any DIMSE, by reason (host, calling_ae, called_ae, "
-    "application_context).",
+    "calling_ae_unknown, application_context).",
     ["reason"],
 )
 PROTOCOL_ERRORS = Counter(

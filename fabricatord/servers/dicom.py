@@ -51,7 +51,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from twisted.application.service import Service
 
 from fabricatord import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -62,7 +62,7 @@ from fabricatord.db.audit import AuditRecord
 from fabricatord.db.jobs import Acquisitions
 from fabricatord.db.worklist import Worklist
 from fabricatord.dicom import answers, query, worklist
-from fabricatord.dicom.guard import Limits, guard, refuse_vetted
+from fabricatord.dicom.guard import Limits, guard, refuse, refuse_vetted
 from fabricatord.dicom.mpps import PROCESSING_FAILURE, MppsError
 from fabricatord.dicom.scu import MAX_CONTEXTS, keep_stray_responses, nodelay, storage_contexts
 from fabricatord.dicom.storage import INDEXED_KEYWORDS, InstanceWriter, InvalidInstance, OutOfSpace
@@ -138,6 +138,8 @@ class _SharedContexts(list[Any]):
         return list(self)
 
 
+LISTEN_BACKLOG = 128
+"""Connections the kernel holds for the accept loop (DCMTK's is 50)."""
 QUEUE_WAIT = 0.02
 """How long an association's thread waits on its message queue before it looks at the rest."""
 DUL_IDLE_DELAY = 0.004
@@ -207,8 +209,6 @@ class DicomNode(Service):
         """New `[[peers]]` and their permissions (SIGHUP), for the associations that follow."""
         self._settings = settings
         self._peers = {p.ae_title: p for p in reversed(settings.peers)}
-        if self._server is not None and settings.dicom.require_known_ae:
-            self._server.ae.require_calling_aet = sorted(self._peers)
 
     @property
     def listening(self) -> bool:
@@ -229,8 +229,6 @@ class DicomNode(Service):
         ae.network_timeout = parse_duration(dicom.network_timeout)
         # PS3.8 9.3.1: an association for another AE title is rejected (RJ 1/1/7).
         ae.require_called_aet = True
-        if dicom.require_known_ae:
-            ae.require_calling_aet = sorted(self._peers)
         ae.add_supported_context(Verification)
         ae.add_supported_context(ModalityPerformedProcedureStep, QUERY_SYNTAXES)
         for find_model in (
@@ -258,7 +256,7 @@ class DicomNode(Service):
         _configure_pynetdicom(self._settings.tmp_dir)
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_connect),
-            (evt.EVT_REQUESTED, refuse_vetted),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._named(self._on_echo)),
             (evt.EVT_N_CREATE, self._named(self._on_mpps_create)),
             (evt.EVT_N_SET, self._named(self._on_mpps_set)),
@@ -276,6 +274,10 @@ class DicomNode(Service):
         ]
         self._server = self._application().start_server((dicom.host, dicom.port), block=False, evt_handlers=handlers)
         self._server.contexts = _SharedContexts(self._server.contexts)
+        # socketserver listens with a backlog of 5: a burst of connections overflows it whenever
+        # the accept loop waits a moment for the GIL, and the kernel drops SYNs that clients
+        # resend only a second later. Linux takes a second listen() as the new backlog.
+        self._server.socket.listen(LISTEN_BACKLOG)
         log.info("dicom listener started", host=dicom.host, port=self.port, ae_title=self._settings.node.ae_title)
         super().startService()
 
@@ -319,6 +321,15 @@ class DicomNode(Service):
                 # Nothing has been read yet: closing the connection is the whole answer, as DCMTK
                 # and Orthanc give it; pynetdicom's reader sees the closed socket and ends.
                 event.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+
+    def _on_requested(self, event: Any) -> None:
+        """With `require_known_ae`, a calling AE that is no `[[peers]]` ae_title is rejected 1/1/3,
+        also when no peer is configured at all (pynetdicom's own check lets everyone in then)."""
+        if self._settings.dicom.require_known_ae:
+            calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()  # the request's, not yet copied
+            if calling not in self._peers:
+                refuse(event.assoc, (1, 1, 3), f"calling_ae_unknown: {calling!r} is not a [[peers]] ae_title")
+        refuse_vetted(event)
 
     def _on_established(self, event: Any) -> None:
         with self._active_lock:
@@ -827,24 +838,29 @@ def _check_match(request: Any, ds: Dataset) -> None:
 
 def _store_refusal(exc: Exception) -> tuple[int, str, str]:
     """The C-STORE status, Error Comment and counted reason for what stopped a store."""
+    counted = True
     if isinstance(exc, Malformed):
-        metrics.STORAGE_WRITE_FAILURES.labels("malformed").inc()
-        return STATUS_CANNOT_UNDERSTAND, str(exc), "malformed"
-    if isinstance(exc, _Mismatch):
-        metrics.STORAGE_WRITE_FAILURES.labels("mismatch").inc()
-        return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc), "mismatch"
-    if isinstance(exc, InvalidInstance):  # counted by the writer
-        return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc), "invalid"
-    if isinstance(exc, OutOfSpace):  # counted by the writer
-        return STATUS_OUT_OF_RESOURCES, str(exc), "out_of_space"
-    if isinstance(exc, OSError):
-        log.error("c-store could not write", error=str(exc))
-        metrics.STORAGE_WRITE_FAILURES.labels("write").inc()
-        return STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror}", "write"
-    # pynetdicom would answer 0xC211 and log nothing
-    log.exception("c-store failed", error=str(exc))  # called in the except block: the traceback goes too
-    metrics.STORAGE_WRITE_FAILURES.labels("exception").inc()
-    return STATUS_CANNOT_UNDERSTAND, f"cannot store the dataset: {exc}", "exception"
+        status, comment, why = STATUS_CANNOT_UNDERSTAND, str(exc), "malformed"
+    elif isinstance(exc, _Mismatch):
+        status, comment, why = STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc), "mismatch"
+    elif isinstance(exc, InvalidInstance):  # counted by the writer
+        status, comment, why, counted = STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc), "invalid", False
+    elif isinstance(exc, OutOfSpace):  # counted by the writer
+        status, comment, why, counted = STATUS_OUT_OF_RESOURCES, str(exc), "out_of_space", False
+    elif isinstance(exc, OSError):
+        status, comment, why = STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror}", "write"
+    elif isinstance(exc, SQLAlchemyError):  # nothing was committed: the sender may send it again
+        busy = isinstance(exc, OperationalError) and "locked" in str(exc).lower()
+        why = "database_busy" if busy else "database"
+        status = STATUS_OUT_OF_RESOURCES
+        comment = "the database is busy: send it again" if busy else "the index cannot be written: send it again"
+    else:  # pynetdicom would answer 0xC211 and log nothing
+        status, comment, why = STATUS_CANNOT_UNDERSTAND, f"cannot store the dataset: {exc}", "exception"
+    if counted:
+        metrics.STORAGE_WRITE_FAILURES.labels(why).inc()
+    if why in ("write", "database_busy", "database", "exception"):  # ours, not the peer's: the whole story
+        log.exception("c-store failed", why=why, error=str(exc))  # called in the except block
+    return status, comment, why
 
 
 _TAKEN = frozenset({STATUS_SUCCESS, 0xB000, 0xB006, 0xB007})

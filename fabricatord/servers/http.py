@@ -17,6 +17,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from fabricatord import __version__
 from fabricatord.db import Database
 from fabricatord.db.status import counts, reachable
+from fabricatord.obs.faults import faultpoint
 
 ReadinessCheck = tuple[str, Callable[[], bool]]
 """(name, check): `/readyz` is 200 only when every check is true."""
@@ -36,6 +37,7 @@ class _Health(Resource):
     isLeaf = True
 
     def render_GET(self, request: Request) -> bytes:
+        faultpoint("http.healthz")  # `hang` here blocks the reactor: the watchdog must notice
         return _json(request, {"status": "ok"})
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from sqlalchemy import Connection
 
 from fabricatord.config import Settings
+from fabricatord.config.schema import RouteSettings
 from fabricatord.db import Database, IndexEntry, InstanceIndex
 from fabricatord.db.jobs import RouteJobs, RouteRecord
 from fabricatord.dicom import scu
@@ -26,7 +27,6 @@ from fabricatord.obs.logging import get_logger, in_context
 
 log = get_logger(__name__)
 
-MAX_ATTEMPTS = 8
 FIRST_RETRY = timedelta(seconds=2)
 LONGEST_RETRY = timedelta(minutes=5)
 WORKERS = 2
@@ -100,6 +100,14 @@ def _pattern(text: str | None, exact: bool = False) -> re.Pattern[str] | None:
     if not text:
         return None
     return re.compile(re.escape(text) if exact else text)
+
+
+def _route(settings: Settings, name: str) -> RouteSettings | None:
+    """The `[[routes]]` entry a job was queued by (`route-N` for the Nth, unnamed), if it is still there."""
+    for index, route in enumerate(settings.routes):
+        if (route.name or f"route-{index}") == name:
+            return route
+    return None
 
 
 def backoff(attempts: int) -> timedelta:
@@ -182,23 +190,28 @@ class Router:
                 refused = dict(report.failed)
                 for path, job in by_path.items():
                     if path in refused:
-                        self._later(job, str(refused[path]), retry, failed)
+                        self._later(job, str(refused[path]), retry, failed, path in report.permanent)
                     else:
                         done.append(job.id)
-            except (scu.ScuError, OSError) as exc:
+            except Exception as exc:  # whatever it was, the claimed jobs are settled, never left "sending"
+                if not isinstance(exc, (scu.ScuError, OSError)):
+                    log.exception("route send failed", peer=peer.name, error=str(exc))
                 for job in by_path.values():
-                    self._later(job, str(exc), retry, failed)
+                    self._later(job, str(exc), retry, failed, getattr(exc, "permanent", False))
         metrics.ROUTE_SEND_SECONDS.labels(peer.name).observe(time.perf_counter() - started)
         self._jobs.settle(done, retry, failed)
-        if done and any(route.verify for route in self._settings.routes if route.name == jobs[0].route):
+        route = _route(self._settings, jobs[0].route)
+        if done and route is not None and route.verify:
             self._verify(peer, jobs[0].study_instance_uid)
-        log.info(
+        errors = [why for _, why in retry.values()] + list(failed.values())
+        (log.warning if errors else log.info)(
             "routed",
             peer=peer.name,
             study_instance_uid=jobs[0].study_instance_uid,
             sent=len(done),
             retrying=len(retry),
             failed=len(failed),
+            error=errors[0] if errors else None,
         )
 
     def _verify(self, peer: scu.Peer, study_instance_uid: str) -> None:
@@ -221,9 +234,23 @@ class Router:
                 "route not verified", peer=peer.name, study_instance_uid=study_instance_uid, held=held, sent=delivered
             )
 
-    @staticmethod
-    def _later(job: RouteRecord, why: str, retry: dict[int, tuple[datetime, str]], failed: dict[int, str]) -> None:
-        if job.attempts >= MAX_ATTEMPTS:
-            failed[job.id] = f"gave up after {job.attempts} attempts: {why}"
+    def _later(
+        self,
+        job: RouteRecord,
+        why: str,
+        retry: dict[int, tuple[datetime, str]],
+        failed: dict[int, str],
+        permanent: bool,
+    ) -> None:
+        """A transient failure is retried with backoff until the route's `attempts`; a permanent
+        one (the peer would refuse it again) goes to `failed` at once, for `jobs retry` once
+        someone has fixed the cause."""
+        route = _route(self._settings, job.route)
+        allowed = route.attempts if route is not None else RouteSettings().attempts
+        sent = job.attempts + 1  # the record was read as it was claimed, before this attempt
+        if permanent:
+            failed[job.id] = f"refused for good: {why}"
+        elif sent >= allowed:
+            failed[job.id] = f"gave up after {sent} attempts: {why}"
         else:
-            retry[job.id] = (datetime.now(UTC) + backoff(job.attempts), why)
+            retry[job.id] = (datetime.now(UTC) + backoff(sent), why)

@@ -4,11 +4,8 @@ DCMTK's `findscu -W`."""
 
 from __future__ import annotations
 
-import socket
 import sqlite3
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -242,103 +239,6 @@ def test_a_resend_gets_the_same_ack_and_changes_nothing(start_daemon: Callable[.
     assert "204 ORC-2: order control CA for an unknown order" in log
 
 
-@pytest.mark.parametrize(
-    ("frame", "code", "err"),
-    [
-        (message("E1", "PID|1||X", kind="QRY^A19"), "AR", "ERR||MSH^1^9|200^Unsupported message type"),
-        (message("E2", "PID|1||X", kind="ADT^A99"), "AR", "ERR||MSH^1^9^1^2|201^Unsupported event code"),
-        (message("E3", "PID|1||X", kind="ADT^A08", version="2.1"), "AR", "ERR|MSH^1^12^203&"),
-        (message("E4", "PID|1", "ORC|NW|P|F||SC", "OBR|1|P|F||||||||||||||A|||||||CT"), "AE", "ERR||PID^1^3|101^"),
-        (b"\x00\xffbinary garbage\x01", "AR", "ERR||MSH^1^9|100^Segment sequence error"),
-        (message("E6", "PID|1||X", kind="ADT^A08", version="2.5.1||||||KLINGON"), "AE", "ERR||MSH^1^18|103^"),
-    ],
-)
-def test_bad_messages_get_the_ack_code_and_err_hl7_prescribes(
-    start_daemon: Callable[..., Daemon], frame: bytes, code: str, err: str
-) -> None:
-    daemon = start_daemon()
-    with socket.create_connection(("127.0.0.1", daemon.hl7_port), timeout=30) as connection:
-        connection.sendall(b"\x0b" + frame + b"\x1c\r")
-        ack = _read_frames(connection, 1)[0]
-        got, _, errors = msa(ack)
-        assert got == code and errors and errors[0].startswith(err), ack
-        # The connection stays open for the next message.
-        connection.sendall(b"\x0b" + order("OK1", "NW", "SC", "ACCOK") + b"\x1c\r")
-        assert msa(_read_frames(connection, 1)[0])[0] == "AA"
-
-
-def _read_frames(connection: socket.socket, count: int) -> list[str]:
-    data = b""
-    while data.count(b"\x1c") < count:
-        chunk = connection.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return [part.strip(b"\x0b\r").decode() for part in data.split(b"\x1c")[:count]]
-
-
-def test_framing_is_tolerant_pipelined_and_bounded(start_daemon: Callable[..., Daemon]) -> None:
-    daemon = start_daemon(hl7_extra='max_message_bytes = 4000\nidle_timeout = "2s"\n')
-    with socket.create_connection(("127.0.0.1", daemon.hl7_port), timeout=30) as connection:
-        # Noise before VT, an empty frame, a frame split over three writes, FS without CR.
-        first = order("F1", "NW", "SC", "ACCF1")
-        connection.sendall(b"\r\nnoise\x0b\x1c\r" + b"\x0b" + first[:40])
-        time.sleep(0.2)
-        connection.sendall(first[40:90])
-        time.sleep(0.2)
-        connection.sendall(first[90:] + b"\x1c")
-        assert msa(_read_frames(connection, 1)[0])[:2] == ("AA", "F1")
-        # Three pipelined frames in one write: three ACKs, in order.
-        connection.sendall(b"".join(b"\x0b" + order(f"P{i}", "NW", "SC", f"ACCP{i}") + b"\x1c\r" for i in range(3)))
-        assert [msa(ack)[1] for ack in _read_frames(connection, 3)] == ["P0", "P1", "P2"]
-    # Over max_message_bytes: AR, then the connection is closed.
-    with socket.create_connection(("127.0.0.1", daemon.hl7_port), timeout=30) as connection:
-        big = order("BIG", "NW", "SC", "ACCBIG") + b"\rNTE|1||" + b"x" * 5000
-        connection.sendall(b"\x0b" + big + b"\x1c\r")
-        code, control_id, errors = msa(_read_frames(connection, 1)[0])
-        assert (code, control_id) == ("AR", "BIG") and "max_message_bytes" in errors[0]
-        assert connection.recv(100) == b""
-    # A frame left unfinished, then a close: nothing kept. A silent connection: closed at the idle timeout.
-    with socket.create_connection(("127.0.0.1", daemon.hl7_port), timeout=30) as connection:
-        connection.sendall(b"\x0b" + order("HALF", "NW", "SC", "ACCHALF"))
-    with socket.create_connection(("127.0.0.1", daemon.hl7_port), timeout=30) as connection:
-        started = time.monotonic()
-        assert connection.recv(100) == b""
-        assert 1.5 < time.monotonic() - started < 10
-    assert [accession for accession, *_ in steps(daemon)] == ["ACCF1", "ACCP0", "ACCP1", "ACCP2"]
-
-
-def test_a_batch_is_answered_message_by_message_in_a_batch(start_daemon: Callable[..., Daemon]) -> None:
-    daemon = start_daemon()
-    batch = b"\r".join(
-        [
-            b"FHS|^~\\&|TESTRIS|TESTFAC|FABRICATORD|RAD|20261124||||F1",
-            b"BHS|^~\\&|TESTRIS|TESTFAC|FABRICATORD|RAD|20261124||||B1",
-            order("B1", "NW", "SC", "ACCB1"),
-            message("B2", "PID|1||X", kind="ADT^A99"),
-            order("B3", "NW", "SC", "ACCB3"),
-            b"BTS|3",
-            b"FTS|1",
-        ]
-    )
-    reply = send(daemon, batch)
-    lines = reply.split("\r")
-    assert lines[0].startswith("FHS|^~\\&|FABRICATORD|RAD|TESTRIS|TESTFAC") and lines[1].startswith("BHS|")
-    assert [line.split("|")[1:3] for line in lines if line.startswith("MSA")] == [
-        ["AA", "B1"],
-        ["AR", "B2"],
-        ["AA", "B3"],
-    ]
-    assert lines[-2:] == ["BTS|3", "FTS|1"]
-    assert [accession for accession, *_ in steps(daemon)] == ["ACCB1", "ACCB3"]
-
-
-def test_enhanced_mode_gets_a_commit_ack(start_daemon: Callable[..., Daemon]) -> None:
-    daemon = start_daemon()
-    enhanced = order("H1", "NW", "SC", "ACCH1").replace(b"|P|2.5.1", b"|P|2.5.1|||AL|NE", 1)
-    assert msa(send(daemon, enhanced))[:2] == ("CA", "H1")
-
-
 def test_an_oru_completes_its_order(start_daemon: Callable[..., Daemon]) -> None:
     daemon = start_daemon()
     assert msa(send(daemon, order("R1", "NW", "SC", "ACCR1")))[0] == "AA"
@@ -351,22 +251,6 @@ def test_an_oru_completes_its_order(start_daemon: Callable[..., Daemon]) -> None
     )
     assert msa(send(daemon, result))[0] == "AA"
     assert steps(daemon) == [("ACCR1", "ACCR1.1", "COMPLETED")]
-
-
-@pytest.mark.parametrize(("point", "kept"), [("hl7.before_commit", False), ("hl7.after_commit", True)])
-def test_kill_9_never_acknowledges_what_it_lost(
-    start_daemon: Callable[..., Daemon], tmp_path: Path, point: str, kept: bool
-) -> None:
-    crashing = start_daemon(env={"FABRICATORD_FAULTPOINT": f"{point}:kill"})
-    with socket.create_connection(("127.0.0.1", crashing.hl7_port), timeout=30) as connection:
-        connection.sendall(b"\x0b" + order("K1", "NW", "SC", "ACCK1") + b"\x1c\r")
-        assert connection.recv(100) == b""  # no ACK: the process died first
-    crashing.process.wait(timeout=30)
-    daemon = start_daemon()  # same data_dir
-    assert len(worklist(daemon, tmp_path, "AccessionNumber=ACCK1")) == (1 if kept else 0)
-    # The sender resends what it never saw acknowledged: AA, and exactly one item.
-    assert msa(send(daemon, order("K1", "NW", "SC", "ACCK1")))[0] == "AA"
-    assert len(worklist(daemon, tmp_path, "AccessionNumber=ACCK1")) == 1
 
 
 def test_hl7_tools_preview_and_send_through_the_listener(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
@@ -383,36 +267,3 @@ def test_hl7_tools_preview_and_send_through_the_listener(start_daemon: Callable[
     )
     assert ": AA " in made.stdout
     assert len(steps(daemon)) == 3
-
-
-def test_pipelined_bursts_from_several_senders_are_answered_in_order(start_daemon: Callable[..., Daemon]) -> None:
-    daemon = start_daemon()
-    senders, each = 5, 100
-
-    def burst(sender: int) -> list[str]:
-        frames = b"".join(
-            b"\x0b" + order(f"S{sender}-{i}", "NW", "SC", f"ACC{sender}X{i}") + b"\x1c\r" for i in range(each)
-        )
-        with socket.create_connection(("127.0.0.1", daemon.hl7_port), timeout=60) as connection:
-            connection.sendall(frames)
-            return [msa(ack)[0] + " " + msa(ack)[1] for ack in _read_frames(connection, each)]
-
-    with ThreadPoolExecutor(senders) as pool:
-        answered = list(pool.map(burst, range(senders)))
-    for sender, acks in enumerate(answered):
-        assert acks == [f"AA S{sender}-{i}" for i in range(each)]
-    assert len(steps(daemon)) == senders * each
-
-
-def test_a_locked_database_is_ar_206_and_the_resend_succeeds(start_daemon: Callable[..., Daemon]) -> None:
-    daemon = start_daemon()
-    blocker = sqlite3.connect(daemon.data_dir / "fabricatord.sqlite", isolation_level=None)
-    try:
-        blocker.execute("BEGIN IMMEDIATE")  # held past the daemon's 10 s busy timeout
-        code, _, errors = msa(send(daemon, order("LK1", "NW", "SC", "ACCLK1")))
-        assert code == "AR" and errors[0].startswith("ERR|||206^Application record locked")
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
-    assert msa(send(daemon, order("LK1", "NW", "SC", "ACCLK1")))[0] == "AA"
-    assert steps(daemon) == [("ACCLK1", "ACCLK1.1", "SCHEDULED")]

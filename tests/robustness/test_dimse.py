@@ -5,31 +5,38 @@ and no row, and the oracles O1–O6 hold afterwards."""
 
 from __future__ import annotations
 
-import struct
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from pydicom.dataset import Dataset
 
 from tests.conftest import free_port
 from tests.integration.conftest import halt
 from tests.robustness.conftest import Node, start_node
+from tests.robustness.dimse import (
+    DEFLATED_LE,
+    GARBAGE,
+    LONG_ELEMENT,
+    ROOT,
+    SERIES,
+    STUDY,
+    associated,
+    deflate_bomb,
+    empty_items,
+    instance,
+    nested,
+    store,
+)
 from tests.robustness.wire import (
-    A_ASSOCIATE_AC,
     CT_IMAGE_STORAGE,
     EXPLICIT_LE,
     IMPLICIT_LE,
     Response,
-    Wire,
-    associate_rq,
     command,
     context,
     dataset,
     decode,
     encode,
-    store_rq,
 )
 
 # 40 MiB takes two million empty items (the walk's limit); deflate bombs inflate past it.
@@ -37,52 +44,15 @@ DICOM_SETTINGS = 'max_dataset_size = "40MiB"\nmax_find_results = 300\nnetwork_ti
 UNREACHABLE_PORT = free_port()
 EXTRA_SETTINGS = f'[[peers]]\nname = "gone"\nae_title = "GONE"\nhost = "127.0.0.1"\nport = {UNREACHABLE_PORT}\n'
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
-DEFLATED_LE = "1.2.840.10008.1.2.1.99"
 STUDY_FIND, STUDY_MOVE, STUDY_GET = (f"1.2.840.10008.5.1.4.1.2.2.{n}" for n in (1, 2, 3))
 MWL_FIND, MPPS = "1.2.840.10008.5.1.4.31", "1.2.840.10008.3.1.2.3.3"
-ROOT = "1.2.826.0.1.3680043.9.7433.70"
-STUDY = f"{ROOT}.1"
-SERIES = (f"{ROOT}.1.1", f"{ROOT}.1.2")
 FAILURES = "fabricatord_storage_write_failures_total"
-ITEM = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
-EMPTY_ITEM = struct.pack("<HHL", 0xFFFE, 0xE000, 0)
-ITEM_END = struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
-SEQUENCE_END = struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
-
-
-def instance(uid: str, sop_class: str = CT_IMAGE_STORAGE, series: str = SERIES[0], **values: object) -> Dataset:
-    return dataset(
-        SOPClassUID=sop_class,
-        SOPInstanceUID=uid,
-        PatientName="Robust^Rita",
-        PatientID="MRN-R1",
-        StudyInstanceUID=STUDY,
-        SeriesInstanceUID=series,
-        Modality="CT",
-        **values,
-    )
-
-
-def store(
-    wire: Wire, uid: str, data: bytes, sop_class: str = CT_IMAGE_STORAGE, context_id: int = 1, message_id: int = 1
-) -> Response:
-    wire.request(context_id, store_rq(sop_class, uid, message_id), data)
-    answer = wire.response()
-    assert isinstance(answer, Response), answer
-    return answer
-
-
-def associated(node: Node, *contexts: bytes) -> Wire:
-    wire = Wire(node.daemon.port)
-    answer = wire.associate(associate_rq(contexts=list(contexts) or [context(1, CT_IMAGE_STORAGE)]))
-    assert answer.kind == A_ASSOCIATE_AC, answer
-    return wire
 
 
 @pytest.fixture(scope="module")
 def archive(node: Node) -> Iterator[Node]:
     """320 instances in one study: 250 in one series, 70 in another."""
-    with associated(node) as wire:
+    with associated(node.daemon.port) as wire:
         for n in range(320):
             uid = f"{ROOT}.1.{1 if n < 250 else 2}.{n}"
             answer = store(
@@ -92,40 +62,17 @@ def archive(node: Node) -> Iterator[Node]:
     yield node
 
 
-def nested(levels: int) -> bytes:
-    """(0008,1140) sequences, each the only element of the one item of the one above."""
-    sequence = struct.pack("<HHL", 0x0008, 0x1140, 0xFFFFFFFF)
-    return (sequence + ITEM) * levels + (ITEM_END + SEQUENCE_END) * levels
-
-
-def deflated(data: bytes) -> bytes:
-    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    return packer.compress(data) + packer.flush()
-
-
-def _bomb() -> bytes:
-    ds = instance(f"{ROOT}.9.6", Rows=8192, Columns=8192, BitsAllocated=8, PixelData=bytes(64 * 2**20))
-    return deflated(encode(ds, implicit=False))
-
-
 UNDECODABLE: list[tuple[bytes, str, str]] = [
-    (b"\x08\x00\x16\x00\x99\x99", IMPLICIT_LE, "ends inside an element's header"),
-    (
-        encode(instance(f"{ROOT}.9.2")) + struct.pack("<HHL", 0x0010, 0x0030, 0x7FFFFFFF) + b"19",
-        IMPLICIT_LE,
-        "declares 2147483647 bytes",
-    ),
+    (GARBAGE, IMPLICIT_LE, "ends inside an element's header"),
+    (encode(instance(f"{ROOT}.9.2")) + LONG_ELEMENT, IMPLICIT_LE, "declares 2147483647 bytes"),
     (encode(instance(f"{ROOT}.9.3")) + nested(10_000), IMPLICIT_LE, "nested deeper than 32"),
     (
-        encode(instance(f"{ROOT}.9.4"))
-        + struct.pack("<HHL", 0x0009, 0x1001, 0xFFFFFFFF)
-        + EMPTY_ITEM * 2_000_001
-        + SEQUENCE_END,
+        encode(instance(f"{ROOT}.9.4")) + empty_items(2_000_001),
         IMPLICIT_LE,
         "more than 2000000 data elements and items",
     ),
     (b"\xff" * 4096, DEFLATED_LE, "does not inflate"),
-    (_bomb(), DEFLATED_LE, "inflates beyond 41943040 bytes"),
+    (deflate_bomb(f"{ROOT}.9.6"), DEFLATED_LE, "inflates beyond 41943040 bytes"),
 ]
 
 
@@ -136,7 +83,7 @@ UNDECODABLE: list[tuple[bytes, str, str]] = [
 )
 def test_a_dataset_that_does_not_decode_is_refused_c000(node: Node, data: bytes, syntax: str, comment: str) -> None:
     before, rows = node.counter(FAILURES, reason="malformed"), node.daemon.rows()
-    with associated(node, context(1, CT_IMAGE_STORAGE, syntax)) as wire:
+    with associated(node.daemon.port, context(1, CT_IMAGE_STORAGE, syntax)) as wire:
         answer = store(wire, f"{ROOT}.9.1", data)
     assert answer.status == 0xC000
     assert comment in answer.comment
@@ -166,7 +113,7 @@ def test_a_dataset_that_is_not_what_its_command_says_is_refused_a900(
     node: Node, uid: str, data: bytes, comment: str
 ) -> None:
     before, rows = node.counter(FAILURES, reason="mismatch"), node.daemon.rows()
-    with associated(node) as wire:
+    with associated(node.daemon.port) as wire:
         answer = store(wire, uid, data)
     assert (answer.status, answer.comment) == (0xA900, comment)
     assert node.daemon.rows() == rows
@@ -182,7 +129,7 @@ def test_a_request_for_another_sop_class_than_its_context_is_refused_a900(
     CT context, and a C-STORE naming Verification."""
     before, rows = counted("wrong_context"), node.daemon.rows()
     uid = f"{ROOT}.7.1"
-    with associated(node) as wire:
+    with associated(node.daemon.port) as wire:
         answer = store(wire, uid, encode(instance(uid, sop_class=sop_class)), sop_class=sop_class)
     assert (answer.status, answer.comment) == (0xA900, "the SOP Class is not the abstract syntax of context 1")
     assert node.daemon.rows() == rows
@@ -194,7 +141,7 @@ def test_a_duplicate_is_kept_once_identical_or_not(node: Node) -> None:
     nothing; different content under the same SOP Instance UID is success, the first stays."""
     uid = f"{ROOT}.6.1"
     first = encode(instance(uid, InstanceNumber=1))
-    with associated(node) as wire:
+    with associated(node.daemon.port) as wire:
         assert store(wire, uid, first).status == 0x0000
         path, size = node.daemon.rows()[uid]
         kept = (node.daemon.data_dir / "storage" / path).read_bytes()
@@ -209,7 +156,7 @@ def test_a_duplicate_overwrites_with_the_overwrite_policy(tmp_path: Path) -> Non
     other = start_node(tmp_path, 'duplicates = "overwrite"\n')
     try:
         uid = f"{ROOT}.6.2"
-        with associated(other) as wire:
+        with associated(other.daemon.port) as wire:
             assert store(wire, uid, encode(instance(uid, InstanceNumber=1))).status == 0x0000
             assert store(wire, uid, encode(instance(uid, InstanceNumber=2)), message_id=2).status == 0x0000
         rows = other.daemon.rows()
@@ -225,7 +172,7 @@ def find(node: Node, identifier: bytes, sop_class: str = STUDY_FIND, cancel_afte
     """A C-FIND on its own association: every response, pending ones first. With `cancel_after`,
     a C-CANCEL goes out once that many pending responses came."""
     responses: list[Response] = []
-    with associated(node, context(1, sop_class)) as wire:
+    with associated(node.daemon.port, context(1, sop_class)) as wire:
         wire.request(
             1,
             command(AffectedSOPClassUID=sop_class, CommandField=0x0020, MessageID=7, Priority=0, CommandDataSetType=0),
@@ -299,7 +246,7 @@ def test_a_c_cancel_ends_the_answers_fe00(archive: Node) -> None:
 
 def retrieve(node: Node, request: bytes, sop_class: str, *contexts: bytes) -> list[Response]:
     responses: list[Response] = []
-    with associated(node, context(1, sop_class), *contexts) as wire:
+    with associated(node.daemon.port, context(1, sop_class), *contexts) as wire:
         wire.request(1, request, query("SERIES", StudyInstanceUID=STUDY, SeriesInstanceUID=SERIES[1]))
         while True:
             answer = wire.response()
@@ -356,7 +303,7 @@ def test_an_mpps_dataset_that_does_not_decode_is_refused_0110(archive: Node, cou
         CommandDataSetType=0,
         AffectedSOPInstanceUID=f"{ROOT}.5.1",
     )
-    with associated(archive, context(1, MPPS, EXPLICIT_LE)) as wire:
+    with associated(archive.daemon.port, context(1, MPPS, EXPLICIT_LE)) as wire:
         wire.request(1, create, nested(5_000))
         answer = wire.response()
     assert isinstance(answer, Response), answer

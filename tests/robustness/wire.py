@@ -172,7 +172,7 @@ class Answer:
 class Wire:
     """One TCP connection to a DICOM node."""
 
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
+    def __init__(self, port: int, timeout: float = 30.0) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
 
     def __enter__(self) -> Wire:
