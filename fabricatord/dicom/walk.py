@@ -303,12 +303,7 @@ class _Walker:
         self.deepest = max(self.deepest, depth + 1)
         stream = self._stream
         while end is None or stream.position < end:
-            at = stream.position
-            head = stream.read(8)
-            if len(head) < 8:
-                raise Malformed(f"the dataset ends inside the sequence {_name(tag)} at offset {at}")
-            group, element, length = self._header.unpack(head)
-            item = group << 16 | element
+            item, length, at = self._item(f"the sequence {_name(tag)}")
             if item == SEQUENCE_END and end is None:
                 return
             if item != ITEM:
@@ -334,18 +329,22 @@ class _Walker:
         """Encapsulated pixel data: items of defined length up to the sequence delimiter."""
         stream = self._stream
         while True:
-            at = stream.position
-            head = stream.read(8)
-            if len(head) < 8:
-                raise Malformed(f"the dataset ends inside the encapsulated pixel data at offset {at}")
-            group, element, length = self._header.unpack(head)
-            tag = group << 16 | element
+            tag, length, at = self._item("the encapsulated pixel data")
             if tag == SEQUENCE_END:
                 return
             if tag != ITEM or length == UNDEFINED:
                 raise Malformed(f"{_name(tag)} in the encapsulated pixel data, offset {at}")
             self._counted(at)
             stream.skip(length)
+
+    def _item(self, inside: str) -> tuple[int, int, int]:
+        """(tag, length, offset) of the next item or delimiter, in `inside`."""
+        at = self._stream.position
+        head = self._stream.read(8)
+        if len(head) < 8:
+            raise Malformed(f"the dataset ends inside {inside} at offset {at}")
+        group, element, length = self._header.unpack(head)
+        return group << 16 | element, length, at
 
     def _counted(self, at: int) -> None:
         self.count += 1

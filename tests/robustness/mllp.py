@@ -6,6 +6,8 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
+from tests.robustness.wire import Connection
+
 START, END = b"\x0b", b"\x1c\r"
 
 
@@ -58,21 +60,12 @@ class Ack:
         return next(s for s in self.segments if s.startswith("MSA")).split(self.text[3])[field]
 
 
-class Link:
+class Link(Connection):
     """One TCP connection to the MLLP listener."""
 
     def __init__(self, port: int, timeout: float = 30.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        super().__init__(port, timeout)
         self._pending = b""
-
-    def __enter__(self) -> Link:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
 
     def frames(self, count: int, encoding: str = "utf-8") -> list[Ack]:
         """The next `count` frames; fewer if the listener closes first."""
@@ -109,15 +102,3 @@ class Link:
             return True
         finally:
             self.sock.settimeout(30)
-
-    def closed_within(self, seconds: float) -> bool:
-        """True if the listener closes the connection (after any frames) within `seconds`."""
-        self.sock.settimeout(seconds)
-        try:
-            while self.sock.recv(65536):
-                pass
-        except TimeoutError:
-            return False
-        except ConnectionResetError:
-            pass
-        return True

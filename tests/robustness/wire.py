@@ -7,6 +7,7 @@ import socket
 import struct
 from dataclasses import dataclass
 from io import BytesIO
+from typing import Self
 
 from pydicom import config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -169,13 +170,13 @@ class Answer:
         return f"<{names.get(self.kind, hex(self.kind or 0))} {self.body[:16].hex()}>"
 
 
-class Wire:
-    """One TCP connection to a DICOM node."""
+class Connection:
+    """One TCP connection to a listener of the daemon on loopback."""
 
     def __init__(self, port: int, timeout: float = 30.0) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
 
-    def __enter__(self) -> Wire:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -183,6 +184,22 @@ class Wire:
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+    def closed_within(self, seconds: float) -> bool:
+        """True if the listener closes the connection (after anything it sent) within `seconds`."""
+        self.sock.settimeout(seconds)
+        try:
+            while self.sock.recv(65536):
+                pass
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            pass
+        return True
+
+
+class Wire(Connection):
+    """One TCP connection to a DICOM node."""
 
     def read(self) -> Answer:
         """The next PDU, or `Answer(None)` if the peer closed (or reset) first."""
@@ -195,18 +212,6 @@ class Wire:
             return Answer(kind, body or b"")
         except ConnectionResetError:
             return Answer(None)
-
-    def closed_within(self, seconds: float) -> bool:
-        """True if the peer closes the connection (after any PDUs) within `seconds`."""
-        self.sock.settimeout(seconds)
-        try:
-            while self.sock.recv(65536):
-                pass
-        except TimeoutError:
-            return False
-        except ConnectionResetError:
-            pass
-        return True
 
     def request(self, context_id: int, command_set: bytes, dataset: bytes | None = None, fragment: int = 65536) -> None:
         """A DIMSE request: the command, then the dataset (empty allowed) in fragments of at most
