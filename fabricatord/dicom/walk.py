@@ -14,6 +14,7 @@ element and the offset named for the Error Comment.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ PIXEL_DATA = 0x7FE00010
 # PS3.5 7.1.2: these VRs carry a 32-bit length after two reserved bytes in explicit VR.
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 _KEPT_VALUE_LIMIT = 64 * 1024
+SPECIFIC_CHARACTER_SET = 0x00080005
+_CHARSET_NAMES = re.compile(rb"[A-Z0-9 _\\]*")
+"""What a Specific Character Set (CS, backslash-separated) may hold."""
 """The longest value kept: the elements asked for are UIDs, names, dates and codes."""
 _CHUNK = 1 << 16
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -271,7 +275,7 @@ class _Walker:
                     if len(extra) < 4:
                         raise Malformed(f"the dataset ends inside an element's header at offset {at}")
                     length = self._long.unpack(extra)[0]
-                elif b"AA" <= vr <= b"ZZ":
+                elif vr.isalpha() and vr.isupper():  # two letters A–Z, as every VR is
                     length = short
                 else:  # a writer that switched to implicit VR, as pydicom tolerates
                     vr = b""
@@ -291,7 +295,7 @@ class _Walker:
             if known == "SQ":
                 self.sequence(tag, stream.position + length, depth)
             elif top and (tag in self._keep or self._keep is _EVERYTHING):
-                self._keep_value(tag, vr, length, at)
+                self._keep_value(tag, length, at)
             else:
                 stream.skip(length)
         if end is not None and stream.position != end:
@@ -357,15 +361,17 @@ class _Walker:
                 f"{_name(tag)} declares {length} bytes at offset {at}; {end - self._stream.position} remain"
             )
 
-    def _keep_value(self, tag: int, vr: bytes, length: int, at: int) -> None:
+    def _keep_value(self, tag: int, length: int, at: int) -> None:
         if length > _KEPT_VALUE_LIMIT:
             raise Malformed(f"{_name(tag)} is {length} bytes long at offset {at}")
         value = self._stream.read(length)
         if len(value) < length:
             raise Malformed(f"{_name(tag)} declares {length} bytes at offset {at}; the dataset ends first")
-        self.kept[BaseTag(tag)] = RawDataElement(
-            BaseTag(tag), vr.decode("ascii") if vr else None, length, value, at, self._implicit, self._little
-        )
+        if tag == SPECIFIC_CHARACTER_SET and not _CHARSET_NAMES.fullmatch(value.rstrip(b" \x00")):
+            return  # not names at all (a NUL inside made pydicom raise, tests/fuzz): the default repertoire
+        # The VR comes from pydicom's dictionary, whatever the peer wrote: an unknown VR, or a
+        # Specific Character Set sent as US, made pydicom raise when the value was read (tests/fuzz).
+        self.kept[BaseTag(tag)] = RawDataElement(BaseTag(tag), None, length, value, at, self._implicit, self._little)
 
 
 def _item_tag(little: bool) -> bytes:

@@ -17,7 +17,7 @@ HERE = Path(__file__).resolve().parent
 SECONDS = int(os.environ.get("FABRICATORD_FUZZ_SECONDS", "20"))
 
 
-@pytest.mark.parametrize("target", ["pdu", "hl7"])
+@pytest.mark.parametrize("target", ["pdu", "dataset", "hl7"])
 def test_the_fuzz_target_finds_nothing(target: str, tmp_path: Path) -> None:
     pytest.importorskip("atheris")
     found = tmp_path / "found"

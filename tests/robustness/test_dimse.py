@@ -5,6 +5,7 @@ and no row, and the oracles O1–O6 hold afterwards."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -134,6 +135,32 @@ def test_a_request_for_another_sop_class_than_its_context_is_refused_a900(
     assert (answer.status, answer.comment) == (0xA900, "the SOP Class is not the abstract syntax of context 1")
     assert node.daemon.rows() == rows
     node.check("wrong_context", before)
+
+
+def test_odd_vrs_and_character_sets_the_fuzzer_found_are_stored_not_crashed_on(node: Node) -> None:
+    """tests/fuzz/corpus/dataset/found-*: a Specific Character Set sent as US and a Patient's Name
+    sent with a VR no standard defines made pydicom raise while the header was read (0xC000
+    "cannot store the dataset"); they are kept as sent and indexed."""
+    uid = f"{ROOT}.10.1"
+
+    def element(group: int, number: int, vr: bytes, value: bytes) -> bytes:
+        value += b"\0" if len(value) % 2 else b""
+        return struct.pack("<HH2sH", group, number, vr, len(value)) + value
+
+    data = b"".join(
+        [
+            element(0x0008, 0x0005, b"US", b"\x01\x00"),
+            element(0x0008, 0x0016, b"UI", CT_IMAGE_STORAGE.encode()),
+            element(0x0008, 0x0018, b"UI", uid.encode()),
+            element(0x0010, 0x0010, b"LN", b"Odd^Otto"),
+            element(0x0020, 0x000D, b"UI", STUDY.encode()),
+            element(0x0020, 0x000E, b"UI", SERIES[0].encode()),
+        ]
+    )
+    with associated(node.daemon.port, context(1, CT_IMAGE_STORAGE, EXPLICIT_LE)) as wire:
+        assert store(wire, uid, data).status == 0x0000
+    assert uid in node.daemon.rows()
+    node.check()
 
 
 def test_a_duplicate_is_kept_once_identical_or_not(node: Node) -> None:

@@ -175,3 +175,42 @@ def test_an_un_sequence_of_undefined_length_is_walked_in_implicit_vr() -> None:
     pixel = data.rindex(struct.pack("<HH", 0x7FE0, 0x0010))
     found = walk(BytesIO(data[:pixel] + element + data[pixel:]), UID(ExplicitVRLittleEndian), KEEP, WalkLimits())
     assert found.depth == 1
+
+
+def explicit(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+@pytest.mark.parametrize(
+    ("data", "name"),
+    [
+        (explicit(0x0008, 0x0005, b"US", b"\x01\x00") + explicit(0x0010, 0x0010, b"PN", b"Doe^Jo"), "Doe^Jo"),
+        (explicit(0x0008, 0x0005, b"CS", b"AB\x00C") + explicit(0x0010, 0x0010, b"PN", b"Doe^Jo"), "Doe^Jo"),
+        (explicit(0x0010, 0x0010, b"LN", b"Doe^Jo"), "Doe^Jo"),
+    ],
+    ids=["charset-sent-as-us", "charset-with-a-nul", "unknown-vr"],
+)
+def test_what_the_fuzzer_found_is_read_not_raised_on(data: bytes, name: str) -> None:
+    """tests/fuzz/corpus/dataset/found-*: pydicom raised reading each of these kept values; the
+    walk keeps them with the dictionary's VR, and drops a character set that names nothing."""
+    found = walk(BytesIO(data), UID(ExplicitVRLittleEndian), KEEP, WalkLimits())
+    ds = Dataset()
+    for tag, element in found.elements.items():
+        ds[tag] = element
+    assert str(ds.PatientName) == name
+
+
+def test_a_vr_of_other_bytes_than_letters_is_read_as_implicit_vr() -> None:
+    """A writer that switched to implicit VR inside an explicit dataset, as pydicom tolerates;
+    bytes such as b"Z\\xa2" passed a range check and broke the decoding of the VR (tests/fuzz)."""
+    implicit = struct.pack("<HHL", 0x0010, 0x0020, 4) + b"PID1"
+    assert implicit[4:6] == b"\x04\x00"
+    found = walk(BytesIO(implicit), UID(ExplicitVRLittleEndian), KEEP, WalkLimits())
+    assert found.elements[0x00100020].value == b"PID1"
+    with pytest.raises(Malformed):
+        walk(
+            BytesIO(struct.pack("<HH2sH", 0x0010, 0x0020, b"Z\xa2", 4) + b"PID1"),
+            UID(ExplicitVRLittleEndian),
+            KEEP,
+            WalkLimits(),
+        )
