@@ -8,7 +8,8 @@ storescp and to Orthanc; the table shows what each answered within 8 s: an A-ASS
 (result/source/reason), an A-ABORT (source/reason), an A-ASSOCIATE-AC with the contexts it
 accepted, a DIMSE status, a close, or nothing. The last row says whether each still answers
 C-ECHO.
-docs/robustness.md holds the table of a run.
+docs/robustness.md holds the table of a run, and tests/robustness/test_peers.py measures it again
+in the suite.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import shutil
 import struct
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -147,12 +147,12 @@ CASES: dict[str, Case] = {
 }
 
 
-def describe(answer: Answer | Response, started: float) -> str:
-    seconds = time.monotonic() - started
+def describe(answer: Answer | Response) -> str:
+    """An answer as docs/robustness.md's table words it."""
     if isinstance(answer, Response):
         return f"0x{answer.status:04X}" + (" (stored)" if answer.status == 0 else "")
     if answer.kind is None:
-        return f"closed ({seconds:.1f} s)"
+        return "closed"
     if answer.kind == 3:
         return "RJ {}/{}/{}".format(*answer.reject)
     if answer.kind == 7:
@@ -164,14 +164,30 @@ def describe(answer: Answer | Response, started: float) -> str:
 
 
 def run(case: Case, server: peers.Server) -> str:
-    started = time.monotonic()
     try:
         with Wire(server.port, timeout=WAIT) as wire:
-            return describe(case(wire, server.ae_title.encode()), started)
+            return describe(case(wire, server.ae_title.encode()))
     except TimeoutError:
         return f"no answer in {WAIT:.0f} s"
+    except ConnectionResetError:
+        return "connection reset while sending"
     except OSError as exc:
         return f"connection error ({exc.strerror or exc})"
+
+
+SERVERS: dict[str, Callable[[Path], peers.Server]] = {
+    "fabricatord": peers.fabricatord,
+    "pynetdicom storescp": lambda work: peers.pynetdicom_storescp(work, None),
+    "DCMTK storescp": peers.storescp,
+    "Orthanc": peers.orthanc,
+}
+
+
+def answers_of(server: peers.Server) -> dict[str, str]:
+    """What `server` answers to every case, and whether it still answers C-ECHO afterwards."""
+    answers = {label: run(case, server) for label, case in CASES.items()}
+    answers["C-ECHO afterwards"] = "answered" if peers.echo(server.port, server.ae_title) else "no answer"
+    return answers
 
 
 def main() -> int:
@@ -185,21 +201,12 @@ def main() -> int:
     start_report()
     answers: dict[str, dict[str, str]] = {}
     with tempfile.TemporaryDirectory(prefix="fabricatord-robustness-") as folder:
-        makers = {
-            "fabricatord": peers.fabricatord,
-            "pynetdicom storescp": lambda work: peers.pynetdicom_storescp(work, None),
-            "DCMTK storescp": peers.storescp,
-            "Orthanc": peers.orthanc,
-        }
-        for name, make in makers.items():
+        for name, make in SERVERS.items():
             work = Path(folder) / name.replace(" ", "-")
             work.mkdir()
             server = make(work)
             try:
-                answers[name] = {label: run(case, server) for label, case in CASES.items()}
-                answers[name]["C-ECHO afterwards"] = (
-                    "answered" if peers.echo(server.port, server.ae_title) else "no answer"
-                )
+                answers[name] = answers_of(server)
             finally:
                 server.stop()
     labels = [*CASES, "C-ECHO afterwards"]
