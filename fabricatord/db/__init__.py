@@ -1,6 +1,6 @@
 """The database: models, engine, migrations and one store class per aggregate (layer 2)."""
 
-from fabricatord.db.engine import Database, DatabaseNewerThanCode, dispose_all, open_database
+from fabricatord.db.engine import Database, DatabaseNewerThanCode, dispose_all, is_busy, open_database
 from fabricatord.db.index import IndexEntry, InstanceIndex, StoredInstance, StudySummary
 from fabricatord.db.patients import PatientRecord, PatientRegistry
 from fabricatord.db.sequences import Sequences
@@ -16,5 +16,6 @@ __all__ = [
     "StoredInstance",
     "StudySummary",
     "dispose_all",
+    "is_busy",
     "open_database",
 ]

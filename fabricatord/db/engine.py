@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fabricatord.obs.faults import faultpoint
@@ -39,6 +40,12 @@ class Database:
 
 class DatabaseNewerThanCode(RuntimeError):
     """The database was migrated by a newer fabricatord than this one."""
+
+
+def is_busy(exc: BaseException) -> bool:
+    """Whether `exc` is the database still locked by another writer after the busy timeout: a
+    refusal the sender may retry unchanged (C-STORE 0xA700, HL7 AR 206)."""
+    return isinstance(exc, OperationalError) and "locked" in str(exc).lower()
 
 
 class MigrationFailed(RuntimeError):

@@ -366,11 +366,13 @@ def _vet_requests(assoc: Any, limits: WalkLimits) -> None:
         sop_class = str(getattr(msg, "AffectedSOPClassUID", None) or getattr(msg, "RequestedSOPClassUID", ""))
         if sop_class != str(context.abstract_syntax):
             comment = f"the SOP Class is not the abstract syntax of context {context_id}"
-            _refuse_request(assoc, msg, context_id, sop_class, _WRONG_CONTEXT.get(type(msg), 0x0118), comment)
+            status = _WRONG_CONTEXT.get(type(msg), 0x0118)
+            _refuse_request(assoc, msg, context_id, sop_class, status, comment, "wrong_context")
             return
         problem = _malformed(msg, context.transfer_syntax[0], limits)
         if problem:
-            _refuse_request(assoc, msg, context_id, sop_class, _MALFORMED.get(type(msg), 0x0110), problem)
+            status = _MALFORMED.get(type(msg), 0x0110)
+            _refuse_request(assoc, msg, context_id, sop_class, status, problem, "malformed")
             return
         serve(msg, context_id)
 
@@ -392,9 +394,8 @@ def _malformed(msg: Any, syntax: str, limits: WalkLimits) -> str:
     return ""
 
 
-def _refuse_request(assoc: Any, msg: Any, context_id: int, sop_class: str, status: int, comment: str) -> None:
+def _refuse_request(assoc: Any, msg: Any, context_id: int, sop_class: str, status: int, comment: str, why: str) -> None:
     """Answer a request with a failure status and an Error Comment instead of serving it."""
-    why = "wrong_context" if status in _WRONG_CONTEXT.values() or status == 0x0118 else "malformed"
     metrics.PROTOCOL_ERRORS.labels(why).inc()
     log.warning(
         "request refused",

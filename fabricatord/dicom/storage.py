@@ -23,6 +23,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Literal
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from fabricatord.config.values import is_valid_uid
@@ -82,28 +83,31 @@ def relative_path(ds: Dataset, layout: Layout) -> str:
     return f"{study}/{series}/{sop}.dcm"
 
 
-INDEXED_KEYWORDS = (
-    "SpecificCharacterSet",
-    "PatientID",
-    "IssuerOfPatientID",
-    "PatientName",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDescription",
-    "ReferringPhysicianName",
-    "SeriesInstanceUID",
-    "Modality",
-    "SeriesNumber",
-    "SeriesDescription",
-    "BodyPartExamined",
-    "SOPInstanceUID",
-    "SOPClassUID",
-    "InstanceNumber",
+INDEXED_TAGS = frozenset(
+    int(tag_for_keyword(keyword) or 0)
+    for keyword in (
+        "SpecificCharacterSet",
+        "PatientID",
+        "IssuerOfPatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDescription",
+        "ReferringPhysicianName",
+        "SeriesInstanceUID",
+        "Modality",
+        "SeriesNumber",
+        "SeriesDescription",
+        "BodyPartExamined",
+        "SOPInstanceUID",
+        "SOPClassUID",
+        "InstanceNumber",
+    )
 )
 """What `index_entry` and `relative_path` read of an instance (and the character set they are in)."""
 
@@ -315,7 +319,7 @@ class InstanceWriter:
         """Whether an instance could be stored now, space-wise (for /readyz): free space above
         the watermark, and the quota not reached."""
         try:
-            self._check_space(0, count=False)
+            self._check_space(1, count=False)
         except OutOfSpace:
             return False
         return True
@@ -332,7 +336,7 @@ class InstanceWriter:
                 if self._used is None:
                     self._used = self._index.total_size()
                 used = self._used
-            if used + size > self._quota or used >= self._quota:
+            if used + size > self._quota:
                 if count:
                     metrics.STORAGE_WRITE_FAILURES.labels("quota").inc()
                 raise OutOfSpace(f"storage quota reached ({used // 2**20} MiB used)")

@@ -34,19 +34,12 @@ PIXEL_DATA = 0x7FE00010
 # PS3.5 7.1.2: these VRs carry a 32-bit length after two reserved bytes in explicit VR.
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 _KEPT_VALUE_LIMIT = 64 * 1024
+"""The longest value kept: the elements asked for are UIDs, names, dates and codes."""
 SPECIFIC_CHARACTER_SET = 0x00080005
 _CHARSET_NAMES = re.compile(rb"[A-Z0-9 _\\]*")
 """What a Specific Character Set (CS, backslash-separated) may hold."""
-"""The longest value kept: the elements asked for are UIDs, names, dates and codes."""
 _CHUNK = 1 << 16
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
-
-
-class _Everything(frozenset[int]):
-    """Keep every top-level element (the file meta group)."""
-
-
-_EVERYTHING = _Everything()
 
 
 class Malformed(ValueError):
@@ -96,7 +89,7 @@ def _file_meta(stream: BinaryIO) -> FileMetaDataset:
     group = head[132:] + (stream.read(length) if length <= _KEPT_VALUE_LIMIT else b"")
     if len(group) != 12 + length:
         raise Malformed(f"the file meta group declares {length} bytes")
-    walker = _Walker(_Seekable(io.BytesIO(group)), False, True, _EVERYTHING, WalkLimits())
+    walker = _Walker(_Seekable(io.BytesIO(group)), False, True, None, WalkLimits())
     walker.dataset(len(group), 0, top=True)
     return FileMetaDataset(dict(sorted(walker.kept.items())))
 
@@ -232,7 +225,10 @@ class _Walker:
     """One walk: the encoding (which a UN sequence switches to implicit VR little endian for
     its items, PS3.5 6.2.2), the count against the limits, and what is kept."""
 
-    def __init__(self, stream: _Stream, implicit: bool, little: bool, keep: frozenset[int], limits: WalkLimits) -> None:
+    def __init__(
+        self, stream: _Stream, implicit: bool, little: bool, keep: frozenset[int] | None, limits: WalkLimits
+    ) -> None:
+        """`keep`: the top-level tags to keep, or None for all of them (the file meta group)."""
         self._stream = stream
         self._keep = keep
         self._limits = limits
@@ -294,7 +290,7 @@ class _Walker:
             self._fits(tag, length, end, at)
             if known == "SQ":
                 self.sequence(tag, stream.position + length, depth)
-            elif top and (tag in self._keep or self._keep is _EVERYTHING):
+            elif top and (self._keep is None or tag in self._keep):
                 self._keep_value(tag, length, at)
             else:
                 stream.skip(length)

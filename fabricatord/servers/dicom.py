@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pydicom import dcmread
-from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import (
@@ -51,13 +50,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from twisted.application.service import Service
 
 from fabricatord import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from fabricatord.config import Settings
 from fabricatord.config.values import is_valid_uid, parse_duration, parse_size
-from fabricatord.db import Database
+from fabricatord.db import Database, is_busy
 from fabricatord.db.audit import AuditRecord
 from fabricatord.db.jobs import Acquisitions
 from fabricatord.db.worklist import Worklist
@@ -65,7 +64,7 @@ from fabricatord.dicom import answers, query, worklist
 from fabricatord.dicom.guard import Limits, guard, refuse, refuse_vetted
 from fabricatord.dicom.mpps import PROCESSING_FAILURE, MppsError
 from fabricatord.dicom.scu import MAX_CONTEXTS, keep_stray_responses, nodelay, storage_contexts
-from fabricatord.dicom.storage import INDEXED_KEYWORDS, InstanceWriter, InvalidInstance, OutOfSpace
+from fabricatord.dicom.storage import INDEXED_TAGS, InstanceWriter, InvalidInstance, OutOfSpace
 from fabricatord.dicom.walk import Malformed, read_received
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import bind_context, get_logger
@@ -104,7 +103,6 @@ _MAX_QUEUED_PDUS = 32
 # Queries are answered in the little-endian syntaxes only: `fabricatord.dicom.answers` encodes them.
 QUERY_SYNTAXES = [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
 _association_numbers = itertools.count(1)
-INDEXED_TAGS = frozenset(int(tag_for_keyword(keyword) or 0) for keyword in INDEXED_KEYWORDS)
 T = TypeVar("T")
 
 
@@ -312,7 +310,6 @@ class DicomNode(Service):
         nodelay(event)
         _calm_reactors(event.assoc)
         guard(event.assoc, self._limits)
-        _answer_unreachable_moves(event.assoc)
         if self._networks:
             address = ipaddress.ip_address(event.address[0])
             if not any(address in network for network in self._networks):
@@ -773,7 +770,11 @@ _MOVE = "_fabricatord_move"
 
 
 def _expect_move(assoc: Any, peer: str, destination: str, instances: list[str]) -> None:
-    """Tell `_answer_unreachable_moves` which known destination the C-MOVE under way goes to."""
+    """Tell `_answer_unreachable_moves` which known destination the C-MOVE under way goes to;
+    the first C-MOVE of an association installs it, so that other associations' responses
+    pass untouched."""
+    if getattr(assoc, _MOVE, False) is False:
+        _answer_unreachable_moves(assoc)
     setattr(assoc, _MOVE, (peer, destination, instances))
 
 
@@ -850,7 +851,7 @@ def _store_refusal(exc: Exception) -> tuple[int, str, str]:
     elif isinstance(exc, OSError):
         status, comment, why = STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror}", "write"
     elif isinstance(exc, SQLAlchemyError):  # nothing was committed: the sender may send it again
-        busy = isinstance(exc, OperationalError) and "locked" in str(exc).lower()
+        busy = is_busy(exc)
         why = "database_busy" if busy else "database"
         status = STATUS_OUT_OF_RESOURCES
         comment = "the database is busy: send it again" if busy else "the index cannot be written: send it again"

@@ -20,12 +20,12 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from sqlalchemy import Connection
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from fabricatord.config import Settings
 from fabricatord.config.schema import Hl7Profile
 from fabricatord.config.values import parse_size
-from fabricatord.db import Database, PatientRecord, PatientRegistry, Sequences
+from fabricatord.db import Database, PatientRecord, PatientRegistry, Sequences, is_busy
 from fabricatord.db.index import reassign_studies
 from fabricatord.db.jobs import Acquisitions
 from fabricatord.db.messages import MessageLog
@@ -685,7 +685,7 @@ def _database_error(exc: Exception) -> Hl7Error:
     """AR 206 when the database stayed locked past the busy timeout, AR 207 for anything else."""
     if isinstance(exc, _LowOnSpace):
         return Hl7Error(207, f"{exc}: nothing was kept, send it again later")
-    if isinstance(exc, OperationalError) and "locked" in str(exc).lower():
+    if is_busy(exc):
         return Hl7Error(206, "the database is busy: nothing was kept, send it again")
     return Hl7Error(207, "internal error: nothing was kept, send it again")
 

@@ -55,7 +55,7 @@ class Rules:
         self._our_ae = settings.node.ae_title
         self._rules = [
             _Rule(
-                name=route.name or f"route-{index}",
+                name=_route_name(route, index),
                 source=route.match.get("source", "any"),
                 modality=_pattern(route.match.get("modality"), exact=True),
                 calling_ae=route.match.get("calling_ae", ""),
@@ -102,12 +102,15 @@ def _pattern(text: str | None, exact: bool = False) -> re.Pattern[str] | None:
     return re.compile(re.escape(text) if exact else text)
 
 
-def _route(settings: Settings, name: str) -> RouteSettings | None:
-    """The `[[routes]]` entry a job was queued by (`route-N` for the Nth, unnamed), if it is still there."""
-    for index, route in enumerate(settings.routes):
-        if (route.name or f"route-{index}") == name:
-            return route
-    return None
+def _route_name(route: RouteSettings, index: int) -> str:
+    """What a route's jobs carry: its name, or `route-N` for the Nth when it has none."""
+    return route.name or f"route-{index}"
+
+
+def _route(settings: Settings, name: str) -> RouteSettings:
+    """The `[[routes]]` entry a job was queued by; the defaults when it is no longer there."""
+    found = (route for index, route in enumerate(settings.routes) if _route_name(route, index) == name)
+    return next(found, RouteSettings())
 
 
 def backoff(attempts: int) -> timedelta:
@@ -179,6 +182,11 @@ class Router:
                 by_path[self._settings.storage_dir / instance.path] = job
         done: list[int] = []
         retry: dict[int, tuple[datetime, str]] = {}
+        route = _route(self._settings, jobs[0].route)  # one peer, one study: one route
+
+        def later(job: RouteRecord, why: str, permanent: bool) -> None:
+            _later(job, why, route.attempts, permanent, retry, failed)
+
         started = time.perf_counter()
         if by_path:
             try:
@@ -190,18 +198,17 @@ class Router:
                 refused = dict(report.failed)
                 for path, job in by_path.items():
                     if path in refused:
-                        self._later(job, str(refused[path]), retry, failed, path in report.permanent)
+                        later(job, str(refused[path]), path in report.permanent)
                     else:
                         done.append(job.id)
             except Exception as exc:  # whatever it was, the claimed jobs are settled, never left "sending"
                 if not isinstance(exc, (scu.ScuError, OSError)):
                     log.exception("route send failed", peer=peer.name, error=str(exc))
                 for job in by_path.values():
-                    self._later(job, str(exc), retry, failed, getattr(exc, "permanent", False))
+                    later(job, str(exc), getattr(exc, "permanent", False))
         metrics.ROUTE_SEND_SECONDS.labels(peer.name).observe(time.perf_counter() - started)
         self._jobs.settle(done, retry, failed)
-        route = _route(self._settings, jobs[0].route)
-        if done and route is not None and route.verify:
+        if done and route.verify:
             self._verify(peer, jobs[0].study_instance_uid)
         errors = [why for _, why in retry.values()] + list(failed.values())
         (log.warning if errors else log.info)(
@@ -234,23 +241,22 @@ class Router:
                 "route not verified", peer=peer.name, study_instance_uid=study_instance_uid, held=held, sent=delivered
             )
 
-    def _later(
-        self,
-        job: RouteRecord,
-        why: str,
-        retry: dict[int, tuple[datetime, str]],
-        failed: dict[int, str],
-        permanent: bool,
-    ) -> None:
-        """A transient failure is retried with backoff until the route's `attempts`; a permanent
-        one (the peer would refuse it again) goes to `failed` at once, for `jobs retry` once
-        someone has fixed the cause."""
-        route = _route(self._settings, job.route)
-        allowed = route.attempts if route is not None else RouteSettings().attempts
-        sent = job.attempts + 1  # the record was read as it was claimed, before this attempt
-        if permanent:
-            failed[job.id] = f"refused for good: {why}"
-        elif sent >= allowed:
-            failed[job.id] = f"gave up after {sent} attempts: {why}"
-        else:
-            retry[job.id] = (datetime.now(UTC) + backoff(sent), why)
+
+def _later(
+    job: RouteRecord,
+    why: str,
+    allowed: int,
+    permanent: bool,
+    retry: dict[int, tuple[datetime, str]],
+    failed: dict[int, str],
+) -> None:
+    """A transient failure is retried with backoff until `allowed` attempts; a permanent one (the
+    peer would refuse it again) goes to `failed` at once, for `jobs retry` once someone has fixed
+    the cause."""
+    sent = job.attempts + 1  # the record was read as it was claimed, before this attempt
+    if permanent:
+        failed[job.id] = f"refused for good: {why}"
+    elif sent >= allowed:
+        failed[job.id] = f"gave up after {sent} attempts: {why}"
+    else:
+        retry[job.id] = (datetime.now(UTC) + backoff(sent), why)
