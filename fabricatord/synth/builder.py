@@ -19,7 +19,7 @@ from fabricatord import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, _
 from fabricatord.synth.elements import put
 from fabricatord.synth.encoding import TRANSFER_SYNTAXES, encode_pixels
 from fabricatord.synth.patients import Demographics
-from fabricatord.synth.render import BANNER, Canvas, SeriesPainter
+from fabricatord.synth.render import BANNER, Canvas, SeriesPainter, TextLine
 from fabricatord.synth.templates import TEMPLATES, SeriesPlan, Template
 from fabricatord.synth.uids import UidFactory
 
@@ -127,9 +127,14 @@ def build_instances(plan: StudyPlan) -> Iterator[Dataset]:
         shared = _series_dataset(plan, series_index)
         meta = _file_meta(plan)
         canvas = Canvas(series.rows, series.columns, plan.template.rgb)
+        labels = [plan.template.image_label(series, index) for index in range(series.images)]
+        longest = _image_lines(
+            series.images, series.images, max(labels, key=len), max(plan.instance_uids[series_index], key=len)
+        )
         painter = SeriesPainter(
             canvas,
             _header_lines(plan, series_index),
+            longest,
             series.number,
             series.images,
             plan.template.lookup(),
@@ -142,27 +147,39 @@ def build_instances(plan: StudyPlan) -> Iterator[Dataset]:
             plan.template.image_attributes(ds, series, index)
             ds.file_meta = FileMetaDataset(dict(meta))
             put(ds.file_meta, "MediaStorageSOPInstanceUID", sop_uid)
-            label = plan.template.image_label(series, index)
-            encode_pixels(ds, painter.paint(index, sop_uid, label), plan.transfer_syntax_uid)
+            lines = _image_lines(index + 1, series.images, labels[index], sop_uid)
+            encode_pixels(ds, painter.paint(index, lines), plan.transfer_syntax_uid)
             yield ds
 
 
-def _header_lines(plan: StudyPlan, series_index: int) -> list[str]:
+# What an image shows, by rank: a small image keeps the lines of lowest rank (docs/conformance.md).
+_BANNER, _ACCESSION, _PATIENT, _SOP_UID, _STUDY_UID, _SERIES_UID, _NUMBER, _BORN, _DATE, _STUDY, _SERIES = range(11)
+
+
+def _header_lines(plan: StudyPlan, series_index: int) -> list[TextLine]:
+    """The text every image of the series shares, top to bottom."""
     patient = plan.request.patient
     series = plan.series[series_index]
+    # The alphabetic component group: what the shipped font can draw.
+    name = patient.name.split("=")[0].replace("^", ", ", 1).replace("^", " ")
     return [
-        BANNER,
-        # The alphabetic component group: the one every font on a bare machine can draw.
-        f"Patient: {patient.name.split('=')[0].replace('^', ', ', 1).replace('^', ' ')}   ID: {patient.patient_id}",
-        f"Born: {_dash_date(patient.birth_date)}   Sex: {patient.sex}",
-        f"Accession: {plan.request.accession_number}",
-        f"Study date: {plan.started:%Y-%m-%d}   Modality: {plan.template.series_modality}",
-        f"Study: {plan.request.study_description or plan.template.study_description}",
-        f"Series {series.number}: {series.description}",
-        "Study Instance UID:",
-        plan.study_instance_uid,
-        "Series Instance UID:",
-        plan.series_uids[series_index],
+        TextLine(BANNER, _BANNER),
+        TextLine(f"Patient: {name}   ID: {patient.patient_id}", _PATIENT),
+        TextLine(f"Born: {_dash_date(patient.birth_date)}   Sex: {patient.sex}", _BORN),
+        TextLine(f"Accession: {plan.request.accession_number}", _ACCESSION),
+        TextLine(f"Date: {plan.started:%Y-%m-%d}   Modality: {plan.template.series_modality}", _DATE),
+        TextLine(f"Study: {plan.request.study_description or plan.template.study_description}", _STUDY),
+        TextLine(f"Series {series.number}: {series.description}", _SERIES),
+        TextLine(plan.study_instance_uid, _STUDY_UID, uid=True, label="Study Instance UID:"),
+        TextLine(plan.series_uids[series_index], _SERIES_UID, uid=True, label="Series Instance UID:"),
+    ]
+
+
+def _image_lines(number: int, images: int, label: str, sop_instance_uid: str) -> list[TextLine]:
+    """An image's own text, below the series text."""
+    return [
+        TextLine(f"Image {number} of {images}" + (f"   {label}" if label else ""), _NUMBER),
+        TextLine(sop_instance_uid, _SOP_UID, uid=True, label="SOP Instance UID:"),
     ]
 
 

@@ -282,6 +282,7 @@ class MRTemplate(_Sectional):
     series, images, rows, columns = 3, 20, 256, 256
     pixel_spacing = 0.9
     slice_thickness = 5.0
+    bits_stored = 12  # as MR scanners store them, and what the window spans: 16 bits left all of it white
     window = (2048, 4096)
     # (description, scanning sequence, TR, TE, TI) per series, cycled when more are asked for.
     protocols = (
