@@ -41,7 +41,8 @@ def ct_study(images: int = 500) -> list[Path]:
              "--out", str(folder)],
             check=True,
             cwd=ROOT,
-            env={**os.environ, "FABRICATORD__NODE__DATA_DIR": str(DATA / "generator"), "FABRICATORD__SYNTH__SEED": "7"},
+            env={**os.environ, "FABRICATORD_CONFIG": "", "FABRICATORD__NODE__DATA_DIR": str(DATA / "generator"),
+                 "FABRICATORD__SYNTH__SEED": "7"},
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
     return sorted(folder.rglob("*.dcm"))

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from fabricatord import __version__
-from fabricatord.config import ConfigError, Settings
+from fabricatord.config import ConfigError, Settings, locate
 from fabricatord.config import load as load_config
+from fabricatord.config.values import show_size
 
 EX_USAGE = 64
 EX_DATAERR = 65
 EX_UNAVAILABLE = 69
 EX_CANTCREAT = 73
+EX_NOPERM = 77
 EX_CONFIG = 78
 
 
@@ -32,8 +36,10 @@ def _settings(args: argparse.Namespace) -> Settings:
     from fabricatord.hl7.mapping import profile_problems
     from fabricatord.synth.checks import settings_problems
 
-    path = args.config or os.environ.get("FABRICATORD_CONFIG") or None
-    return load_config(Path(path) if path else None, checks=[settings_problems, profile_problems])
+    located = locate(args.config, os.environ, Path.cwd())
+    if not args.config:
+        print(f"fabricatord: {located.describe()}", file=sys.stderr, flush=True)
+    return load_config(located.path, checks=[settings_problems, profile_problems])
 
 
 def _logging(settings: Settings) -> None:
@@ -53,31 +59,49 @@ def _print(*parts: object) -> None:
 
 
 class _Progress:
-    """A one-line progress bar on a terminal; silent otherwise."""
+    """Progress of long work on stderr: on a terminal a one-line bar, redrawn; elsewhere (a log,
+    a pipe) a plain line every `interval` seconds, so that a long run shows it moves and a short
+    one prints nothing. Work smaller than `minimum` steps draws no bar."""
 
-    def __init__(self, total: int, label: str) -> None:
-        self.total = max(total, 1)
+    def __init__(self, total: int, label: str, minimum: int = 20, interval: float = 5.0) -> None:
+        self.total = total
         self.done = 0
         self.label = label
-        self.enabled = sys.stderr.isatty() and total >= 20
+        self.terminal = sys.stderr.isatty()
+        self.minimum = minimum
+        self.interval = interval
+        self._last = time.monotonic()
+        self._drawn = False
 
     def __call__(self, step: int) -> None:
-        self.done += step
-        if self.enabled and (self.done % 5 == 0 or self.done == self.total):
-            width = 30
-            filled = width * self.done // self.total
-            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}")
-            if self.done >= self.total:
-                sys.stderr.write("\n")
+        self.update(self.done + step)
+
+    def update(self, done: int, total: int | None = None, note: str = "") -> None:
+        """`done` of `total` (when it became known or changed), with a few words after the count."""
+        self.done = done
+        if total is not None:
+            self.total = total
+        finished = self.done >= self.total > 0
+        if self.terminal:
+            if self.total >= self.minimum and (finished or self.done % 5 == 0 or note):
+                width = 30
+                filled = width * min(self.done, self.total) // max(self.total, 1)
+                bar = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}"
+                sys.stderr.write(f"\r\033[K{self.label} {bar} {note}".rstrip())
+                self._drawn = True
+                if finished:
+                    self.end()
+                sys.stderr.flush()
+        elif time.monotonic() - self._last >= self.interval and not finished:
+            self._last = time.monotonic()
+            print(f"{self.label}: {self.done} of {self.total or '?'} {note}".rstrip(), file=sys.stderr, flush=True)
+
+    def end(self) -> None:
+        """Leave the bar's line, so that what follows starts on a line of its own."""
+        if self._drawn:
+            sys.stderr.write("\n")
             sys.stderr.flush()
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+            self._drawn = False
 
 
 # -- check-config ---------------------------------------------------------------------------
@@ -119,17 +143,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # -- generate -------------------------------------------------------------------------------
 
 
-def _peer(settings: Settings, text: str) -> Any:
-    from fabricatord.dicom.scu import Peer, parse_address
+def _peer(settings: Settings, text: str, verb: str = "", prod: bool = False) -> Any:
+    """A peer named on the command line; with `verb`, one that a production peer must not be
+    unless the user said `--prod`."""
+    from fabricatord.workflow import remote
 
-    configured = settings.peer(text)
-    if configured is not None:
-        return Peer.of(configured)
-    address = parse_address(text)
-    if address is None:
-        names = ", ".join(p.name for p in settings.peers) or "none configured"
-        raise CliError(f"unknown peer {text!r}: give a [[peers]] name ({names}) or AET@host:port", EX_USAGE)
-    return address
+    try:
+        peer = remote.resolve(settings, text)
+        if verb:
+            remote.guard(settings, peer, verb, prod)
+    except remote.UnknownPeer as exc:
+        raise CliError(str(exc), EX_USAGE) from None
+    except remote.ProdRefused as exc:
+        raise CliError(str(exc), EX_NOPERM) from None
+    return peer
 
 
 def _timeouts(settings: Settings) -> Any:
@@ -146,7 +173,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _logging(settings)
-    peer = _peer(settings, args.send) if args.send else None
+    peer = _peer(settings, args.send, "send to", args.prod) if args.send else None
     database = _database(settings)
     writer = None if args.out else storage_writer(settings, database)
     if writer is not None:
@@ -179,7 +206,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         state = "new" if study.patient_created else "registered"
         _print(f"Patient:            {name} ({patient.patient_id}, {patient.sex}, born {patient.birth_date}) [{state}]")
         rate = len(study.files) / study.seconds if study.seconds else 0
-        _print(f"Files:              {len(study.files)} ({_size(study.bytes)}) in {study.seconds:.2f} s, {rate:.0f}/s")
+        size = show_size(study.bytes)
+        _print(f"Files:              {len(study.files)} ({size}) in {study.seconds:.2f} s, {rate:.0f}/s")
         _print(f"Stored under:       {study.files[0].parent.parent if study.files else '-'}")
         if peer is not None:
             if _send_files(settings, peer, study.files).failed:
@@ -197,7 +225,7 @@ def _send_files(settings: Settings, peer: Any, files: Sequence[Path]) -> Any:
     report = send(peer, settings.node.ae_title, files, _timeouts(settings), _Progress(len(files), "send"))
     _print(
         f"Sent to {peer.ae_title}@{peer.host}:{peer.port}: {report.sent} of {len(files)} "
-        f"({_size(report.bytes)}, {report.warnings} with warnings) in {report.seconds:.2f} s"
+        f"({show_size(report.bytes)}, {report.warnings} with warnings) in {report.seconds:.2f} s"
     )
     if report.resent:
         _print(f"  {report.resent} sent again on a new association after getting no response")
@@ -254,12 +282,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     from pydicom.errors import InvalidDicomError
 
     path = Path(args.file)
+    if path.is_dir():  # a study folder: its first file, as `ls -R` lists them
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        if not files:
+            raise CliError(f"{path}: an empty folder", EX_DATAERR)
+        path = files[0]
     try:
         ds = dcmread(path)
     except (OSError, InvalidDicomError) as exc:
         raise CliError(f"{path}: not a readable DICOM file: {exc}", EX_DATAERR) from exc
     meta = ds.file_meta
-    _print(f"File:               {path} ({_size(path.stat().st_size)})")
+    _print(f"File:               {path} ({show_size(path.stat().st_size)})")
     _print(f"Transfer Syntax:    {meta.TransferSyntaxUID.name} ({meta.TransferSyntaxUID})")
     for keyword in SHOWN:
         if keyword in ds:
@@ -314,13 +347,14 @@ def cmd_patients(args: argparse.Namespace) -> int:
     database = _database(settings)
     registry = PatientRegistry(database)
     if args.action == "list":
-        rows = registry.page(args.limit, args.offset)
+        more = f"--offset {args.offset + args.limit} shows the next {args.limit}"
+        rows = _shown(registry.page(args.limit + 1, args.offset), args.limit, "patients", "first", more)
         for p in rows:
             _print(_patient_line(p))
         if not rows:
             _print("no patients registered yet: `fabricatord patients generate` or `fabricatord generate` make some")
     elif args.action == "search":
-        for p in registry.search(args.text, args.limit):
+        for p in _shown(registry.search(args.text, args.limit + 1), args.limit, "patients", "first"):
             _print(_patient_line(p))
     elif args.action == "show":
         found = registry.summary(args.patient_id)
@@ -402,7 +436,9 @@ def cmd_worklist(args: argparse.Namespace) -> int:
             )
         return 0
     statuses = STEP_STATES if args.all else ([args.status.upper()] if args.status else ACTIONABLE)
-    items = Worklist(database).items(statuses, args.station, args.date, args.limit)
+    items = _shown(
+        Worklist(database).items(statuses, args.station, args.date, args.limit + 1), args.limit, "steps", "first"
+    )
     for item in items:
         start = f"{item.start[:4]}-{item.start[4:6]}-{item.start[6:8]} {item.start[8:10]}:{item.start[10:12]}"
         fetched = f"  fetched by {','.join(item.fetched_by)}" if item.fetched_by else ""
@@ -527,7 +563,9 @@ def _hl7_log(args: argparse.Namespace) -> int:
             _print(f"--- {label}")
             _print(data.decode("utf-8", errors="replace").replace("\r", "\n").rstrip("\n"))
         return 0
-    found = messages.recent(args.limit, args.outcome, args.control_id, _since(args.since))
+    found = _shown(
+        messages.recent(args.limit + 1, args.outcome, args.control_id, _since(args.since)), args.limit, "messages"
+    )
     for m in reversed(found):
         at = m.received_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
         what = m.error or m.detail
@@ -597,12 +635,25 @@ def cmd_acquire(args: argparse.Namespace) -> int:
     steps = Worklist(database).steps_named(args.name)
     if not steps:
         raise CliError(f"no worklist step has the SPS ID or accession number {args.name!r}", EX_DATAERR)
-    released = Acquisitions(database).release(steps, ("manual", "on_query"))
-    jobs = Acquisitions(database).for_steps(steps)
+    acquisitions = Acquisitions(database)
+    released = acquisitions.release(steps, ("manual", "on_query"))
+    jobs = acquisitions.for_steps(steps)
+    if args.wait is None:
+        for job in jobs:
+            _print(f"step {job.step_pk}: {job.policy} acquisition {job.state}")
+        _print(f"{released} acquisition(s) due now; the running daemon performs them")
+        return 0 if released or any(job.state in ("pending", "running", "done") for job in jobs) else 1
+    # Until the running daemon has done (or given up) every one: a script's next step can rely on it.
+    deadline = time.monotonic() + args.wait
+    while any(job.state in ("waiting", "pending", "running") for job in jobs) and time.monotonic() < deadline:
+        time.sleep(0.25)
+        jobs = acquisitions.for_steps(steps)
     for job in jobs:
-        _print(f"step {job.step_pk}: {job.policy} acquisition {job.state}")
-    _print(f"{released} acquisition(s) due now; the running daemon performs them")
-    return 0 if released or any(job.state in ("pending", "running", "done") for job in jobs) else 1
+        _print(_acquisition_line(job))
+    open_jobs = [job for job in jobs if job.state in ("waiting", "pending", "running")]
+    if open_jobs:
+        raise CliError(f"{len(open_jobs)} acquisition(s) not finished after {args.wait:g} s", EX_UNAVAILABLE)
+    return 0 if jobs and all(job.state == "done" for job in jobs) else 1
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -613,10 +664,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.action == "list":
         states = [args.state] if args.state else []
         if args.kind in ("all", "acquisitions"):
-            for a in reversed(acquisitions.listing(states, args.limit)):
+            for a in reversed(_shown(acquisitions.listing(states, args.limit + 1), args.limit, "acquisitions")):
                 _print(_acquisition_line(a))
         if args.kind in ("all", "routes"):
-            for r in reversed(routes.listing(states, args.study, args.limit)):
+            for r in reversed(_shown(routes.listing(states, args.study, args.limit + 1), args.limit, "route jobs")):
                 _print(_route_line(r))
         return 0
     wanted: dict[str, list[int]] = {"a": [], "r": []}
@@ -635,12 +686,32 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             _print(f"  study {r.study_instance_uid}  route {r.route}  next attempt {at}")
         return 0
     if args.action == "retry":
-        count = acquisitions.retry(wanted["a"]) + routes.retry(wanted["r"])
-        _print(f"{count} job(s) due again now")
+        touched = [f"a{pk}" for pk in acquisitions.retry(wanted["a"])] + [f"r{pk}" for pk in routes.retry(wanted["r"])]
+        _print(f"{len(touched)} job(s) due again now{': ' if touched else ''}{' '.join(touched)}")
+        why = "only failed, canceled and pending jobs waiting out their backoff are retried"
     else:
-        count = acquisitions.cancel_jobs(wanted["a"]) + routes.cancel(wanted["r"])
-        _print(f"{count} job(s) canceled")
-    return 0 if count == len(args.ids) else 1
+        touched = [f"a{pk}" for pk in acquisitions.cancel_jobs(wanted["a"])] + [
+            f"r{pk}" for pk in routes.cancel(wanted["r"])
+        ]
+        _print(f"{len(touched)} job(s) canceled{': ' if touched else ''}{' '.join(touched)}")
+        why = "only pending (and waiting) jobs are canceled"
+    state_of = {f"a{a.id}": a.state for a in acquisitions.by_ids(wanted["a"])}
+    state_of.update({f"r{r.id}": r.state for r in routes.by_ids(wanted["r"])})
+    untouched = [name for name in dict.fromkeys(n.lower() for n in args.ids) if name not in touched]
+    for name in untouched:
+        state = state_of.get(name)
+        print(f"fabricatord: {name}: {f'{state}, left as it is ({why})' if state else 'no such job'}", file=sys.stderr)
+    return 1 if untouched else 0
+
+
+def _shown(rows: Sequence[Any], limit: int, what: str, which: str = "newest", more: str = "") -> list[Any]:
+    """The first `limit` of `rows` (asked for one more than that): a listing that stops says so,
+    and how to see the rest, on stderr, where it does not disturb a script reading stdout."""
+    if len(rows) <= limit:
+        return list(rows)
+    hint = more or f"--limit {limit * 10} shows more"
+    print(f"fabricatord: only the {which} {limit} {what} are shown; more match ({hint})", file=sys.stderr)
+    return list(rows[:limit])
 
 
 def _acquisition_line(a: Any) -> str:
@@ -673,7 +744,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
 def cmd_mpps(args: argparse.Namespace) -> int:
     from fabricatord.db.performed import PerformedSteps
 
-    records = PerformedSteps(_database(_settings(args))).recent(args.limit, args.status)
+    records = _shown(
+        PerformedSteps(_database(_settings(args))).recent(args.limit + 1, args.status), args.limit, "steps"
+    )
     for r in reversed(records):
         times = f"{r.started or '-'} → {r.ended or '-'}"
         _print(
@@ -689,14 +762,18 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from fabricatord.db.audit import AuditLog
 
     settings = _settings(args)
-    records = AuditLog(_database(settings)).search(
-        args.operation, args.calling_ae, args.association, _since(args.since), args.failures, args.limit
+    records = _shown(
+        AuditLog(_database(settings)).search(
+            args.operation, args.calling_ae, args.association, _since(args.since), args.failures, args.limit + 1
+        ),
+        args.limit,
+        "events",
     )
     for r in reversed(records):
         at = r.at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
         _print(
             f"{at}  {r.association:<6} {r.operation:<11} {r.calling_ae:<16} {r.peer_address:<21} "
-            f"{r.status:<9} {r.instances:>6} {_size(r.bytes):>9} {r.seconds * 1000:>9.1f} ms  {r.detail}".rstrip()
+            f"{r.status:<9} {r.instances:>6} {show_size(r.bytes):>9} {r.seconds * 1000:>9.1f} ms  {r.detail}".rstrip()
         )
     if not records:
         _print("no audit events match")
@@ -761,7 +838,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     from fabricatord.dicom.scu import ScuError
 
     settings = _settings(args)
-    peer = _peer(settings, args.peer)
+    peer = _peer(settings, args.peer, "send to", args.prod)
     files: list[Path] = []
     studies: dict[str, int] = {}
     """Stored studies named on the command line, with their instance counts, to confirm."""
@@ -780,7 +857,7 @@ def cmd_send(args: argparse.Namespace) -> int:
                 raise CliError(f"no stored study has Study Instance UID {item}", EX_DATAERR)
             _print(
                 f"Study {item}: accession {summary.accession_number or '-'}, patient {summary.patient_id}, "
-                f"{summary.instances} instances in {summary.series} series ({_size(summary.size)})"
+                f"{summary.instances} instances in {summary.series} series ({show_size(summary.size)})"
             )
             stored = index.study_instances(item)
             files.extend(settings.storage_dir / s.path for s in stored)
@@ -799,6 +876,141 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- find / move ----------------------------------------------------------------------------
+
+
+def _keys(texts: Sequence[str]) -> list[Any]:
+    from fabricatord.dicom.keys import BadKey, parse_key
+
+    try:
+        return [parse_key(text) for text in texts]
+    except BadKey as exc:
+        raise CliError(str(exc), EX_USAGE) from None
+
+
+def cmd_find(args: argparse.Namespace) -> int:
+    from fabricatord.dicom.keys import DEFAULT_KEYS
+    from fabricatord.workflow import remote
+
+    settings = _settings(args)
+    names = [name.strip() for name in args.peers.split(",") if name.strip()]
+    if not names:
+        raise CliError("name at least one peer: a [[peers]] name, self, or AET@host:port", EX_USAGE)
+    for name in names:
+        _peer(settings, name)  # a name that is no peer is a usage error, before anyone is asked
+    keys = _keys(args.keys)
+    progress = _Progress(len(names), "find", minimum=2)
+    waiting = dict.fromkeys(names)
+
+    def finished(answer: remote.PeerAnswer) -> None:
+        waiting.pop(answer.name, None)
+        progress.update(len(names) - len(waiting), note=f"waiting for {', '.join(waiting)}" if waiting else "")
+
+    answers = remote.find(settings, names, args.level, keys, args.timeout, finished)
+    progress.end()
+    if args.json:
+        for answer in answers:
+            for match in answer.matches:
+                _print(json.dumps({"peer": answer.name, **match}, ensure_ascii=False))
+    else:
+        columns = list(dict.fromkeys([*DEFAULT_KEYS[args.level], *(_top_label(key) for key in keys)]))
+        _table(["PEER", *columns], [[a.name, *(_cell(m.get(c)) for c in columns)] for a in answers for m in a.matches])
+    for answer in answers:
+        if answer.error:
+            print(f"fabricatord: {answer.name}: {answer.error}", file=sys.stderr)
+    return EX_UNAVAILABLE if any(answer.error for answer in answers) else 0
+
+
+def _top_label(key: Any) -> str:
+    from pydicom.datadict import keyword_for_tag
+
+    tag = key.path[0][0]
+    return keyword_for_tag(tag) or f"{tag.group:04X}{tag.element:04X}"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        if value and isinstance(value[0], dict):
+            return json.dumps(value, ensure_ascii=False)
+        return "\\".join(value)
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    """Columns as wide as their widest cell; an empty table says so."""
+    if not rows:
+        _print("no matches")
+        return
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        _print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_move(args: argparse.Namespace) -> int:
+    from fabricatord.config.values import is_valid_uid
+    from fabricatord.dicom import scu
+    from fabricatord.workflow import remote
+
+    settings = _settings(args)
+    source = _peer(settings, args.source, "retrieve from", args.prod)
+    try:
+        destination = remote.destination(settings, args.to, args.prod)
+    except remote.UnknownPeer as exc:
+        raise CliError(str(exc), EX_USAGE) from None
+    except remote.ProdRefused as exc:
+        raise CliError(str(exc), EX_NOPERM) from None
+    studies = list(dict.fromkeys(args.studies))
+    for uid in studies:
+        if not is_valid_uid(uid):
+            raise CliError(f"{uid!r} is not a Study Instance UID", EX_USAGE)
+    if args.keys:
+        keys = _keys(args.keys)
+        timeout = args.timeout or 30.0
+        answer = remote.find(settings, [args.source], "study", keys, timeout)[0]
+        if answer.error:
+            raise CliError(f"{args.source}: {answer.error}", EX_UNAVAILABLE)
+        found = [str(m.get("StudyInstanceUID", "")) for m in answer.matches]
+        _print(f"{len(found)} stud{'y' if len(found) == 1 else 'ies'} at {source.ae_title} match")
+        studies += [uid for uid in found if is_valid_uid(uid) and uid not in studies]
+    if not studies:
+        raise CliError("nothing to move: give Study Instance UIDs, or -k keys that match studies", EX_USAGE)
+    timeouts = remote.move_timeouts(settings, args.timeout)
+    failures = 0
+    for number, uid in enumerate(studies, 1):
+        progress = _Progress(0, f"move {number}/{len(studies)}", minimum=1)
+
+        def moved(report: scu.MoveReport, progress: _Progress = progress) -> None:
+            done = report.completed + report.failed + report.warnings
+            progress.update(done, report.attempted, f"{report.failed} failed" if report.failed else "")
+
+        try:
+            report = scu.move(source, settings.node.ae_title, destination, remote.study_query(uid), timeouts, moved)
+        except scu.ScuError as exc:
+            progress.end()
+            raise CliError(str(exc), EX_UNAVAILABLE) from None
+        progress.end()
+        done = report.completed + report.warnings
+        problem = ""
+        if report.status is None:
+            problem = "no final response (timeout or abort)"
+        elif report.outcome == "failure":
+            problem = f"status 0x{report.status:04X}{f': {report.comment}' if report.comment else ''}"
+        elif report.failed:
+            problem = f"{report.failed} sub-operation(s) failed"
+        elif done == 0:
+            problem = f"{source.ae_title} had nothing of this study to move"
+        _print(
+            f"{uid}: {report.completed} moved to {destination}, {report.warnings} with warnings, "
+            f"{report.failed} failed in {report.seconds:.2f} s{f' ({problem})' if problem else ''}"
+        )
+        for failed in report.failed_instances[:20]:
+            _print(f"  failed: {failed}")
+        failures += bool(problem)
+    return EX_UNAVAILABLE if failures else 0
+
+
 # -- parser ---------------------------------------------------------------------------------
 
 
@@ -814,6 +1026,17 @@ def _order_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--performing", default="", help="Scheduled Performing Physician's Name")
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fabricatord.synth.encoding import TRANSFER_SYNTAXES
     from fabricatord.synth.templates import MODALITIES
@@ -827,7 +1050,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--config",
             metavar="PATH",
-            help="TOML file (default: $FABRICATORD_CONFIG, else built-in defaults)",
+            help="TOML file (default: $FABRICATORD_CONFIG, else ./conf/fabricatord.toml, else "
+            "/etc/fabricatord/fabricatord.toml, else built-in defaults)",
         )
         sub.set_defaults(handler=handler)
         return sub
@@ -856,24 +1080,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--transfer-syntax", default="", choices=["", *TRANSFER_SYNTAXES])
     gen.add_argument("--out", metavar="DIR", help="write plain files here instead of storing and indexing them")
     gen.add_argument("--send", metavar="PEER", help="C-STORE the study to PEER, then confirm it there by C-FIND")
-    gen.add_argument("--count", type=int, default=1, help="how many studies")
+    gen.add_argument("--prod", action="store_true", help='allow --send to a peer with environment = "prod"')
+    gen.add_argument("--count", type=_positive, default=1, help="how many studies")
 
     show = commands.add_parser("show", help="print the key attributes of a DICOM file and render it")
-    show.add_argument("file")
+    show.add_argument("file", metavar="FILE|DIR", help="a file, or a folder: its first file by name")
     show.add_argument("--png", metavar="OUT", help="write the image as PNG")
     show.set_defaults(handler=cmd_show)
 
     patients = command("patients", cmd_patients, "the synthetic patient registry")
     actions = patients.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", help="registered patients")
-    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--limit", type=_positive, default=50)
     listing.add_argument("--offset", type=int, default=0)
     actions.add_parser("show", help="one patient with study and instance counts").add_argument("patient_id")
     search = actions.add_parser("search", help="patients whose ID or name contains TEXT (* and ? wildcards)")
     search.add_argument("text")
-    search.add_argument("--limit", type=int, default=50)
+    search.add_argument("--limit", type=_positive, default=50)
     make = actions.add_parser("generate", help="register new synthetic patients")
-    make.add_argument("--count", type=int, default=1)
+    make.add_argument("--count", type=_positive, default=1)
     make.add_argument("--sex", choices=["M", "F", "O"])
     actions.add_parser("stats", help="counts of patients, studies and instances")
     for sub in actions.choices.values():
@@ -883,7 +1108,7 @@ def build_parser() -> argparse.ArgumentParser:
     pattern_actions = patterns.add_subparsers(dest="action", required=True, metavar="ACTION")
     preview = pattern_actions.add_parser("preview", help="what PATTERN makes, without consuming the counter")
     preview.add_argument("pattern")
-    preview.add_argument("--count", type=int, default=5)
+    preview.add_argument("--count", type=_positive, default=5)
     preview.add_argument(
         "--field",
         choices=["accession", "patient-id"],
@@ -902,13 +1127,13 @@ def build_parser() -> argparse.ArgumentParser:
     _order_arguments(add)
     add.add_argument("--protocol-code", default="", metavar="VALUE^SCHEME^MEANING", help="Scheduled Protocol Code")
     add.add_argument("--priority", default="", choices=["", "STAT", "HIGH", "ROUTINE", "MEDIUM", "LOW"])
-    add.add_argument("--count", type=int, default=1, help="how many orders")
+    add.add_argument("--count", type=_positive, default=1, help="how many orders")
     listing = worklist_actions.add_parser("list", help="scheduled steps by start time (actionable ones by default)")
     listing.add_argument("--status", default="", help="only steps in this state")
     listing.add_argument("--all", action="store_true", help="steps in every state")
     listing.add_argument("--station", default="", metavar="AE")
     listing.add_argument("--date", default="", metavar="YYYYMMDD")
-    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--limit", type=_positive, default=100)
     for sub in worklist_actions.choices.values():
         sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="TOML file")
 
@@ -920,7 +1145,7 @@ def build_parser() -> argparse.ArgumentParser:
     orm.add_argument("--modality", default="CT", type=str.upper, choices=MODALITIES)
     _order_arguments(orm)
     orm.add_argument("--version", default="2.5.1", choices=["2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.8"])
-    orm.add_argument("--count", type=int, default=1)
+    orm.add_argument("--count", type=_positive, default=1)
     orm.add_argument("--out", metavar="DIR", help="write each message to DIR/CONTROL_ID.hl7")
     orm.add_argument("--send", metavar="HOST:PORT", help="send them over MLLP and print the ACKs")
     orm.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each ACK")
@@ -932,7 +1157,7 @@ def build_parser() -> argparse.ArgumentParser:
     hl7_log.add_argument("--outcome", default="", choices=["", "AA", "AE", "AR"], help="only this outcome")
     hl7_log.add_argument("--control-id", default="", help="only messages with this MSH-10")
     hl7_log.add_argument("--since", default="", metavar="DURATION", help="only the last DURATION (`10m`, `2h`)")
-    hl7_log.add_argument("--limit", type=int, default=50)
+    hl7_log.add_argument("--limit", type=_positive, default=50)
     hl7_log.add_argument("--show", type=int, metavar="ID", help="one message whole: the raw text and its ACK")
     preview = hl7_actions.add_parser("preview", help="the worklist items a message would make; nothing is kept")
     preview.add_argument("file", metavar="FILE")
@@ -941,13 +1166,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     acquire = command("acquire", cmd_acquire, "have the simulated modality perform a step now (manual, on_query)")
     acquire.add_argument("name", metavar="ACCESSION|SPS_ID")
+    acquire.add_argument(
+        "--wait",
+        type=float,
+        nargs="?",
+        const=600.0,
+        metavar="SECONDS",
+        help="until the daemon has stored the study (or given up), at most SECONDS (default 600)",
+    )
     jobs = command("jobs", cmd_jobs, "acquisition (a1) and route (r1) jobs: list, show, retry, cancel")
     job_actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing_jobs = job_actions.add_parser("list", help="newest last")
     listing_jobs.add_argument("kind", nargs="?", default="all", choices=["all", "acquisitions", "routes"])
     listing_jobs.add_argument("--state", default="", help="waiting, pending, running, sending, done, failed, canceled")
     listing_jobs.add_argument("--study", default="", metavar="STUDY_UID", help="route jobs of one study")
-    listing_jobs.add_argument("--limit", type=int, default=50)
+    listing_jobs.add_argument("--limit", type=_positive, default=50)
     for action, text in (
         ("show", "one job or more, whole"),
         ("retry", "failed or canceled jobs due again now"),
@@ -962,7 +1195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mpps = command("mpps", cmd_mpps, "Modality Performed Procedure Steps that modalities reported, newest last")
     mpps.add_argument("--status", default="", choices=["", "IN PROGRESS", "COMPLETED", "DISCONTINUED"])
-    mpps.add_argument("--limit", type=int, default=50)
+    mpps.add_argument("--limit", type=_positive, default=50)
 
     audit = command("audit", cmd_audit, "the transaction log: associations and DIMSE operations, newest last")
     audit.add_argument("--operation", default="", help="ASSOCIATION, C-ECHO, C-STORE, C-FIND, MWL, C-MOVE, C-GET")
@@ -970,13 +1203,35 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--association", default="", help="one association's ID (first column)")
     audit.add_argument("--since", default="", metavar="DURATION", help="only the last DURATION (`10m`, `2h`)")
     audit.add_argument("--failures", action="store_true", help="only what did not succeed")
-    audit.add_argument("--limit", type=int, default=100)
+    audit.add_argument("--limit", type=_positive, default=100)
 
     echo_cmd = command("echo", cmd_echo, "C-ECHO a peer ([[peers]] name or AET@host:port)")
     echo_cmd.add_argument("peer")
     send_cmd = command("send", cmd_send, "C-STORE files, folders or a stored study to a peer over one association")
     send_cmd.add_argument("peer")
     send_cmd.add_argument("items", nargs="+", metavar="FILE|DIR|STUDY_UID")
+    send_cmd.add_argument("--prod", action="store_true", help='allow a peer with environment = "prod"')
+
+    key_help = "a query key as DCMTK's -k: Keyword, Keyword=value or (gggg,eeee)=value; repeat it"
+    find_cmd = command("find", cmd_find, "C-FIND studies, series or images at one or more peers, side by side")
+    find_cmd.add_argument("peers", metavar="PEER[,PEER...]", help="[[peers]] names, self (our node), or AET@host:port")
+    find_cmd.add_argument("--level", default="study", choices=["study", "series", "image"])
+    find_cmd.add_argument("-k", "--key", dest="keys", action="append", default=[], metavar="KEY[=VALUE]", help=key_help)
+    find_cmd.add_argument("--json", action="store_true", help="JSON Lines: one object per match, with its peer")
+    find_cmd.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="for each peer (default 30)")
+    move_cmd = command("move", cmd_move, "ask a peer to C-MOVE studies to another (or to us)")
+    move_cmd.add_argument("--from", dest="source", required=True, metavar="PEER", help="the peer that holds them")
+    move_cmd.add_argument(
+        "--to", required=True, metavar="DEST", help="a [[peers]] name, self, or an AE title the source knows"
+    )
+    move_cmd.add_argument("studies", nargs="*", metavar="STUDY_UID")
+    move_cmd.add_argument(
+        "-k", "--key", dest="keys", action="append", default=[], metavar="KEY=VALUE", help="find the studies first"
+    )
+    move_cmd.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="longest wait for a word from the source (default: none)"
+    )
+    move_cmd.add_argument("--prod", action="store_true", help='allow a source or destination with environment = "prod"')
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
@@ -24,15 +25,32 @@ REQUIRE_PEERS = os.environ.get("FABRICATORD_REQUIRE_PEERS") == "1"
 ROOT = Path(__file__).resolve().parents[1]
 
 
+DCMTK_TOOLS = frozenset({"echoscu", "storescu", "storescp", "findscu", "movescu", "getscu"})
+"""Names pynetdicom's console scripts share with DCMTK: in an activated virtualenv they come first."""
+
+
 def need(tool: str) -> str:
-    """The path of `tool`; skip without it, or fail when CI requires every peer."""
-    path = shutil.which(tool)
+    """The path of `tool`; skip without it, or fail when CI requires every peer. For a DCMTK
+    tool, DCMTK's own, wherever it is on PATH, never pynetdicom's app of the same name."""
+    if tool in DCMTK_TOOLS:
+        candidates = [shutil.which(tool, path=folder) for folder in os.environ.get("PATH", "").split(os.pathsep)]
+        path = next((c for c in candidates if c and _is_dcmtk(c)), None)
+    else:
+        path = shutil.which(tool)
     if path is None:
         message = f"{tool} is not installed (scripts/test installs it through apt as root)"
+        if tool in DCMTK_TOOLS and shutil.which(tool):
+            message = f"{tool} on PATH ({shutil.which(tool)}) is not DCMTK's, and DCMTK's is not installed"
         if REQUIRE_PEERS:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@functools.cache
+def _is_dcmtk(path: str) -> bool:
+    result = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30, check=False)
+    return "dcmtk" in (result.stdout + result.stderr).lower()
 
 
 def free_port() -> int:
@@ -205,8 +223,9 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 def run_cli(
     *args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    """`fabricatord ARGS` as a user runs it: a separate process."""
-    full_env = {**os.environ, **(env or {})}
+    """`fabricatord ARGS` as a user runs it: a separate process. Without `--config` or a
+    `FABRICATORD_CONFIG` in `env` it reads the built-in defaults, whatever the folder holds."""
+    full_env = {**os.environ, "FABRICATORD_CONFIG": "", **(env or {})}
     result = subprocess.run(
         [sys.executable, "-m", "fabricatord", *args],
         capture_output=True,

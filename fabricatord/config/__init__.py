@@ -1,15 +1,17 @@
 """Settings: the TOML file, environment overrides, validation (layer 1)."""
 
-from fabricatord.config.loader import ConfigError, ConfigProblem, SettingsCheck, load
+from fabricatord.config.loader import ConfigError, ConfigProblem, Located, SettingsCheck, load, locate
 from fabricatord.config.schema import ModalityOverride, PeerSettings, RouteSettings, Settings
 
 __all__ = [
     "ConfigError",
     "ConfigProblem",
+    "Located",
     "ModalityOverride",
     "PeerSettings",
     "RouteSettings",
     "Settings",
     "SettingsCheck",
     "load",
+    "locate",
 ]

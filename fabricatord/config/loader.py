@@ -28,6 +28,9 @@ from fabricatord.config.schema import (
 from fabricatord.config.values import check_ae_title
 
 ENV_PREFIX = "FABRICATORD__"
+CONFIG_VARIABLE = "FABRICATORD_CONFIG"
+SYSTEM_CONFIG = Path("/etc/fabricatord/fabricatord.toml")
+LOCAL_CONFIG = Path("conf/fabricatord.toml")
 ROUTE_MATCH_KEYS = frozenset({"source", "modality", "calling_ae", "called_ae", "study_description"})
 ROUTE_SOURCES = frozenset({"generated", "received", "any"})
 PROFILE_MATCH_KEYS = frozenset({"sending_application", "sending_facility"})
@@ -54,6 +57,41 @@ class ConfigError(Exception):
 
 SettingsCheck = Callable[[Settings], Iterable[tuple[str, str]]]
 """A check of a layer above config: yields (dotted path, message) for each problem."""
+
+
+@dataclass(frozen=True)
+class Located:
+    """Which configuration a command reads, and why: users of DCMTK, Orthanc and systemd units
+    expect one order everywhere, and a command that guessed must say what it found."""
+
+    path: Path | None
+    """None: the built-in defaults."""
+    reason: str
+    """How it was chosen: `--config`, `FABRICATORD_CONFIG`, `found`, or `nothing found`."""
+
+    def describe(self) -> str:
+        """One line for stderr, naming what was read."""
+        if self.path is None:
+            if self.reason == CONFIG_VARIABLE:
+                return f"built-in defaults ({CONFIG_VARIABLE} is set and empty)"
+            return f"built-in defaults (no {LOCAL_CONFIG} here, no {SYSTEM_CONFIG})"
+        if self.reason == CONFIG_VARIABLE:
+            return f"configuration {self.path} (from {CONFIG_VARIABLE})"
+        return f"configuration {self.path}"
+
+
+def locate(explicit: str | None, environ: Mapping[str, str], cwd: Path, system: Path = SYSTEM_CONFIG) -> Located:
+    """`--config`, then `$FABRICATORD_CONFIG` (set and empty: the built-in defaults), then
+    `conf/fabricatord.toml` under `cwd`, then `system`, else the built-in defaults."""
+    if explicit:
+        return Located(Path(explicit), "--config")
+    if CONFIG_VARIABLE in environ:
+        value = environ[CONFIG_VARIABLE]
+        return Located(Path(value) if value else None, CONFIG_VARIABLE)
+    for candidate in (cwd / LOCAL_CONFIG, system):
+        if candidate.is_file():
+            return Located(candidate, "found")
+    return Located(None, "nothing found")
 
 
 def load(

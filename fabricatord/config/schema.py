@@ -109,6 +109,11 @@ class DicomSettings:
     allowed_hosts: list[str] = key(
         [], "Addresses or networks (`10.1.2.3`, `10.1.0.0/16`) that may connect; empty: any.", check_networks
     )
+    allow_move_to_prod: bool = key(
+        False,
+        'A C-MOVE a peer asks us to make into a `[[peers]]` entry with `environment = "prod"`: refused with 0xA801 '
+        "and a log line unless this is true.",
+    )
     worklist_filter_by_calling_ae: bool = key(
         False,
         "A worklist query without a Scheduled Station AE Title gets only the steps scheduled for the calling AE, "

@@ -61,6 +61,15 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNIT_BYTES[match.group(2)])
 
 
+def show_size(size: float) -> str:
+    """Bytes as people read them: `812 B`, `1.5 KiB`, `60.2 MiB`, `4.0 GiB`."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"
+
+
 def check_networks(value: Any) -> str | None:
     try:
         for item in value:

@@ -199,25 +199,41 @@ class Acquisitions:
             rows = connection.execute(select(*_ACQUISITION_COLUMNS).where(Acquisition.id.in_(list(pks))))
             return [AcquisitionRecord(*row) for row in rows]
 
-    def retry(self, pks: Iterable[int]) -> int:
-        """Failed or canceled acquisitions due again now, with a fresh count of attempts."""
-        now = datetime.now(UTC)
+    def retry(self, pks: Iterable[int]) -> list[int]:
+        """Due now, and the ids touched: failed or canceled acquisitions with a fresh count of
+        attempts, and pending ones waiting out their backoff (their count goes on)."""
+        wanted, now = list(pks), datetime.now(UTC)
         with self._db.writer.begin() as connection:
-            result = connection.execute(
+            touched = [
+                *connection.execute(
+                    update(Acquisition)
+                    .where(Acquisition.id.in_(wanted), Acquisition.state.in_(("failed", "canceled")))
+                    .values(state="pending", attempts=0, due_at=now, updated_at=now)
+                    .returning(Acquisition.id)
+                ).scalars()
+            ]
+            touched += connection.execute(
                 update(Acquisition)
-                .where(Acquisition.id.in_(list(pks)), Acquisition.state.in_(("failed", "canceled")))
-                .values(state="pending", attempts=0, due_at=now, updated_at=now)
-            )
-            return int(getattr(result, "rowcount", 0) or 0)
+                .where(Acquisition.id.in_(wanted), Acquisition.state == "pending", Acquisition.due_at > now)
+                .values(due_at=now, updated_at=now)
+                .returning(Acquisition.id)
+            ).scalars()
+        return sorted(touched)
 
-    def cancel_jobs(self, pks: Iterable[int]) -> int:
+    def cancel_jobs(self, pks: Iterable[int]) -> list[int]:
+        """Waiting or pending acquisitions canceled; the ids touched."""
         with self._db.writer.begin() as connection:
-            result = connection.execute(
-                update(Acquisition)
-                .where(Acquisition.id.in_(list(pks)), Acquisition.state.in_(("waiting", "pending")))
-                .values(state="canceled", updated_at=datetime.now(UTC))
+            touched = (
+                connection.execute(
+                    update(Acquisition)
+                    .where(Acquisition.id.in_(list(pks)), Acquisition.state.in_(("waiting", "pending")))
+                    .values(state="canceled", updated_at=datetime.now(UTC))
+                    .returning(Acquisition.id)
+                )
+                .scalars()
+                .all()
             )
-            return int(getattr(result, "rowcount", 0) or 0)
+        return sorted(touched)
 
     def for_steps(self, step_pks: Iterable[int]) -> list[AcquisitionRecord]:
         with self._db.engine.connect() as connection:
@@ -374,22 +390,38 @@ class RouteJobs:
             }
         return states, waiting
 
-    def retry(self, pks: Iterable[int]) -> int:
-        """Failed or canceled jobs go back to pending, due now, with a fresh count of attempts."""
-        now = datetime.now(UTC)
+    def retry(self, pks: Iterable[int]) -> list[int]:
+        """Due now, and the ids touched: failed or canceled jobs back to pending with a fresh
+        count of attempts, and pending ones waiting out their backoff (their count goes on)."""
+        wanted, now = list(pks), datetime.now(UTC)
         with self._db.writer.begin() as connection:
-            result = connection.execute(
+            touched = [
+                *connection.execute(
+                    update(RouteJob)
+                    .where(RouteJob.id.in_(wanted), RouteJob.state.in_(("failed", "canceled")))
+                    .values(state="pending", attempts=0, next_attempt_at=now, updated_at=now)
+                    .returning(RouteJob.id)
+                ).scalars()
+            ]
+            touched += connection.execute(
                 update(RouteJob)
-                .where(RouteJob.id.in_(list(pks)), RouteJob.state.in_(("failed", "canceled")))
-                .values(state="pending", attempts=0, next_attempt_at=now, updated_at=now)
-            )
-            return int(getattr(result, "rowcount", 0) or 0)
+                .where(RouteJob.id.in_(wanted), RouteJob.state == "pending", RouteJob.next_attempt_at > now)
+                .values(next_attempt_at=now, updated_at=now)
+                .returning(RouteJob.id)
+            ).scalars()
+        return sorted(touched)
 
-    def cancel(self, pks: Iterable[int]) -> int:
+    def cancel(self, pks: Iterable[int]) -> list[int]:
+        """Pending jobs canceled; the ids touched."""
         with self._db.writer.begin() as connection:
-            result = connection.execute(
-                update(RouteJob)
-                .where(RouteJob.id.in_(list(pks)), RouteJob.state == "pending")
-                .values(state="canceled", updated_at=datetime.now(UTC))
+            touched = (
+                connection.execute(
+                    update(RouteJob)
+                    .where(RouteJob.id.in_(list(pks)), RouteJob.state == "pending")
+                    .values(state="canceled", updated_at=datetime.now(UTC))
+                    .returning(RouteJob.id)
+                )
+                .scalars()
+                .all()
             )
-            return int(getattr(result, "rowcount", 0) or 0)
+        return sorted(touched)

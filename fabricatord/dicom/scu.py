@@ -1,4 +1,4 @@
-"""SCU operations: echo, store and the C-FIND count that confirms a delivery.
+"""SCU operations: echo, store, find, move and the C-FIND count that confirms a delivery.
 
 Each opens its own association. TCP_NODELAY is set on every connection: with Nagle's
 algorithm and delayed ACKs a small PDU stalls ~40 ms on Linux, which caps a C-STORE stream to
@@ -7,9 +7,12 @@ DCMTK or Orthanc at about 11 instances/s.
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,7 @@ from pynetdicom import AE, evt
 # Generated at import time by pynetdicom, so invisible to type checkers.
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
 
@@ -67,8 +71,9 @@ class Peer:
 class Timeouts:
     connect: float = 10.0
     acse: float = 30.0
-    dimse: float = 30.0
-    network: float = 60.0
+    dimse: float | None = 30.0
+    """None: wait as long as the peer takes (a C-MOVE whose source sends no pending responses)."""
+    network: float | None = 60.0
 
     @classmethod
     def of(cls, dicom: DicomSettings) -> Timeouts:
@@ -100,6 +105,31 @@ def parse_address(text: str) -> Peer | None:
     if match is None or not 0 < int(match.group("port")) < 65536:
         return None
     return Peer(match.group("ae").strip(), match.group("host"), int(match.group("port")))
+
+
+class _ConnectErrors(logging.Filter):
+    """Why a TCP connect failed. pynetdicom logs it ("TCP Initialisation Error: [Errno 111]
+    Connection refused") and keeps it nowhere else; the connect runs on the association's own
+    DUL thread, so the reason is kept under that thread for `_associate` to read. Its two
+    ERROR lines are dropped: the failure is reported once, by whoever asked for the association
+    (a peer down would otherwise log two errors a minute from the peer monitor alone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures: weakref.WeakKeyDictionary[threading.Thread, str] = weakref.WeakKeyDictionary()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(_TCP_ERROR):
+            reason = re.sub(r"^\[Errno -?\d+\] ", "", message[len(_TCP_ERROR) :]).strip()
+            self.failures[threading.current_thread()] = reason[:1].lower() + reason[1:] if reason else "unknown"
+            return False
+        return message != "Association request failed: unable to connect to remote"
+
+
+_TCP_ERROR = "TCP Initialisation Error: "
+_CONNECT_ERRORS = _ConnectErrors()
+logging.getLogger("pynetdicom.transport").addFilter(_CONNECT_ERRORS)
 
 
 def nodelay(event: Any) -> None:
@@ -135,7 +165,11 @@ def _application(calling_ae: str, timeouts: Timeouts) -> AE:
 
 
 def _associate(ae: AE, peer: Peer) -> Any:
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=_HANDLERS)
+    try:
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=_HANDLERS)
+    except OSError as exc:  # the host name does not resolve
+        metrics.SCU_OPERATIONS.labels("associate", peer.name, "failure").inc()
+        raise ScuError(f"association with {peer.ae_title}@{peer.host}:{peer.port} failed: {exc.strerror}") from exc
     if not assoc.is_established:
         answer = getattr(assoc.acceptor, "primitive", None)
         result = getattr(answer, "result", None)
@@ -147,8 +181,12 @@ def _associate(ae: AE, peer: Peer) -> Any:
             reason = f"rejected {'permanently' if permanent else 'transiently'} ({result}/{source}/{diagnostic})"
         elif assoc.is_aborted and result == 0:  # accepted, but not one presentation context
             permanent, reason = True, "no presentation context was accepted"
+        elif assoc.dul in _CONNECT_ERRORS.failures:
+            reason = f"cannot connect: {_CONNECT_ERRORS.failures.pop(assoc.dul)}"
+        elif assoc.is_aborted:
+            reason = "the peer closed or aborted the connection before accepting the association"
         else:
-            reason = "aborted" if assoc.is_aborted else "no answer"
+            reason = f"no answer to the association request within {ae.acse_timeout:g} s"
         metrics.SCU_OPERATIONS.labels("associate", peer.name, "failure").inc()
         raise ScuError(f"association with {peer.ae_title}@{peer.host}:{peer.port} failed: {reason}", permanent)
     return assoc
@@ -304,6 +342,89 @@ def count_study_instances(peer: Peer, calling_ae: str, study_instance_uid: str, 
             assoc.release()
 
 
+def find(
+    peer: Peer, calling_ae: str, query: Dataset, timeouts: Timeouts = Timeouts(), deadline: float | None = None
+) -> list[Dataset]:
+    """Study Root C-FIND: every match the peer answers. `deadline` (a `time.monotonic()` value)
+    bounds the whole query: an answer still coming in then is aborted and counts as failed."""
+    ae = _application(calling_ae, timeouts)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = _associate(ae, peer)
+    try:
+        return _find(assoc, query, peer, deadline)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+@dataclass
+class MoveReport:
+    """What a C-MOVE did, from its pending responses and its final one."""
+
+    remaining: int | None = None
+    completed: int = 0
+    failed: int = 0
+    warnings: int = 0
+    status: int | None = None
+    """The final status; None while the move goes on (or when no final response came)."""
+    comment: str = ""
+    failed_instances: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def attempted(self) -> int:
+        """Sub-operations done or left, as far as the responses said."""
+        return self.completed + self.failed + self.warnings + (self.remaining or 0)
+
+    @property
+    def outcome(self) -> str:
+        return _status_class(self.status)
+
+
+def move(
+    peer: Peer,
+    calling_ae: str,
+    destination_ae: str,
+    query: Dataset,
+    timeouts: Timeouts = Timeouts(),
+    progress: Callable[[MoveReport], None] | None = None,
+) -> MoveReport:
+    """Study Root C-MOVE: `peer` sends what `query` names to `destination_ae`, an AE title it
+    must know. `progress` sees the report after each pending response (a peer may send none)."""
+    ae = _application(calling_ae, timeouts)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    report = MoveReport()
+    started = time.perf_counter()
+    assoc = _associate(ae, peer)
+    try:
+        for status, identifier in assoc.send_c_move(query, destination_ae, StudyRootQueryRetrieveInformationModelMove):
+            code = int(status.Status) if status and "Status" in status else None
+            for attribute, name in (
+                ("remaining", "NumberOfRemainingSuboperations"),
+                ("completed", "NumberOfCompletedSuboperations"),
+                ("failed", "NumberOfFailedSuboperations"),
+                ("warnings", "NumberOfWarningSuboperations"),
+            ):
+                value = status.get(name) if status else None
+                if value is not None:
+                    setattr(report, attribute, int(value))
+            if code in STATUS_PENDING:
+                if progress is not None:
+                    progress(report)
+                continue
+            report.status = code
+            report.comment = str(status.get("ErrorComment", "")) if status else ""
+            if identifier is not None and "FailedSOPInstanceUIDList" in identifier:
+                failed = identifier.FailedSOPInstanceUIDList
+                report.failed_instances = [str(uid) for uid in (failed if isinstance(failed, list) else [failed])]
+            metrics.SCU_OPERATIONS.labels("C-MOVE", peer.name, _status_class(code)).inc()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
 def performed_procedure_step(
     peer: Peer,
     calling_ae: str,
@@ -332,16 +453,21 @@ def performed_procedure_step(
             assoc.release()
 
 
-def _find(assoc: Any, query: Dataset, peer: Peer) -> list[Dataset]:
+def _find(assoc: Any, query: Dataset, peer: Peer, deadline: float | None = None) -> list[Dataset]:
     answers: list[Dataset] = []
     for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
         code = int(status.Status) if status and "Status" in status else None
         if code in STATUS_PENDING and identifier is not None:
             answers.append(identifier)
+            if deadline is not None and time.monotonic() > deadline:
+                assoc.abort()
+                metrics.SCU_OPERATIONS.labels("C-FIND", peer.name, "none").inc()
+                raise ScuError(f"the answer was not complete in time ({len(answers)} matches so far)")
             continue
         metrics.SCU_OPERATIONS.labels("C-FIND", peer.name, _status_class(code)).inc()
         if code != STATUS_SUCCESS:
-            raise ScuError(f"C-FIND answered {_show_status(code)}")
+            comment = str(status.get("ErrorComment", "")) if status else ""
+            raise ScuError(f"C-FIND answered {_show_status(code)}{f': {comment}' if comment else ''}")
     return answers
 
 

@@ -26,7 +26,7 @@ from typing import Literal
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
-from fabricatord.config.values import is_valid_uid
+from fabricatord.config.values import is_valid_uid, show_size
 from fabricatord.db import IndexEntry, InstanceIndex
 from fabricatord.dicom.part10 import Part10Encoder
 from fabricatord.obs import metrics
@@ -330,7 +330,8 @@ class InstanceWriter:
             if free - size < self._min_free:
                 if count:
                     metrics.STORAGE_WRITE_FAILURES.labels("disk_full").inc()
-                raise OutOfSpace(f"free space {free // 2**20} MiB is below the watermark")
+                # Short enough for an Error Comment (64 characters).
+                raise OutOfSpace(f"free space {show_size(free)} is at the {show_size(self._min_free)} watermark")
         if self._quota:
             with self._commit_lock:
                 if self._used is None:
@@ -339,7 +340,10 @@ class InstanceWriter:
             if used + size > self._quota:
                 if count:
                     metrics.STORAGE_WRITE_FAILURES.labels("quota").inc()
-                raise OutOfSpace(f"storage quota reached ({used // 2**20} MiB used)")
+                raise OutOfSpace(
+                    f"storage quota reached: {show_size(used)} of {show_size(self._quota)} used; "
+                    f"needs {show_size(size)}"
+                )
 
     def _stage(self, encoded: Encoded) -> _Pending:
         self._check_space(encoded.entry.size)

@@ -9,16 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from fabricatord.hl7.codec import ERROR_TEXTS, Header, Hl7Error, escape
+from fabricatord.hl7.codec import ERROR_TEXTS, Header, Hl7Error, escape, version_tuple
 
 COMMIT_CODES = {"AA": "CA", "AE": "CE", "AR": "CR"}
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in version.split("."))
-    except ValueError:
-        return (2, 5)
 
 
 def acknowledgment(

@@ -192,6 +192,14 @@ def split(text: str) -> Batch:
     return batch
 
 
+def version_tuple(version: str) -> tuple[int, ...]:
+    """MSH-12 as numbers to compare; an unreadable one counts as 2.5."""
+    try:
+        return tuple(int(part) for part in version.split("."))
+    except ValueError:
+        return (2, 5)
+
+
 @dataclass(frozen=True)
 class Header:
     """What an acknowledgement needs of MSH, read even from a message we cannot otherwise use."""

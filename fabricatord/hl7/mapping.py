@@ -17,7 +17,7 @@ from hl7.containers import Segment
 
 from fabricatord.config import Settings
 from fabricatord.config.schema import Hl7Profile
-from fabricatord.hl7.codec import Header, Hl7Error, Parsed
+from fabricatord.hl7.codec import Header, Hl7Error, Parsed, version_tuple
 
 DEFAULT_FIELDS = {
     "patient_id": "PID-3.1",
@@ -57,6 +57,8 @@ _PERSONS = {
     "referring_physician": "XCN",
     "requesting_physician": "XCN",
 }
+SEGMENT_SINCE = {"IPC": (2, 5)}
+"""Segments the default profile reads that not every version defines (IPC came with v2.5)."""
 _PATH = re.compile(r"^([A-Z][A-Z0-9]{2})-(\d{1,3})(?:\.(\d{1,2}))?(?:\.(\d{1,2}))?$")
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _SEX = {"M": "M", "F": "F", "O": "O", "A": "O", "N": "O", "U": ""}
@@ -183,6 +185,18 @@ class Mapper:
     def places(self, name: str) -> list[Place]:
         """Where this profile reads `name`, in order."""
         return self._places[name]
+
+    def locate(self, name: str) -> Place | None:
+        """Where an ERR about a missing `name` points: the first place whose segment the message
+        has, else the first its version defines (a v2.3 sender knows no IPC), else the first."""
+        places = self._places[name]
+        present = self.parsed.first_segments()
+        version = version_tuple(self.parsed.header.version)
+        return (
+            next((p for p in places if p.segment in present), None)
+            or next((p for p in places if version >= SEGMENT_SINCE.get(p.segment, (2, 1))), None)
+            or next(iter(places), None)
+        )
 
     def _read(self, name: str, scope: dict[str, Segment]) -> tuple[str, Place | None]:
         """The first non-empty value of `name` in `scope`, with where it was found."""

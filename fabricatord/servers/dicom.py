@@ -703,6 +703,16 @@ class DicomNode(Service):
             log.warning("c-move to an unknown destination", destination=str(event.move_destination).strip())
             yield None, None  # pynetdicom answers 0xA801, move destination unknown
             return
+        if destination.environment == "prod" and not self._settings.dicom.allow_move_to_prod:
+            metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "failure").inc()
+            log.warning(
+                "c-move to a production destination refused",
+                why="prod_destination",
+                destination=destination.name,
+                hint="[dicom] allow_move_to_prod = true allows it",
+            )
+            yield None, None  # 0xA801: a production peer is no destination of ours
+            return
         try:
             instances = self._instances(event)
         except query.QueryError as exc:

@@ -719,9 +719,8 @@ def _wanted(condition: str, success: bool) -> bool:
 
 
 def _place(profile: Hl7Profile, mapper: Mapper, name: str, sequence: int, code: int, text: str) -> Hl7Error:
-    """An error located at the first place the profile reads `name` from."""
-    places = mapper.places(name)
-    first = next((p for p in places if p.segment in mapper.parsed.first_segments()), places[0] if places else None)
+    """An error located where the profile reads `name` in a message like this one."""
+    first = mapper.locate(name)
     if first is None:
         return Hl7Error(code, text)
     return first.error(code, text, sequence if first.segment in ("ORC", "OBR", "IPC") else 1)

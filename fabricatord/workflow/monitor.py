@@ -80,7 +80,7 @@ class Monitor:
         if not peers:
             return
         timeouts = scu.Timeouts.of(self._settings.dicom)
-        quick = scu.Timeouts(min(timeouts.connect, 5.0), min(timeouts.acse, 5.0), min(timeouts.dimse, 5.0), 10.0)
+        quick = scu.Timeouts(min(timeouts.connect, 5.0), min(timeouts.acse, 5.0), min(timeouts.dimse or 5.0, 5.0), 10.0)
         with ThreadPoolExecutor(min(len(peers), 8), thread_name_prefix="echo") as pool:
             for peer in peers:
                 pool.submit(self._echo, scu.Peer.of(peer), quick)

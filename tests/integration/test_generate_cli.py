@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 from itertools import pairwise
 from pathlib import Path
 
@@ -133,8 +135,20 @@ def test_mammography_patients_are_women_and_views_are_named(tmp_path: Path) -> N
 
 def test_config_from_the_environment_and_show_without_pixels(tmp_path: Path) -> None:
     config = config_file(tmp_path)
-    checked = run_cli("check-config", env={"FABRICATORD_CONFIG": str(config)}).stdout
-    assert checked.startswith(f"{config}: OK")
+    checked = run_cli("check-config", env={"FABRICATORD_CONFIG": str(config)})
+    assert checked.stdout.startswith(f"{config}: OK")
+    assert checked.stderr == f"fabricatord: configuration {config} (from FABRICATORD_CONFIG)\n"
+    # From a folder holding conf/fabricatord.toml, with nothing set, that file; --config is silent.
+    (tmp_path / "conf").mkdir()
+    local = tmp_path / "conf" / "fabricatord.toml"
+    local.write_text("[dicom]\nport = 11999\n")
+    env = {k: v for k, v in os.environ.items() if k != "FABRICATORD_CONFIG"}
+    found = subprocess.run(
+        [sys.executable, "-m", "fabricatord", "check-config"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert found.returncode == 0 and found.stdout.startswith(f"{local}: OK"), found.stderr
+    assert found.stderr == f"fabricatord: configuration {local}\n"
+    assert run_cli("check-config", "--config", str(local)).stderr == ""
     out = run_cli("generate", "--modality", "SC", env={"FABRICATORD_CONFIG": str(config)}).stdout
     image = next((tmp_path / "data" / "storage").rglob("*.dcm"))
     assert field(out, "Study Instance UID") in str(image)

@@ -267,3 +267,13 @@ def test_hl7_tools_preview_and_send_through_the_listener(start_daemon: Callable[
     )
     assert ": AA " in made.stdout
     assert len(steps(daemon)) == 3
+
+
+def test_an_err_names_a_field_the_message_version_has(start_daemon: Callable[..., Daemon]) -> None:
+    """A v2.3 order without OBR lacks a modality: the ERR points at OBR-24, where a v2.3 sender
+    puts it, not at IPC-5 (IPC came with v2.5); a v2.5.1 one without IPC or OBR gets IPC-5."""
+    daemon = start_daemon()
+    for version, where in (("2.3", "OBR^1^24"), ("2.5.1", "IPC^1^5")):
+        ack = send(daemon, message(f"V{version}", "PID|1||MRN1||Doe^J", "ORC|NW|PO1|FO1||SC", version=version))
+        code, _, errors = msa(ack)
+        assert code == "AE" and len(errors) == 1 and where in errors[0], ack

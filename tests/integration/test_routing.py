@@ -193,10 +193,16 @@ def test_jobs_can_be_shown_cancelled_and_retried(start_daemon: Callable[..., Dae
     first = route_jobs(daemon).split()[0]
     config = ["--config", str(daemon.config)]
     shown = run_cli("jobs", "show", first, *config).stdout
-    assert first in shown and _study_of(daemon, "ACCJ1") in shown and "association" in shown
+    assert first in shown and _study_of(daemon, "ACCJ1") in shown
+    assert "association with ORTHANC" in shown and "failed: cannot connect: connection refused" in shown
     # A job the router holds for a send attempt is not pending and cannot be canceled: under load
     # an attempt can coincide with the command, so it is repeated until it meets a pending job.
     wait_for(lambda: "1 job(s) canceled" in run_cli("jobs", "cancel", first, *config).stdout)
     assert f"{first:<7} route    orthanc      canceled" in route_jobs(daemon)
-    assert "1 job(s) due again now" in run_cli("jobs", "retry", first, *config).stdout
+    assert f"1 job(s) due again now: {first}" in run_cli("jobs", "retry", first, *config).stdout
+    # A job waiting out its backoff is due now too, and the command says which it touched.
+    second = next(name for name in re.findall(r"^(r\d+) ", route_jobs(daemon), re.MULTILINE) if name != first)
+    wait_for(lambda: f"1 job(s) due again now: {second}" in run_cli("jobs", "retry", second, *config).stdout)
+    done = run_cli("jobs", "retry", "r999", *config, check=False)
+    assert done.returncode == 1 and "0 job(s) due again now" in done.stdout and "r999: no such job" in done.stderr
     assert run_cli("jobs", "cancel", "x9", *config, check=False).returncode != 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import sqlite3
@@ -164,6 +165,11 @@ def test_metrics_move_with_traffic_and_show_which_peers_answer(
     assert 'fabricatord_hl7_messages_total{ack="AA",type="ORM^O01"} 1.0' in text
     assert 'fabricatord_route_queue_depth{peer="up"} 0.0' in text and "fabricatord_storage_bytes 0.0" in text
     assert 'fabricatord_peer_echo_seconds_count{peer="up"}' in text
+    # No `_created` series beside each counter (fabricatord_patients_created_created): nobody queries them.
+    assert "fabricatord_hl7_messages_total" in text and not re.search(r"^\w+_created[{ ]", text, re.MULTILINE)
+    # The peer down is reported in our words, once an echo, not as pynetdicom's two errors.
+    log = daemon.log.read_text()
+    assert "cannot connect: connection refused" in log and "unable to connect to remote" not in log
 
 
 def test_every_log_line_names_its_association_or_message_and_no_patient(

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fabricatord.config import ConfigError, load
+from fabricatord.config import ConfigError, load, locate
 from fabricatord.synth.checks import settings_problems
 from tests.conftest import ROOT
 
@@ -166,3 +166,24 @@ def test_modality_overrides(write_config) -> None:
 def test_unreadable_and_invalid_toml(tmp_path: Path, write_config) -> None:
     assert "cannot read" in problems(tmp_path / "missing.toml")[0]
     assert "not valid TOML" in problems(write_config("[node\n"))[0]
+
+
+def test_every_command_finds_its_file_in_one_order(tmp_path: Path) -> None:
+    """--config, then $FABRICATORD_CONFIG (empty: the defaults), then ./conf/fabricatord.toml,
+    then the system file, else the defaults; and a found file is named."""
+    system = tmp_path / "etc" / "fabricatord.toml"
+    here = tmp_path / "work"
+    local = here / "conf" / "fabricatord.toml"
+    assert locate("given.toml", {"FABRICATORD_CONFIG": "env.toml"}, here, system).path == Path("given.toml")
+    assert locate(None, {"FABRICATORD_CONFIG": "env.toml"}, here, system).path == Path("env.toml")
+    empty = locate(None, {"FABRICATORD_CONFIG": ""}, here, system)
+    assert empty.path is None and "FABRICATORD_CONFIG is set and empty" in empty.describe()
+    nothing = locate(None, {}, here, system)
+    assert nothing.path is None and "no conf/fabricatord.toml here" in nothing.describe()
+    system.parent.mkdir(parents=True)
+    system.write_text("")
+    assert locate(None, {}, here, system).path == system
+    local.parent.mkdir(parents=True)
+    local.write_text("")
+    found = locate(None, {}, here, system)
+    assert found.path == local and found.describe() == f"configuration {local}"

@@ -185,3 +185,18 @@ def test_places_and_datetimes_parse_strictly() -> None:
     assert parse_datetime("202611240815+0100") == datetime(2026, 11, 24, 8, 15)
     assert parse_datetime("20261124") == datetime(2026, 11, 24)
     assert parse_datetime("2026112") is None and parse_datetime("20261340") is None
+
+
+@pytest.mark.parametrize(
+    ("version", "segments", "where"),
+    [
+        ("2.3", "", "OBR-24"),  # v2.3 has no IPC: the ERR points where such a sender keeps the modality
+        ("2.5.1", "", "IPC-5"),  # a version with IPC: the IHE place comes first
+        ("2.3", "OBR|1|PO1|FO1|X^Y^LOCAL\r", "OBR-24"),
+        ("2.5.1", "OBR|1|PO1|FO1|X^Y^LOCAL\r", "OBR-24"),  # the message has OBR and no IPC
+    ],
+)
+def test_an_error_points_to_a_place_the_message_version_has(version: str, segments: str, where: str) -> None:
+    text = f"MSH|^~\\&|RIS|N|FAB|FAB|20261124||ORM^O01|C9|P|{version}\rPID|1||P9\rORC|NW|PO1|FO1||SC\r{segments}"
+    place = Mapper(Parsed(text.rstrip("\r")), Hl7Profile()).locate("modality")
+    assert place is not None and f"{place.segment}-{place.field}" == where

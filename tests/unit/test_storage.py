@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from pydicom import config, dcmread
 from pydicom.dataelem import DataElement
 
+from fabricatord.config.values import show_size
 from fabricatord.db import InstanceIndex, open_database
 from fabricatord.dicom.part10 import Part10Encoder
 from fabricatord.dicom.storage import InstanceWriter, InvalidInstance, OutOfSpace, relative_path
@@ -95,10 +97,16 @@ def test_quota_and_watermark_refuse_without_leaving_anything(tmp_path: Path) -> 
     index = InstanceIndex(open_database(url))
     first, second, third = study("CT", images=3)
     size = len(Part10Encoder().encode(first))
-    writer = InstanceWriter(index, tmp_path / "storage", tmp_path / "tmp", quota_bytes=2 * size + size // 2)
+    quota = 2 * size + size // 2
+    writer = InstanceWriter(index, tmp_path / "storage", tmp_path / "tmp", quota_bytes=quota)
     assert writer.write(first, "received").outcome == "new"
     assert writer.write(second, "received").outcome == "new"
-    with pytest.raises(OutOfSpace, match="quota"):
+    used = index.total_size()
+    # What the refusal says is true: the bytes used, the quota, what the instance needs.
+    needs = len(Part10Encoder().encode(third))
+    told = f"storage quota reached: {show_size(used)} of {show_size(quota)} used; needs {show_size(needs)}"
+    assert len(told) <= 64  # an Error Comment holds 64 characters
+    with pytest.raises(OutOfSpace, match=re.escape(told)):
         writer.write(third, "received")
     # A new writer reads what is used from the index.
     again = InstanceWriter(index, tmp_path / "storage", tmp_path / "tmp", quota_bytes=2 * size + size // 2)
