@@ -202,23 +202,8 @@ class Acquisitions:
     def retry(self, pks: Iterable[int]) -> list[int]:
         """Due now, and the ids touched: failed or canceled acquisitions with a fresh count of
         attempts, and pending ones waiting out their backoff (their count goes on)."""
-        wanted, now = list(pks), datetime.now(UTC)
         with self._db.writer.begin() as connection:
-            touched = [
-                *connection.execute(
-                    update(Acquisition)
-                    .where(Acquisition.id.in_(wanted), Acquisition.state.in_(("failed", "canceled")))
-                    .values(state="pending", attempts=0, due_at=now, updated_at=now)
-                    .returning(Acquisition.id)
-                ).scalars()
-            ]
-            touched += connection.execute(
-                update(Acquisition)
-                .where(Acquisition.id.in_(wanted), Acquisition.state == "pending", Acquisition.due_at > now)
-                .values(due_at=now, updated_at=now)
-                .returning(Acquisition.id)
-            ).scalars()
-        return sorted(touched)
+            return _due_now(connection, Acquisition, Acquisition.due_at, list(pks))
 
     def cancel_jobs(self, pks: Iterable[int]) -> list[int]:
         """Waiting or pending acquisitions canceled; the ids touched."""
@@ -393,23 +378,8 @@ class RouteJobs:
     def retry(self, pks: Iterable[int]) -> list[int]:
         """Due now, and the ids touched: failed or canceled jobs back to pending with a fresh
         count of attempts, and pending ones waiting out their backoff (their count goes on)."""
-        wanted, now = list(pks), datetime.now(UTC)
         with self._db.writer.begin() as connection:
-            touched = [
-                *connection.execute(
-                    update(RouteJob)
-                    .where(RouteJob.id.in_(wanted), RouteJob.state.in_(("failed", "canceled")))
-                    .values(state="pending", attempts=0, next_attempt_at=now, updated_at=now)
-                    .returning(RouteJob.id)
-                ).scalars()
-            ]
-            touched += connection.execute(
-                update(RouteJob)
-                .where(RouteJob.id.in_(wanted), RouteJob.state == "pending", RouteJob.next_attempt_at > now)
-                .values(next_attempt_at=now, updated_at=now)
-                .returning(RouteJob.id)
-            ).scalars()
-        return sorted(touched)
+            return _due_now(connection, RouteJob, RouteJob.next_attempt_at, list(pks))
 
     def cancel(self, pks: Iterable[int]) -> list[int]:
         """Pending jobs canceled; the ids touched."""
@@ -425,3 +395,22 @@ class RouteJobs:
                 .all()
             )
         return sorted(touched)
+
+
+def _due_now(connection: Connection, job: Any, due: Any, wanted: list[int]) -> list[int]:
+    """`jobs retry` for either kind of job (`job` its model, `due` its due column): failed and
+    canceled ones pending again with a fresh count, pending ones in backoff due at once."""
+    now = datetime.now(UTC)
+    again = (
+        update(job)
+        .where(job.id.in_(wanted), job.state.in_(("failed", "canceled")))
+        .values({job.state: "pending", job.attempts: 0, due: now, job.updated_at: now})
+        .returning(job.id)
+    )
+    sooner = (
+        update(job)
+        .where(job.id.in_(wanted), job.state == "pending", due > now)
+        .values({due: now, job.updated_at: now})
+        .returning(job.id)
+    )
+    return sorted([*connection.execute(again).scalars(), *connection.execute(sooner).scalars()])

@@ -93,13 +93,17 @@ def matches(result: subprocess.CompletedProcess[str]) -> list[dict[str, object]]
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-def test_find_asks_self_orthanc_and_dcmqrscp_side_by_side(
-    start_daemon: Callable[..., Daemon], archives: Callable[[int], tuple[Archive, Archive]]
-) -> None:
+@pytest.fixture
+def department(start_daemon: Callable[..., Daemon], archives: Callable[[int], tuple[Archive, Archive]]) -> Daemon:
+    """Our node, with Orthanc (`orthanc`) and dcmqrscp (`qr`) as its peers, each knowing it."""
     daemon = start_daemon()
     orthanc, qr = archives(daemon.port)
     add_peers(daemon, orthanc.entry() + qr.entry())
-    config = daemon.config
+    return daemon
+
+
+def test_find_asks_self_orthanc_and_dcmqrscp_side_by_side(department: Daemon) -> None:
+    config = department.config
     ct = generate(config, "--modality", "CT", "--images", "3", "--accession", "FIND-CT")
     mr = generate(config, "--modality", "MR", "--images", "2", "--accession", "FIND-MR")
     for peer in ("orthanc", "qr"):
@@ -147,13 +151,8 @@ def test_find_says_which_peer_failed_and_why(start_daemon: Callable[..., Daemon]
     assert unknown.returncode == 64 and "unknown peer 'pacs'" in unknown.stderr and not unknown.stdout
 
 
-def test_move_between_self_orthanc_and_dcmqrscp(
-    start_daemon: Callable[..., Daemon], archives: Callable[[int], tuple[Archive, Archive]], tmp_path: Path
-) -> None:
-    daemon = start_daemon()
-    orthanc, qr = archives(daemon.port)
-    add_peers(daemon, orthanc.entry() + qr.entry())
-    config = daemon.config
+def test_move_between_self_orthanc_and_dcmqrscp(department: Daemon, tmp_path: Path) -> None:
+    config = department.config
     ours = generate(config, "--modality", "CT", "--images", "4", "--accession", "MOVE-OURS")
 
     moved = run_cli("move", "--from", "self", "--to", "orthanc", ours, "--config", str(config)).stdout
@@ -179,13 +178,8 @@ def test_move_between_self_orthanc_and_dcmqrscp(
         assert [m["NumberOfStudyRelatedInstances"] for m in here] == ["2"]
 
 
-def test_move_fails_for_nothing_moved_and_for_a_refusal(
-    start_daemon: Callable[..., Daemon], archives: Callable[[int], tuple[Archive, Archive]]
-) -> None:
-    daemon = start_daemon()
-    orthanc, _ = archives(daemon.port)
-    add_peers(daemon, orthanc.entry())
-    config = daemon.config
+def test_move_fails_for_nothing_moved_and_for_a_refusal(department: Daemon) -> None:
+    config = department.config
     study = generate(config, "--modality", "SC")
     nothing = run_cli("move", "--from", "self", "--to", "orthanc", "1.2.3.4", "--config", str(config), check=False)
     assert nothing.returncode == 69 and "FABRICATORD had nothing of this study to move" in nothing.stdout

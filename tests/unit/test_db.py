@@ -112,3 +112,24 @@ def test_head_revision_by_file_name_is_alembics_head() -> None:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     assert ScriptDirectory.from_config(config).get_current_head() == head_revision()
+
+
+def test_retry_wakes_failed_and_backing_off_route_jobs_and_names_them(database_url: str) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from fabricatord.db.jobs import RouteJobs
+
+    database = open_database(database_url)
+    with database.writer.begin() as connection:
+        RouteJobs.enqueue(connection, [(f"1.2.3.{n}", "1.2.3", "pacs", "r") for n in range(4)])
+    jobs = RouteJobs(database)
+    first, second, third, fourth = (job.id for job in jobs.claim())
+    later = datetime.now(UTC) + timedelta(minutes=5)
+    jobs.settle([fourth], {second: (later, "refused")}, {first: "gave up"})  # third stays `sending`
+    assert jobs.retry([first, second, third, fourth]) == [first, second]
+    by_id = {job.id: job for job in jobs.by_ids([first, second, third, fourth])}
+    assert [by_id[n].state for n in (first, second, third, fourth)] == ["pending", "pending", "sending", "done"]
+    assert by_id[first].attempts == 0 and by_id[second].attempts == 1  # a retry after backoff keeps its count
+    due = [by_id[n].next_attempt_at for n in (first, second)]
+    assert all(at.replace(tzinfo=at.tzinfo or UTC) <= datetime.now(UTC) for at in due)  # SQLite keeps them naive
+    assert jobs.retry([second]) == []  # already due: nothing to touch
