@@ -889,7 +889,7 @@ def _keys(texts: Sequence[str]) -> list[Any]:
 
 
 def cmd_find(args: argparse.Namespace) -> int:
-    from fabricatord.dicom.keys import DEFAULT_KEYS
+    from fabricatord.dicom.keys import DEFAULT_KEYS, query_warnings
     from fabricatord.workflow import remote
 
     settings = _settings(args)
@@ -899,6 +899,8 @@ def cmd_find(args: argparse.Namespace) -> int:
     for name in names:
         _peer(settings, name)  # a name that is no peer is a usage error, before anyone is asked
     keys = _keys(args.keys)
+    for warning in query_warnings(args.level, keys):
+        print(f"fabricatord: warning: {warning}", file=sys.stderr)
     progress = _Progress(len(names), "find", minimum=2)
     waiting = dict.fromkeys(names)
 
@@ -951,6 +953,7 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
 def cmd_move(args: argparse.Namespace) -> int:
     from fabricatord.config.values import is_valid_uid
     from fabricatord.dicom import scu
+    from fabricatord.dicom.keys import level_of, selects
     from fabricatord.workflow import remote
 
     settings = _settings(args)
@@ -967,6 +970,12 @@ def cmd_move(args: argparse.Namespace) -> int:
             raise CliError(f"{uid!r} is not a Study Instance UID", EX_USAGE)
     if args.keys:
         keys = _keys(args.keys)
+        for key in keys:
+            if level_of(key) != "study":
+                problem = f"move -k finds studies, and {key.label} is a {level_of(key)} key"
+                raise CliError(f"-k {key.text!r}: {problem}", EX_USAGE)
+        if not selects(keys):
+            raise CliError("move -k needs a value to match (not empty, not *): it would move every study", EX_USAGE)
         timeout = args.timeout or 30.0
         answer = remote.find(settings, [args.source], "study", keys, timeout)[0]
         if answer.error:
@@ -999,12 +1008,15 @@ def cmd_move(args: argparse.Namespace) -> int:
             problem = f"status 0x{report.status:04X}{f': {report.comment}' if report.comment else ''}"
         elif report.failed:
             problem = f"{report.failed} sub-operation(s) failed"
-        elif done == 0:
+        elif done == 0 and report.counted:
             problem = f"{source.ae_title} had nothing of this study to move"
-        _print(
-            f"{uid}: {report.completed} moved to {destination}, {report.warnings} with warnings, "
-            f"{report.failed} failed in {report.seconds:.2f} s{f' ({problem})' if problem else ''}"
-        )
+        if report.counted or problem:
+            counts = (
+                f"{report.completed} moved to {destination}, {report.warnings} with warnings, {report.failed} failed"
+            )
+        else:  # counts are optional in a final success; the peer says it moved what it had
+            counts = f"moved to {destination} (the source reported no counts)"
+        _print(f"{uid}: {counts} in {report.seconds:.2f} s{f' ({problem})' if problem else ''}")
         for failed in report.failed_instances[:20]:
             _print(f"  failed: {failed}")
         failures += bool(problem)

@@ -2,7 +2,9 @@
 
 `Keyword`, `Keyword=value`, `(gggg,eeee)=value` or `gggg,eeee=value`, and a path into a
 sequence (`ScheduledProcedureStepSequence[0].Modality=CT`): what users of DCMTK type already.
-A key without `=` asks for the attribute to be returned (universal matching).
+A key without `=` asks for the attribute to be returned (universal matching). A value is
+checked against its VR as a matching value: wildcards, date and time ranges and lists of UIDs
+pass, a lowercase code string or a 70-character LO does not, since no archive would match it.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
+from pydicom.valuerep import MAX_VALUE_LEN, validate_value
 
 LEVELS = ("study", "series", "image")
 DEFAULT_KEYS: dict[str, tuple[str, ...]] = {
@@ -41,6 +45,52 @@ DEFAULT_KEYS: dict[str, tuple[str, ...]] = {
     "image": ("StudyInstanceUID", "SeriesInstanceUID", "InstanceNumber", "SOPClassUID", "SOPInstanceUID"),
 }
 """What `fabricatord find` asks for at each level besides the keys it is given."""
+
+_BELOW_STUDY: dict[str, str] = {
+    **dict.fromkeys(
+        [
+            "SeriesInstanceUID",
+            "SeriesNumber",
+            "Modality",
+            "SeriesDescription",
+            "NumberOfSeriesRelatedInstances",
+            "SeriesDate",
+            "SeriesTime",
+            "BodyPartExamined",
+            "ProtocolName",
+            "Laterality",
+            "PerformedProcedureStepStartDate",
+            "PerformedProcedureStepStartTime",
+            "PerformedProcedureStepID",
+            "RequestAttributesSequence",
+            "OperatorsName",
+            "PerformingPhysicianName",
+            "StationName",
+            "Manufacturer",
+        ],
+        "series",
+    ),
+    **dict.fromkeys(
+        [
+            "SOPInstanceUID",
+            "SOPClassUID",
+            "InstanceNumber",
+            "ContentDate",
+            "ContentTime",
+            "AcquisitionDate",
+            "AcquisitionTime",
+            "AcquisitionNumber",
+            "ImageType",
+            "NumberOfFrames",
+            "Rows",
+            "Columns",
+            "ImageComments",
+        ],
+        "image",
+    ),
+}
+"""Common Study Root keys of the series and image levels (PS3.4 C.6.2.1); any other key is
+taken for a study or patient key, where it belongs in a study query."""
 
 _STEP = re.compile(
     r"^(?:\((?P<p>[0-9A-Fa-f]{4},[0-9A-Fa-f]{4})\)|(?P<t>[0-9A-Fa-f]{4},[0-9A-Fa-f]{4})|(?P<k>[A-Za-z][A-Za-z0-9]*))"
@@ -85,6 +135,8 @@ def parse_key(text: str) -> Key:
         else:
             tag = Tag(*(int(part, 16) for part in (match["p"] or match["t"]).split(",")))
         item = int(match["i"]) if match["i"] is not None else None
+        if item:
+            raise BadKey(f"-k {text!r}: a sequence matching key holds one item, so its index is 0")
         last = number == len(steps) - 1
         if not last and _vr(tag) != "SQ":
             raise BadKey(f"-k {text!r}: {_label(tag)} is not a sequence, so nothing lies inside it")
@@ -94,7 +146,45 @@ def parse_key(text: str) -> Key:
     key = Key(text, tuple(path), value if has_value else None)
     if key.value:
         _convert(key.path[-1][0], key.value, text)
+        _check_matching_value(key.path[-1][0], key.value, text)
     return key
+
+
+def level_of(key: Key) -> str:
+    """The query level `key` belongs to, as far as `_BELOW_STUDY` knows: study otherwise."""
+    return _BELOW_STUDY.get(key.label if len(key.path) == 1 else _label(key.path[0][0]), "study")
+
+
+def query_warnings(level: str, keys: Iterable[Key]) -> list[str]:
+    """What makes a query at `level` answer less than its user expects, said before it is asked:
+    a key of a lower level, and a series or image query without the unique keys above it
+    (hierarchical archives such as DCMTK's dcmqrscp answer nothing without them)."""
+    keys = list(keys)
+    depth = LEVELS.index(level)
+    warnings = [
+        f"{key.label} is a {level_of(key)}-level key, which most archives ignore at {level} level "
+        f"(--level {level_of(key)} asks there)"
+        for key in keys
+        if LEVELS.index(level_of(key)) > depth
+    ]
+    for unique, above in (("StudyInstanceUID", "series"), ("SeriesInstanceUID", "image")):
+        if depth >= LEVELS.index(above) and not _single_value(keys, unique):
+            warnings.append(
+                f"at {level} level without -k {unique}=UID, a hierarchical archive (DCMTK's dcmqrscp) "
+                "answers nothing; Orthanc searches everything"
+            )
+    return warnings
+
+
+def selects(keys: Iterable[Key]) -> bool:
+    """Whether any key narrows a query: a value other than empty or `*` (universal matching)."""
+    return any(key.value and key.value.strip("*") for key in keys)
+
+
+def _single_value(keys: list[Key], keyword: str) -> bool:
+    return any(
+        key.label == keyword and len(key.path) == 1 and key.value and not set("*?\\") & set(key.value) for key in keys
+    )
 
 
 def identifier(level: str, keys: Iterable[Key], defaults: Iterable[str] = ()) -> Dataset:
@@ -103,22 +193,22 @@ def identifier(level: str, keys: Iterable[Key], defaults: Iterable[str] = ()) ->
     ds.QueryRetrieveLevel = level.upper()
     for keyword in defaults:
         setattr(ds, keyword, None)
+    keys = list(keys)
+    if any(key.value and not key.value.isascii() for key in keys):
+        ds.SpecificCharacterSet = "ISO_IR 192"  # the values go out as UTF-8, and the peer is told so
     for key in keys:
         target = ds
-        for tag, item in key.path[:-1]:
+        for tag, _ in key.path[:-1]:
             if tag not in target or not target[tag].value:
                 target.add_new(tag, "SQ", Sequence([Dataset()]))
-            items = target[tag].value
-            index = item or 0
-            while len(items) <= index:
-                items.append(Dataset())
-            target = items[index]
+            target = target[tag].value[0]
         tag, item = key.path[-1]
         vr = _vr(tag)
-        if vr == "SQ":
-            target.add_new(tag, "SQ", Sequence([Dataset()] if item is not None else []))
-        else:
+        if vr != "SQ":
             target.add_new(tag, vr, _convert(tag, key.value, key.text) if key.value else None)
+        elif tag not in target or (item is not None and not target[tag].value):
+            # `-k Seq` after `-k Seq[0].X=` keeps the item the earlier key made.
+            target.add_new(tag, "SQ", Sequence([Dataset()] if item is not None else []))
     return ds
 
 
@@ -157,6 +247,27 @@ def _vr(tag: BaseTag) -> str:
     except KeyError:
         raise BadKey(f"{_label(tag)} is not in the DICOM dictionary, so its VR is unknown") from None
     return vr.split(" or ", maxsplit=1)[0]
+
+
+def _check_matching_value(tag: BaseTag, value: str, text: str) -> None:
+    """Each of a list's values against the VR; a wildcard value only for its length, a date or
+    time range side by side."""
+    vr = _vr(tag)
+    for part in value.split("\\"):
+        if set("*?") & set(part):
+            sides = [] if len(part) <= MAX_VALUE_LEN.get(vr, len(part)) else [part]
+        elif vr in ("DA", "TM") and "-" in part:
+            sides = [side for side in part.split("-", 1) if side]
+        elif vr == "DT" and "-" in part:
+            sides = []  # a range, or a UTC offset: the archive reads it
+        else:
+            sides = [part]
+        for side in sides:
+            try:
+                validate_value(vr, side, pydicom_config.RAISE)
+            except ValueError as exc:
+                reason = str(exc).split(" Please see", 1)[0]
+                raise BadKey(f"-k {text!r}: {_label(tag)}: {reason}") from None
 
 
 def _convert(tag: BaseTag, value: str, text: str) -> Any:

@@ -370,6 +370,8 @@ class MoveReport:
     comment: str = ""
     failed_instances: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    counted: bool = False
+    """Whether any response carried sub-operation counts (they are optional in a final one)."""
 
     @property
     def attempted(self) -> int:
@@ -397,8 +399,15 @@ def move(
     started = time.perf_counter()
     assoc = _associate(ae, peer)
     try:
-        for status, identifier in assoc.send_c_move(query, destination_ae, StudyRootQueryRetrieveInformationModelMove):
+        responses = assoc.send_c_move(query, destination_ae, StudyRootQueryRetrieveInformationModelMove)
+    except ValueError as exc:  # pynetdicom could not encode the identifier or the AE title
+        assoc.release()
+        raise ScuError(f"C-MOVE not sent: {exc}") from exc
+    try:
+        for status, identifier in responses:
             code = int(status.Status) if status and "Status" in status else None
+            if code not in STATUS_PENDING:
+                report.remaining = None  # a final response leaves nothing remaining unless it says so
             for attribute, name in (
                 ("remaining", "NumberOfRemainingSuboperations"),
                 ("completed", "NumberOfCompletedSuboperations"),
@@ -408,6 +417,7 @@ def move(
                 value = status.get(name) if status else None
                 if value is not None:
                     setattr(report, attribute, int(value))
+                    report.counted = True
             if code in STATUS_PENDING:
                 if progress is not None:
                     progress(report)
@@ -416,7 +426,9 @@ def move(
             report.comment = str(status.get("ErrorComment", "")) if status else ""
             if identifier is not None and "FailedSOPInstanceUIDList" in identifier:
                 failed = identifier.FailedSOPInstanceUIDList
-                report.failed_instances = [str(uid) for uid in (failed if isinstance(failed, list) else [failed])]
+                uids = [failed] if isinstance(failed, str) else list(failed or [])
+                report.failed_instances = [str(uid) for uid in uids]
+                report.failed = max(report.failed, len(report.failed_instances))
             metrics.SCU_OPERATIONS.labels("C-MOVE", peer.name, _status_class(code)).inc()
     finally:
         if assoc.is_established:
@@ -457,7 +469,11 @@ def _find(assoc: Any, query: Dataset, peer: Peer, deadline: float | None = None)
     answers: list[Dataset] = []
     for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
         code = int(status.Status) if status and "Status" in status else None
-        if code in STATUS_PENDING and identifier is not None:
+        if code in STATUS_PENDING and identifier is None:
+            assoc.abort()
+            metrics.SCU_OPERATIONS.labels("C-FIND", peer.name, "failure").inc()
+            raise ScuError(f"a match could not be decoded ({len(answers)} decoded before it)")
+        if code in STATUS_PENDING:
             answers.append(identifier)
             if deadline is not None and time.monotonic() > deadline:
                 assoc.abort()

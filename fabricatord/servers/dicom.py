@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from functools import partial
 from io import BytesIO
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -694,6 +694,7 @@ class DicomNode(Service):
         """C-MOVE to a `[[peers]]` AE title; pynetdicom runs the C-STORE sub-operations."""
         peer = self._peer_label(event)
         if self._refused(event, "C-MOVE"):
+            _refuse_move(event.assoc, "this AE may not retrieve from here")
             yield None, None  # pynetdicom can only refuse a C-MOVE this early as 0xA801
             return
         # DESIGN.md: a C-MOVE destination is looked up by `[[peers]].ae_title`.
@@ -701,6 +702,7 @@ class DicomNode(Service):
         if destination is None:
             metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "failure").inc()
             log.warning("c-move to an unknown destination", destination=str(event.move_destination).strip())
+            _refuse_move(event.assoc, "move destination unknown: no [[peers]] entry has its AE title")
             yield None, None  # pynetdicom answers 0xA801, move destination unknown
             return
         if destination.environment == "prod" and not self._settings.dicom.allow_move_to_prod:
@@ -711,6 +713,7 @@ class DicomNode(Service):
                 destination=destination.name,
                 hint="[dicom] allow_move_to_prod = true allows it",
             )
+            _refuse_move(event.assoc, "production destination: [dicom] allow_move_to_prod is false")
             yield None, None  # 0xA801: a production peer is no destination of ours
             return
         try:
@@ -783,15 +786,26 @@ def _expect_move(assoc: Any, peer: str, destination: str, instances: list[str]) 
     """Tell `_answer_unreachable_moves` which known destination the C-MOVE under way goes to;
     the first C-MOVE of an association installs it, so that other associations' responses
     pass untouched."""
+    _mark_move(assoc, (peer, destination, instances))
+
+
+def _refuse_move(assoc: Any, comment: str) -> None:
+    """Give the 0xA801 pynetdicom answers for a C-MOVE refused before its sub-operations the
+    Error Comment that says why (at most 64 characters, an LO)."""
+    _mark_move(assoc, comment[:64])
+
+
+def _mark_move(assoc: Any, expected: tuple[str, str, list[str]] | str) -> None:
     if getattr(assoc, _MOVE, False) is False:
         _answer_unreachable_moves(assoc)
-    setattr(assoc, _MOVE, (peer, destination, instances))
+    setattr(assoc, _MOVE, expected)
 
 
 def _answer_unreachable_moves(assoc: Any) -> None:
     """pynetdicom answers 0xA801 (move destination unknown) also when a destination we know does
     not accept the association. Say what happened instead, as DCMTK does: 0xA702 (unable to
-    perform sub-operations), every sub-operation failed and counted (docs/upstream.md)."""
+    perform sub-operations), every sub-operation failed and counted (docs/upstream.md). A C-MOVE
+    refused earlier (`_refuse_move`) keeps its 0xA801 and gets the Error Comment saying why."""
     dimse = assoc.dimse
     send = dimse.send_msg
 
@@ -799,8 +813,10 @@ def _answer_unreachable_moves(assoc: Any) -> None:
         expected = getattr(assoc, _MOVE, None)
         if isinstance(primitive, C_MOVE) and expected is not None and primitive.Status not in _PENDING:
             setattr(assoc, _MOVE, None)
-            peer, destination, instances = expected
-            if primitive.Status == STATUS_MOVE_DESTINATION_UNKNOWN:
+            if isinstance(expected, str):
+                cast(Any, primitive).ErrorComment = expected  # typed None in pynetdicom
+            elif primitive.Status == STATUS_MOVE_DESTINATION_UNKNOWN:
+                peer, destination, instances = expected
                 metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "failure").inc()
                 log.warning("c-move destination unreachable", why="destination_unreachable", destination=destination)
                 _all_failed(primitive, destination, instances, assoc._accepted_cx[context_id].transfer_syntax[0])

@@ -15,6 +15,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from fabricatord.config import PeerSettings, Settings
+from fabricatord.config.values import check_ae_title
 from fabricatord.dicom import keys as query_keys
 from fabricatord.dicom import scu
 
@@ -123,7 +124,7 @@ def find(
             answer.peer = resolve(settings, name)
             found = scu.find(answer.peer, settings.node.ae_title, query, timeouts, started + timeout)
             answer.matches = [query_keys.plain(ds) for ds in found]
-        except (UnknownPeer, scu.ScuError, OSError) as exc:
+        except (ValueError, scu.ScuError, OSError) as exc:  # ValueError: UnknownPeer, or pynetdicom refusing the query
             answer.error = str(exc)
         answer.seconds = time.monotonic() - started
         if finished is not None:
@@ -149,8 +150,9 @@ def destination(settings: Settings, text: str, allow_prod: bool) -> str:
         ae_title, prod = settings.node.ae_title, None
     else:
         ae_title = text.strip()
-        if not 0 < len(ae_title) <= 16 or "\\" in ae_title:
-            raise UnknownPeer(f"--to {text!r}: give a [[peers]] name, self, or an AE title of 1 to 16 characters")
+        problem = check_ae_title(ae_title)
+        if problem is not None:
+            raise UnknownPeer(f"--to {text!r}: give a [[peers]] name, self, or {problem}")
         prod = next((e for e in settings.peers if e.environment == "prod" and e.ae_title == ae_title), None)
     if prod is not None and not allow_prod:
         raise ProdRefused(

@@ -186,9 +186,33 @@ def test_move_fails_for_nothing_moved_and_for_a_refusal(department: Daemon) -> N
     unknown = run_cli("move", "--from", "orthanc", "--to", "self", "1.2.3.4", "--config", str(config), check=False)
     assert unknown.returncode == 69 and "status 0xC000" in unknown.stdout  # Orthanc fails what it does not hold
     refused = run_cli("move", "--from", "self", "--to", "STRANGER", study, "--config", str(config), check=False)
-    assert refused.returncode == 69 and "status 0xA801" in refused.stdout
-    usage = run_cli("move", "--from", "self", "--to", "orthanc", "--config", str(config), check=False)
-    assert usage.returncode == 64 and "nothing to move" in usage.stderr
+    assert refused.returncode == 69 and "status 0xA801: move destination unknown" in refused.stdout
+    add_peers(department, Archive("down", "DOWN", free_port()).entry())  # known, but nobody listens
+    three = generate(config, "--modality", "SC", "--series", "1", "--images", "3")
+    unreachable = run_cli("move", "--from", "self", "--to", "down", three, "--config", str(config), check=False)
+    assert unreachable.returncode == 69 and "status 0xA702: down did not accept" in unreachable.stdout
+    assert "0 moved to DOWN, 0 with warnings, 3 failed" in unreachable.stdout
+    assert unreachable.stdout.count("  failed: ") == 3  # the Failed SOP Instance UID List, one per line
+    for usage_error, said in (
+        ([], "nothing to move"),
+        (["-k", "Modality=CT"], "Modality is a series key"),
+        (["-k", "PatientID=*", "-k", "StudyDate"], "needs a value to match"),
+        (["-k", "Modality=ct"], "Invalid value for VR CS"),
+        (["1.2.3", "--to", "BAD\\AE"], "an AE title"),
+    ):
+        usage = run_cli("move", "--from", "self", "--to", "orthanc", *usage_error, "--config", str(config), check=False)
+        assert usage.returncode == 64 and said in usage.stderr, usage.stderr
+
+
+def test_find_warns_of_a_query_an_archive_would_answer_with_less(department: Daemon) -> None:
+    config = department.config
+    study = generate(config, "--modality", "MR")
+    series = find(config, "qr,self", "--level", "series")
+    assert series.returncode == 0 and "without -k StudyInstanceUID=UID" in series.stderr
+    below = find(config, "self", "-k", "Modality=MR")
+    assert "Modality is a series-level key" in below.stderr
+    exact = find(config, "self", "--level", "series", "-k", f"StudyInstanceUID={study}")
+    assert exact.stderr.count("warning") == 0 and "MR" in exact.stdout
 
 
 def test_the_production_guard_on_send_generate_and_move(
@@ -234,8 +258,12 @@ def test_a_peer_asking_us_to_move_into_production_is_refused(
             "movescu", "-S", "-aet", "PACS", "-aec", "FABRICATORD", "-aem", "ORTHANC", "-k", "QueryRetrieveLevel=STUDY",
             "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(daemon.port),
         )  # fmt: skip
+        ours = run_cli(
+            "move", "--from", "self", "--to", "prodpacs", "--prod", study, "--config", str(daemon.config), check=False
+        )  # --prod lets our own command ask; the node still follows allow_move_to_prod
         log = daemon.stop()
         if allowed:
+            assert ours.returncode == 0, ours.stdout + ours.stderr
             assert moved.returncode == 0, moved.stderr
             held = run_cli(
                 "find", "prodpacs", "--json", "-k", f"StudyInstanceUID={study}", "--config", str(daemon.config)
@@ -244,3 +272,5 @@ def test_a_peer_asking_us_to_move_into_production_is_refused(
         else:
             assert "MoveDestinationUnknown" in moved.stderr + moved.stdout  # 0xA801
             assert "c-move to a production destination refused" in log and "prod_destination" in log
+            assert ours.returncode == 69
+            assert "status 0xA801: production destination: [dicom] allow_move_to_prod is false" in ours.stdout
