@@ -27,24 +27,16 @@ from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 
+from fabricatord.dicom.ul import pdu
+from fabricatord.dicom.ul.protocol import PduLimits
 from fabricatord.dicom.walk import Malformed, WalkLimits, walk
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
 
 log = get_logger(__name__)
 
-APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
-A_ASSOCIATE_RQ, P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x01, 0x04, 0x05, 0x06, 0x07
-# An A-ASSOCIATE-RQ proposing all 128 contexts with a dozen transfer syntaxes each, role
-# selection and extended negotiation is under 64 KiB; four times that is room for any real one.
-ASSOCIATION_PDU_LIMIT = 256 * 1024
-# Release and abort PDUs are 4 bytes long; anything much longer is not one.
-SHORT_PDU_LIMIT = 64
-# What a P-DATA-TF may exceed the maximum length we announced by: some senders count the PDV
-# headers, some do not.
-P_DATA_SLACK = 1024
-# With `[dicom] max_pdu = 0` (no limit announced) a single PDU still may not claim more.
-UNANNOUNCED_P_DATA_LIMIT = 256 * 1024 * 1024
+APPLICATION_CONTEXT = pdu.APPLICATION_CONTEXT.encode()
+A_ASSOCIATE_RQ = pdu.PduType.ASSOCIATE_RQ
 # A command set is a dozen elements; a query identifier or an N-CREATE/N-SET dataset is held in
 # memory. C-STORE datasets go to a file and are bounded by `max_dataset_size` instead.
 COMMAND_LIMIT = 64 * 1024
@@ -77,21 +69,11 @@ class Limits:
     @classmethod
     def of(cls, max_pdu: int, max_dataset_size: int) -> Limits:
         """A deflated dataset may inflate to what we would accept uncompressed."""
-        return cls(
-            max_pdu + P_DATA_SLACK if max_pdu else UNANNOUNCED_P_DATA_LIMIT,
-            max_dataset_size,
-            WalkLimits(inflated=max_dataset_size),
-        )
+        return cls(PduLimits.of(max_pdu).p_data, max_dataset_size, WalkLimits(inflated=max_dataset_size))
 
     def pdu(self, kind: int) -> int | None:
         """The longest PDU of `kind` we read; None for a type that does not exist."""
-        if kind == P_DATA_TF:
-            return self.p_data
-        if kind in (A_RELEASE_RQ, A_RELEASE_RP, A_ABORT):
-            return SHORT_PDU_LIMIT
-        if kind in (0x01, 0x02, 0x03):
-            return ASSOCIATION_PDU_LIMIT
-        return None
+        return PduLimits(self.p_data).longest(kind)
 
 
 def guard(assoc: Any, limits: Limits) -> None:
