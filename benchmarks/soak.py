@@ -1,11 +1,14 @@
 """Soak: minutes of mixed load on one daemon, and the same DICOM load on Orthanc in the same run.
 
-    .venv/bin/python benchmarks/soak.py [--minutes 10] [--quick] [--no-peer] [--json OUT]
+    .venv/bin/python benchmarks/soak.py [--minutes 10] [--quick] [--no-peer] [--hl7-rate 50] [--json OUT]
 
 The load, from separate processes, every actor waiting for each answer before the next request:
 - 20 C-STORE actors: an association per study of 10 CT instances (64×64, new UIDs each time,
   patients drawn from 2,000), then the next study;
-- 10 MLLP senders, each on its own connection: ORM^O01 → ACK, one after another;
+- 10 MLLP senders, each on its own connection, open-loop at a fixed rate shared between them
+  (`--hl7-rate`, 50 ORM^O01/s in all; 0: each as fast as its ACKs come), so that a faster HL7
+  path takes no CPU from the DICOM comparison; an ORM's latency is counted from the moment it
+  was due, so a late answer delays the count of the next ones too;
 - one Modality Worklist actor and one study C-FIND actor, an association per query (as
   modalities and viewers do): the items of one patient, the studies of one patient.
 
@@ -74,6 +77,8 @@ class Target:
     hl7_port: int
     run: int
     """Keeps the UIDs and identifiers of one run apart from another's."""
+    hl7_interval: float = 0.0
+    """Seconds between one sender's ORMs; 0: the next as soon as the ACK came."""
 
 
 def _template() -> Any:
@@ -177,11 +182,16 @@ def _hl7_actor(target: Target, actor: int, deadline: float, tally: Tally) -> Non
     number = actor * 10_000_000  # each sender's accession numbers, ACC…, apart from the others'
     connection = connect(target.hl7_port)
     buffer = bytearray()
+    due = time.perf_counter() + random.random() * target.hl7_interval  # senders spread over one interval
     while time.monotonic() < deadline:
         number += 1
         patient = f"PAT{random.randrange(PATIENTS):05d}".encode()
         message = orm(number).replace(f"PAT{number % 100000:05d}".encode(), patient)
-        sent = time.perf_counter()
+        if target.hl7_interval:
+            time.sleep(max(0.0, due - time.perf_counter()))
+            sent, due = due, due + target.hl7_interval
+        else:
+            sent = time.perf_counter()
         try:
             connection.sendall(START + message + END)
             ack = read_ack(connection, buffer)
@@ -220,9 +230,12 @@ def _process(job: tuple[Target, list[tuple[str, int]], float]) -> dict[str, Tall
     return tallies
 
 
-def soak(server: peers.Server, hl7_port: int, seconds: float, stores: int, senders: int) -> dict[str, Any]:
+def soak(
+    server: peers.Server, hl7_port: int, seconds: float, stores: int, senders: int, hl7_rate: float = 0.0
+) -> dict[str, Any]:
     """The load on `server` for `seconds`; throughput, latencies, errors and RSS."""
-    target = Target(server.ae_title, server.port, hl7_port, int(time.time()))
+    interval = senders / hl7_rate if hl7_rate and senders else 0.0
+    target = Target(server.ae_title, server.port, hl7_port, int(time.time()), interval)
     actors = [("C-STORE", n) for n in range(stores)] + [("MWL C-FIND", 0), ("study C-FIND", 0)]
     actors += [("HL7 ORM", n) for n in range(senders)] if hl7_port else []
     jobs = [(target, actors[p::PROCESSES], seconds) for p in range(PROCESSES)]
@@ -303,6 +316,7 @@ def main() -> int:
     parser.add_argument("--no-peer", action="store_true", help="fabricatord only, without the Orthanc run")
     parser.add_argument("--stores", type=int, default=20, help="concurrent C-STORE associations")
     parser.add_argument("--senders", type=int, default=10, help="concurrent MLLP senders")
+    parser.add_argument("--hl7-rate", type=float, default=50.0, help="ORMs per second from all senders; 0: closed loop")
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args()
     for tool in ("Orthanc",) if not args.no_peer else ():
@@ -310,7 +324,7 @@ def main() -> int:
             print(f"{tool} is not installed (scripts/test installs the peers)", file=sys.stderr)
             return 69
     seconds = 60.0 if args.quick else args.minutes * 60
-    start_report(seconds_per_server=seconds, store_actors=args.stores, hl7_senders=args.senders)
+    start_report(seconds_per_server=seconds, store_actors=args.stores, hl7_senders=args.senders, hl7_rate=args.hl7_rate)
     data.ct_study(1)
     measured: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="fabricatord-soak-") as folder:
@@ -322,7 +336,8 @@ def main() -> int:
         )
         try:
             print(f"fabricatord: {seconds:.0f} s of mixed load …", flush=True)
-            measured["fabricatord"] = soak(server, int(server.extra["hl7_port"]), seconds, args.stores, args.senders)  # type: ignore[call-overload]
+            hl7_port = int(server.extra["hl7_port"])  # type: ignore[call-overload]
+            measured["fabricatord"] = soak(server, hl7_port, seconds, args.stores, args.senders, args.hl7_rate)
             alive, ready = server.process.poll() is None, _ready(server)
         finally:
             server.stop()
@@ -367,6 +382,11 @@ def main() -> int:
     gate("fabricatord RSS growth after warm-up, %", ours["rss_growth_pct"], 10, False)
     lost = sum(max(0, told.get(kind, 0) - kept[kind]) for kind in kept)
     gate("acknowledged but not kept (= 0)", float(lost), 0, False)
+    theirs = measured.get("orthanc", {}).get("operations", {}).get("C-STORE")
+    store = ours["operations"].get("C-STORE")
+    if theirs and store and theirs["per_second"]:
+        gate("C-STORE ÷ orthanc", store["per_second"] / theirs["per_second"], 1.0, True)
+        gate("C-STORE p99 ÷ orthanc's", store["p99_ms"] / theirs["p99_ms"], 1.0, False)
     finish(args.json)
     return 0
 

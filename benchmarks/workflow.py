@@ -183,7 +183,7 @@ def main() -> int:
     gate("ORM to 2-image CR verified at Orthanc, p50 s", statistics.median(cr), 1.0, False)
     best = rates.get("pynetdicom best sender (pyscu)")
     gate("routing ÷ pynetdicom best sender", fabricatord_rate / best if best else None, 0.9, True)
-    print(f"  routing ÷ DCMTK storescu: {fabricatord_rate / rates['DCMTK storescu']:.2f}")
+    gate("routing ÷ DCMTK storescu", fabricatord_rate / rates["DCMTK storescu"], 1.0, True)
     finish(args.json)
     return 0
 

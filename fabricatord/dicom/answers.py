@@ -112,31 +112,3 @@ SINGLE_CODE_CHARSETS = {
     "GB18030": "gb18030",
 }
 """Specific Character Sets without code extensions, which one Python codec encodes whole."""
-
-
-def find_response_command(sop_class_uid: str, message_id: int, status: int) -> bytes:
-    """The command set of a C-FIND-RSP that carries an identifier (PS3.7 9.3.2.2), as bytes."""
-    body = (
-        _element(0x00000002, "UI", sop_class_uid)
-        + struct.pack("<HHIH", 0x0000, 0x0100, 2, 0x8020)  # Command Field: C-FIND-RSP
-        + struct.pack("<HHIH", 0x0000, 0x0120, 2, message_id)  # Message ID Being Responded To
-        + struct.pack("<HHIH", 0x0000, 0x0800, 2, 0x0001)  # Command Data Set Type: present
-        + struct.pack("<HHIH", 0x0000, 0x0900, 2, status)
-    )
-    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
-
-
-def _element(tag: int, vr: str, value: str) -> bytes:
-    data = _value_bytes(vr, value, True, "ascii")
-    return _header(tag, vr, len(data), True) + data
-
-
-def fragments(command: bytes, identifier: bytes, max_pdu: int) -> list[bytes]:
-    """Presentation data values (control header + fragment) for one message, each fitting in a
-    P-DATA-TF PDU of at most `max_pdu` bytes (0: no limit), as PS3.8 E.2 lays them out."""
-    size = max_pdu - 6 if max_pdu else max(len(command), len(identifier), 1)
-    values = []
-    for data, more, last in ((command, b"\x01", b"\x03"), (identifier, b"\x00", b"\x02")):
-        pieces = [data[i : i + size] for i in range(0, len(data), size)] or [b""]
-        values += [more + piece for piece in pieces[:-1]] + [last + pieces[-1]]
-    return values

@@ -75,15 +75,16 @@ RECEIVED_BYTES = Counter(
 ASSOCIATIONS_REFUSED = Counter(
     "fabricatord_associations_refused_total",
     "Connections or associations we refused before any DIMSE, by reason (host, calling_ae, called_ae, "
-    "calling_ae_unknown, application_context).",
+    "calling_ae_unknown, application_context, protocol_version, max_associations).",
     ["reason"],
 )
 PROTOCOL_ERRORS = Counter(
     "fabricatord_protocol_errors_total",
     "Connections aborted, or presentation contexts left unanswered, for what a peer sent, by reason "
     "(unknown_pdu, pdu_too_long, undecodable_pdu, bad_context_id, message_too_large, "
-    "unsolicited_response, exception), or requests answered with a failure before their service "
-    "ran (wrong_context, malformed).",
+    "unsolicited_response, unexpected_pdu, unknown_context, undecodable_message, exception), or "
+    "requests answered with a failure before their service ran (wrong_context, "
+    "unrecognized_operation, malformed).",
     ["reason"],
 )
 MWL_QUERIES = Counter(

@@ -25,6 +25,7 @@ from fabricatord.config.values import parse_duration
 from fabricatord.hl7.mllp import END, START, frame
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
+from fabricatord.servers import worker_pool
 from fabricatord.workflow.hl7 import Frame, Inbox
 
 log = get_logger(__name__)
@@ -214,7 +215,7 @@ class MllpListener(Service):
     def __init__(self, settings: Settings, inbox: Inbox, reactor_: Any = reactor) -> None:
         self._settings = settings
         self._reactor = reactor_
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="hl7")
+        self._pool = worker_pool("hl7", 1)
         self._factory = MllpFactory(settings, inbox, self._pool)
         self._port: Any = None
 
@@ -223,9 +224,9 @@ class MllpListener(Service):
         return self._port is not None
 
     def startService(self) -> None:
-        self._pool.start()
         hl7 = self._settings.hl7
         self._port = self._reactor.listenTCP(hl7.port, self._factory, interface=hl7.host)
+        self._pool.start()  # after the port: a start that fails leaves no thread to wait for
         log.info("mllp listener started", host=hl7.host, port=self._port.getHost().port)
         super().startService()
 

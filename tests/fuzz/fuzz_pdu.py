@@ -2,14 +2,12 @@
 
     .venv/bin/python tests/fuzz/fuzz_pdu.py -max_total_time=600 tests/fuzz/corpus/pdu
 
-The input is a stream of PDUs, read by the guard's reader (`fabricatord.dicom.guard`) from a
-socket that returns the input, as an accepted association reads them. Each PDU the reader passes
-on is taken further the way the association would: an A-ASSOCIATE-RQ the guard did not refuse
-is turned into pynetdicom's primitive, and each P-DATA-TF goes through the guard's message caps
-into pynetdicom's DIMSE decoder. The properties: the reader never raises, whatever the bytes;
-every PDU ends as one outcome (decoded, closed, invalid or hung up); and a request the guard
-let through never crashes the association thread with what the guard promises to remove (even
-or repeated context IDs, invalid AE titles).
+The input is a stream of PDUs, fed to the acceptor's protocol (`fabricatord.dicom.ul.protocol`)
+in pieces of the sizes the input's first byte picks, as TCP would cut them, on a fake transport
+and clock. The handler accepts what negotiation accepts and serves each request at once. The
+properties: the protocol never raises, whatever the bytes; everything it writes is a PDU that
+decodes; once it closes it writes nothing more; each message it hands on came on a context it
+accepted; and the connection's end is told exactly once.
 """
 
 from __future__ import annotations
@@ -23,94 +21,87 @@ import atheris
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-with atheris.instrument_imports(include=["fabricatord.dicom.guard", "pynetdicom.pdu", "pynetdicom.pdu_items"]):
-    from pynetdicom import AE
-    from pynetdicom.association import Association
+with atheris.instrument_imports(include=["fabricatord.dicom.ul"]):
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
 
-    from fabricatord.dicom import guard
+    from fabricatord.dicom.ul import pdu
+    from fabricatord.dicom.ul.dimse import MessageLimits
+    from fabricatord.dicom.ul.negotiation import Negotiation, Policy, Refusal, negotiate, refusal
+    from fabricatord.dicom.ul.protocol import Association, PduLimits, State, Timers
     from fabricatord.obs.logging import configure
 
-LIMITS = guard.Limits.of(16384, 1 << 20)
-OUTCOMES = {"Evt3", "Evt4", "Evt6", "Evt10", "Evt12", "Evt13", "Evt16", "Evt17", "Evt19"}
-APPLICATION = AE(ae_title="FUZZ")
+SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+POLICY = Policy(
+    "FABRICATORD",
+    {"1.2.840.10008.1.1": SYNTAXES, "1.2.840.10008.5.1.4.1.2.2.1": SYNTAXES, "1.2.840.10008.5.1.4.1.1.2": SYNTAXES},
+    {"1.2.840.10008.5.1.4.1.1.2"},
+    16384,
+    "1.2.3",
+    "FUZZ",
+)
 configure("critical", "json", False)  # a warning per input would be most of the time spent
-warnings.simplefilter("ignore")  # pydicom warns about every invalid UID it decodes
+warnings.simplefilter("ignore")
 
 
-class BytesSocket:
-    """What pynetdicom's AssociationSocket offers the reader, over a byte string."""
+class Handler:
+    def __init__(self) -> None:
+        self.endings: list[str] = []
+        self.contexts: set[int] = set()
 
-    def __init__(self, data: bytes) -> None:
-        self.data, self.offset, self.closed = data, 0, False
-        self.socket = None  # nothing to send an A-ABORT to
+    def requested(self, association: Association, request: pdu.AssociateRequest) -> Negotiation | Refusal:
+        answer = refusal(request, POLICY, None, False) or negotiate(request, POLICY)
+        if isinstance(answer, Negotiation):
+            self.contexts = set(answer.contexts)
+        return answer
 
-    def recv(self, count: int) -> bytearray:
-        chunk = self.data[self.offset : self.offset + count]
-        self.offset += len(chunk)
-        return bytearray(chunk)
+    def established(self, association: Association) -> None:
+        pass
 
-    def close(self) -> None:
-        self.closed = True
+    def sink_for(self, association: Association, context_id: int, command: Any) -> None:
+        return None
 
-    @property
-    def remaining(self) -> int:
-        return len(self.data) - self.offset
+    def received(self, association: Association, message: Any) -> None:
+        assert message.context_id in self.contexts, message.context_id
+        association.done()
+
+    def cancelled(self, association: Association, message: Any) -> None:
+        assert message.context_id in self.contexts, message.context_id
+
+    def ended(self, association: Association, how: str) -> None:
+        self.endings.append(how)
 
 
-def association() -> Any:
-    assoc = Association(APPLICATION, "acceptor")
-    guard.guard(assoc, LIMITS)
-    return assoc
+def written(data: bytes) -> list[pdu.Pdu]:
+    """Every PDU the protocol wrote; each must decode."""
+    found = []
+    while data:
+        kind, _, length = pdu.HEADER.unpack_from(data)
+        found.append(pdu.decode(kind, data[6 : 6 + length]))
+        data = data[6 + length :]
+    return found
 
 
 def one_input(data: bytes) -> None:
-    assoc = association()
-    dul = assoc.dul
-    sock = BytesSocket(data)
-    dul.socket = sock
-    while sock.remaining and not sock.closed:
-        before = dul.event_queue.qsize()
-        dul._read_pdu_data()  # the property: this never raises
-        events = [dul.event_queue.get_nowait() for _ in range(dul.event_queue.qsize() - before)]
-        assert sock.closed or (len(events) == 1 and events[0] in OUTCOMES), events
-        if sock.closed or events[0] in ("Evt17", "Evt19"):
-            break
-        pdu = dul._recv_pdu.get_nowait()
-        if events[0] == "Evt6" and getattr(assoc, "_fabricatord_refusal", None) is None:
-            _negotiable(pdu)
-        elif events[0] == "Evt10":
-            _decode_p_data(assoc, pdu)
-
-
-def _negotiable(pdu: Any) -> None:
-    """A request the guard let through: pynetdicom may still refuse its content, but never for
-    the context IDs or AE titles the guard vets."""
-    try:
-        pdu.to_primitive()
-    except Exception as exc:  # pynetdicom's own refusal of some other content: an abort, caught
-        message = str(exc)
-        assert "context_id" not in message and "odd integer" not in message, message
-        assert "AE title" not in message and "ae_title" not in message, message
-
-
-def _decode_p_data(assoc: Any, pdu: Any) -> None:
-    """The message caps see every P-DATA; what pynetdicom's decoder does with its content ends
-    the association through the guarded thread, so only the caps' own code must not raise."""
-    primitive = pdu.to_primitive()
-    assoc.dimse.message = None
-    try:
-        assoc.dimse.receive_primitive(primitive)
-    except Exception as exc:
-        origin = _frames(exc)[-1].f_code.co_filename
-        assert not origin.endswith("guard.py"), f"the guard raised: {exc!r}"
-
-
-def _frames(exc: BaseException) -> list[Any]:
-    frames, tb = [], exc.__traceback__
-    while tb is not None:
-        frames.append(tb.tb_frame)
-        tb = tb.tb_next
-    return frames
+    if not data:
+        return
+    piece, stream = 1 + data[0] % 64 * 97, data[1:]
+    handler = Handler()
+    association = Association(
+        handler, PduLimits.of(16384), Timers(30, 60), Clock(), MessageLimits(command=4096, in_memory=65536)
+    )
+    transport = StringTransport()
+    association.makeConnection(transport)
+    closed_at = None
+    for offset in range(0, len(stream), piece):
+        association.dataReceived(stream[offset : offset + piece])  # the property: this never raises
+        if association.state is State.CLOSING and closed_at is None:
+            closed_at = len(transport.value())
+    if closed_at is not None:
+        assert len(transport.value()) == closed_at, "wrote after closing"
+    written(transport.value())
+    association.connectionLost()
+    assert len(handler.endings) == 1, handler.endings
 
 
 if __name__ == "__main__":

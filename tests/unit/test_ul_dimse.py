@@ -3,14 +3,15 @@ them, and a message put together from its fragments, within its limits."""
 
 from __future__ import annotations
 
+from io import BytesIO
 from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
+from pynetdicom.dsutils import decode
 
-from fabricatord.dicom.answers import find_response_command
 from fabricatord.dicom.ul.dimse import (
     NO_DATASET,
     Assembler,
@@ -66,15 +67,20 @@ def test_a_command_set_reads_as_pydicom_wrote_it() -> None:
     assert encode_command(command) == pydicom_bytes(ds)
 
 
-def test_a_find_response_is_the_command_answers_already_writes() -> None:
+def test_a_pending_find_response_reads_back_in_pydicom() -> None:
     fields = {
-        "AffectedSOPClassUID": CT,
+        "AffectedSOPClassUID": "1.2.840.10008.5.1.4.31",
         "CommandField": CommandField.C_FIND_RSP,
-        "MessageIDBeingRespondedTo": 3,
+        "MessageIDBeingRespondedTo": 7,
         "CommandDataSetType": 0x0001,
-        "Status": 0xFF00,
+        "Status": 0xFF01,
     }
-    assert encode_command(fields) == find_response_command(CT, 3, 0xFF00)
+    encoded = encode_command(fields)
+    command = decode(BytesIO(encoded), True, True)
+    assert command.CommandGroupLength == len(encoded) - 12
+    assert command.AffectedSOPClassUID == "1.2.840.10008.5.1.4.31"
+    assert (command.CommandField, command.MessageIDBeingRespondedTo) == (0x8020, 7)
+    assert (command.CommandDataSetType, command.Status) == (0x0001, 0xFF01)
 
 
 @pytest.mark.parametrize(

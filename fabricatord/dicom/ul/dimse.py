@@ -154,8 +154,10 @@ def _value_bytes(vr: str, value: Any) -> bytes:
         return _US.pack(value)
     if vr == "UL":
         return _UL.pack(value)
-    if vr == "AT":
-        return b"".join(struct.pack("<HH", group, element) for group, element in value)
+    if vr == "AT":  # (group, element) pairs or tags as ints, as pydicom holds them
+        tags = [value] if isinstance(value, int) else value
+        pairs = [(tag >> 16, tag & 0xFFFF) if isinstance(tag, int) else tag for tag in tags]
+        return b"".join(struct.pack("<HH", group, element) for group, element in pairs)
     data = str(value).encode("ascii", "replace")
     if len(data) % 2:
         data += b"\x00" if vr == "UI" else b" "

@@ -254,11 +254,17 @@ def pdvs(body: bytes | memoryview) -> Iterator[Pdv]:
     if end == 0:
         raise PduError("a P-DATA-TF without a presentation data value")
     while offset < end:
+        # The reasons are the ones these PDVs got before our upper layer (docs/robustness.md's
+        # peer table): unexpected PDU for one without its header bytes, none for one too long.
         if offset + 6 > end:
-            raise PduError(f"a PDV header cut short at byte {offset}")
+            raise PduError(f"a PDV header cut short at byte {offset}", AbortReason.UNEXPECTED_PDU)
         length, context_id, control = _PDV.unpack_from(view, offset)
-        if length < 2 or offset + 4 + length > end:
-            raise PduError(f"a PDV of length {length} at byte {offset} does not fit its PDU")
+        if length < 2:
+            raise PduError(
+                f"a PDV of length {length} at byte {offset}, shorter than its header", AbortReason.UNEXPECTED_PDU
+            )
+        if offset + 4 + length > end:
+            raise PduError(f"a PDV of length {length} at byte {offset} does not fit its PDU", AbortReason.NOT_SPECIFIED)
         yield Pdv(context_id, control, view[offset + 6 : offset + 4 + length])
         offset += 4 + length
 

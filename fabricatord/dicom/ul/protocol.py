@@ -23,6 +23,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from twisted.internet import protocol
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from fabricatord.dicom.ul import pdu
@@ -133,11 +134,17 @@ class Association(protocol.Protocol):
         self._waiting: deque[Message] = deque()
         self._release_after_operation = False
         self._timer: Any = None
+        self._outstanding: dict[int, Deferred[Message | None]] = {}
+        """Our own requests' message IDs, and who waits for each response."""
         self._assembler = Assembler(messages, self._sink_for)
 
     # -- the transport's side --------------------------------------------------------------------
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
+        # A small PDU after another would wait ~40 ms for Nagle's algorithm and delayed ACKs.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         self._arm(self.timers.acse)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
@@ -174,6 +181,9 @@ class Association(protocol.Protocol):
         self._disarm()
         self._assembler.discard()
         self._waiting.clear()
+        outstanding, self._outstanding = self._outstanding, {}
+        for waiting in outstanding.values():
+            waiting.callback(None)
         if self.state in (State.ESTABLISHED, State.RELEASE_REQUESTED):
             self._ending = "aborted"  # the peer closed without a release or an abort: an A-P-ABORT
         self.state = State.CLOSING
@@ -193,14 +203,41 @@ class Association(protocol.Protocol):
         return announced or UNLIMITED_FRAGMENT
 
     def send(self, context_id: int, command: bytes, dataset: bytes | memoryview | None = None) -> None:
-        """One message, fragmented to fit the peer's maximum length; nothing is copied."""
+        """One message, fragmented to fit the peer's maximum length."""
         if self.state is State.CLOSING:
             return
         writes: list[bytes | memoryview] = []
         for control, piece in message_fragments(command, dataset, self.peer_max_length):
             writes.append(pdu.p_data_header(context_id, control, len(piece)))
-            writes.append(piece)
+            writes.append(bytes(piece))  # Twisted writes bytes only
         self._wire.writeSequence(writes)
+
+    def send_fragment(self, context_id: int, control: int, data: bytes | memoryview) -> None:
+        """One presentation data value in its own P-DATA-TF: a message streamed from a file,
+        a fragment at a time, whose size the caller keeps within `peer_max_length`."""
+        if self.state is State.CLOSING:
+            return
+        self._wire.writeSequence([pdu.p_data_header(context_id, control, len(data)), bytes(data)])
+
+    def expect_response(self, message_id: int, timeout: float | None) -> Deferred[Message | None]:
+        """The response to a request of ours with `message_id` (C-GET's C-STOREs travel on the
+        association we accepted), or None when it did not come: the association ended, or
+        `timeout` passed, which aborts the association as PS3.7 says a DIMSE timeout does."""
+        waiting: Deferred[Message | None] = Deferred()
+        self._outstanding[message_id] = waiting
+        if timeout is not None:
+            timer = self.clock.callLater(timeout, self._no_response, message_id)
+            waiting.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
+        return waiting
+
+    def _no_response(self, message_id: int) -> None:
+        waiting = self._outstanding.pop(message_id, None)
+        if waiting is not None:
+            log.warning("association aborted", why="dimse_timeout", message_id=message_id, address=self.address)
+            self._close_with(
+                pdu.encode(pdu.Abort(pdu.AbortSource.SERVICE_PROVIDER, AbortReason.NOT_SPECIFIED)), "aborted"
+            )
+            waiting.callback(None)
 
     def done(self) -> None:
         """The running operation has sent its last response: serve what waits, or the release."""
@@ -216,14 +253,32 @@ class Association(protocol.Protocol):
             return
         self._arm(self.timers.network)
 
-    def abort(self, reason: str, detail: str, abort_reason: AbortReason = AbortReason.UNEXPECTED_PDU) -> None:
-        """A-ABORT from the service provider, counted and logged, and the connection closed:
-        what the peer sends after cannot be trusted to frame, so none of it is read."""
+    def abort(
+        self,
+        reason: str,
+        detail: str,
+        abort_reason: AbortReason = AbortReason.UNEXPECTED_PDU,
+        source: pdu.AbortSource = pdu.AbortSource.SERVICE_PROVIDER,
+    ) -> None:
+        """A-ABORT, counted and logged, and the connection closed: what the peer sends after
+        cannot be trusted to frame, so none of it is read."""
         if self.state is State.CLOSING:
             return
         metrics.PROTOCOL_ERRORS.labels(reason).inc()
         log.warning("connection aborted", why=reason, detail=detail, address=self.address)
-        self._close_with(pdu.encode(pdu.Abort(pdu.AbortSource.SERVICE_PROVIDER, abort_reason)), "aborted")
+        self._close_with(pdu.encode(pdu.Abort(source, abort_reason)), "aborted")
+
+    def _abort_as_user(self, reason: str, detail: str) -> None:
+        """A-ABORT 0/0, as DCMTK and Orthanc answer a PDU the state does not allow before the
+        association (PS3.8 AA-1), a PDV on a context never accepted, and an unsolicited response."""
+        self.abort(reason, detail, AbortReason.NOT_SPECIFIED, pdu.AbortSource.SERVICE_USER)
+
+    def shut_down(self) -> None:
+        """A-ABORT because the daemon stops: nothing the peer did, so nothing is counted."""
+        if self.state is not State.CLOSING:
+            self._close_with(
+                pdu.encode(pdu.Abort(pdu.AbortSource.SERVICE_PROVIDER, AbortReason.NOT_SPECIFIED)), "aborted"
+            )
 
     @property
     def address(self) -> str:
@@ -258,7 +313,7 @@ class Association(protocol.Protocol):
             self._aborted_by_peer()
             return
         if kind != PduType.ASSOCIATE_RQ:
-            self.abort("unexpected_pdu", f"PDU type 0x{kind:02X} before an A-ASSOCIATE-RQ")
+            self._abort_as_user("unexpected_pdu", f"PDU type 0x{kind:02X} before an A-ASSOCIATE-RQ")
             return
         request = pdu.decode(kind, body)
         assert isinstance(request, pdu.AssociateRequest)
@@ -277,7 +332,9 @@ class Association(protocol.Protocol):
         assert self.negotiation is not None
         for value in pdu.pdvs(body):
             if value.context_id not in self.negotiation.contexts:
-                self.abort("unknown_context", f"a PDV on presentation context {value.context_id}, not accepted")
+                self._abort_as_user(
+                    "unknown_context", f"a PDV on presentation context {value.context_id}, not accepted"
+                )
                 return
             message = self._assembler.feed(value)
             if message is not None:
@@ -296,7 +353,11 @@ class Association(protocol.Protocol):
             self.handler.cancelled(self, message)
             return
         if field.is_response:
-            self.abort("unsolicited_response", f"{field.name} that no request of ours asked for")
+            waiting = self._outstanding.pop(int(message.command.get("MessageIDBeingRespondedTo", -1)), None)
+            if waiting is None:
+                self._abort_as_user("unsolicited_response", f"{field.name} that no request of ours asked for")
+                return
+            waiting.callback(message)
             return
         if self.busy:
             self._waiting.append(message)

@@ -1,0 +1,148 @@
+"""What a DICOM service is given and what it answers with.
+
+A service is a plain function of a `Request` that returns its final `Response`; pending
+responses go out through `Request.pending` as they are made. Services run on a worker thread
+of the node's bounded pool, never on the reactor: they may block on the database and the disk.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any
+
+from pydicom.uid import UID
+
+from fabricatord.config import PeerSettings, Settings
+from fabricatord.dicom.ul.dimse import Message
+from fabricatord.dicom.ul.negotiation import AcceptedContext, Negotiation
+
+if TYPE_CHECKING:
+    from fabricatord.servers.dicom.node import Parts
+
+MAX_ERROR_COMMENT = 64
+"""Error Comment is an LO."""
+
+
+class Status(IntEnum):
+    """The DIMSE statuses our services answer with (PS3.4, PS3.7 C)."""
+
+    SUCCESS = 0x0000
+    PENDING = 0xFF00
+    PENDING_UNSUPPORTED_KEYS = 0xFF01
+    CANCEL = 0xFE00
+    SUBOPERATIONS_WARNING = 0xB000
+    OUT_OF_RESOURCES = 0xA700
+    SUBOPERATIONS_REFUSED = 0xA702
+    MOVE_DESTINATION_UNKNOWN = 0xA801
+    DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+    NOT_AUTHORIZED = 0x0124
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    NO_SUCH_SOP_CLASS = 0x0118
+    UNRECOGNIZED_OPERATION = 0x0211
+    PROCESSING_FAILURE = 0x0110
+
+
+PENDING = frozenset({Status.PENDING, Status.PENDING_UNSUPPORTED_KEYS})
+
+
+@dataclass
+class Response:
+    """One response: its status, an Error Comment, an identifier already encoded in the
+    context's transfer syntax, and any other command elements (counts, instance UIDs)."""
+
+    status: int
+    comment: str = ""
+    identifier: bytes | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_pending(self) -> bool:
+        return self.status in PENDING
+
+
+@dataclass
+class Served:
+    """What the audit trail and the logs know of one association while it lasts."""
+
+    number: str
+    calling_ae: str
+    called_ae: str
+    address: str
+    started: float
+    peer: PeerSettings | None = None
+    """The `[[peers]]` entry of the calling AE title, if it is one."""
+    stored: int = 0
+    bytes: int = 0
+    operation: str = ""
+    operation_started: float = 0.0
+    operation_bytes: int = 0
+    answers: int = 0
+    detail: str = ""
+    negotiation: Negotiation | None = None
+    _message_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def next_message_id(self) -> int:
+        """A Message ID for a request of ours on this association (C-GET's C-STOREs)."""
+        return next(self._message_ids) % 0x10000 or next(self._message_ids)
+
+    @property
+    def peer_label(self) -> str:
+        """A bounded metric label: the `[[peers]]` name, or `other`."""
+        return self.peer.name if self.peer is not None else "other"
+
+
+@dataclass
+class Request:
+    """One request being served."""
+
+    parts: Parts
+    settings: Settings
+    served: Served
+    message: Message
+    context: AcceptedContext
+    pending: Callable[[Response], None]
+    """Send a pending response now (from the worker thread; it waits while the peer is slow)."""
+    cancelled: threading.Event
+    sub_request: Callable[[int, bytes, Any], Message | None] | None = None
+    """Send a request of our own on this association (C-GET's C-STOREs) and wait for its
+    response: (context ID, command set, dataset source) → the response, None if none came."""
+
+    @property
+    def command(self) -> dict[str, Any]:
+        return self.message.command
+
+    @property
+    def sop_class(self) -> str:
+        return str(self.command.get("AffectedSOPClassUID") or self.command.get("RequestedSOPClassUID") or "")
+
+    @property
+    def implicit(self) -> bool:
+        return self.context.transfer_syntax == "1.2.840.10008.1.2"
+
+    @property
+    def encoding(self) -> tuple[bool, bool, bool]:
+        """(implicit VR, little endian, deflated) of the context's transfer syntax."""
+        syntax = UID(self.context.transfer_syntax)
+        return bool(syntax.is_implicit_VR), bool(syntax.is_little_endian), bool(syntax.is_deflated)
+
+    def refused(self, service: str) -> bool:
+        """Whether the calling peer's `[[peers]]` entry denies it `service`."""
+        peer = self.served.peer
+        return peer is not None and not getattr(peer, PERMISSIONS[service])
+
+
+PERMISSIONS = {
+    "C-ECHO": "allow_echo",
+    "C-STORE": "allow_store",
+    "C-FIND": "allow_find",
+    "MWL": "allow_find_worklist",
+    "C-MOVE": "allow_move",
+    "C-GET": "allow_get",
+    "MPPS": "allow_mpps",
+}
+"""What each service needs of a `[[peers]]` entry, as Orthanc's AllowEcho/Store/Find/FindWorklist/Move/Get."""

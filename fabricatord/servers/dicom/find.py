@@ -1,0 +1,133 @@
+"""C-FIND (Patient and Study Root) and Modality Worklist: one SQL query, the answers encoded
+straight from the index's values and sent as they are made, C-CANCEL seen between them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from io import BytesIO
+from typing import Any, TypeVar
+
+from pydicom.dataset import Dataset
+from pynetdicom.dsutils import decode
+
+from fabricatord.dicom import query, worklist
+from fabricatord.obs import metrics
+from fabricatord.obs.logging import get_logger
+from fabricatord.servers.dicom.context import Request, Response, Status
+from fabricatord.servers.dicom.store import refused
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+
+def identifier(request: Request) -> Dataset:
+    """The request's identifier, decoded (it was walked and found sound before)."""
+    data = request.message.dataset or b""
+    decoded = decode(BytesIO(data), *request.encoding)
+    return decoded if decoded is not None else Dataset()
+
+
+def serve(request: Request) -> Response:
+    started = time.perf_counter()
+    try:
+        if request.sop_class == worklist.MODALITY_WORKLIST_FIND:
+            return _worklist(request)
+        return _find(request)
+    finally:
+        service = "MWL" if request.sop_class == worklist.MODALITY_WORKLIST_FIND else "C-FIND"
+        metrics.DIMSE_SECONDS.labels(service).observe(time.perf_counter() - started)
+
+
+def _find(request: Request) -> Response:
+    peer = request.served.peer_label
+    if request.refused("C-FIND"):
+        refused(request, "C-FIND")
+        return Response(Status.NOT_AUTHORIZED, "this AE may not query here")
+
+    def search(limit: int) -> tuple[query.FindQuery, list[Any]]:
+        find = query.build(identifier(request), request.sop_class)
+        return find, query.run(request.parts.database, find, limit)
+
+    result = _matches(request, "C-FIND", search)
+    if isinstance(result, Response):
+        return result
+    find, rows = result
+    retrieve_ae = request.settings.node.ae_title
+    answers = query.answers(request.parts.database, find, rows, retrieve_ae, request.implicit)
+    if not _send_all(request, answers, bool(find.unsupported)):
+        metrics.DIMSE_OPERATIONS.labels("C-FIND", peer, "cancel").inc()
+        return Response(Status.CANCEL)
+    metrics.DIMSE_OPERATIONS.labels("C-FIND", peer, "success").inc()
+    log.info("c-find", level=find.level, matches=len(rows), unsupported=find.unsupported or None)
+    return Response(Status.SUCCESS)
+
+
+def _worklist(request: Request) -> Response:
+    """Modality Worklist C-FIND (PS3.4 K): actionable steps from one SQL query; fetches recorded."""
+    peer = request.served.peer_label
+    if request.refused("MWL"):
+        refused(request, "MWL")
+        return Response(Status.NOT_AUTHORIZED, "this AE may not query the worklist")
+    calling = request.served.calling_ae
+
+    def search(limit: int) -> tuple[worklist.WorklistQuery, list[Any]]:
+        by_calling = request.settings.dicom.worklist_filter_by_calling_ae
+        find = worklist.build(identifier(request), calling, by_calling)
+        return find, worklist.run(request.parts.database, find, limit)
+
+    result = _matches(request, "MWL", search)
+    if isinstance(result, Response):
+        return result
+    find, rows = result
+    answered: list[int] = []
+
+    def answers() -> Iterable[bytes]:
+        for step_pk, answer in worklist.answers(find, rows, request.implicit):
+            answered.append(step_pk)
+            yield answer
+
+    try:
+        complete = _send_all(request, answers(), bool(find.unsupported))
+    finally:
+        # What was handed over counts as fetched, also when the query was cancelled part-way;
+        # recorded off this thread, so that the modality does not wait for it.
+        request.parts.record_fetches(answered, calling)
+    if not complete:
+        metrics.DIMSE_OPERATIONS.labels("MWL", peer, "cancel").inc()
+        return Response(Status.CANCEL)
+    metrics.DIMSE_OPERATIONS.labels("MWL", peer, "success").inc()
+    metrics.MWL_QUERIES.labels(peer, "hit" if rows else "miss").inc()
+    log.info("worklist query", items=len(rows), unsupported=find.unsupported or None)
+    return Response(Status.SUCCESS)
+
+
+def _send_all(request: Request, answers: Iterable[bytes], unsupported_keys: bool) -> bool:
+    """Each answer as a pending response; False when a C-CANCEL stopped them."""
+    status = Status.PENDING_UNSUPPORTED_KEYS if unsupported_keys else Status.PENDING
+    for answer in answers:
+        if request.cancelled.is_set():
+            return False
+        request.pending(Response(status, identifier=answer))
+    return not request.cancelled.is_set()
+
+
+def _matches(
+    request: Request, service: str, search: Callable[[int], tuple[T, list[Any]]]
+) -> tuple[T, list[Any]] | Response:
+    """The query and its matches, or the failure to answer with instead."""
+    limit = request.settings.dicom.max_find_results
+    try:
+        found, rows = search(limit)
+    except query.QueryError as exc:
+        failure = Response(Status.DOES_NOT_MATCH_SOP_CLASS, str(exc))
+    except Exception as exc:
+        log.error("query failed", service=service, error=str(exc))
+        failure = Response(Status.CANNOT_UNDERSTAND, f"cannot process the query: {exc}")
+    else:
+        if len(rows) <= limit:
+            return found, rows
+        # C-FIND has no warning status: refusing is the only honest answer (PS3.4 C.4.1.1.4).
+        failure = Response(Status.OUT_OF_RESOURCES, f"more than {limit} matches; narrow the query")
+    metrics.DIMSE_OPERATIONS.labels(service, request.served.peer_label, "failure").inc()
+    return failure

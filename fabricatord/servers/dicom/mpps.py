@@ -1,0 +1,56 @@
+"""Modality Performed Procedure Step N-CREATE and N-SET (PS3.4 F): what a modality says it did,
+kept and checked; a refusal answers its PS3.7 status with an Error Comment."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pydicom.dataset import Dataset
+from pynetdicom.dsutils import encode
+from sqlalchemy.exc import SQLAlchemyError
+
+from fabricatord.dicom.mpps import MppsError
+from fabricatord.obs import metrics
+from fabricatord.obs.logging import get_logger
+from fabricatord.servers.dicom.context import Request, Response, Status
+from fabricatord.servers.dicom.find import identifier
+from fabricatord.servers.dicom.store import refused
+
+log = get_logger(__name__)
+
+
+def serve_create(request: Request) -> Response:
+    uid = str(request.command.get("AffectedSOPInstanceUID") or "")
+    performed = request.parts.performed
+    response = _apply(request, lambda: performed.create(uid, identifier(request), request.served.calling_ae))
+    response.fields.setdefault("AffectedSOPInstanceUID", uid or None)
+    return response
+
+
+def serve_set(request: Request) -> Response:
+    uid = str(request.command.get("RequestedSOPInstanceUID") or "")
+    performed = request.parts.performed
+    response = _apply(request, lambda: performed.update(uid, identifier(request), request.served.calling_ae))
+    response.fields.setdefault("AffectedSOPInstanceUID", uid or None)
+    return response
+
+
+def _apply(request: Request, apply: Callable[[], Dataset]) -> Response:
+    peer = request.served.peer_label
+    if request.refused("MPPS"):
+        refused(request, "MPPS")
+        return Response(Status.NOT_AUTHORIZED, "this AE may not send MPPS here")
+    try:
+        attributes = apply()
+    except MppsError as refusal:
+        log.warning("mpps refused", status=f"0x{refusal.status:04X}", reason=refusal.comment)
+        metrics.DIMSE_OPERATIONS.labels("MPPS", peer, "failure").inc()
+        answer = refusal.status_dataset()
+        fields = {e.keyword: e.value for e in answer if e.keyword not in ("Status", "ErrorComment")}
+        return Response(refusal.status, refusal.comment, fields=fields)
+    except (SQLAlchemyError, OSError, ValueError) as exc:
+        log.error("mpps not kept", error=str(exc))
+        metrics.DIMSE_OPERATIONS.labels("MPPS", peer, "failure").inc()
+        return Response(Status.PROCESSING_FAILURE, "the Performed Procedure Step could not be kept")
+    metrics.DIMSE_OPERATIONS.labels("MPPS", peer, "success").inc()
+    return Response(Status.SUCCESS, identifier=encode(attributes, *request.encoding))

@@ -1,0 +1,326 @@
+"""C-MOVE and C-GET: the identifier selects instances as a C-FIND would; each stored file goes
+as it is stored (no decode, no encode) unless the receiver declined its transfer syntax.
+
+A C-MOVE's sub-operations go on an association we request of the destination, through
+pynetdicom's requestor (DESIGN.md lets the requestor side stay there for now); a C-GET's go
+back over the association we accepted. Either way a pending response with the counts follows
+each sub-operation, and the final one lists the instances that failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE, evt
+from pynetdicom.dsutils import encode
+
+from fabricatord.config.values import parse_duration
+from fabricatord.dicom import query
+from fabricatord.dicom.scu import MAX_CONTEXTS, keep_stray_responses, nodelay, storage_contexts
+from fabricatord.dicom.ul.dimse import CommandField, encode_command
+from fabricatord.obs import metrics
+from fabricatord.obs.logging import get_logger
+from fabricatord.servers.dicom.context import Request, Response, Status
+from fabricatord.servers.dicom.find import identifier
+from fabricatord.servers.dicom.store import refused
+
+log = get_logger(__name__)
+
+MAX_SUBOPERATIONS = 65535
+"""The sub-operation counts are US (PS3.7 C.4.2.1.4)."""
+STUDY_ROOT_RETRIEVE = frozenset({"1.2.840.10008.5.1.4.1.2.2.2", "1.2.840.10008.5.1.4.1.2.2.3"})
+TAKEN = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+"""C-STORE statuses that mean the receiver kept the instance (PS3.4 B.2.3: success and warnings)."""
+CHUNK = 1024 * 1024
+"""How much of a stored file is read at a time when it is sent."""
+
+
+@dataclass
+class Progress:
+    """The sub-operations of one retrieve, as its responses count them."""
+
+    total: int
+    completed: int = 0
+    warnings: int = 0
+    failed: list[str] = field(default_factory=list)
+
+    def counts(self, done: int) -> dict[str, int]:
+        return {
+            "NumberOfRemainingSuboperations": self.total - done,
+            "NumberOfCompletedSuboperations": self.completed,
+            "NumberOfFailedSuboperations": len(self.failed),
+            "NumberOfWarningSuboperations": self.warnings,
+        }
+
+    def final(self, encoding: tuple[bool, bool, bool], cancelled_at: int | None = None) -> Response:
+        """PS3.4 C.4.2.1.5: success when all went, a warning when some failed or warned, a
+        failure when all failed; a cancel counts what remained."""
+        done = self.total if cancelled_at is None else cancelled_at
+        fields: dict[str, Any] = self.counts(done)
+        if cancelled_at is None:
+            fields["NumberOfRemainingSuboperations"] = None
+        if cancelled_at is not None:
+            status = Status.CANCEL
+        elif not self.failed and not self.warnings:
+            status = Status.SUCCESS
+        elif self.failed and len(self.failed) == self.total:
+            status = Status.SUBOPERATIONS_REFUSED
+        else:
+            status = Status.SUBOPERATIONS_WARNING
+        listed = None
+        if self.failed and status != Status.SUCCESS:
+            failed = Dataset()
+            failed.FailedSOPInstanceUIDList = self.failed
+            listed = encode(failed, *encoding)
+        return Response(status, identifier=listed, fields=fields)
+
+
+def instances(request: Request) -> list[Any]:
+    """The stored instances a C-MOVE or C-GET identifier names, at any level, relationally."""
+    ds = identifier(request)
+    level = str(ds.get("QueryRetrieveLevel", "")).strip().upper()
+    if level not in query.LEVELS:
+        raise query.QueryError(f"Query/Retrieve Level {level!r} is not PATIENT, STUDY, SERIES or IMAGE")
+    if level == "PATIENT" and request.sop_class in STUDY_ROOT_RETRIEVE:
+        raise query.QueryError("the Study Root model has no PATIENT level")
+    ds.QueryRetrieveLevel = "IMAGE"
+    find = query.build(ds, query.PATIENT_ROOT)
+    return [row[-1] for row in query.run(request.parts.database, find, MAX_SUBOPERATIONS)]
+
+
+def _sent_counter(request: Request, service: str, peer: str) -> Callable[[int], None]:
+    """What counts the bytes of each sub-operation the receiver took: metric and audit."""
+    counter = metrics.SENT_BYTES.labels(service, peer)
+    served = request.served
+
+    def sent(size: int) -> None:
+        counter.inc(size)
+        served.operation_bytes += size
+        served.bytes += size
+
+    return sent
+
+
+def serve_move(request: Request) -> Response:
+    """C-MOVE to a `[[peers]]` AE title (DESIGN.md: destinations are looked up by ae_title)."""
+    peer = request.served.peer_label
+    destination = _destination(request)
+    if isinstance(destination, Response):
+        return destination
+    try:
+        found = instances(request)
+    except query.QueryError as exc:
+        metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "failure").inc()
+        return Response(Status.DOES_NOT_MATCH_SOP_CLASS, str(exc))
+    progress = Progress(len(found))
+    if not found:
+        metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "success").inc()
+        return progress.final(request.encoding)
+    assoc = _associate(request, destination, found)
+    if assoc is None:
+        metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "failure").inc()
+        log.warning("c-move destination unreachable", why="destination_unreachable", destination=destination.name)
+        progress.failed = [i.sop_instance_uid for i in found]
+        response = progress.final(request.encoding)
+        response.comment = f"{destination.name[:40]} did not accept an association"
+        return response
+    sent = _sent_counter(request, "C-MOVE", destination.name)
+    storage = request.settings.storage_dir
+    try:
+        for done, instance in enumerate(found):
+            if request.cancelled.is_set():
+                return progress.final(request.encoding, cancelled_at=done)
+            status = _store_over(assoc, storage / instance.path) if assoc.is_established else None
+            _count(progress, instance, status, sent)
+            request.pending(Response(Status.PENDING, fields=progress.counts(done + 1)))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "success").inc()
+    log.info("c-move", destination=destination.name, instances=len(found))
+    return progress.final(request.encoding)
+
+
+def _destination(request: Request) -> Any:
+    """The `[[peers]]` entry to move to, or the 0xA801 that refuses the move."""
+    peer = request.served.peer_label
+    if request.refused("C-MOVE"):
+        refused(request, "C-MOVE")
+        return Response(Status.MOVE_DESTINATION_UNKNOWN, "this AE may not retrieve from here")
+    wanted = str(request.command.get("MoveDestination", "")).strip()
+    destination = request.parts.peer_by_ae(wanted)
+    if destination is None:
+        metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "failure").inc()
+        log.warning("c-move to an unknown destination", destination=wanted)
+        return Response(
+            Status.MOVE_DESTINATION_UNKNOWN, "move destination unknown: no [[peers]] entry has its AE title"
+        )
+    if destination.environment == "prod" and not request.settings.dicom.allow_move_to_prod:
+        metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "failure").inc()
+        log.warning(
+            "c-move to a production destination refused",
+            why="prod_destination",
+            destination=destination.name,
+            hint="[dicom] allow_move_to_prod = true allows it",
+        )
+        return Response(Status.MOVE_DESTINATION_UNKNOWN, "production destination: [dicom] allow_move_to_prod is false")
+    return destination
+
+
+def _count(progress: Progress, instance: Any, status: int | None, sent: Callable[[int], None]) -> None:
+    if status in TAKEN:
+        sent(int(instance.size))
+        if status == 0x0000:
+            progress.completed += 1
+        else:
+            progress.warnings += 1
+    else:
+        progress.failed.append(instance.sop_instance_uid)
+
+
+def _associate(request: Request, destination: Any, found: list[Any]) -> Any:
+    """An association with the destination proposing exactly the instances' SOP classes and
+    transfer syntaxes, one syntax per context so that each file can go as stored; None when
+    it does not accept."""
+    dicom = request.settings.dicom
+    ae = AE(ae_title=request.settings.node.ae_title)
+    ae.acse_timeout = parse_duration(dicom.acse_timeout)
+    ae.dimse_timeout = parse_duration(dicom.dimse_timeout)
+    ae.network_timeout = parse_duration(dicom.network_timeout)
+    ae.connection_timeout = parse_duration(dicom.connect_timeout)
+    pairs = storage_contexts((i.sop_class_uid, i.transfer_syntax_uid) for i in found)
+    contexts = [(sop_class, [syntax]) for sop_class, syntaxes in pairs for syntax in syntaxes]
+    if len(contexts) > MAX_CONTEXTS:
+        contexts = [(sop_class, list(syntaxes)) for sop_class, syntaxes in pairs]
+    for sop_class, syntaxes in contexts:
+        ae.add_requested_context(sop_class, syntaxes)
+    handlers: list[Any] = [(evt.EVT_CONN_OPEN, nodelay), (evt.EVT_CONN_OPEN, keep_stray_responses)]
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, evt_handlers=handlers)
+    except OSError:
+        return None
+    return assoc if assoc.is_established else None
+
+
+def _store_over(assoc: Any, path: Path) -> int | None:
+    """One stored file as a C-STORE on a pynetdicom association, in chunks as stored; converted
+    only when the receiver declined its transfer syntax. The status, None if no answer."""
+    try:
+        try:
+            status = assoc.send_c_store(path)
+        except ValueError:  # no context with the file's own transfer syntax
+            status = assoc.send_c_store(dcmread(path))
+    except (ValueError, RuntimeError, OSError) as exc:
+        log.warning("c-store sub-operation failed", error=str(exc))
+        return None
+    return int(status.Status) if status and "Status" in status else None
+
+
+# -- C-GET ---------------------------------------------------------------------------------------
+
+
+def serve_get(request: Request) -> Response:
+    """C-GET: the sub-operations go back over the requestor's own association."""
+    peer = request.served.peer_label
+    if request.refused("C-GET"):
+        refused(request, "C-GET")
+        return Response(Status.NOT_AUTHORIZED, "this AE may not retrieve from here")
+    try:
+        found = instances(request)
+    except query.QueryError as exc:
+        metrics.DIMSE_OPERATIONS.labels("C-GET", peer, "failure").inc()
+        return Response(Status.DOES_NOT_MATCH_SOP_CLASS, str(exc))
+    progress = Progress(len(found))
+    negotiation = request.served.negotiation
+    sendable = [c for c in (negotiation.contexts.values() if negotiation else ()) if c.we_are_scu]
+    if found and not any(c.abstract_syntax == i.sop_class_uid for i in found for c in sendable):
+        # PS3.4 C.4.3.3: the sub-operations need a Storage context on which the requestor
+        # took the SCP role; without one none can be attempted.
+        metrics.DIMSE_OPERATIONS.labels("C-GET", peer, "failure").inc()
+        log.warning("c-get refused", why="no_scp_role", instances=len(found))
+        progress.failed = [i.sop_instance_uid for i in found]
+        response = progress.final(request.encoding)
+        response.comment = "no Storage context with the SCP role was negotiated"
+        return response
+    sent = _sent_counter(request, "C-GET", peer)
+    storage = request.settings.storage_dir
+    for done, instance in enumerate(found):
+        if request.cancelled.is_set():
+            return progress.final(request.encoding, cancelled_at=done)
+        status = _store_back(request, sendable, instance, storage / instance.path)
+        _count(progress, instance, status, sent)
+        request.pending(Response(Status.PENDING, fields=progress.counts(done + 1)))
+    metrics.DIMSE_OPERATIONS.labels("C-GET", peer, "success").inc()
+    log.info("c-get", instances=len(found))
+    return progress.final(request.encoding)
+
+
+def _store_back(request: Request, sendable: list[Any], instance: Any, path: Path) -> int | None:
+    """One C-STORE over the accepted association: on a context for the instance's class where
+    we may be the SCU, in the file's own syntax when one was accepted, converted otherwise."""
+    candidates = [c for c in sendable if c.abstract_syntax == instance.sop_class_uid]
+    if not candidates or request.sub_request is None:
+        return None
+    same = next((c for c in candidates if c.transfer_syntax == instance.transfer_syntax_uid), None)
+    context = same or candidates[0]
+    command = encode_command(
+        {
+            "AffectedSOPClassUID": instance.sop_class_uid,
+            "CommandField": CommandField.C_STORE_RQ,
+            "MessageID": request.served.next_message_id(),
+            "Priority": 0,
+            "CommandDataSetType": 0x0000,
+            "AffectedSOPInstanceUID": instance.sop_instance_uid,
+        }
+    )
+    try:
+        source: Any = _stored_dataset(path) if same is not None else _converted(path, context.transfer_syntax)
+    except (OSError, ValueError) as exc:
+        log.warning("c-get sub-operation failed", error=str(exc), sop_instance_uid=instance.sop_instance_uid)
+        return None
+    answer = request.sub_request(context.id, command, source)
+    if answer is None:
+        return None
+    return int(answer.command.get("Status", 0xC000))
+
+
+@dataclass(frozen=True)
+class StoredDataset:
+    """The dataset part of a stored file: what goes on the wire when its syntax was accepted."""
+
+    path: Path
+    offset: int
+    size: int
+
+    def chunks(self) -> Any:
+        with self.path.open("rb") as stream:
+            stream.seek(self.offset)
+            left = self.size
+            while left > 0:
+                chunk = stream.read(min(CHUNK, left))
+                if not chunk:
+                    raise OSError(f"{self.path} ended {left} bytes early")
+                left -= len(chunk)
+                yield chunk
+
+
+def _stored_dataset(path: Path) -> StoredDataset:
+    meta = read_file_meta_info(path)
+    offset = 128 + 4 + 12 + int(meta.FileMetaInformationGroupLength)
+    return StoredDataset(path, offset, path.stat().st_size - offset)
+
+
+def _converted(path: Path, syntax: str) -> bytes:
+    """The dataset re-encoded in a little-endian syntax the receiver accepted."""
+    ds = dcmread(path)
+    implicit = syntax == "1.2.840.10008.1.2"
+    data = encode(ds, implicit, True)
+    if data is None:
+        raise ValueError(f"cannot encode {path.name} for transfer syntax {syntax}")
+    return bytes(data)

@@ -1,0 +1,181 @@
+"""C-STORE: the dataset is written, as the peer sent it, behind our file meta into data_dir/tmp
+while it arrives (on the reactor: buffered writes); the service walks it, checks it against the
+command and hands it to the writer, which fsyncs, links and indexes it before success goes out.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from fabricatord import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from fabricatord.config.values import is_valid_uid
+from fabricatord.db import is_busy
+from fabricatord.dicom.storage import INDEXED_TAGS, InvalidInstance, OutOfSpace
+from fabricatord.dicom.walk import Malformed, read_received
+from fabricatord.obs import metrics
+from fabricatord.obs.logging import get_logger
+from fabricatord.servers.dicom.context import Request, Response, Status
+
+log = get_logger(__name__)
+
+
+class ReceivedFile:
+    """Where a C-STORE dataset goes as it arrives: a Part 10 file in data_dir/tmp, our file meta
+    first (the transfer syntax the context agreed), the peer's bytes after it unchanged."""
+
+    def __init__(self, tmp_dir: Path, sop_class: str, sop_instance: str, transfer_syntax: str) -> None:
+        self.path = tmp_dir / f"received-{uuid.uuid4().hex}.dcm"
+        self._file = self.path.open("wb")
+        self._file.write(file_meta(sop_class, sop_instance, transfer_syntax))
+
+    def write(self, data: memoryview) -> None:
+        self._file.write(data)
+
+    def close(self) -> Path:
+        self._file.close()
+        return self.path
+
+    def discard(self) -> None:
+        """The association ended inside the C-STORE: nothing was acknowledged, so the part goes."""
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+        log.warning("connection closed during a c-store: the partial dataset was removed")
+
+
+def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
+    """Preamble, DICM and the file meta group (PS3.10 7.1), Explicit VR Little Endian."""
+    elements = b"".join(
+        (
+            _element(0x0001, b"OB", b"\x00\x01"),
+            _element(0x0002, b"UI", _uid(sop_class)),
+            _element(0x0003, b"UI", _uid(sop_instance)),
+            _element(0x0010, b"UI", _uid(transfer_syntax)),
+            _element(0x0012, b"UI", _uid(IMPLEMENTATION_CLASS_UID)),
+            _element(0x0013, b"SH", _even(IMPLEMENTATION_VERSION_NAME.encode("ascii"), b" ")),
+        )
+    )
+    group_length = struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(elements))
+    return bytes(128) + b"DICM" + group_length + elements
+
+
+def _uid(value: str) -> bytes:
+    return _even(value.encode("ascii", "replace")[:64], b"\x00")
+
+
+def _even(value: bytes, pad: bytes) -> bytes:
+    return value + pad if len(value) % 2 else value
+
+
+def _element(element: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2sHL", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def serve(request: Request) -> Response:
+    received: Path | None = request.message.stored
+    try:
+        if request.refused("C-STORE"):
+            refused(request, "C-STORE")
+            return Response(Status.NOT_AUTHORIZED, "this AE may not store here")
+        started = time.perf_counter()
+        code, comment, why = _store(request, received)
+        metrics.DIMSE_SECONDS.labels("C-STORE").observe(time.perf_counter() - started)
+        outcome = "success" if code == Status.SUCCESS else "failure"
+        metrics.DIMSE_OPERATIONS.labels("C-STORE", request.served.peer_label, outcome).inc()
+        if comment:
+            log.warning("c-store refused", why=why, status=f"0x{code:04X}", reason=comment)
+        return Response(code, comment)
+    finally:
+        if received is not None:
+            received.unlink(missing_ok=True)  # adopted files were renamed away already
+
+
+def refused(request: Request, service: str) -> None:
+    log.warning("operation not allowed for this peer", service=service)
+    metrics.DIMSE_OPERATIONS.labels(service, request.served.peer_label, "refused").inc()
+
+
+def _store(request: Request, received: Path | None) -> tuple[int, str, str]:
+    """Write the instance durably; (status, Error Comment, why it was refused)."""
+    try:
+        if received is None:
+            raise Malformed("the C-STORE carried no dataset")
+        ds = read_received(received, INDEXED_TAGS, request.parts.walk_limits)
+        _check_match(request.command, ds)
+        dataset_bytes = received.stat().st_size - _dataset_offset(ds)
+        metrics.RECEIVED_BYTES.inc(dataset_bytes)
+        served = request.served
+        served.operation_bytes = dataset_bytes
+        served.bytes += dataset_bytes
+        result = request.parts.writer.adopt(received, ds, "received", served.calling_ae)
+    except Exception as exc:
+        return _store_refusal(exc)
+    request.served.stored += 1
+    log.info("c-store", sop_instance_uid=result.sop_instance_uid, outcome=result.outcome, bytes=result.size)
+    return Status.SUCCESS, "", ""
+
+
+class _Mismatch(ValueError):
+    """The dataset does not belong to the request it came with (PS3.4 B.2.3)."""
+
+
+def _check_match(command: dict[str, Any], ds: Any) -> None:
+    sop_instance = str(ds.get("SOPInstanceUID", ""))
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if not is_valid_uid(sop_instance):
+        raise _Mismatch("SOP Instance UID missing or not a UID")
+    if not is_valid_uid(sop_class):
+        raise _Mismatch("SOP Class UID missing or not a UID")
+    if sop_instance != str(command.get("AffectedSOPInstanceUID", "")):
+        raise _Mismatch("SOP Instance UID differs from the command's")
+    if sop_class != str(command.get("AffectedSOPClassUID", "")):
+        raise _Mismatch("SOP Class UID differs from the command's")
+
+
+def _dataset_offset(ds: Any) -> int:
+    """Where the dataset starts in a Part 10 file: preamble, DICM, the group length element, the group."""
+    return 128 + 4 + 12 + int(ds.file_meta.FileMetaInformationGroupLength)
+
+
+def _store_refusal(exc: Exception) -> tuple[int, str, str]:
+    """The C-STORE status, Error Comment and counted reason for what stopped a store."""
+    counted = True
+    if isinstance(exc, Malformed):
+        status, comment, why = Status.CANNOT_UNDERSTAND, str(exc), "malformed"
+    elif isinstance(exc, _Mismatch):
+        status, comment, why = Status.DOES_NOT_MATCH_SOP_CLASS, str(exc), "mismatch"
+    elif isinstance(exc, InvalidInstance):  # counted by the writer
+        status, comment, why, counted = Status.DOES_NOT_MATCH_SOP_CLASS, str(exc), "invalid", False
+    elif isinstance(exc, OutOfSpace):  # counted by the writer
+        status, comment, why, counted = Status.OUT_OF_RESOURCES, str(exc), "out_of_space", False
+    elif isinstance(exc, OSError):
+        status, comment, why = Status.OUT_OF_RESOURCES, f"cannot store: {exc.strerror}", "write"
+    elif isinstance(exc, SQLAlchemyError):  # nothing was committed: the sender may send it again
+        busy = is_busy(exc)
+        why = "database_busy" if busy else "database"
+        status = Status.OUT_OF_RESOURCES
+        comment = "the database is busy: send it again" if busy else "the index cannot be written: send it again"
+    else:
+        status, comment, why = Status.CANNOT_UNDERSTAND, f"cannot store the dataset: {exc}", "exception"
+    if counted:
+        metrics.STORAGE_WRITE_FAILURES.labels(why).inc()
+    if why in ("write", "database_busy", "database", "exception"):  # ours, not the peer's: the whole story
+        log.exception("c-store failed", why=why, error=str(exc))  # called in the except block
+    return status, comment, why
+
+
+def sink(tmp_dir: Path, command: dict[str, Any], transfer_syntax: str) -> ReceivedFile:
+    """The file a C-STORE-RQ's dataset is received into."""
+    return ReceivedFile(
+        tmp_dir,
+        str(command.get("AffectedSOPClassUID", "")),
+        str(command.get("AffectedSOPInstanceUID", "")),
+        transfer_syntax,
+    )
