@@ -7,6 +7,8 @@ code, so that an item made either way looks the same to a modality.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -15,10 +17,13 @@ from fabricatord.db import Database, Sequences
 from fabricatord.db.jobs import Acquisitions
 from fabricatord.db.worklist import PROCEDURE_COUNTER, STEP_COUNTER, OrderPlan, ProcedurePlan, StepPlan, Worklist
 from fabricatord.hl7.orders import OrderMessage
+from fabricatord.obs.logging import get_logger
 from fabricatord.synth.patients import Demographics
 from fabricatord.synth.templates import TEMPLATES
 from fabricatord.synth.uids import UidFactory
 from fabricatord.workflow.generation import StudyGenerator
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -156,3 +161,30 @@ def order_message(plan: OrderPlan, patient: Demographics, start: datetime) -> Or
         requesting_physician=plan.requesting_physician,
         performing_physician=step.performing_physician,
     )
+
+
+class Fetches:
+    """Worklist items handed to a modality: recorded as fetched, and the `on_query` acquisitions
+    of their steps made due. Written on a thread of its own, so that the modality does not wait
+    for it; what was answered counts, also when the query was cancelled part-way."""
+
+    def __init__(self, database: Database, on_due: Callable[[], None]) -> None:
+        self._worklist = Worklist(database)
+        self._acquisitions = Acquisitions(database)
+        self._on_due = on_due
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="worklist-fetches")
+
+    def record(self, step_pks: list[int], calling_ae: str) -> None:
+        self._thread.submit(self._record, step_pks, calling_ae)
+
+    def _record(self, step_pks: list[int], calling_ae: str) -> None:
+        try:
+            self._worklist.record_fetches(step_pks, calling_ae)
+            if self._acquisitions.release(step_pks, ("on_query",)):
+                self._on_due()
+        except Exception as exc:  # the answers went out; only the record of them is missing
+            log.error("worklist fetches could not be recorded", calling_ae=calling_ae, error=str(exc))
+
+    def close(self) -> None:
+        """Wait for what was handed over to be recorded."""
+        self._thread.shutdown(wait=True)

@@ -90,9 +90,7 @@ def _worklist(request: Request) -> Response:
     try:
         complete = _send_all(request, answers(), bool(find.unsupported))
     finally:
-        # What was handed over counts as fetched, also when the query was cancelled part-way;
-        # recorded off this thread, so that the modality does not wait for it.
-        request.parts.record_fetches(answered, calling)
+        request.parts.fetches.record(answered, calling)
     if not complete:
         metrics.DIMSE_OPERATIONS.labels("MWL", peer, "cancel").inc()
         return Response(Status.CANCEL)

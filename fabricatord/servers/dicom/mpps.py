@@ -20,17 +20,17 @@ log = get_logger(__name__)
 
 
 def serve_create(request: Request) -> Response:
-    uid = str(request.command.get("AffectedSOPInstanceUID") or "")
-    performed = request.parts.performed
-    response = _apply(request, lambda: performed.create(uid, identifier(request), request.served.calling_ae))
-    response.fields.setdefault("AffectedSOPInstanceUID", uid or None)
-    return response
+    return _kept(request, "AffectedSOPInstanceUID", request.parts.performed.create)
 
 
 def serve_set(request: Request) -> Response:
-    uid = str(request.command.get("RequestedSOPInstanceUID") or "")
-    performed = request.parts.performed
-    response = _apply(request, lambda: performed.update(uid, identifier(request), request.served.calling_ae))
+    return _kept(request, "RequestedSOPInstanceUID", request.parts.performed.update)
+
+
+def _kept(request: Request, uid_field: str, keep: Callable[[str, Dataset, str], Dataset]) -> Response:
+    """The step named by the command's `uid_field`, created or updated; the response names it."""
+    uid = str(request.command.get(uid_field) or "")
+    response = _apply(request, lambda: keep(uid, identifier(request), request.served.calling_ae))
     response.fields.setdefault("AffectedSOPInstanceUID", uid or None)
     return response
 

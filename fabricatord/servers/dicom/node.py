@@ -15,7 +15,6 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from io import BytesIO
@@ -47,8 +46,6 @@ from fabricatord.config import PeerSettings, Settings
 from fabricatord.config.values import parse_duration, parse_size
 from fabricatord.db import Database
 from fabricatord.db.audit import AuditRecord
-from fabricatord.db.jobs import Acquisitions
-from fabricatord.db.worklist import Worklist
 from fabricatord.dicom.storage import InstanceWriter
 from fabricatord.dicom.ul import pdu
 from fabricatord.dicom.ul.dimse import (
@@ -70,6 +67,7 @@ from fabricatord.servers.dicom import echo, find, mpps, retrieve, store
 from fabricatord.servers.dicom.context import MAX_ERROR_COMMENT, Request, Response, Served, Status
 from fabricatord.workflow.audit import AuditTrail
 from fabricatord.workflow.mpps import PerformedProcedureSteps
+from fabricatord.workflow.worklist import Fetches
 
 log = get_logger(__name__)
 
@@ -161,28 +159,13 @@ class Parts:
 
     database: Database
     writer: InstanceWriter
-    worklist: Worklist
     performed: PerformedProcedureSteps
-    acquisitions: Acquisitions
+    fetches: Fetches
     walk_limits: WalkLimits
-    background: ThreadPoolExecutor
-    on_due: Callable[[], None]
     peers: dict[str, PeerSettings] = field(default_factory=dict)
 
     def peer_by_ae(self, ae_title: str) -> PeerSettings | None:
         return self.peers.get(ae_title)
-
-    def record_fetches(self, step_pks: list[int], calling_ae: str) -> None:
-        """Worklist items handed to a modality count as fetched; recorded off the worker."""
-        self.background.submit(self._record_fetches, step_pks, calling_ae)
-
-    def _record_fetches(self, step_pks: list[int], calling_ae: str) -> None:
-        try:
-            self.worklist.record_fetches(step_pks, calling_ae)
-            if self.acquisitions.release(step_pks, ("on_query",)):
-                self.on_due()
-        except Exception as exc:  # the answers went out; only the record of them is missing
-            log.error("worklist fetches could not be recorded", calling_ae=calling_ae, error=str(exc))
 
 
 class DicomNode(Service):
@@ -208,12 +191,9 @@ class DicomNode(Service):
         self.parts = Parts(
             database,
             writer,
-            Worklist(database),
             PerformedProcedureSteps(database),
-            Acquisitions(database),
+            Fetches(database, on_due),
             WalkLimits(inflated=parse_size(settings.dicom.max_dataset_size)),
-            ThreadPoolExecutor(1, thread_name_prefix="dicom-background"),
-            on_due,
         )
         self.reload(settings)
         self.sessions: set[Session] = set()
@@ -275,7 +255,7 @@ class DicomNode(Service):
 
     def _stop_workers(self) -> None:
         self.pool.stop()
-        self.parts.background.shutdown(wait=True)
+        self.parts.fetches.close()
 
     def allowed(self, address: IAddress) -> bool:
         """`[dicom] allowed_hosts`: the whole answer to another host is a closed connection."""

@@ -94,6 +94,15 @@ def instances(request: Request) -> list[Any]:
     return [row[-1] for row in query.run(request.parts.database, find, MAX_SUBOPERATIONS)]
 
 
+def _found(request: Request, service: str) -> list[Any] | Response:
+    """The instances to send, or the 0xA900 for an identifier that names none properly."""
+    try:
+        return instances(request)
+    except query.QueryError as exc:
+        metrics.DIMSE_OPERATIONS.labels(service, request.served.peer_label, "failure").inc()
+        return Response(Status.DOES_NOT_MATCH_SOP_CLASS, str(exc))
+
+
 def _sent_counter(request: Request, service: str, peer: str) -> Callable[[int], None]:
     """What counts the bytes of each sub-operation the receiver took: metric and audit."""
     counter = metrics.SENT_BYTES.labels(service, peer)
@@ -113,11 +122,9 @@ def serve_move(request: Request) -> Response:
     destination = _destination(request)
     if isinstance(destination, Response):
         return destination
-    try:
-        found = instances(request)
-    except query.QueryError as exc:
-        metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "failure").inc()
-        return Response(Status.DOES_NOT_MATCH_SOP_CLASS, str(exc))
+    found = _found(request, "C-MOVE")
+    if isinstance(found, Response):
+        return found
     progress = Progress(len(found))
     if not found:
         metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "success").inc()
@@ -231,11 +238,9 @@ def serve_get(request: Request) -> Response:
     if request.refused("C-GET"):
         refused(request, "C-GET")
         return Response(Status.NOT_AUTHORIZED, "this AE may not retrieve from here")
-    try:
-        found = instances(request)
-    except query.QueryError as exc:
-        metrics.DIMSE_OPERATIONS.labels("C-GET", peer, "failure").inc()
-        return Response(Status.DOES_NOT_MATCH_SOP_CLASS, str(exc))
+    found = _found(request, "C-GET")
+    if isinstance(found, Response):
+        return found
     progress = Progress(len(found))
     negotiation = request.served.negotiation
     sendable = [c for c in (negotiation.contexts.values() if negotiation else ()) if c.we_are_scu]
