@@ -58,7 +58,7 @@ from fabricatord.dicom.ul.dimse import (
     encode_command,
 )
 from fabricatord.dicom.ul.negotiation import Negotiation, Policy, Refusal, negotiate, refusal
-from fabricatord.dicom.ul.protocol import Association, PduLimits, Timers
+from fabricatord.dicom.ul.protocol import Association, PduLimits, State, Timers
 from fabricatord.dicom.walk import Malformed, WalkLimits, walk
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger, in_context
@@ -319,7 +319,10 @@ class Session:
             peer=node.parts.peers.get(request.calling),
         )
         known = set(node.parts.peers) if settings.dicom.require_known_ae else None
-        full = len(node.sessions) > settings.dicom.max_associations
+        # Associations that are over (an A-RELEASE-RP sent, waiting for the peer to close) hold
+        # no slot: a client that associates again at once would otherwise find us full.
+        open_now = sum(1 for session in node.sessions if session.association.state is not State.CLOSING)
+        full = open_now > settings.dicom.max_associations
         refused = refusal(request, node.policy, known, full)
         if refused is not None:
             reject = refused.reject
