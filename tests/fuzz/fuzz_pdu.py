@@ -71,6 +71,9 @@ class Handler:
     def ended(self, association: Association, how: str) -> None:
         self.endings.append(how)
 
+    def dropped(self, association: Association, message: Any) -> None:
+        assert message.context_id in self.contexts, message.context_id
+
 
 def written(data: bytes) -> list[pdu.Pdu]:
     """Every PDU the protocol wrote; each must decode."""

@@ -37,6 +37,7 @@ class Recorder:
         self.messages: list[Message] = []
         self.cancels: list[Message] = []
         self.endings: list[str] = []
+        self.drops: list[Message] = []
         self.established_count = 0
 
     def requested(self, association: Association, request: pdu.AssociateRequest) -> Negotiation | Refusal:
@@ -56,6 +57,9 @@ class Recorder:
 
     def ended(self, association: Association, how: str) -> None:
         self.endings.append(how)
+
+    def dropped(self, association: Association, message: Message) -> None:
+        self.drops.append(message)
 
 
 class Connection:
@@ -159,6 +163,12 @@ def test_one_operation_at_a_time_and_the_connection_waits_meanwhile(established:
     assert [m.command["MessageID"] for m in established.handler.messages] == [1, 2]
     established.association.done()
     assert established.transport.producerState == "producing"
+
+
+def test_a_request_that_waited_and_will_never_be_served_is_handed_back(established: Connection) -> None:
+    established.send(echo(1) + echo(2))
+    established.close()
+    assert [m.command["MessageID"] for m in established.handler.drops] == [2]
 
 
 def test_a_refused_request_is_rejected_and_closed() -> None:

@@ -108,7 +108,10 @@ def negotiate(request: AssociateRequest, policy: Policy) -> Negotiation:
     accepted: dict[int, AcceptedContext] = {}
     roles: dict[str, RoleSelection] = {}
     for context in sorted(request.contexts, key=lambda c: c.id):
-        offered_first = context.transfer_syntaxes[0] if context.transfer_syntaxes else ""
+        # PS3.8 9.3.3.2: a rejected context's transfer syntax is not significant; the first offered
+        # is echoed when it can be written back (a UID with a byte outside ASCII cannot).
+        offered = context.transfer_syntaxes[0] if context.transfer_syntaxes else ""
+        offered_first = offered if offered.isascii() else "1.2.840.10008.1.2"
         ours = policy.contexts.get(context.abstract_syntax)
         if ours is None:
             answers.append(ContextAnswer(context.id, ContextResult.ABSTRACT_SYNTAX_NOT_SUPPORTED, offered_first))

@@ -23,7 +23,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
 from fabricatord.dicom.ul import pdu
@@ -109,6 +109,10 @@ class Handler(Protocol):
     def cancelled(self, association: Association, message: Message) -> None:
         """A C-CANCEL-RQ: the operation it names (Message ID Being Responded To) stops early."""
 
+    def dropped(self, association: Association, message: Message) -> None:
+        """A request that waited and will not be served (the association ended first): what its
+        dataset sink kept must go."""
+
     def ended(self, association: Association, how: str) -> None:
         """The connection is gone: `how` the association ended (rejected, released, aborted,
         closed: the peer closed without either)."""
@@ -180,14 +184,15 @@ class Association(protocol.Protocol):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
         self._disarm()
         self._assembler.discard()
-        self._waiting.clear()
-        outstanding, self._outstanding = self._outstanding, {}
-        for waiting in outstanding.values():
-            waiting.callback(None)
+        self._drop_waiting()
         if self.state in (State.ESTABLISHED, State.RELEASE_REQUESTED):
             self._ending = "aborted"  # the peer closed without a release or an abort: an A-P-ABORT
         self.state = State.CLOSING
         self.handler.ended(self, self._ending)
+        # After `ended`: whoever waited for a response learns the association is over first.
+        outstanding, self._outstanding = self._outstanding, {}
+        for waiting in outstanding.values():
+            waiting.callback(None)
 
     # -- the handler's side ----------------------------------------------------------------------
 
@@ -223,6 +228,8 @@ class Association(protocol.Protocol):
         """The response to a request of ours with `message_id` (C-GET's C-STOREs travel on the
         association we accepted), or None when it did not come: the association ended, or
         `timeout` passed, which aborts the association as PS3.7 says a DIMSE timeout does."""
+        if self.state is State.CLOSING:
+            return succeed(None)  # the association ended while the request was being prepared
         waiting: Deferred[Message | None] = Deferred()
         self._outstanding[message_id] = waiting
         if timeout is not None:
@@ -307,6 +314,9 @@ class Association(protocol.Protocol):
             self.abort("undecodable_pdu", str(exc), exc.reason)
         except DimseError as exc:
             self.abort(exc.reason, str(exc))
+        except Exception as exc:  # a sink that cannot be written, or a fault of ours: abort, never hang
+            log.exception("pdu handling failed", error=str(exc), address=self.address)
+            self.abort("exception", f"{type(exc).__name__}: {exc}")
 
     def _before_association(self, kind: int, body: bytes) -> None:
         if kind == PduType.ABORT:
@@ -389,9 +399,13 @@ class Association(protocol.Protocol):
         self._ending = "aborted"
         self._wire.loseConnection()
 
+    def _drop_waiting(self) -> None:
+        while self._waiting:
+            self.handler.dropped(self, self._waiting.popleft())
+
     def _close_with(self, last: bytes, ending: str) -> None:
         self._assembler.discard()
-        self._waiting.clear()
+        self._drop_waiting()
         self._wire.write(last)
         self.state = State.CLOSING
         self._ending = ending

@@ -36,6 +36,8 @@ class Status(IntEnum):
     CANCEL = 0xFE00
     SUBOPERATIONS_WARNING = 0xB000
     OUT_OF_RESOURCES = 0xA700
+    TOO_MANY_MATCHES = 0xA701
+    """Out of resources: unable to calculate the number of matches (PS3.4 C.4.2.1.5)."""
     SUBOPERATIONS_REFUSED = 0xA702
     MOVE_DESTINATION_UNKNOWN = 0xA801
     DOES_NOT_MATCH_SOP_CLASS = 0xA900

@@ -428,6 +428,10 @@ class Session:
         if current is not None and message.command.get("MessageIDBeingRespondedTo") == current.command.get("MessageID"):
             self.stop.set()
 
+    def dropped(self, association: Association, message: Message) -> None:
+        if message.stored is not None:
+            Path(message.stored).unlink(missing_ok=True)  # a C-STORE's dataset, never answered
+
     def _refuse(self, message: Message, status: int, comment: str, why: str) -> None:
         """Answer a request with a failure status before any service ran."""
         metrics.PROTOCOL_ERRORS.labels(why).inc()
@@ -493,6 +497,13 @@ class Session:
 
     def _final(self, message: Message, response: Response) -> None:
         """The last response of an operation: sent, audited, and the next request read."""
+        try:
+            self._finish(message, response)
+        finally:
+            self.current = None
+            self.association.done()
+
+    def _finish(self, message: Message, response: Response) -> None:
         self._send(message, response)
         served = self.served
         field_ = CommandField(message.field)
@@ -510,8 +521,6 @@ class Session:
             served.operation_bytes,
             time.perf_counter() - served.operation_started,
         )
-        self.current = None
-        self.association.done()
 
     def _send(self, message: Message, response: Response) -> None:
         command = message.command
@@ -554,7 +563,7 @@ class Session:
 
     def _stream(self, context_id: int, source: Any) -> None:
         """A dataset of ours to the peer, in fragments it can take, from bytes or a stored file."""
-        size = self.association.peer_max_length - 6
+        size = max(self.association.peer_max_length - 6, 1)  # an announced 1 to 6 would never end
         reactor = self.node.reactor
         chunks = [source] if isinstance(source, bytes) else source.chunks()
         pending = b""

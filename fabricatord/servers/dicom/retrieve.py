@@ -37,6 +37,8 @@ MAX_SUBOPERATIONS = 65535
 STUDY_ROOT_RETRIEVE = frozenset({"1.2.840.10008.5.1.4.1.2.2.2", "1.2.840.10008.5.1.4.1.2.2.3"})
 TAKEN = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 """C-STORE statuses that mean the receiver kept the instance (PS3.4 B.2.3: success and warnings)."""
+LITTLE_ENDIAN = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
+"""The syntaxes a stored file may be converted between for a receiver that declined its own."""
 CHUNK = 1024 * 1024
 """How much of a stored file is read at a time when it is sent."""
 
@@ -97,10 +99,14 @@ def instances(request: Request) -> list[Any]:
 def _found(request: Request, service: str) -> list[Any] | Response:
     """The instances to send, or the 0xA900 for an identifier that names none properly."""
     try:
-        return instances(request)
+        found = instances(request)
     except query.QueryError as exc:
         metrics.DIMSE_OPERATIONS.labels(service, request.served.peer_label, "failure").inc()
         return Response(Status.DOES_NOT_MATCH_SOP_CLASS, str(exc))
+    if len(found) > MAX_SUBOPERATIONS:  # the counts are US: more cannot be reported
+        metrics.DIMSE_OPERATIONS.labels(service, request.served.peer_label, "failure").inc()
+        return Response(Status.TOO_MANY_MATCHES, f"more than {MAX_SUBOPERATIONS} instances; narrow the request")
+    return found
 
 
 def _sent_counter(request: Request, service: str, peer: str) -> Callable[[int], None]:
@@ -273,7 +279,11 @@ def _store_back(request: Request, sendable: list[Any], instance: Any, path: Path
     if not candidates or request.sub_request is None:
         return None
     same = next((c for c in candidates if c.transfer_syntax == instance.transfer_syntax_uid), None)
-    context = same or candidates[0]
+    convertible = next((c for c in candidates if c.transfer_syntax in LITTLE_ENDIAN), None)
+    if same is None and (instance.transfer_syntax_uid not in LITTLE_ENDIAN or convertible is None):
+        return None  # a compressed file, or no little-endian context: it cannot go as the peer asked
+    context = same or convertible
+    assert context is not None
     command = encode_command(
         {
             "AffectedSOPClassUID": instance.sop_class_uid,
