@@ -319,10 +319,12 @@ class Session:
             peer=node.parts.peers.get(request.calling),
         )
         known = set(node.parts.peers) if settings.dicom.require_known_ae else None
-        # Associations that are over (an A-RELEASE-RP sent, waiting for the peer to close) hold
-        # no slot: a client that associates again at once would otherwise find us full.
-        open_now = sum(1 for session in node.sessions if session.association.state is not State.CLOSING)
-        full = open_now > settings.dicom.max_associations
+        # A slot is an association: established ones, and this request. A connection that has
+        # not asked yet (idle ones, up to the ACSE timeout) or one that is over (A-RELEASE-RP
+        # sent, waiting for the peer's close) holds none, so neither can lock others out.
+        live = (State.ESTABLISHED, State.RELEASE_REQUESTED)
+        open_now = sum(1 for session in node.sessions if session.association.state in live)
+        full = open_now >= settings.dicom.max_associations
         refused = refusal(request, node.policy, known, full)
         if refused is not None:
             reject = refused.reject
