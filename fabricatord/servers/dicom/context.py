@@ -19,9 +19,13 @@ from pydicom.uid import UID
 from fabricatord.config import PeerSettings, Settings
 from fabricatord.dicom.ul.dimse import Message
 from fabricatord.dicom.ul.negotiation import AcceptedContext, Negotiation
+from fabricatord.obs import metrics
+from fabricatord.obs.logging import get_logger
 
 if TYPE_CHECKING:
     from fabricatord.servers.dicom.node import Parts
+
+log = get_logger(__name__)
 
 MAX_ERROR_COMMENT = 64
 """Error Comment is an LO."""
@@ -49,9 +53,6 @@ class Status(IntEnum):
     PROCESSING_FAILURE = 0x0110
 
 
-PENDING = frozenset({Status.PENDING, Status.PENDING_UNSUPPORTED_KEYS})
-
-
 @dataclass
 class Response:
     """One response: its status, an Error Comment, an identifier already encoded in the
@@ -61,10 +62,6 @@ class Response:
     comment: str = ""
     identifier: bytes | None = None
     fields: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def is_pending(self) -> bool:
-        return self.status in PENDING
 
 
 @dataclass
@@ -110,9 +107,10 @@ class Request:
     pending: Callable[[Response], None]
     """Send a pending response now (from the worker thread; it waits while the peer is slow)."""
     cancelled: threading.Event
-    sub_request: Callable[[int, bytes, Any], Message | None] | None = None
+    sub_request: Callable[[int, int, bytes, Any], Message | None] | None = None
     """Send a request of our own on this association (C-GET's C-STOREs) and wait for its
-    response: (context ID, command set, dataset source) → the response, None if none came."""
+    response: (context ID, message ID, command set, dataset source) → the response, None if
+    none came."""
 
     @property
     def command(self) -> dict[str, Any]:
@@ -133,9 +131,14 @@ class Request:
         return bool(syntax.is_implicit_VR), bool(syntax.is_little_endian), bool(syntax.is_deflated)
 
     def refused(self, service: str) -> bool:
-        """Whether the calling peer's `[[peers]]` entry denies it `service`."""
+        """Whether the calling peer's `[[peers]]` entry denies it `service`; a refusal is
+        logged and counted here, once for every service."""
         peer = self.served.peer
-        return peer is not None and not getattr(peer, PERMISSIONS[service])
+        if peer is None or getattr(peer, PERMISSIONS[service]):
+            return False
+        log.warning("operation not allowed for this peer", service=service)
+        metrics.DIMSE_OPERATIONS.labels(service, peer.name, "refused").inc()
+        return True
 
 
 PERMISSIONS = {

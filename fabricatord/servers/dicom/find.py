@@ -3,7 +3,6 @@ straight from the index's values and sent as they are made, C-CANCEL seen betwee
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from io import BytesIO
 from typing import Any, TypeVar
@@ -15,7 +14,6 @@ from fabricatord.dicom import query, worklist
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
 from fabricatord.servers.dicom.context import Request, Response, Status
-from fabricatord.servers.dicom.store import refused
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -29,20 +27,14 @@ def identifier(request: Request) -> Dataset:
 
 
 def serve(request: Request) -> Response:
-    started = time.perf_counter()
-    try:
-        if request.sop_class == worklist.MODALITY_WORKLIST_FIND:
-            return _worklist(request)
-        return _find(request)
-    finally:
-        service = "MWL" if request.sop_class == worklist.MODALITY_WORKLIST_FIND else "C-FIND"
-        metrics.DIMSE_SECONDS.labels(service).observe(time.perf_counter() - started)
+    if request.sop_class == worklist.MODALITY_WORKLIST_FIND:
+        return _worklist(request)
+    return _find(request)
 
 
 def _find(request: Request) -> Response:
     peer = request.served.peer_label
     if request.refused("C-FIND"):
-        refused(request, "C-FIND")
         return Response(Status.NOT_AUTHORIZED, "this AE may not query here")
 
     def search(limit: int) -> tuple[query.FindQuery, list[Any]]:
@@ -67,7 +59,6 @@ def _worklist(request: Request) -> Response:
     """Modality Worklist C-FIND (PS3.4 K): actionable steps from one SQL query; fetches recorded."""
     peer = request.served.peer_label
     if request.refused("MWL"):
-        refused(request, "MWL")
         return Response(Status.NOT_AUTHORIZED, "this AE may not query the worklist")
     calling = request.served.calling_ae
 

@@ -14,7 +14,6 @@ from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
 from fabricatord.servers.dicom.context import Request, Response, Status
 from fabricatord.servers.dicom.find import identifier
-from fabricatord.servers.dicom.store import refused
 
 log = get_logger(__name__)
 
@@ -38,7 +37,6 @@ def _kept(request: Request, uid_field: str, keep: Callable[[str, Dataset, str], 
 def _apply(request: Request, apply: Callable[[], Dataset]) -> Response:
     peer = request.served.peer_label
     if request.refused("MPPS"):
-        refused(request, "MPPS")
         return Response(Status.NOT_AUTHORIZED, "this AE may not send MPPS here")
     try:
         attributes = apply()

@@ -134,6 +134,10 @@ MALFORMED = {CommandField.C_FIND_RQ: Status.CANNOT_UNDERSTAND, CommandField.C_GE
 (0x0110) for the normalized services."""
 
 
+TIMED = frozenset({"C-STORE", "C-FIND", "MWL", "C-MOVE", "C-GET"})
+"""The services `fabricatord_dimse_seconds` times, from the request's turn to its final response."""
+
+
 def policy(settings: Settings) -> Policy:
     """What we accept: the conformance statement's SOP classes and transfer syntaxes."""
     contexts: dict[str, tuple[str, ...]] = {str(Verification): tuple(DEFAULT_TRANSFER_SYNTAXES)}
@@ -390,7 +394,7 @@ class Session:
         context = self.served.negotiation.contexts[context_id]
         settings = self.node.settings
         received = store.sink(settings.tmp_dir, command, context.transfer_syntax)
-        return received, parse_size(settings.dicom.max_dataset_size)
+        return received, self.node.parts.walk_limits.inflated  # max_dataset_size: the walk caps inflating at it too
 
     def received(self, association: Association, message: Message) -> None:
         assert self.served.negotiation is not None
@@ -460,7 +464,7 @@ class Session:
                 metrics.PROTOCOL_ERRORS.labels("exception").inc()
                 log.exception("request failed", error=str(exc))
                 response = Response(Status.PROCESSING_FAILURE, f"cannot process the request: {exc}")
-        if served.operation in ("C-MOVE", "C-GET"):
+        if served.operation in TIMED:
             metrics.DIMSE_SECONDS.labels(served.operation).observe(time.perf_counter() - started)
         self.node.reactor.callFromThread(self._final, request.message, response)
 
@@ -540,11 +544,8 @@ class Session:
         fields.update(response.fields)
         self.association.send(message.context_id, encode_command(fields), response.identifier)
 
-    def _sub_request(self, context_id: int, command: bytes, source: Any) -> Message | None:
+    def _sub_request(self, context_id: int, message_id: int, command: bytes, source: Any) -> Message | None:
         """From a worker: send a request of ours on this association and wait for its answer."""
-        from fabricatord.dicom.ul.dimse import decode_command
-
-        message_id = int(decode_command(command)["MessageID"])
         answered = threading.Event()
         result: list[Message | None] = [None]
         reactor = self.node.reactor

@@ -28,7 +28,6 @@ from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
 from fabricatord.servers.dicom.context import Request, Response, Status
 from fabricatord.servers.dicom.find import identifier
-from fabricatord.servers.dicom.store import refused
 
 log = get_logger(__name__)
 
@@ -164,7 +163,6 @@ def _destination(request: Request) -> Any:
     """The `[[peers]]` entry to move to, or the 0xA801 that refuses the move."""
     peer = request.served.peer_label
     if request.refused("C-MOVE"):
-        refused(request, "C-MOVE")
         return Response(Status.MOVE_DESTINATION_UNKNOWN, "this AE may not retrieve from here")
     wanted = str(request.command.get("MoveDestination", "")).strip()
     destination = request.parts.peer_by_ae(wanted)
@@ -242,7 +240,6 @@ def serve_get(request: Request) -> Response:
     """C-GET: the sub-operations go back over the requestor's own association."""
     peer = request.served.peer_label
     if request.refused("C-GET"):
-        refused(request, "C-GET")
         return Response(Status.NOT_AUTHORIZED, "this AE may not retrieve from here")
     found = _found(request, "C-GET")
     if isinstance(found, Response):
@@ -284,11 +281,12 @@ def _store_back(request: Request, sendable: list[Any], instance: Any, path: Path
         return None  # a compressed file, or no little-endian context: it cannot go as the peer asked
     context = same or convertible
     assert context is not None
+    message_id = request.served.next_message_id()
     command = encode_command(
         {
             "AffectedSOPClassUID": instance.sop_class_uid,
             "CommandField": CommandField.C_STORE_RQ,
-            "MessageID": request.served.next_message_id(),
+            "MessageID": message_id,
             "Priority": 0,
             "CommandDataSetType": 0x0000,
             "AffectedSOPInstanceUID": instance.sop_instance_uid,
@@ -299,7 +297,7 @@ def _store_back(request: Request, sendable: list[Any], instance: Any, path: Path
     except (OSError, ValueError) as exc:
         log.warning("c-get sub-operation failed", error=str(exc), sop_instance_uid=instance.sop_instance_uid)
         return None
-    answer = request.sub_request(context.id, command, source)
+    answer = request.sub_request(context.id, message_id, command, source)
     if answer is None:
         return None
     return int(answer.command.get("Status", 0xC000))

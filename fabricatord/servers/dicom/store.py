@@ -6,7 +6,6 @@ command and hands it to the writer, which fsyncs, links and indexes it before su
 from __future__ import annotations
 
 import struct
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -82,11 +81,8 @@ def serve(request: Request) -> Response:
     received: Path | None = request.message.stored
     try:
         if request.refused("C-STORE"):
-            refused(request, "C-STORE")
             return Response(Status.NOT_AUTHORIZED, "this AE may not store here")
-        started = time.perf_counter()
         code, comment, why = _store(request, received)
-        metrics.DIMSE_SECONDS.labels("C-STORE").observe(time.perf_counter() - started)
         outcome = "success" if code == Status.SUCCESS else "failure"
         metrics.DIMSE_OPERATIONS.labels("C-STORE", request.served.peer_label, outcome).inc()
         if comment:
@@ -95,11 +91,6 @@ def serve(request: Request) -> Response:
     finally:
         if received is not None:
             received.unlink(missing_ok=True)  # adopted files were renamed away already
-
-
-def refused(request: Request, service: str) -> None:
-    log.warning("operation not allowed for this peer", service=service)
-    metrics.DIMSE_OPERATIONS.labels(service, request.served.peer_label, "refused").inc()
 
 
 def _store(request: Request, received: Path | None) -> tuple[int, str, str]:
