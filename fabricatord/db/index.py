@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
-from sqlalchemy.orm import InstrumentedAttribute
 
+from fabricatord.db import raw
 from fabricatord.db.engine import Database
 from fabricatord.db.models import Instance, Patient, Series, StorageIntent, Study
 
@@ -84,10 +84,16 @@ _STORED_COLUMNS = (
 )
 
 
-# Built once: on the per-instance path, making statements costs more than running them.
+# Module constants, so `raw` compiles each once per dialect: on the per-instance path, making
+# and compiling statements cost more than running them.
 _FIND_INSTANCE = select(*_STORED_COLUMNS).where(Instance.sop_instance_uid == bindparam("uid"))
+_FIND_PATIENT = select(Patient.id).where(Patient.patient_id == bindparam("pid"), Patient.issuer == bindparam("issuer"))
+_FIND_STUDY = select(Study.id).where(Study.study_instance_uid == bindparam("uid"))
 _FIND_SERIES = select(Series.id).where(Series.series_instance_uid == bindparam("uid"))
-_INSERT_INSTANCE = insert(Instance)
+_INSERT_PATIENT = insert(Patient).returning(Patient.id)
+_INSERT_STUDY = insert(Study).returning(Study.id)
+_INSERT_SERIES = insert(Series).returning(Series.id)
+_INSERT_INSTANCE = insert(Instance).inline()
 
 
 IndexedHook = Callable[[Connection, list[IndexEntry]], None]
@@ -98,33 +104,54 @@ class InstanceIndex:
     def __init__(self, database: Database, on_indexed: IndexedHook | None = None) -> None:
         self._db = database
         self._on_indexed = on_indexed
+        self._held: Connection | None = None
+        """The connection received instances are indexed on, kept between batches (a pool
+        checkout cost more than the statements); only the group commit's leader uses it."""
 
-    # lookup, add_intents and commit run once per received instance: Core statements on one
-    # connection, because the ORM's unit of work cost more than the disk here.
     def lookup(self, sop_instance_uids: Iterable[str]) -> dict[str, StoredInstance]:
         uids = list(sop_instance_uids)
         with self._db.engine.connect() as connection:
             rows = connection.execute(select(*_STORED_COLUMNS).where(Instance.sop_instance_uid.in_(uids)))
             return {row[0]: StoredInstance(*row) for row in rows}
 
-    def insert_unless_known(self, entry: IndexEntry, place: Callable[[], None]) -> StoredInstance | None:
-        """In one write transaction: the instance already indexed under `entry`'s SOP Instance UID;
-        or else `place()` (which puts its file where `entry.path` says) and its rows, committed.
+    def insert_unless_known(
+        self, entries: Sequence[IndexEntry], place: Callable[[int], None]
+    ) -> list[StoredInstance | None]:
+        """In one write transaction, for each entry: the instance already indexed under its SOP
+        Instance UID; or else None, after `place(i)` (which puts the i-th file where its entry
+        says) and its rows, committed with the others. Route jobs join the same transaction.
 
-        One transaction per received instance, where look-up, intent and index took three.
+        The received instances of every association share this one commit (`GroupCommit`), so
+        one caller at a time.
         """
-        with self._db.writer.begin() as connection:
-            found = connection.execute(_FIND_INSTANCE, {"uid": entry.sop_instance_uid}).first()
+        if self._held is None:
+            self._held = self._db.writer.connect()
+        connection = self._held
+        try:
+            with connection.begin():
+                return self._insert_unless_known(connection, entries, place)
+        except BaseException:
+            self._held = None  # a connection the failure may have broken is not reused
+            connection.close()
+            raise
+
+    def _insert_unless_known(
+        self, connection: Connection, entries: Sequence[IndexEntry], place: Callable[[int], None]
+    ) -> list[StoredInstance | None]:
+        results: list[StoredInstance | None] = []
+        new: list[IndexEntry] = []
+        for position, entry in enumerate(entries):
+            found = raw.first(connection, _FIND_INSTANCE, {"uid": entry.sop_instance_uid})
             if found is not None:
-                return StoredInstance(*found)
-            place()
-            series_pk = connection.execute(_FIND_SERIES, {"uid": entry.series_instance_uid}).scalar_one_or_none()
-            if series_pk is None:  # the first instance of its series: the study is looked up only now
-                series_pk = _series_pk(connection, entry, _study_pk(connection, entry))
-            connection.execute(_INSERT_INSTANCE, _instance_values(entry, series_pk))
-            if self._on_indexed is not None:
-                self._on_indexed(connection, [entry])
-            return None
+                results.append(StoredInstance(*found))
+                continue
+            place(position)
+            raw.run(connection, _INSERT_INSTANCE, _instance_values(entry, _series_pk(connection, entry))).close()
+            new.append(entry)
+            results.append(None)
+        if self._on_indexed is not None and new:
+            self._on_indexed(connection, new)
+        return results
 
     def add_intents(self, entries: Iterable[tuple[str, str]]) -> list[int]:
         """Commit (SOP Instance UID, path) intents before their files are renamed into place."""
@@ -139,7 +166,6 @@ class InstanceIndex:
     def commit(self, entries: list[IndexEntry], intent_ids: Iterable[int]) -> None:
         """Index `entries` (insert or replace by SOP Instance UID) and retire their intents, atomically."""
         with self._db.writer.begin() as connection:
-            studies: dict[str, int] = {}
             series: dict[str, int] = {}
             uids = [entry.sop_instance_uid for entry in entries]
             existing = set(
@@ -149,12 +175,9 @@ class InstanceIndex:
             )
             new_rows: list[dict[str, object]] = []
             for entry in entries:
-                study_pk = studies.get(entry.study_instance_uid)
-                if study_pk is None:
-                    study_pk = studies[entry.study_instance_uid] = _study_pk(connection, entry)
                 series_pk = series.get(entry.series_instance_uid)
                 if series_pk is None:
-                    series_pk = series[entry.series_instance_uid] = _series_pk(connection, entry, study_pk)
+                    series_pk = series[entry.series_instance_uid] = _series_pk(connection, entry)
                 values = _instance_values(entry, series_pk)
                 if entry.sop_instance_uid in existing:
                     connection.execute(
@@ -258,23 +281,18 @@ def _stored(row: Instance) -> StoredInstance:
     )
 
 
-def _pk(
-    connection: Connection, key: InstrumentedAttribute[Any], value: object, row: Callable[[], dict[str, object]]
-) -> int:
-    """The primary key of the row whose `key` is `value`, inserted from `row()` when there is none."""
-    table = key.class_
-    found = connection.execute(select(table.id).where(key == value)).scalar_one_or_none()
-    if found is None:
-        found = connection.execute(insert(table).values(**row()).returning(table.id)).scalar_one()
-    return int(found)
+def _inserted_id(connection: Connection, statement: Any, values: dict[str, object]) -> int:
+    cursor = raw.run(connection, statement, values)
+    try:
+        return int(cursor.fetchone()[0])
+    finally:
+        cursor.close()
 
 
 def _patient_pk(connection: Connection, entry: IndexEntry) -> int:
-    found = connection.execute(
-        select(Patient.id).where(Patient.patient_id == entry.patient_id, Patient.issuer == entry.issuer)
-    ).scalar_one_or_none()
+    found = raw.first(connection, _FIND_PATIENT, {"pid": entry.patient_id, "issuer": entry.issuer})
     if found is not None:
-        return int(found)
+        return int(found[0])
     patient = {
         "patient_id": entry.patient_id,
         "issuer": entry.issuer,
@@ -285,41 +303,39 @@ def _patient_pk(connection: Connection, entry: IndexEntry) -> int:
         "phone": "",
         "synthetic": entry.source == "generated",
     }
-    return int(connection.execute(insert(Patient).values(**patient).returning(Patient.id)).scalar_one())
+    return _inserted_id(connection, _INSERT_PATIENT, patient)
 
 
 def _study_pk(connection: Connection, entry: IndexEntry) -> int:
-    return _pk(
-        connection,
-        Study.study_instance_uid,
-        entry.study_instance_uid,
-        lambda: {
-            "study_instance_uid": entry.study_instance_uid,
-            "patient_pk": _patient_pk(connection, entry),
-            "study_date": entry.study_date,
-            "study_time": entry.study_time,
-            "accession_number": entry.accession_number,
-            "study_id": entry.study_id,
-            "study_description": entry.study_description,
-            "referring_physician_name": entry.referring_physician_name,
-        },
-    )
+    found = raw.first(connection, _FIND_STUDY, {"uid": entry.study_instance_uid})
+    if found is not None:
+        return int(found[0])
+    study = {
+        "study_instance_uid": entry.study_instance_uid,
+        "patient_pk": _patient_pk(connection, entry),
+        "study_date": entry.study_date,
+        "study_time": entry.study_time,
+        "accession_number": entry.accession_number,
+        "study_id": entry.study_id,
+        "study_description": entry.study_description,
+        "referring_physician_name": entry.referring_physician_name,
+    }
+    return _inserted_id(connection, _INSERT_STUDY, study)
 
 
-def _series_pk(connection: Connection, entry: IndexEntry, study_pk: int) -> int:
-    return _pk(
-        connection,
-        Series.series_instance_uid,
-        entry.series_instance_uid,
-        lambda: {
-            "series_instance_uid": entry.series_instance_uid,
-            "study_pk": study_pk,
-            "modality": entry.modality,
-            "series_number": entry.series_number,
-            "series_description": entry.series_description,
-            "body_part_examined": entry.body_part_examined,
-        },
-    )
+def _series_pk(connection: Connection, entry: IndexEntry) -> int:
+    found = raw.first(connection, _FIND_SERIES, {"uid": entry.series_instance_uid})
+    if found is not None:
+        return int(found[0])
+    series = {  # the first instance of its series: the study is looked up only now
+        "series_instance_uid": entry.series_instance_uid,
+        "study_pk": _study_pk(connection, entry),
+        "modality": entry.modality,
+        "series_number": entry.series_number,
+        "series_description": entry.series_description,
+        "body_part_examined": entry.body_part_examined,
+    }
+    return _inserted_id(connection, _INSERT_SERIES, series)
 
 
 def _instance_values(entry: IndexEntry, series_pk: int) -> dict[str, object]:

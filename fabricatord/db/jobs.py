@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import Connection, Select, bindparam, func, insert, select, update
 
 from fabricatord.config import Settings
+from fabricatord.db import raw
 from fabricatord.db.engine import Database
 from fabricatord.db.models import Acquisition, RequestedProcedure, RouteJob, ScheduledStep
 
@@ -58,6 +59,7 @@ _ORDER_STEPS = (
     .where(RequestedProcedure.order_pk == bindparam("order_pk"))
 )
 _INSERT_ACQUISITION = insert(Acquisition)
+_INSERT_JOB = insert(RouteJob).inline()
 
 
 def _acquisition_row(step_pk: int, policy: str, due_at: datetime | None, now: datetime) -> dict[str, Any]:
@@ -250,8 +252,7 @@ class RouteJobs:
             }
             for sop, study, peer, route in jobs
         ]
-        if rows:
-            connection.execute(insert(RouteJob), rows)
+        raw.run_many(connection, _INSERT_JOB, rows)
         return len(rows)
 
     def claim(self, limit: int = 500) -> list[RouteRecord]:

@@ -15,7 +15,7 @@ import os
 import shutil
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, replace
@@ -28,6 +28,8 @@ from pydicom.dataset import Dataset
 
 from fabricatord.config.values import is_valid_uid, show_size
 from fabricatord.db import IndexEntry, InstanceIndex
+from fabricatord.db.group import GroupCommit
+from fabricatord.db.index import StoredInstance
 from fabricatord.dicom.part10 import Part10Encoder
 from fabricatord.obs import metrics
 from fabricatord.obs.faults import faultpoint
@@ -165,6 +167,16 @@ class Encoded:
 
 
 @dataclass
+class _Adoption:
+    """A received file on its way into storage: linked at `final` once `placed`."""
+
+    entry: IndexEntry
+    marker: Path
+    final: Path
+    placed: bool = False
+
+
+@dataclass
 class _Pending:
     """A staged instance: its file is durable in tmp; only its index entry is kept in memory."""
 
@@ -204,6 +216,8 @@ class InstanceWriter:
         # cannot both decide it is new; the slow part (encode, write, fsync) runs outside it.
         self._commit_lock = threading.Lock()
         self._known_dirs: set[Path] = set()
+        """Folders under storage whose entries are durable: a link into one needs its fsync only."""
+        self._adoptions = GroupCommit(self._adopt_batch, key=lambda adoption: adoption.entry.sop_instance_uid)
         self._local = threading.local()
         self._io = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="storage-io")
         self._quota = quota_bytes
@@ -220,51 +234,102 @@ class InstanceWriter:
         """Store a complete Part 10 file already in `tmp_dir` (a received instance as it arrived)
         by linking rather than copying it; `ds` is its header, read to name and index it.
 
-        Order: fsync → rename within tmp to a name that says where the file goes → link into
-        storage → fsync of the folder → rows committed → the tmp name removed. The look-up, the
-        link and the rows share one transaction. After a crash, a tmp name that still shares its
-        file with a storage path tells `recover` which file to check against the index.
+        Order: rename within tmp to a name that says where the file goes → link into storage
+        (unless a file is there) → fsync of the file, then of its folders → rows committed with
+        whatever else is waiting (`GroupCommit`) → the tmp name removed. The file's fsync commits
+        the links with it on a journalling file system, so the folders' fsyncs find little to do.
+        After a crash, a tmp name that still shares its file with a storage path tells `recover`
+        which file to check against the index.
         """
         try:
             relative = relative_path(ds, self._layout)
         except InvalidInstance:
             metrics.STORAGE_WRITE_FAILURES.labels("invalid").inc()
             raise
-        with metrics.STORAGE_WRITE_SECONDS.time():
-            size = _fsync(file)
+        size = file.stat().st_size
         self._check_space(size)
-        faultpoint("store.after_tmp_write")
         # No digest yet: reading the file back to hash it would cost more than the rest of the
         # write; a duplicate, the only reader of digests, hashes both files when it comes.
         entry = index_entry(ds, relative, size, "", source, source_ae)
         marker = self._tmp / f"{relative.replace('/', _MARK)}.{os.getpid()}.{threading.get_ident()}.part"
         os.replace(file, marker)
-        final = self._storage / relative
+        adoption = _Adoption(entry, marker, self._storage / relative)
         try:
-            with self._commit_lock:
-                existing = self._index.insert_unless_known(entry, lambda: self._link(marker, final))
-                if existing is None and self._used is not None:
-                    self._used += size
+            with metrics.STORAGE_WRITE_SECONDS.time():
+                adoption.placed = self._place(marker, adoption.final)
+            faultpoint("store.after_rename")
+            existing = self._adoptions.submit(adoption)
             if existing is None:
                 faultpoint("store.after_commit")
                 metrics.INSTANCES_STORED.labels(source, "new").inc()
                 metrics.STORED_BYTES.inc(size)
-                return WriteResult(entry.sop_instance_uid, final, size, "new")
+                return WriteResult(entry.sop_instance_uid, adoption.final, size, "new")
+            self._unplace(adoption)
             # Known already: identical, kept or overwritten, as the batch path decides.
             entry = replace(entry, digest=_digest(marker))
             return next(self._commit([_Pending(entry, marker)], source))
+        except BaseException:
+            self._unplace(adoption)  # nothing of it was committed
+            raise
         finally:
             marker.unlink(missing_ok=True)
 
-    def _link(self, marker: Path, final: Path) -> None:
-        self._ensure_dir(final.parent)
+    def _place(self, marker: Path, final: Path) -> bool:
+        """Link the file at its storage path, and make it and the link durable; whether it is
+        there (False: another file holds the path, which the commit settles)."""
+        folders = self._make_dirs(final.parent)
         try:
             os.link(marker, final)
-        except FileExistsError:  # a file the index does not know: ours wins
-            final.unlink()
-            os.link(marker, final)
-        _fsync_dir(final.parent)
-        faultpoint("store.after_rename")
+            placed = True
+        except FileExistsError:
+            placed = False
+        _fsync(marker)
+        faultpoint("store.after_tmp_write")
+        for folder in folders:
+            _fsync_dir(folder)
+        self._known_dirs.update(folder for folder in folders if folder != self._storage)
+        return placed
+
+    def _make_dirs(self, folder: Path) -> list[Path]:
+        """Create `folder` and what it lacks; the folders whose entries a link into it needs
+        durable, deepest first (none once it is known: an earlier write made them durable)."""
+        if folder in self._known_dirs:
+            return [folder]
+        chain = []
+        probe = folder
+        while probe not in self._known_dirs and probe != self._storage:
+            chain.append(probe)
+            probe = probe.parent
+        for created in reversed(chain):
+            created.mkdir(exist_ok=True)
+        return [folder, *(entry.parent for entry in chain)]
+
+    def _adopt_batch(self, adoptions: Sequence[_Adoption]) -> list[StoredInstance | None]:
+        """The group commit of received instances: one transaction for every waiting one."""
+
+        def place(position: int) -> None:
+            adoption = adoptions[position]
+            if not adoption.placed:  # a file the index does not know holds the path: ours wins
+                adoption.final.unlink(missing_ok=True)
+                os.link(adoption.marker, adoption.final)
+                _fsync_dir(adoption.final.parent)
+                adoption.placed = True
+
+        with self._commit_lock:
+            found = self._index.insert_unless_known([adoption.entry for adoption in adoptions], place)
+            if self._used is not None:
+                self._used += sum(a.entry.size for a, known in zip(adoptions, found, strict=True) if known is None)
+        return found
+
+    def _unplace(self, adoption: _Adoption) -> None:
+        """Take back a link the index does not hold (a duplicate's, or one whose commit failed)."""
+        if not adoption.placed:
+            return
+        adoption.placed = False
+        with suppress(FileNotFoundError):
+            if adoption.final.samefile(adoption.marker):
+                adoption.final.unlink()
+                _fsync_dir(adoption.final.parent)
 
     def prepare(self, ds: Dataset, source: str, source_ae: str = "") -> Encoded:
         """Validate and encode `ds`; thread-safe, so a producer thread can do it ahead of the writes."""
@@ -377,11 +442,12 @@ class InstanceWriter:
             folders = set()
             for item in moving:
                 final = self._storage / item.relative
-                self._ensure_dir(final.parent)
+                created = self._make_dirs(final.parent)
                 os.replace(item.tmp, final)
-                folders.add(final.parent)
-            for folder in folders:
+                folders.update(created)
+            for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
                 _fsync_dir(folder)
+            self._known_dirs.update(folder for folder in folders if folder != self._storage)
             faultpoint("store.after_rename")
             if moving:
                 self._index.commit([p.entry for p in moving], intents)
@@ -398,20 +464,6 @@ class InstanceWriter:
             if item.outcome in ("new", "overwritten"):
                 metrics.STORED_BYTES.inc(item.entry.size)
             yield WriteResult(item.uid, self._storage / item.relative, item.entry.size, item.outcome)
-
-    def _ensure_dir(self, folder: Path) -> None:
-        if folder in self._known_dirs:
-            return
-        missing = []
-        probe = folder
-        while not probe.exists():
-            missing.append(probe)
-            probe = probe.parent
-        for created in reversed(missing):
-            created.mkdir(exist_ok=True)
-            # The new folder's own entry must be durable too, or a crash can orphan the file.
-            _fsync_dir(created.parent)
-        self._known_dirs.add(folder)
 
     def recover(self) -> RecoveryReport:
         """After a crash: remove temporary files and settle every intent left behind."""

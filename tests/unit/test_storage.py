@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 
 import pytest
 from pydicom import config, dcmread
 from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
 
 from fabricatord.config.values import show_size
 from fabricatord.db import InstanceIndex, open_database
@@ -116,3 +118,39 @@ def test_quota_and_watermark_refuse_without_leaving_anything(tmp_path: Path) -> 
     with pytest.raises(OutOfSpace, match="watermark"):
         full.write(third, "received")
     assert list((tmp_path / "tmp").iterdir()) == [] and len(index.lookup([third.SOPInstanceUID])) == 0
+
+
+def test_received_files_adopted_at_once_share_commits_and_a_duplicate_is_stored_once(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Eight associations' C-STOREs at the same moment, two of them the same instance: every file
+    linked and indexed, the duplicate answered as identical, nothing left in tmp."""
+    writer = writer_for(database_url, tmp_path)
+    datasets = study("CT", images=7)
+    datasets.append(datasets[0])
+    encoder = Part10Encoder()
+    received = []
+    for number, ds in enumerate(datasets):
+        path = tmp_path / "tmp" / f"received-{number}.dcm"
+        path.write_bytes(encoder.encode(ds))
+        received.append((path, dcmread(path, stop_before_pixels=True)))
+    outcomes: list[str] = []
+    start = threading.Barrier(len(received))
+
+    def adopt(path: Path, header: Dataset) -> None:
+        start.wait()
+        outcomes.append(writer.adopt(path, header, "received", "MODALITY").outcome)
+
+    threads = [threading.Thread(target=adopt, args=pair) for pair in received]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(outcomes) == ["identical"] + ["new"] * 7
+    index = InstanceIndex(open_database(database_url))
+    stored = index.study_instances(datasets[0].StudyInstanceUID)
+    assert len(stored) == 7
+    for instance in stored:
+        assert dcmread(tmp_path / "storage" / instance.path).SOPInstanceUID == instance.sop_instance_uid
+    files = list((tmp_path / "storage").rglob("*.dcm"))
+    assert len(files) == 7 and list((tmp_path / "tmp").iterdir()) == []
