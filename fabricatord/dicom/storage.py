@@ -18,13 +18,16 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Literal
 
-from pydicom.datadict import tag_for_keyword
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.valuerep import TEXT_VR_DELIMS
 
 from fabricatord.config.values import is_valid_uid, show_size
 from fabricatord.db import IndexEntry, InstanceIndex
@@ -85,57 +88,56 @@ def relative_path(ds: Dataset, layout: Layout) -> str:
     return f"{study}/{series}/{sop}.dcm"
 
 
-INDEXED_TAGS = frozenset(
-    int(tag_for_keyword(keyword) or 0)
-    for keyword in (
-        "SpecificCharacterSet",
-        "PatientID",
-        "IssuerOfPatientID",
-        "PatientName",
-        "PatientBirthDate",
-        "PatientSex",
-        "StudyInstanceUID",
-        "StudyDate",
-        "StudyTime",
-        "AccessionNumber",
-        "StudyID",
-        "StudyDescription",
-        "ReferringPhysicianName",
-        "SeriesInstanceUID",
-        "Modality",
-        "SeriesNumber",
-        "SeriesDescription",
-        "BodyPartExamined",
-        "SOPInstanceUID",
-        "SOPClassUID",
-        "InstanceNumber",
-    )
+_INDEXED_KEYWORDS = (
+    "SpecificCharacterSet",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "InstanceNumber",
 )
+INDEXED_TAGS = frozenset(int(tag_for_keyword(keyword) or 0) for keyword in _INDEXED_KEYWORDS)
 """What `index_entry` and `relative_path` read of an instance (and the character set they are in)."""
 
 
 def index_entry(ds: Dataset, path: str, size: int, digest: str, source: str, source_ae: str) -> IndexEntry:
+    text = _Header(ds)
     return IndexEntry(
-        patient_id=_text(ds, "PatientID", 64),
-        issuer=_text(ds, "IssuerOfPatientID", 64),
-        patient_name=_text(ds, "PatientName", 324),
-        birth_date=_text(ds, "PatientBirthDate", 8),
-        sex=_text(ds, "PatientSex", 1),
+        patient_id=text("PatientID", 64),
+        issuer=text("IssuerOfPatientID", 64),
+        patient_name=text("PatientName", 324),
+        birth_date=text("PatientBirthDate", 8),
+        sex=text("PatientSex", 1),
         study_instance_uid=ds.StudyInstanceUID,
-        study_date=_text(ds, "StudyDate", 8),
-        study_time=_text(ds, "StudyTime", 16),
-        accession_number=_text(ds, "AccessionNumber", 16),
-        study_id=_text(ds, "StudyID", 16),
-        study_description=_text(ds, "StudyDescription", 64),
-        referring_physician_name=_text(ds, "ReferringPhysicianName", 324),
+        study_date=text("StudyDate", 8),
+        study_time=text("StudyTime", 16),
+        accession_number=text("AccessionNumber", 16),
+        study_id=text("StudyID", 16),
+        study_description=text("StudyDescription", 64),
+        referring_physician_name=text("ReferringPhysicianName", 324),
         series_instance_uid=ds.SeriesInstanceUID,
-        modality=_text(ds, "Modality", 16),
-        series_number=_integer(ds, "SeriesNumber"),
-        series_description=_text(ds, "SeriesDescription", 64),
-        body_part_examined=_text(ds, "BodyPartExamined", 16),
+        modality=text("Modality", 16),
+        series_number=_integer(text("SeriesNumber", 12)),
+        series_description=text("SeriesDescription", 64),
+        body_part_examined=text("BodyPartExamined", 16),
         sop_instance_uid=ds.SOPInstanceUID,
         sop_class_uid=ds.SOPClassUID,
-        instance_number=_integer(ds, "InstanceNumber"),
+        instance_number=_integer(text("InstanceNumber", 12)),
         transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
         path=path,
         size=size,
@@ -145,16 +147,49 @@ def index_entry(ds: Dataset, path: str, size: int, digest: str, source: str, sou
     )
 
 
-def _text(ds: Dataset, keyword: str, limit: int) -> str:
-    value = ds.get(keyword)
-    return "" if value is None else str(value)[:limit]
+_CHARACTER_SET_VRS = frozenset({"PN", "LO", "SH", "LT", "ST", "UT", "UC"})
+_DELIMITERS = {
+    "PN": TEXT_VR_DELIMS | {0x5C, 0x5E, 0x3D},  # values, components, groups
+    "LO": TEXT_VR_DELIMS | {0x5C},
+    "SH": TEXT_VR_DELIMS | {0x5C},
+}
 
 
-def _integer(ds: Dataset, keyword: str) -> int | None:
+class _Header:
+    """An element's value as index text, decoded from the bytes the walk kept: pydicom's
+    conversion (validation, value objects) cost more than the rest of indexing a C-STORE. What
+    pydicom already converted is read as it is."""
+
+    def __init__(self, ds: Dataset) -> None:
+        self._ds = ds
+        self._encodings: list[str] | None = None
+
+    def __call__(self, keyword: str, limit: int) -> str:
+        tag = _TAG_OF[keyword]
+        element = self._ds.get_item(tag)
+        if element is None:
+            return ""
+        if not isinstance(element, RawDataElement):
+            value = element.value
+            return "" if value is None else str(value)[:limit]
+        raw = element.value or b""
+        vr = element.VR or dictionary_VR(tag)
+        if vr in _CHARACTER_SET_VRS:
+            if self._encodings is None:
+                self._encodings = convert_encodings(self._ds.get("SpecificCharacterSet") or "ISO_IR 6")
+            text = decode_bytes(raw, self._encodings, _DELIMITERS.get(vr, TEXT_VR_DELIMS)).rstrip(" \x00")
+        else:
+            text = raw.decode("ascii", "replace").strip(" \x00")
+        return text[:limit]
+
+
+_TAG_OF = {keyword: int(tag_for_keyword(keyword) or 0) for keyword in _INDEXED_KEYWORDS}
+
+
+def _integer(text: str) -> int | None:
     try:
-        value = ds.get(keyword)
-        return None if value in (None, "") else int(value)
-    except (TypeError, ValueError):
+        return int(text) if text else None
+    except ValueError:
         return None
 
 
@@ -174,6 +209,8 @@ class _Adoption:
     marker: Path
     final: Path
     placed: bool = False
+    folders: list[Path] = field(default_factory=list)
+    """What a link into `final`'s folder needs durable, deepest first."""
 
 
 @dataclass
@@ -235,9 +272,10 @@ class InstanceWriter:
         by linking rather than copying it; `ds` is its header, read to name and index it.
 
         Order: rename within tmp to a name that says where the file goes → link into storage
-        (unless a file is there) → fsync of the file, then of its folders → rows committed with
-        whatever else is waiting (`GroupCommit`) → the tmp name removed. The file's fsync commits
-        the links with it on a journalling file system, so the folders' fsyncs find little to do.
+        (unless a file is there) → fsync of the file → with whatever else is waiting
+        (`GroupCommit`): fsync of their folders, rows committed → the tmp name removed. The
+        file's fsync commits the links with it on a journalling file system, so the folders'
+        fsyncs find little left to do.
         After a crash, a tmp name that still shares its file with a storage path tells `recover`
         which file to check against the index.
         """
@@ -256,8 +294,7 @@ class InstanceWriter:
         adoption = _Adoption(entry, marker, self._storage / relative)
         try:
             with metrics.STORAGE_WRITE_SECONDS.time():
-                adoption.placed = self._place(marker, adoption.final)
-            faultpoint("store.after_rename")
+                self._place(adoption)
             existing = self._adoptions.submit(adoption)
             if existing is None:
                 faultpoint("store.after_commit")
@@ -274,21 +311,17 @@ class InstanceWriter:
         finally:
             marker.unlink(missing_ok=True)
 
-    def _place(self, marker: Path, final: Path) -> bool:
-        """Link the file at its storage path, and make it and the link durable; whether it is
-        there (False: another file holds the path, which the commit settles)."""
-        folders = self._make_dirs(final.parent)
+    def _place(self, adoption: _Adoption) -> None:
+        """Link the file at its storage path (unless another file holds it, which the commit
+        settles) and make the file durable; its folders are made durable by the commit."""
+        adoption.folders = self._make_dirs(adoption.final.parent)
         try:
-            os.link(marker, final)
-            placed = True
+            os.link(adoption.marker, adoption.final)
+            adoption.placed = True
         except FileExistsError:
-            placed = False
-        _fsync(marker)
+            adoption.placed = False
+        _fsync(adoption.marker)
         faultpoint("store.after_tmp_write")
-        for folder in folders:
-            _fsync_dir(folder)
-        self._known_dirs.update(folder for folder in folders if folder != self._storage)
-        return placed
 
     def _make_dirs(self, folder: Path) -> list[Path]:
         """Create `folder` and what it lacks; the folders whose entries a link into it needs
@@ -315,6 +348,13 @@ class InstanceWriter:
                 _fsync_dir(adoption.final.parent)
                 adoption.placed = True
 
+        # Each folder once for the batch, deepest first: concurrent stores of new studies all add
+        # to storage/ itself, and each fsync of it would be a journal commit of its own.
+        folders = {folder for adoption in adoptions for folder in adoption.folders}
+        for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
+            _fsync_dir(folder)
+        self._known_dirs.update(folder for folder in folders if folder != self._storage)
+        faultpoint("store.after_rename")
         with self._commit_lock:
             found = self._index.insert_unless_known([adoption.entry for adoption in adoptions], place)
             if self._used is not None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from fabricatord.servers.dicom.store import SPOOL_LIMIT
 from tests.conftest import free_port, need, run_cli, wait_for_echo
 from tests.integration.conftest import DCMTK_ENV, halt, launch
 from tests.robustness.conftest import DICOM_SETTINGS, Node, start_node
@@ -56,14 +57,20 @@ def test_kill_9_during_a_c_store_keeps_what_was_answered_and_nothing_half_done(
     uid = f"{ROOT}.40.{abs(hash(point)) % 1000}"
     data = encode(instance(uid, Rows=256, Columns=256, BitsAllocated=16, PixelData=bytes(131072)))
     env = {"FABRICATORD_FAULTPOINT": f"{point}:kill"} if point.startswith("store.") else None
-    daemon = launch(tmp_path, "crashing", JSON_LOG, env, DICOM_SETTINGS)
+    # Mid-transfer sends more than the node holds in memory: past the usual 1 MiB cap.
+    settings = DICOM_SETTINGS.replace('"1MiB"', '"4MiB"') if point == "mid-transfer" else DICOM_SETTINGS
+    daemon = launch(tmp_path, "crashing", JSON_LOG, env, settings)
     try:
         with associated(daemon.port) as wire:
             if point == "mid-transfer":
-                wire.send(p_data(pdv(1, 3, store_rq(CT_IMAGE_STORAGE, uid))) + p_data(pdv(1, 0, data[:65536])))
+                # Past what the node holds in memory (SPOOL_LIMIT), so that the part is in data_dir/tmp.
+                big = encode(instance(uid, Rows=1024, Columns=1024, BitsAllocated=16, PixelData=bytes(2 << 20)))
+                wire.send(p_data(pdv(1, 3, store_rq(CT_IMAGE_STORAGE, uid))))
+                for offset in range(0, SPOOL_LIMIT + 65536, 65536):
+                    wire.send(p_data(pdv(1, 0, big[offset : offset + 65536])))
                 deadline = time.monotonic() + 10
                 while not list((daemon.data_dir / "tmp").iterdir()) and time.monotonic() < deadline:
-                    time.sleep(0.05)  # pynetdicom is writing the part received into data_dir/tmp
+                    time.sleep(0.05)
                 assert list((daemon.data_dir / "tmp").iterdir())
                 daemon.process.kill()
             elif point == "after-response":

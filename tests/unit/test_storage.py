@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,15 @@ from pydicom.dataset import Dataset
 from fabricatord.config.values import show_size
 from fabricatord.db import InstanceIndex, open_database
 from fabricatord.dicom.part10 import Part10Encoder
-from fabricatord.dicom.storage import InstanceWriter, InvalidInstance, OutOfSpace, relative_path
+from fabricatord.dicom.storage import (
+    INDEXED_TAGS,
+    InstanceWriter,
+    InvalidInstance,
+    OutOfSpace,
+    index_entry,
+    relative_path,
+)
+from fabricatord.dicom.walk import WalkLimits, read_received
 from tests.helpers import study
 
 
@@ -154,3 +163,35 @@ def test_received_files_adopted_at_once_share_commits_and_a_duplicate_is_stored_
         assert dcmread(tmp_path / "storage" / instance.path).SOPInstanceUID == instance.sop_instance_uid
     files = list((tmp_path / "storage").rglob("*.dcm"))
     assert len(files) == 7 and list((tmp_path / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("charset", "name", "description"),
+    [
+        ("", "Doe^John", "CT HEAD"),
+        ("ISO_IR 100", "Müller^Jürgen", "Schädel  "),
+        ("ISO_IR 192", "Ωμέγα^Δέλτα=Omega^Delta", "头部 CT"),
+        (["ISO 2022 IR 6", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎", "Head"),
+        ("ISO_IR 192", "Doe^John\\Roe^Richard", "two names"),
+    ],
+)
+def test_a_received_header_indexes_as_pydicom_reads_it(
+    charset: str, name: str, description: str, tmp_path: Path
+) -> None:
+    """Index text is decoded from the walked bytes, not through pydicom's conversion: the two agree."""
+    ds = study("CT", images=1)[0]
+    if charset:
+        ds.SpecificCharacterSet = charset
+    ds.PatientName = name
+    ds.StudyDescription = description
+    ds.SeriesNumber = "7 "
+    path = tmp_path / "received.dcm"
+    path.write_bytes(Part10Encoder().encode(ds))
+    walked = read_received(path, INDEXED_TAGS, WalkLimits())
+    converted = dcmread(path)
+    assert index_entry(walked, "x", 1, "", "received", "AE") == replace(
+        index_entry(converted, "x", 1, "", "received", "AE"),
+        patient_name=str(converted.PatientName) if "\\" not in name else name,
+    )
+    assert index_entry(walked, "x", 1, "", "received", "AE").patient_name == name
+    assert index_entry(walked, "x", 1, "", "received", "AE").series_number == 7

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from io import BytesIO
-from pathlib import Path
 from typing import Any
 
 from pydicom.uid import UID
@@ -436,7 +435,7 @@ class Session:
 
     def dropped(self, association: Association, message: Message) -> None:
         if message.stored is not None:
-            Path(message.stored).unlink(missing_ok=True)  # a C-STORE's dataset, never answered
+            message.stored.remove()  # a C-STORE's dataset, never answered
 
     def _refuse(self, message: Message, status: int, comment: str, why: str) -> None:
         """Answer a request with a failure status before any service ran."""
@@ -450,7 +449,7 @@ class Session:
             address=self.served.address,
         )
         if message.stored is not None:
-            Path(message.stored).unlink(missing_ok=True)  # a C-STORE's dataset, received into data_dir/tmp
+            message.stored.remove()  # a C-STORE's dataset, never stored
         self._final(message, Response(status, comment))
 
     def _run(self, service: Service_, request: Request) -> None:

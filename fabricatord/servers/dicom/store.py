@@ -1,6 +1,7 @@
-"""C-STORE: the dataset is written, as the peer sent it, behind our file meta into data_dir/tmp
-while it arrives (on the reactor: buffered writes); the service walks it, checks it against the
-command and hands it to the writer, which fsyncs, links and indexes it before success goes out.
+"""C-STORE: the dataset is kept, as the peer sent it, behind our file meta (in memory, or in
+data_dir/tmp once it is large) while it arrives; the service writes it out, walks it, checks it
+against the command and hands it to the writer, which fsyncs, links and indexes it before success
+goes out.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import struct
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -24,27 +25,62 @@ from fabricatord.servers.dicom.context import Request, Response, Status
 log = get_logger(__name__)
 
 
+SPOOL_LIMIT = 1024 * 1024
+"""Bytes of a C-STORE dataset held in memory as it arrives; a larger one goes to its file from
+there on. File creation and writes block on the journal while another thread fsyncs, and the
+reactor that reads every association must not: a dataset this size is written by its worker."""
+
+
 class ReceivedFile:
     """Where a C-STORE dataset goes as it arrives: a Part 10 file in data_dir/tmp, our file meta
-    first (the transfer syntax the context agreed), the peer's bytes after it unchanged."""
+    first (the transfer syntax the context agreed), the peer's bytes after it unchanged; held in
+    memory until it passes SPOOL_LIMIT, so most files are written by the worker (`written`)."""
 
     def __init__(self, tmp_dir: Path, sop_class: str, sop_instance: str, transfer_syntax: str) -> None:
         self.path = tmp_dir / f"received-{uuid.uuid4().hex}.dcm"
-        self._file = self.path.open("wb")
-        self._file.write(file_meta(sop_class, sop_instance, transfer_syntax))
+        self._held = [file_meta(sop_class, sop_instance, transfer_syntax)]
+        self._held_size = 0
+        self._file: BinaryIO | None = None
 
     def write(self, data: memoryview) -> None:
+        if self._file is None:
+            if self._held_size + len(data) <= SPOOL_LIMIT:
+                self._held.append(bytes(data))
+                self._held_size += len(data)
+                return
+            self._file = self._spill()
         self._file.write(data)
 
-    def close(self) -> Path:
-        self._file.close()
+    def close(self) -> ReceivedFile:
+        """The dataset is complete (on the reactor): what the message carries as `stored`."""
+        if self._file is not None:
+            self._file.close()
+        return self
+
+    def written(self) -> Path:
+        """The complete file (on a worker): written now if it was held in memory."""
+        if self._file is None:
+            self._file = self._spill()
+            self._file.close()
         return self.path
+
+    def remove(self) -> None:
+        """Nothing of it will be stored: the file goes, if there is one."""
+        self._held = []
+        self.path.unlink(missing_ok=True)
 
     def discard(self) -> None:
         """The association ended inside the C-STORE: nothing was acknowledged, so the part goes."""
-        self._file.close()
-        self.path.unlink(missing_ok=True)
+        if self._file is not None:
+            self._file.close()
+        self.remove()
         log.warning("connection closed during a c-store: the partial dataset was removed")
+
+    def _spill(self) -> BinaryIO:
+        file = self.path.open("wb")
+        file.writelines(self._held)
+        self._held = []
+        return file
 
 
 def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
@@ -78,7 +114,7 @@ def _element(element: int, vr: bytes, value: bytes) -> bytes:
 
 
 def serve(request: Request) -> Response:
-    received: Path | None = request.message.stored
+    received: ReceivedFile | None = request.message.stored
     try:
         if request.refused("C-STORE"):
             return Response(Status.NOT_AUTHORIZED, "this AE may not store here")
@@ -90,22 +126,23 @@ def serve(request: Request) -> Response:
         return Response(code, comment)
     finally:
         if received is not None:
-            received.unlink(missing_ok=True)  # adopted files were renamed away already
+            received.remove()  # adopted files were renamed away already
 
 
-def _store(request: Request, received: Path | None) -> tuple[int, str, str]:
+def _store(request: Request, received: ReceivedFile | None) -> tuple[int, str, str]:
     """Write the instance durably; (status, Error Comment, why it was refused)."""
     try:
         if received is None:
             raise Malformed("the C-STORE carried no dataset")
-        ds = read_received(received, INDEXED_TAGS, request.parts.walk_limits)
+        file = received.written()
+        ds = read_received(file, INDEXED_TAGS, request.parts.walk_limits)
         _check_match(request.command, ds)
-        dataset_bytes = received.stat().st_size - _dataset_offset(ds)
+        dataset_bytes = file.stat().st_size - _dataset_offset(ds)
         metrics.RECEIVED_BYTES.inc(dataset_bytes)
         served = request.served
         served.operation_bytes = dataset_bytes
         served.bytes += dataset_bytes
-        result = request.parts.writer.adopt(received, ds, "received", served.calling_ae)
+        result = request.parts.writer.adopt(file, ds, "received", served.calling_ae)
     except Exception as exc:
         return _store_refusal(exc)
     request.served.stored += 1
