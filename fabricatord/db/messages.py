@@ -34,7 +34,7 @@ class LoggedMessage:
 
 
 _SETTLED = (
-    select(Hl7Message.ack)
+    select(Hl7Message.ack, Hl7Message.outcome)
     .where(
         Hl7Message.sending_application == bindparam("application"),
         Hl7Message.sending_facility == bindparam("facility"),
@@ -57,13 +57,14 @@ class MessageLog:
         self._db = database
 
     @staticmethod
-    def settled_ack(
+    def settled(
         connection: Connection, sending_application: str, sending_facility: str, control_id: str
-    ) -> bytes | None:
-        """The ACK a message with this sender and control ID got, if it was settled (AA or AE)."""
-        return connection.execute(
+    ) -> tuple[bytes, str] | None:
+        """The ACK and outcome (AA or AE) of the settled message with this sender and control ID."""
+        row = connection.execute(
             _SETTLED, {"application": sending_application, "facility": sending_facility, "control_id": control_id}
-        ).scalar_one_or_none()
+        ).first()
+        return None if row is None else (row[0], row[1])
 
     @staticmethod
     def add(connection: Connection, values: dict[str, Any]) -> int:

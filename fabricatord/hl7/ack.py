@@ -14,6 +14,31 @@ from fabricatord.hl7.codec import ERROR_TEXTS, Header, Hl7Error, escape, version
 COMMIT_CODES = {"AA": "CA", "AE": "CE", "AR": "CR"}
 
 
+def answer_code(head: Header, outcome: str) -> str | None:
+    """The acknowledgment code a message with `outcome` (AA, AE or AR) is answered with, or None.
+
+    Original mode: the ACK. Enhanced mode (MSH-15/16 valued): the commit ACK when MSH-15 asks
+    for it (empty counts as AL); else the application ACK when MSH-16 asks for it; else nothing.
+    One answer at most: a second frame would be read as the answer to the sender's next message,
+    and an application ACK of our own initiative would need a commit ACK back.
+    """
+    if not (head.accept_ack or head.application_ack):
+        return outcome
+    if _wanted(head.accept_ack or "AL", outcome == "AA"):
+        return COMMIT_CODES[outcome]
+    if _wanted(head.application_ack or "NE", outcome == "AA"):
+        return outcome
+    return None
+
+
+def _wanted(condition: str, success: bool) -> bool:
+    """HL7 table 0155: AL always, NE never, ER on error, SU on success. A value outside the table
+    counts as AL: an answer the sender did not need costs less than a silence it resends into."""
+    if condition not in ("NE", "ER", "SU"):
+        return True
+    return (condition == "ER" and not success) or (condition == "SU" and success)
+
+
 def acknowledgment(
     head: Header,
     code: str,

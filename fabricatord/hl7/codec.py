@@ -11,30 +11,58 @@ from __future__ import annotations
 import codecs
 import re
 from dataclasses import dataclass, field, replace
+from enum import IntEnum
 from typing import Any
 
 import hl7
 from hl7.containers import Message, Segment
 from hl7.util import unescape
 
-CONTENT_ERRORS = frozenset({101, 102, 103, 204, 205})
+
+class ErrorCondition(IntEnum):
+    """HL7 table 0357, message error condition codes: what ERR-3 (ERR-1.4 before v2.5) carries."""
+
+    MESSAGE_ACCEPTED = 0
+    SEGMENT_SEQUENCE_ERROR = 100
+    REQUIRED_FIELD_MISSING = 101
+    DATA_TYPE_ERROR = 102
+    TABLE_VALUE_NOT_FOUND = 103
+    UNSUPPORTED_MESSAGE_TYPE = 200
+    UNSUPPORTED_EVENT_CODE = 201
+    UNSUPPORTED_PROCESSING_ID = 202
+    UNSUPPORTED_VERSION_ID = 203
+    UNKNOWN_KEY_IDENTIFIER = 204
+    DUPLICATE_KEY_IDENTIFIER = 205
+    APPLICATION_RECORD_LOCKED = 206
+    APPLICATION_INTERNAL_ERROR = 207
+
+
+CONTENT_ERRORS = frozenset(
+    {
+        ErrorCondition.REQUIRED_FIELD_MISSING,
+        ErrorCondition.DATA_TYPE_ERROR,
+        ErrorCondition.TABLE_VALUE_NOT_FOUND,
+        ErrorCondition.UNKNOWN_KEY_IDENTIFIER,
+        ErrorCondition.DUPLICATE_KEY_IDENTIFIER,
+    }
+)
 """HL7 v2 §2.9.2: errors in the content (AE, the sender must fix the message); every other code
 is not about the content (AR, the sender may resend it unchanged)."""
 
 ERROR_TEXTS = {
-    0: "Message accepted",
-    100: "Segment sequence error",
-    101: "Required field missing",
-    102: "Data type error",
-    103: "Table value not found",
-    200: "Unsupported message type",
-    201: "Unsupported event code",
-    202: "Unsupported processing id",
-    203: "Unsupported version id",
-    204: "Unknown key identifier",
-    205: "Duplicate key identifier",
-    206: "Application record locked",
-    207: "Application internal error",
+    ErrorCondition.MESSAGE_ACCEPTED: "Message accepted",
+    ErrorCondition.SEGMENT_SEQUENCE_ERROR: "Segment sequence error",
+    ErrorCondition.REQUIRED_FIELD_MISSING: "Required field missing",
+    ErrorCondition.DATA_TYPE_ERROR: "Data type error",
+    ErrorCondition.TABLE_VALUE_NOT_FOUND: "Table value not found",
+    ErrorCondition.UNSUPPORTED_MESSAGE_TYPE: "Unsupported message type",
+    ErrorCondition.UNSUPPORTED_EVENT_CODE: "Unsupported event code",
+    ErrorCondition.UNSUPPORTED_PROCESSING_ID: "Unsupported processing id",
+    ErrorCondition.UNSUPPORTED_VERSION_ID: "Unsupported version id",
+    ErrorCondition.UNKNOWN_KEY_IDENTIFIER: "Unknown key identifier",
+    ErrorCondition.DUPLICATE_KEY_IDENTIFIER: "Duplicate key identifier",
+    ErrorCondition.APPLICATION_RECORD_LOCKED: "Application record locked",
+    ErrorCondition.APPLICATION_INTERNAL_ERROR: "Application internal error",
 }
 
 VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.1", "2.8.2")
@@ -86,7 +114,7 @@ def default(codec: str) -> Charset:
 class Hl7Error(Exception):
     """A message we answer with AE or AR; the location says where, as ERR does."""
 
-    code: int
+    code: ErrorCondition
     text: str
     segment: str = ""
     sequence: int = 1
@@ -145,7 +173,7 @@ def decode(raw: bytes, default_charset: str) -> Decoded:
     if declared:
         charset = CHARSETS.get(declared.upper())
         if charset is None:
-            error = Hl7Error(103, f"unknown character set {declared!r}", "MSH", 1, 18)
+            error = Hl7Error(ErrorCondition.TABLE_VALUE_NOT_FOUND, f"unknown character set {declared!r}", "MSH", 1, 18)
             charset = CHARSETS["8859/1"]
     else:
         try:
@@ -285,12 +313,18 @@ class Parsed:
 
     def __init__(self, text: str) -> None:
         if not text.startswith("MSH"):
-            raise Hl7Error(100, "the message does not start with an MSH segment", "MSH")
+            raise Hl7Error(
+                ErrorCondition.SEGMENT_SEQUENCE_ERROR, "the message does not start with an MSH segment", "MSH"
+            )
         try:
             self.message: Message = hl7.parse(text)
         except (hl7.ParseException, IndexError, ValueError, AssertionError) as exc:
             # python-hl7 asserts on MSH-1/MSH-2 characters that repeat (found by tests/fuzz).
-            raise Hl7Error(100, f"unreadable message: {str(exc) or 'its separators repeat'}", "MSH") from exc
+            raise Hl7Error(
+                ErrorCondition.SEGMENT_SEQUENCE_ERROR,
+                f"unreadable message: {str(exc) or 'its separators repeat'}",
+                "MSH",
+            ) from exc
         self.header = header(text)
         self._segments: dict[str, list[Segment]] = {}
         for segment in self.message:

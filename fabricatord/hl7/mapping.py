@@ -17,7 +17,7 @@ from hl7.containers import Segment
 
 from fabricatord.config import Settings
 from fabricatord.config.schema import Hl7Profile
-from fabricatord.hl7.codec import Header, Hl7Error, Parsed, version_tuple
+from fabricatord.hl7.codec import ErrorCondition, Header, Hl7Error, Parsed, version_tuple
 
 DEFAULT_FIELDS = {
     "patient_id": "PID-3.1",
@@ -72,7 +72,7 @@ class Place:
     component: int = 0
     sub: int = 0
 
-    def error(self, code: int, text: str, sequence: int = 1) -> Hl7Error:
+    def error(self, code: ErrorCondition, text: str, sequence: int = 1) -> Hl7Error:
         return Hl7Error(code, text, self.segment, sequence, self.field, self.component)
 
 
@@ -215,7 +215,11 @@ class Mapper:
     def text(self, name: str, scope: dict[str, Segment] | None = None, limit: int = 0, sequence: int = 1) -> str:
         value, place = self._read(name, self._message_scope if scope is None else scope)
         if limit and place and len(value) > limit:
-            raise place.error(102, f"{name.replace('_', ' ')} {value!r} is longer than {limit} characters", sequence)
+            raise place.error(
+                ErrorCondition.DATA_TYPE_ERROR,
+                f"{name.replace('_', ' ')} {value!r} is longer than {limit} characters",
+                sequence,
+            )
         return value
 
     def _person(self, segment: Segment, number: int, kind: str) -> str:
@@ -246,13 +250,13 @@ class Mapper:
         """PID's patient; ERR 101 at PID-3 without an identifier."""
         patient_id = self.text("patient_id", limit=64)
         if not patient_id:
-            raise Hl7Error(101, "no patient identifier", "PID", 1, 3)
+            raise Hl7Error(ErrorCondition.REQUIRED_FIELD_MISSING, "no patient identifier", "PID", 1, 3)
         birth = self.text("birth_date")
         if birth and not (len(birth) >= 8 and birth[:8].isdigit()):
-            raise Hl7Error(102, f"birth date {birth!r} is not YYYYMMDD", "PID", 1, 7)
+            raise Hl7Error(ErrorCondition.DATA_TYPE_ERROR, f"birth date {birth!r} is not YYYYMMDD", "PID", 1, 7)
         sex = self.text("sex").upper()
         if sex and sex not in _SEX:
-            raise Hl7Error(103, f"sex {sex!r} is not in HL7 table 0001", "PID", 1, 8)
+            raise Hl7Error(ErrorCondition.TABLE_VALUE_NOT_FOUND, f"sex {sex!r} is not in HL7 table 0001", "PID", 1, 8)
         return PatientData(
             patient_id=patient_id,
             issuer=self.text("issuer", limit=64),
@@ -283,7 +287,7 @@ class Mapper:
         """MRG-1: the identifier being merged away or changed."""
         prior = self.text("prior_patient_id", limit=64)
         if not prior:
-            raise Hl7Error(101, "no prior patient identifier", "MRG", 1, 1)
+            raise Hl7Error(ErrorCondition.REQUIRED_FIELD_MISSING, "no prior patient identifier", "MRG", 1, 1)
         return prior, self.text("prior_issuer", limit=64)
 
     def orders(self) -> list[OrderData]:
@@ -296,7 +300,7 @@ class Mapper:
             if groups:
                 groups[-1].append(segment)
         if not groups:
-            raise Hl7Error(101, "the message holds no order (ORC)", "ORC")
+            raise Hl7Error(ErrorCondition.REQUIRED_FIELD_MISSING, "the message holds no order (ORC)", "ORC")
         return [self._order(group, sequence) for sequence, group in enumerate(groups, start=1)]
 
     def _order(self, group: list[Segment], sequence: int) -> OrderData:
@@ -309,7 +313,7 @@ class Mapper:
         orc = group_scope.get("ORC")
         control = self._value(orc, 1).upper() if orc is not None else "NW"
         if not control:
-            raise Hl7Error(101, "no order control", "ORC", sequence, 1)
+            raise Hl7Error(ErrorCondition.REQUIRED_FIELD_MISSING, "no order control", "ORC", sequence, 1)
         return OrderData(
             control=control,
             status=self._value(orc, 5).upper() if orc is not None else "",
@@ -328,7 +332,9 @@ class Mapper:
         if uid and not _UID.match(uid):
             _, place = self._read("study_instance_uid", scope)
             assert place is not None
-            raise place.error(102, f"Study Instance UID {uid!r} is not a valid UID", sequence)
+            raise place.error(
+                ErrorCondition.DATA_TYPE_ERROR, f"Study Instance UID {uid!r} is not a valid UID", sequence
+            )
         return ItemData(
             accession_number=self.text("accession_number", scope, 16, sequence),
             requested_procedure_id=self.text("requested_procedure_id", scope, 16, sequence),
@@ -361,7 +367,7 @@ class Mapper:
             return None
         parsed = parse_datetime(value)
         if parsed is None:
-            raise place.error(102, f"start {value!r} is not an HL7 date-time", sequence)
+            raise place.error(ErrorCondition.DATA_TYPE_ERROR, f"start {value!r} is not an HL7 date-time", sequence)
         return parsed
 
 

@@ -38,12 +38,13 @@ from fabricatord.db.worklist import (
     UnknownPatient,
     Worklist,
 )
-from fabricatord.hl7.ack import COMMIT_CODES, acknowledgment, batch_acknowledgment
+from fabricatord.hl7.ack import acknowledgment, answer_code, batch_acknowledgment
 from fabricatord.hl7.codec import (
     PROCESSING_IDS,
     VERSIONS,
     Batch,
     Decoded,
+    ErrorCondition,
     Header,
     Hl7Error,
     Parsed,
@@ -217,7 +218,7 @@ class Inbox:
 
     def _replies(self, part: tuple[Decoded, Batch, list[_Pending]]) -> list[bytes]:
         decoded, batch, pendings = part
-        answers = [answer for pending in pendings for answer in _answers(pending)]
+        answers = [answer for pending in pendings for answer in self._answers(pending)]
         if batch.batch_header or batch.file_header:
             answers = [batch_acknowledgment(answers, batch.batch_header, batch.file_header, self._clock())]
         elif len(answers) > 1:  # messages in one frame without a batch envelope: one frame back
@@ -269,7 +270,10 @@ class Inbox:
         head = header(decoded.text)
         pending = _Pending(head, decoded, _row(head, frame.raw, frame.peer))
         limit = self._settings.hl7.max_message_bytes
-        pending.error = Hl7Error(207, f"the message is larger than max_message_bytes ({limit} bytes): not read")
+        pending.error = Hl7Error(
+            ErrorCondition.APPLICATION_INTERNAL_ERROR,
+            f"the message is larger than max_message_bytes ({limit} bytes): not read",
+        )
         return pending
 
     def _commit(self, pendings: list[_Pending]) -> None:
@@ -296,7 +300,9 @@ class Inbox:
             for pending in pendings:
                 pending.error = failure
                 self._refuse(pending)
-            if failure.code == 206:  # logging them would wait out the same lock again
+            if (
+                failure.code == ErrorCondition.APPLICATION_RECORD_LOCKED
+            ):  # logging them would wait out the same lock again
                 return
             try:
                 with self._db.writer.begin() as connection:
@@ -317,16 +323,15 @@ class Inbox:
 
     def _apply(self, connection: Connection, pending: _Pending) -> None:
         head, row = pending.head, pending.row
-        stored = (
-            MessageLog.settled_ack(connection, head.sending_application, head.sending_facility, head.control_id)
+        settled = (
+            MessageLog.settled(connection, head.sending_application, head.sending_facility, head.control_id)
             if head.control_id
             else None
         )
-        if stored is not None:
+        if settled is not None:
+            stored, outcome = settled
             pending.ack, pending.outcome = stored.decode(pending.decoded.charset.codec, errors="replace"), "resend"
-            row.update(
-                outcome=_msa_code(pending.ack), detail="resend of a settled message: nothing changed", ack=stored
-            )
+            row.update(outcome=outcome, detail="resend of a settled message: nothing changed", ack=stored)
             pending.log_pk = MessageLog.add(connection, row)
             return
         if pending.apply is not None:
@@ -343,7 +348,9 @@ class Inbox:
             except Hl7Error as error:
                 pending.error = error
             except IntegrityError as exc:
-                pending.error = Hl7Error(207, f"the database refused the change: {exc.orig}")
+                pending.error = Hl7Error(
+                    ErrorCondition.APPLICATION_INTERNAL_ERROR, f"the database refused the change: {exc.orig}"
+                )
         self._refuse(pending)
         pending.log_pk = MessageLog.add(connection, row)
 
@@ -378,20 +385,41 @@ class Inbox:
                 sender=head.sending_application,
             )
 
+    def _answers(self, pending: _Pending) -> list[str]:
+        """What the sender gets back (`answer_code` says which); a resend its stored ACK."""
+        if pending.outcome == "resend":
+            return [pending.ack]
+        code = answer_code(pending.head, pending.outcome)
+        if code is None:
+            return []
+        if code == pending.outcome:
+            return [pending.ack]
+        return [self._ack(pending.head, code, [pending.error] if pending.error else [])]
+
     def _encoded(self, pending: _Pending) -> bytes:
         return _encoded(pending.ack, pending.decoded)
 
     def _check_header(self, head: Header, decoded: Decoded) -> None:
         if head.misplaced:
-            raise Hl7Error(100, "MSH is not the first segment of the message", "MSH", 1)
+            raise Hl7Error(
+                ErrorCondition.SEGMENT_SEQUENCE_ERROR, "MSH is not the first segment of the message", "MSH", 1
+            )
         if not head.message_type:
-            raise Hl7Error(100, "no MSH segment with a message type", "MSH", 1, 9)
+            raise Hl7Error(ErrorCondition.SEGMENT_SEQUENCE_ERROR, "no MSH segment with a message type", "MSH", 1, 9)
         if decoded.charset_error is not None:
             raise decoded.charset_error
         if head.version not in VERSIONS:
-            raise Hl7Error(203, f"version {head.version!r} (supported: {', '.join(VERSIONS)})", "MSH", 1, 12)
+            raise Hl7Error(
+                ErrorCondition.UNSUPPORTED_VERSION_ID,
+                f"version {head.version!r} (supported: {', '.join(VERSIONS)})",
+                "MSH",
+                1,
+                12,
+            )
         if head.processing_id[:1] not in PROCESSING_IDS:
-            raise Hl7Error(202, f"processing ID {head.processing_id!r}", "MSH", 1, 11)
+            raise Hl7Error(
+                ErrorCondition.UNSUPPORTED_PROCESSING_ID, f"processing ID {head.processing_id!r}", "MSH", 1, 11
+            )
 
     def _ack(self, head: Header, code: str, errors: list[Hl7Error]) -> str:
         control_id = f"{self._control_prefix}{next(self._control_ids):06d}"
@@ -402,9 +430,22 @@ class Inbox:
     def _handler(self, head: Header) -> Callable[[Mapper, Hl7Profile, Decoded], _Prepared]:
         events = SUPPORTED.get(head.message_type)
         if events is None:
-            raise Hl7Error(200, f"message type {head.message_type!r} is not handled", "MSH", 1, 9)
+            raise Hl7Error(
+                ErrorCondition.UNSUPPORTED_MESSAGE_TYPE,
+                f"message type {head.message_type!r} is not handled",
+                "MSH",
+                1,
+                9,
+            )
         if head.trigger not in events:
-            raise Hl7Error(201, f"event {head.trigger!r} of {head.message_type} is not handled", "MSH", 1, 9, 2)
+            raise Hl7Error(
+                ErrorCondition.UNSUPPORTED_EVENT_CODE,
+                f"event {head.trigger!r} of {head.message_type} is not handled",
+                "MSH",
+                1,
+                9,
+                2,
+            )
         if head.message_type in ORDER_MESSAGES:
             return self._orders
         if head.message_type == "ORU":
@@ -433,7 +474,11 @@ class Inbox:
                     if existing is None:
                         if new is None:
                             raise Hl7Error(
-                                204, f"order control {order.control} for an unknown order", "ORC", order.sequence, 2
+                                ErrorCondition.UNKNOWN_KEY_IDENTIFIER,
+                                f"order control {order.control} for an unknown order",
+                                "ORC",
+                                order.sequence,
+                                2,
                             )
                         order_pk = Worklist.place(connection, replace(new, hl7_message_pk=message_pk), patient_pk)
                         if Acquisitions.schedule_order(connection, order_pk, self._settings):
@@ -449,9 +494,16 @@ class Inbox:
                             Acquisitions.cancel(connection, Worklist.step_pks(connection, existing))
                         done.append(f"order {Worklist.accession(connection, existing)} {effect} ({changed} steps)")
                 except DuplicateStudy as exc:
-                    raise _place(profile, mapper, "study_instance_uid", order.sequence, 205, str(exc)) from exc
+                    raise _place(
+                        profile,
+                        mapper,
+                        "study_instance_uid",
+                        order.sequence,
+                        ErrorCondition.DUPLICATE_KEY_IDENTIFIER,
+                        str(exc),
+                    ) from exc
                 except UnknownPatient as exc:
-                    raise Hl7Error(204, str(exc), "PID", 1, 3) from exc
+                    raise Hl7Error(ErrorCondition.UNKNOWN_KEY_IDENTIFIER, str(exc), "PID", 1, 3) from exc
             return "; ".join(done)
 
         return apply
@@ -533,17 +585,31 @@ class Inbox:
         accession = item.accession_number
         if not accession:
             if profile.accession_number == "reject":
-                raise _place(profile, mapper, "accession_number", order.sequence, 101, "no accession number")
+                raise _place(
+                    profile,
+                    mapper,
+                    "accession_number",
+                    order.sequence,
+                    ErrorCondition.REQUIRED_FIELD_MISSING,
+                    "no accession number",
+                )
             accession = draw.accession()
         if not item.study_instance_uid and profile.study_instance_uid == "reject":
-            raise _place(profile, mapper, "study_instance_uid", order.sequence, 101, "no Study Instance UID")
+            raise _place(
+                profile,
+                mapper,
+                "study_instance_uid",
+                order.sequence,
+                ErrorCondition.REQUIRED_FIELD_MISSING,
+                "no Study Instance UID",
+            )
         if not modality:
             raise _place(
                 profile,
                 mapper,
                 "modality",
                 order.sequence,
-                101,
+                ErrorCondition.REQUIRED_FIELD_MISSING,
                 "no modality (name one in the message or map the procedure code in [hl7.procedure_modality])",
             )
         return replace(
@@ -574,7 +640,7 @@ class Inbox:
         def apply(connection: Connection, message_pk: int) -> str:
             prior = PatientRegistry.pk(connection, prior_id, prior_issuer or patient.issuer)
             if prior is None:
-                raise Hl7Error(204, f"no patient {prior_id!r} to merge", "MRG", 1, 1)
+                raise Hl7Error(ErrorCondition.UNKNOWN_KEY_IDENTIFIER, f"no patient {prior_id!r} to merge", "MRG", 1, 1)
             survivor = PatientRegistry.upsert(connection, _patient_record(patient))
             if survivor == prior:
                 return f"patient {prior_id} merged into itself: nothing to do"
@@ -592,10 +658,16 @@ class Inbox:
         def apply(connection: Connection, message_pk: int) -> str:
             prior = PatientRegistry.pk(connection, prior_id, prior_issuer or patient.issuer)
             if prior is None:
-                raise Hl7Error(204, f"no patient {prior_id!r} to change", "MRG", 1, 1)
+                raise Hl7Error(ErrorCondition.UNKNOWN_KEY_IDENTIFIER, f"no patient {prior_id!r} to change", "MRG", 1, 1)
             holder = PatientRegistry.pk(connection, patient.patient_id, patient.issuer)
             if holder is not None and holder != prior:
-                raise Hl7Error(205, f"patient ID {patient.patient_id!r} is already in use", "PID", 1, 3)
+                raise Hl7Error(
+                    ErrorCondition.DUPLICATE_KEY_IDENTIFIER,
+                    f"patient ID {patient.patient_id!r} is already in use",
+                    "PID",
+                    1,
+                    3,
+                )
             PatientRegistry.change_id(connection, prior, patient.patient_id, patient.issuer)
             PatientRegistry.upsert(connection, _patient_record(patient))
             return f"patient {prior_id} is now {patient.patient_id}"
@@ -611,7 +683,7 @@ class Inbox:
         def apply(connection: Connection, message_pk: int) -> str:
             pk = PatientRegistry.pk(connection, patient.patient_id, patient.issuer)
             if pk is None:
-                raise Hl7Error(204, f"no patient {patient.patient_id!r}", "PID", 1, 3)
+                raise Hl7Error(ErrorCondition.UNKNOWN_KEY_IDENTIFIER, f"no patient {patient.patient_id!r}", "PID", 1, 3)
             arrived = Worklist.arrive(connection, pk, day)
             return f"patient {patient.patient_id} arrived: {arrived} steps of {day} ARRIVED"
 
@@ -628,7 +700,9 @@ class Inbox:
             for order in orders:
                 existing = Worklist.find(connection, order.placer_order_number, order.filler_order_number)
                 if existing is None:
-                    raise Hl7Error(204, "a result for an unknown order", "OBR", order.sequence, 2)
+                    raise Hl7Error(
+                        ErrorCondition.UNKNOWN_KEY_IDENTIFIER, "a result for an unknown order", "OBR", order.sequence, 2
+                    )
                 changed = Worklist.set_status(connection, existing, "COMPLETED")
                 done.append(f"order {Worklist.accession(connection, existing)} COMPLETED ({changed} steps)")
             return "; ".join(done)
@@ -655,23 +729,6 @@ def _row(head: Header, raw: bytes, peer: str) -> dict[str, Any]:
     }
 
 
-def _answers(pending: _Pending) -> list[str]:
-    """Original mode: the ACK. Enhanced mode (MSH-15/16 valued): the commit ACK when MSH-15 asks
-    for it (empty counts as AL); else the application ACK when MSH-16 asks for it; else nothing.
-    One answer at most: a second frame would be read as the answer to the sender's next
-    message, and an application ACK of our own initiative would need a commit ACK back."""
-    head, ack = pending.head, pending.ack
-    if not (head.accept_ack or head.application_ack) or pending.outcome == "resend":
-        return [ack]
-    code = _msa_code(ack)
-    if _wanted(head.accept_ack or "AL", code == "AA"):
-        msa = f"\rMSA{head.field_separator}"
-        return [ack.replace(msa + code, msa + COMMIT_CODES[code], 1)]
-    if _wanted(head.application_ack or "NE", code == "AA"):
-        return [ack]
-    return []
-
-
 def _encoded(text: str, decoded: Decoded) -> bytes:
     """Text back in the charset its frame came in (what it cannot hold becomes ?)."""
     return text.encode(decoded.charset.codec, errors="replace")
@@ -684,17 +741,19 @@ class _LowOnSpace(OSError):
 def _database_error(exc: Exception) -> Hl7Error:
     """AR 206 when the database stayed locked past the busy timeout, AR 207 for anything else."""
     if isinstance(exc, _LowOnSpace):
-        return Hl7Error(207, f"{exc}: nothing was kept, send it again later")
+        return Hl7Error(ErrorCondition.APPLICATION_INTERNAL_ERROR, f"{exc}: nothing was kept, send it again later")
     if is_busy(exc):
-        return Hl7Error(206, "the database is busy: nothing was kept, send it again")
-    return Hl7Error(207, "internal error: nothing was kept, send it again")
+        return Hl7Error(
+            ErrorCondition.APPLICATION_RECORD_LOCKED, "the database is busy: nothing was kept, send it again"
+        )
+    return Hl7Error(ErrorCondition.APPLICATION_INTERNAL_ERROR, "internal error: nothing was kept, send it again")
 
 
 def _effect(order: OrderData) -> str:
     effect = CONTROL_TABLE.get((order.control, order.status))
     if effect is None:
         raise Hl7Error(
-            103,
+            ErrorCondition.TABLE_VALUE_NOT_FOUND,
             f"order control {order.control!r} with order status {order.status!r} is not in the control table",
             "ORC",
             order.sequence,
@@ -703,22 +762,7 @@ def _effect(order: OrderData) -> str:
     return effect
 
 
-def _msa_code(ack: str) -> str:
-    for segment in ack.split("\r"):
-        if segment.startswith("MSA"):
-            return segment[4:6]
-    return "AR"
-
-
-def _wanted(condition: str, success: bool) -> bool:
-    """HL7 table 0155: AL always, NE never, ER on error, SU on success. A value outside the table
-    counts as AL: an answer the sender did not need costs less than a silence it resends into."""
-    if condition not in ("NE", "ER", "SU"):
-        return True
-    return (condition == "ER" and not success) or (condition == "SU" and success)
-
-
-def _place(profile: Hl7Profile, mapper: Mapper, name: str, sequence: int, code: int, text: str) -> Hl7Error:
+def _place(profile: Hl7Profile, mapper: Mapper, name: str, sequence: int, code: ErrorCondition, text: str) -> Hl7Error:
     """An error located where the profile reads `name` in a message like this one."""
     first = mapper.locate(name)
     if first is None:

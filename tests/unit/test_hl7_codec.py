@@ -7,8 +7,8 @@ from datetime import datetime
 import pytest
 
 from fabricatord.config.schema import Hl7Profile
-from fabricatord.hl7.ack import acknowledgment, batch_acknowledgment
-from fabricatord.hl7.codec import Hl7Error, Parsed, decode, header, split
+from fabricatord.hl7.ack import acknowledgment, answer_code, batch_acknowledgment
+from fabricatord.hl7.codec import ErrorCondition, Hl7Error, Parsed, decode, header, split
 from fabricatord.hl7.mapping import Mapper, choose_profile, parse_datetime, parse_places
 
 IHE_ORM = (
@@ -200,3 +200,31 @@ def test_an_error_points_to_a_place_the_message_version_has(version: str, segmen
     text = f"MSH|^~\\&|RIS|N|FAB|FAB|20261124||ORM^O01|C9|P|{version}\rPID|1||P9\rORC|NW|PO1|FO1||SC\r{segments}"
     place = Mapper(Parsed(text.rstrip("\r")), Hl7Profile()).locate("modality")
     assert place is not None and f"{place.segment}-{place.field}" == where
+
+
+@pytest.mark.parametrize(
+    ("accept", "application", "outcome", "answered"),
+    [
+        ("", "", "AA", "AA"),  # original mode: the ACK
+        ("", "", "AR", "AR"),
+        ("AL", "NE", "AA", "CA"),  # enhanced: the commit ACK
+        ("AL", "AL", "AE", "CE"),
+        ("NE", "AL", "AA", "AA"),  # no commit ACK wanted: the application ACK
+        ("NE", "NE", "AA", None),  # nothing wanted
+        ("ER", "NE", "AA", None),  # errors only, and this is none
+        ("ER", "NE", "AR", "CR"),
+        ("SU", "ER", "AE", "AE"),
+        ("XX", "NE", "AA", "CA"),  # outside table 0155: as AL
+    ],
+)
+def test_which_acknowledgment_answers_an_outcome(
+    accept: str, application: str, outcome: str, answered: str | None
+) -> None:
+    head = header(f"MSH|^~\\&|RIS|H|FAB|H|20261202||ORM^O01|1|P|2.5.1|||{accept}|{application}\r")
+    assert answer_code(head, outcome) == answered
+
+
+def test_table_0357_codes_decide_ae_or_ar() -> None:
+    assert Hl7Error(ErrorCondition.REQUIRED_FIELD_MISSING, "x").acknowledgment == "AE"
+    assert Hl7Error(ErrorCondition.APPLICATION_RECORD_LOCKED, "x").acknowledgment == "AR"
+    assert ErrorCondition(204) is ErrorCondition.UNKNOWN_KEY_IDENTIFIER
