@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, insert, select, update
 
 from fabricatord.db.engine import Database
-from fabricatord.db.models import Hl7Message
+from fabricatord.db.models import Hl7Message, Hl7MessageOrder
 
 SETTLED = ("AA", "AE")
 """Outcomes a resend must get again unchanged; an AR may be retried (HL7 v2 §2.9.2)."""
@@ -70,6 +71,13 @@ class MessageLog:
     def add(connection: Connection, values: dict[str, Any]) -> int:
         """Keep a message in the caller's transaction; its key, for the orders it makes."""
         return int(connection.execute(_INSERT, values).scalar_one())
+
+    @staticmethod
+    def link(connection: Connection, message_pk: int, order_pks: Iterable[int]) -> None:
+        """The orders a message made or changed, in the caller's transaction."""
+        rows = [{"message_pk": message_pk, "order_pk": pk} for pk in dict.fromkeys(order_pks)]
+        if rows:
+            connection.execute(insert(Hl7MessageOrder), rows)
 
     @staticmethod
     def describe(connection: Connection, pk: int, detail: str) -> None:

@@ -267,6 +267,15 @@ class Hl7Message(Base):
     ack: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
 
 
+class Hl7MessageOrder(Base):
+    """Owner: `fabricatord.db.messages`. An order an HL7 message made or changed (`trace`)."""
+
+    __tablename__ = "hl7_message_orders"
+
+    message_pk: Mapped[int] = mapped_column(ForeignKey("hl7_messages.id", ondelete="CASCADE"), primary_key=True)
+    order_pk: Mapped[int] = mapped_column(ForeignKey("orders.id", ondelete="CASCADE"), primary_key=True, index=True)
+
+
 class PerformedStep(Base):
     """Owner: `fabricatord.db.performed`. A Modality Performed Procedure Step (PS3.4 F), as the
     modality reported it by N-CREATE and N-SET."""

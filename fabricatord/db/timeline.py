@@ -11,6 +11,7 @@ from fabricatord.db.engine import Database
 from fabricatord.db.models import (
     Acquisition,
     Hl7Message,
+    Hl7MessageOrder,
     Instance,
     Order,
     PerformedStep,
@@ -54,8 +55,8 @@ def timeline(database: Database, accession_number: str) -> Timeline | None:
         for message in connection.execute(
             select(Hl7Message.received_at, Hl7Message.message_type, Hl7Message.control_id, Hl7Message.outcome,
                    Hl7Message.sending_application, Hl7Message.detail, Hl7Message.error)
-            .where(Hl7Message.detail.like(f"%order {accession_number} %") | Hl7Message.id.in_(
-                select(Order.hl7_message_pk).where(Order.id.in_(order_pks))))
+            .where(Hl7Message.id.in_(
+                select(Hl7MessageOrder.message_pk).where(Hl7MessageOrder.order_pk.in_(order_pks))))
             .order_by(Hl7Message.id)
         ):  # fmt: skip
             said = message.detail or message.error

@@ -468,6 +468,7 @@ class Inbox:
         def apply(connection: Connection, message_pk: int) -> str:
             patient_pk = PatientRegistry.upsert(connection, _patient_record(patient))
             done = []
+            touched = []
             for order, effect, update, new in zip(orders, effects, given, filled, strict=True):
                 existing = Worklist.find(connection, order.placer_order_number, order.filler_order_number)
                 try:
@@ -483,8 +484,11 @@ class Inbox:
                         order_pk = Worklist.place(connection, replace(new, hl7_message_pk=message_pk), patient_pk)
                         if Acquisitions.schedule_order(connection, order_pk, self._settings):
                             self._due = True
+                        touched.append(order_pk)
                         done.append(f"order {new.accession_number} created")
-                    elif effect in ("create", "update"):
+                        continue
+                    touched.append(existing)
+                    if effect in ("create", "update"):
                         Worklist.revise(connection, existing, replace(update, hl7_message_pk=message_pk))
                         note = " (NW for a known order: updated)" if effect == "create" else ""
                         done.append(f"order {Worklist.accession(connection, existing)} updated{note}")
@@ -504,6 +508,7 @@ class Inbox:
                     ) from exc
                 except UnknownPatient as exc:
                     raise Hl7Error(ErrorCondition.UNKNOWN_KEY_IDENTIFIER, str(exc), "PID", 1, 3) from exc
+            MessageLog.link(connection, message_pk, touched)
             return "; ".join(done)
 
         return apply
@@ -697,6 +702,7 @@ class Inbox:
             if not complete:
                 return "result acknowledged ([hl7] oru = ignore)"
             done = []
+            touched: list[int] = []
             for order in orders:
                 existing = Worklist.find(connection, order.placer_order_number, order.filler_order_number)
                 if existing is None:
@@ -704,7 +710,9 @@ class Inbox:
                         ErrorCondition.UNKNOWN_KEY_IDENTIFIER, "a result for an unknown order", "OBR", order.sequence, 2
                     )
                 changed = Worklist.set_status(connection, existing, "COMPLETED")
+                touched.append(existing)
                 done.append(f"order {Worklist.accession(connection, existing)} COMPLETED ({changed} steps)")
+            MessageLog.link(connection, message_pk, touched)
             return "; ".join(done)
 
         return apply

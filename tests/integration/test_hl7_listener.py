@@ -182,6 +182,9 @@ def test_order_control_moves_the_steps(start_daemon: Callable[..., Daemon], tmp_
     assert msa(send(daemon, order("L8", "NW", "SC", "ACCL4")))[0] == "AA"
     assert msa(send(daemon, order("L9", "XO", "CM", "ACCL4")))[0] == "AA"
     assert [status for *_, status in steps(daemon)] == ["STARTED", "CANCELED", "DISCONTINUED", "COMPLETED"]
+    # The trace finds every message that touched the order, by key: made, moved, started.
+    trace = run_cli("trace", "ACCL1", "--config", str(daemon.config)).stdout
+    assert all(f"ORM^O01 {control_id} " in trace for control_id in ("L1", "L2", "L3")) and " L4 " not in trace
 
     code, control_id, errors = msa(send(daemon, order("L10", "CA", "", "NEVERSEEN")))
     assert (code, control_id) == ("AE", "L10")
