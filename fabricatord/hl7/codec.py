@@ -12,10 +12,8 @@ import codecs
 import re
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
-from typing import Any
 
-import hl7
-from hl7.containers import Message, Segment
+from hl7.containers import Message
 from hl7.util import unescape
 
 
@@ -308,59 +306,74 @@ def escape(value: str, separator: str = "|", encoding: str = "^~\\&") -> str:
     )
 
 
+Segment = list[str]
+"""A segment's fields as sent, escapes and all: [name, field 1, field 2, …]; for MSH, field 1 is
+the field separator and field 2 the encoding characters, as HL7 numbers them."""
+
+
 class Parsed:
-    """A parsed message with field access by HL7 position, unescaped, never raising for absence."""
+    """A message split into segments and fields, with field access by HL7 position, unescaped,
+    never raising for absence. Repetitions, components and subcomponents are split when read:
+    python-hl7 built every container of a message up front, and that cost more than the rest of
+    taking an order."""
 
     def __init__(self, text: str) -> None:
         if not text.startswith("MSH"):
             raise Hl7Error(
                 ErrorCondition.SEGMENT_SEQUENCE_ERROR, "the message does not start with an MSH segment", "MSH"
             )
-        try:
-            self.message: Message = hl7.parse(text)
-        except (hl7.ParseException, IndexError, ValueError, AssertionError) as exc:
-            # python-hl7 asserts on MSH-1/MSH-2 characters that repeat (found by tests/fuzz).
-            raise Hl7Error(
-                ErrorCondition.SEGMENT_SEQUENCE_ERROR,
-                f"unreadable message: {str(exc) or 'its separators repeat'}",
-                "MSH",
-            ) from exc
+        text = text.strip()
+        separator = text[3:4]
+        encoding = text[4 : text.find(separator, 4)] if separator else ""
+        self._repetition = encoding[1:2] or "~"
+        self._component = encoding[0:1] or "^"
+        self._sub = encoding[3:4] or "&"
+        self.esc = encoding[2:3] or "\\"
+        if len({"\r", separator, self._repetition, self._component, self._sub}) < 5:
+            raise Hl7Error(ErrorCondition.SEGMENT_SEQUENCE_ERROR, "unreadable message: its separators repeat", "MSH")
+        # python-hl7's unescape, which knows every escape of HL7 v2 §2.7, reads the separators here.
+        self._escaping = Message(
+            "\r", [], esc=self.esc, separators="\r" + separator + self._repetition + self._component + self._sub
+        )
         self.header = header(text)
-        self._segments: dict[str, list[Segment]] = {}
-        for segment in self.message:
-            self._segments.setdefault(str(segment[0]).strip(), []).append(segment)
+        self.segments: list[Segment] = []
+        self._first: dict[str, Segment] = {}
+        for line in text.split("\r"):
+            if line[:3] == "MSH" and line[3:4] == separator:
+                fields = ["MSH", separator, *line[4:].split(separator)]
+            else:
+                fields = line.split(separator)
+            self.segments.append(fields)
+            self._first.setdefault(fields[0].strip(), fields)
 
     def first_segments(self) -> dict[str, Segment]:
-        return {name: segments[0] for name, segments in self._segments.items()}
+        return self._first
 
     def has(self, name: str) -> bool:
-        return name in self._segments
+        return name in self._first
 
     def value(self, segment: Segment | None, number: int, component: int = 1, sub: int = 1, repetition: int = 1) -> str:
-        """One (sub)component, unescaped; empty when absent. python-hl7's `extract_field` reads the
-        same way (a leaf reached early is the value when the rest of the path is 1) but costs
-        several times this walk, and a message is read some sixty times."""
+        """One (sub)component, unescaped; empty when absent."""
         if segment is None or number >= len(segment):
             return ""
-        node: Any = segment[number]
-        path = (repetition, component, sub)
-        for depth, index in enumerate(path):
-            if isinstance(node, str):
-                return self._text(node) if all(i == 1 for i in path[depth:]) else ""
-            if index > len(node):
+        field = segment[number]
+        if segment[0] == "MSH" and number <= 2:
+            return field if (component, sub, repetition) == (1, 1, 1) else ""
+        for index, separator in ((repetition, self._repetition), (component, self._component), (sub, self._sub)):
+            if separator in field:
+                parts = field.split(separator)
+                if index > len(parts):
+                    return ""
+                field = parts[index - 1]
+            elif index != 1:
                 return ""
-            node = node[index - 1]
-        while not isinstance(node, str):
-            node = node[0] if node else ""
-        return self._text(node)
-
-    def _text(self, value: str) -> str:
-        if self.message.esc in value:
-            value = unescape(self.message, value)
-        return value.strip()
+        if self.esc in field:
+            field = unescape(self._escaping, field)
+        return field.strip()
 
     def repetitions(self, segment: Segment | None, number: int) -> int:
-        if segment is None or number >= len(segment):
+        if segment is None or number >= len(segment) or not segment[number]:
             return 0
-        value = segment[number]
-        return len(value) if str(value) else 0
+        if segment[0] == "MSH" and number <= 2:  # the separators: one value each
+            return 1
+        return segment[number].count(self._repetition) + 1

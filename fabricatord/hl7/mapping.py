@@ -13,11 +13,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
-from hl7.containers import Segment
-
 from fabricatord.config import Settings
 from fabricatord.config.schema import Hl7Profile
-from fabricatord.hl7.codec import ErrorCondition, Header, Hl7Error, Parsed, version_tuple
+from fabricatord.hl7.codec import ErrorCondition, Header, Hl7Error, Parsed, Segment, version_tuple
 
 DEFAULT_FIELDS = {
     "patient_id": "PID-3.1",
@@ -293,8 +291,8 @@ class Mapper:
     def orders(self) -> list[OrderData]:
         """Each ORC group (ORC … up to the next ORC) as an order; an item per OBR, or per IPC."""
         groups: list[list[Segment]] = []
-        for segment in self.parsed.message:
-            name = str(segment[0]).strip()
+        for segment in self.parsed.segments:
+            name = segment[0].strip()
             if name == "ORC" or (name == "OBR" and not groups):
                 groups.append([])
             if groups:

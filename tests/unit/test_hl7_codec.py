@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import datetime
+from pathlib import Path
+from typing import Any
 
+import hl7
+import hl7.util
 import pytest
 
 from fabricatord.config.schema import Hl7Profile
@@ -228,3 +233,64 @@ def test_table_0357_codes_decide_ae_or_ar() -> None:
     assert Hl7Error(ErrorCondition.REQUIRED_FIELD_MISSING, "x").acknowledgment == "AE"
     assert Hl7Error(ErrorCondition.APPLICATION_RECORD_LOCKED, "x").acknowledgment == "AR"
     assert ErrorCondition(204) is ErrorCondition.UNKNOWN_KEY_IDENTIFIER
+
+
+CORPUS = sorted((Path(__file__).parents[1] / "data" / "hl7").glob("*.hl7"))
+
+
+def _oracle(message: hl7.Message, segment: int, number: int, component: int, sub: int, repetition: int) -> str:
+    """What python-hl7's containers hold at that position, unescaped and stripped (MSH-1 and
+    MSH-2, the separators, as they stand)."""
+    fields = message[segment]
+    if number >= len(fields):
+        return ""
+    path = (repetition, component, sub)
+    if str(fields[0]) == "MSH" and number <= 2:
+        return str(fields[number]) if path == (1, 1, 1) else ""
+    node: Any = fields[number]
+    for depth, index in enumerate(path):
+        if isinstance(node, str):
+            return _clean(message, node) if all(i == 1 for i in path[depth:]) else ""
+        if index > len(node):
+            return ""
+        node = node[index - 1]
+    while not isinstance(node, str):
+        node = node[0] if node else ""
+    return _clean(message, node)
+
+
+def _clean(message: hl7.Message, value: str) -> str:
+    return str(hl7.util.unescape(message, value) if message.esc in value else value).strip()
+
+
+ODD = [
+    "MSH#$%*@#RIS#H#FAB#H#20261202##ORM$O01#7#P#2.4\rPID#1##A1$$$H@X%A2##Doe$Jo*F*hn\r\rOBR#1#P1*T*\r",
+    "MSH|^~\\&|RIS|H|FAB|H|20261202||ORM^O01|8|P|2.5.1\rPID|1||^^^&1.2&ISO~||  Doe ^ John  |\r\rZZZ\r",
+    "MSH|^~\\&|RIS|H\rNTE|1||a\\E\\b\\H\\c\\N\\d\\X41\\e~f^g&h&i|\r",
+]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [*CORPUS, *ODD],
+    ids=lambda item: item.name if isinstance(item, Path) else f"odd{ODD.index(item)}",
+)
+def test_field_access_reads_what_python_hl7_parses(text: Path | str) -> None:
+    """Every position of every corpus message (and of some odd ones), repetitions, components and
+    subcomponents, reads as python-hl7 (which no longer parses our messages) reads it."""
+    if isinstance(text, Path):
+        text = decode(text.read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r"), "ISO_IR 100").text
+    ours, theirs = Parsed(text), hl7.parse(text)
+    assert len(ours.segments) == len(theirs)
+    compared = 0
+    for position, segment in enumerate(ours.segments):
+        assert segment[0] == str(theirs[position][0])
+        for number in range(len(segment) + 1):
+            for repetition, component, sub in itertools.product((1, 2, 3), (1, 2, 3, 5), (1, 2)):
+                expected = _oracle(theirs, position, number, component, sub, repetition)
+                assert ours.value(segment, number, component, sub, repetition) == expected, (segment[0], number)
+                compared += bool(expected)
+            field = theirs[position][number] if number < len(theirs[position]) else ""
+            if not isinstance(field, str):  # a segment without fields is a bare string to python-hl7
+                assert ours.repetitions(segment, number) == (len(field) if str(field) else 0)
+    assert compared > (30 if len(ours.segments) > 4 else 5)
