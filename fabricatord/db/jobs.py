@@ -94,11 +94,13 @@ class Acquisitions:
         transaction that made the order; how many are due at once."""
         now = datetime.now(UTC)
         rows = []
-        for step_pk, modality in connection.execute(_ORDER_STEPS, {"order_pk": order_pk}):
+        cursor = raw.run(connection, _ORDER_STEPS, {"order_pk": order_pk})
+        for step_pk, modality in cursor.fetchall():
             policy, seconds = settings.acquisition(modality)
             due = None if seconds is None else now + timedelta(seconds=seconds)
             rows.append(_acquisition_row(step_pk, policy, due, now))
-        connection.execute(_INSERT_ACQUISITION, rows[0] if len(rows) == 1 else rows)
+        cursor.close()
+        raw.run_many(connection, _INSERT_ACQUISITION, rows)
         return sum(row["due_at"] == now for row in rows)
 
     @staticmethod

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, or_, select, update
 
+from fabricatord.db import raw
 from fabricatord.db.engine import Database
 from fabricatord.db.models import Hl7Message, Hl7MessageOrder
 
@@ -40,12 +41,13 @@ _SETTLED = (
         Hl7Message.sending_application == bindparam("application"),
         Hl7Message.sending_facility == bindparam("facility"),
         Hl7Message.control_id == bindparam("control_id"),
-        Hl7Message.outcome.in_(SETTLED),
+        or_(*(Hl7Message.outcome == outcome for outcome in SETTLED)),
     )
     .order_by(Hl7Message.id)
     .limit(1)
 )
 _INSERT = insert(Hl7Message).returning(Hl7Message.id)
+_LINK = insert(Hl7MessageOrder).inline()
 _DESCRIBE = update(Hl7Message).where(Hl7Message.id == bindparam("pk")).values(detail=bindparam("detail"))
 
 
@@ -62,27 +64,29 @@ class MessageLog:
         connection: Connection, sending_application: str, sending_facility: str, control_id: str
     ) -> tuple[bytes, str] | None:
         """The ACK and outcome (AA or AE) of the settled message with this sender and control ID."""
-        row = connection.execute(
-            _SETTLED, {"application": sending_application, "facility": sending_facility, "control_id": control_id}
-        ).first()
+        row = raw.first(
+            connection,
+            _SETTLED,
+            {"application": sending_application, "facility": sending_facility, "control_id": control_id},
+        )
         return None if row is None else (row[0], row[1])
 
     @staticmethod
     def add(connection: Connection, values: dict[str, Any]) -> int:
         """Keep a message in the caller's transaction; its key, for the orders it makes."""
-        return int(connection.execute(_INSERT, values).scalar_one())
+        return int(raw.first(connection, _INSERT, values)[0])
 
     @staticmethod
     def link(connection: Connection, message_pk: int, order_pks: Iterable[int]) -> None:
         """The orders a message made or changed, in the caller's transaction."""
         rows = [{"message_pk": message_pk, "order_pk": pk} for pk in dict.fromkeys(order_pks)]
         if rows:
-            connection.execute(insert(Hl7MessageOrder), rows)
+            raw.run_many(connection, _LINK, rows)
 
     @staticmethod
     def describe(connection: Connection, pk: int, detail: str) -> None:
         """What the message did, once it has done it."""
-        connection.execute(_DESCRIBE, {"pk": pk, "detail": detail})
+        raw.run(connection, _DESCRIBE, {"pk": pk, "detail": detail}).close()
 
     def recent(
         self,

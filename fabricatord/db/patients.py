@@ -8,6 +8,7 @@ from sqlalchemy import Connection, bindparam, delete, func, insert, or_, select,
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from fabricatord.db import raw
 from fabricatord.db.engine import Database
 from fabricatord.db.models import Instance, Patient, Series, Study
 
@@ -129,10 +130,10 @@ class PatientRegistry:
 
         Empty values leave what is known; `""` (HL7's explicit null) clears it."""
         given = {name: ("" if value == '""' else value) for name, value in patient.__dict__.items() if value}
-        found = connection.execute(_FIND, {"id": patient.patient_id, "issuer": patient.issuer}).first()
+        found = raw.first(connection, _FIND, {"id": patient.patient_id, "issuer": patient.issuer})
         if found is None:
             values = {name: ("" if value == '""' else value) for name, value in patient.__dict__.items()}
-            return int(connection.execute(_INSERT, {**values, "synthetic": False}).scalar_one())
+            return int(raw.first(connection, _INSERT, {**values, "synthetic": False})[0])
         known = dict(zip(_COLUMNS, found[1:], strict=True))
         changed = {name: value for name, value in given.items() if known[name] != value}
         if changed:
@@ -141,7 +142,7 @@ class PatientRegistry:
 
     @staticmethod
     def pk(connection: Connection, patient_id: str, issuer: str) -> int | None:
-        found = connection.execute(_FIND, {"id": patient_id, "issuer": issuer}).first()
+        found = raw.first(connection, _FIND, {"id": patient_id, "issuer": issuer})
         return int(found[0]) if found else None
 
     @staticmethod

@@ -11,6 +11,7 @@ from sqlalchemy import Connection, bindparam, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from fabricatord.db import raw
 from fabricatord.db.engine import Database
 from fabricatord.db.models import Order, Patient, RequestedProcedure, ScheduledStep, WorklistFetch
 
@@ -136,7 +137,8 @@ class Worklist:
         knows it, saves looking the plan's patient up."""
         patient_pk = patient_pk or _patient_pk(connection, plan)
         now = datetime.now(UTC)
-        order_pk = connection.execute(
+        order_pk = raw.first(
+            connection,
             _INSERT_ORDER,
             {
                 **{name: getattr(plan, name) for name in _ORDER_COLUMNS},
@@ -147,12 +149,12 @@ class Worklist:
                 "created_at": now,
                 "updated_at": now,
             },
-        ).scalar_one()
+        )[0]
         for procedure in plan.procedures:
             try:
-                procedure_pk = connection.execute(
-                    _INSERT_PROCEDURE, {"order_pk": order_pk, **_procedure_values(procedure)}
-                ).scalar_one()
+                procedure_pk = raw.first(
+                    connection, _INSERT_PROCEDURE, {"order_pk": order_pk, **_procedure_values(procedure)}
+                )[0]
             except IntegrityError as exc:  # the unique Study Instance UID: cheaper than a look-up first
                 uid = procedure.study_instance_uid
                 raise DuplicateStudy(f"Study Instance UID {uid} belongs to another order") from exc
@@ -160,7 +162,7 @@ class Worklist:
                 {**_step_values(step), "procedure_pk": procedure_pk, "status": "SCHEDULED", "updated_at": now}
                 for step in procedure.steps
             ]
-            connection.execute(_INSERT_STEP, steps[0] if len(steps) == 1 else steps)
+            raw.run_many(connection, _INSERT_STEP, steps)
         return int(order_pk)
 
     @staticmethod
@@ -168,10 +170,10 @@ class Worklist:
         """The newest order with this placer order number, else with this filler order number."""
         if not (placer_order_number or filler_order_number):
             return None
-        found = connection.execute(
-            _FIND_ORDER, {"placer": placer_order_number or None, "filler": filler_order_number or None}
-        ).scalar_one_or_none()
-        return None if found is None else int(found)
+        found = raw.first(
+            connection, _FIND_ORDER, {"placer": placer_order_number or None, "filler": filler_order_number or None}
+        )
+        return None if found is None else int(found[0])
 
     @staticmethod
     def step_pks(connection: Connection, order_pk: int) -> list[int]:
@@ -416,7 +418,7 @@ _FIND_ORDER = (
 _ACCESSION = select(Order.accession_number).where(Order.id == bindparam("pk"))
 _INSERT_ORDER = insert(Order).returning(Order.id)
 _INSERT_PROCEDURE = insert(RequestedProcedure).returning(RequestedProcedure.id)
-_INSERT_STEP = insert(ScheduledStep)
+_INSERT_STEP = insert(ScheduledStep).inline()
 
 
 def _procedure_values(plan: ProcedurePlan) -> dict[str, Any]:
