@@ -1,29 +1,30 @@
 """C-MOVE and C-GET: the identifier selects instances as a C-FIND would; each stored file goes
 as it is stored (no decode, no encode) unless the receiver declined its transfer syntax.
 
-A C-MOVE's sub-operations go on an association we request of the destination, through
-pynetdicom's requestor (DESIGN.md lets the requestor side stay there for now); a C-GET's go
-back over the association we accepted. Either way a pending response with the counts follows
+A C-MOVE's sub-operations go on an association we request of the destination
+(`dicom.ul.requestor`, blocking, in the worker's own thread); a C-GET's go back over the
+association we accepted. Either way a pending response with the counts follows
 each sub-operation, and the final one lists the instances that failed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, evt
 from pynetdicom.dsutils import encode
 
 from fabricatord.config.values import parse_duration
 from fabricatord.dicom import query
-from fabricatord.dicom.scu import MAX_CONTEXTS, keep_stray_responses, nodelay, storage_contexts
+from fabricatord.dicom.scu import MAX_CONTEXTS, storage_contexts
 from fabricatord.dicom.ul.dimse import CommandField, encode_command
+from fabricatord.dicom.ul.requestor import AssociationLost, AssociationRefused, Requestor, Timeouts
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
 from fabricatord.servers.dicom.context import Request, Response, Status
@@ -134,8 +135,8 @@ def serve_move(request: Request) -> Response:
     if not found:
         metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "success").inc()
         return progress.final(request.encoding)
-    assoc = _associate(request, destination, found)
-    if assoc is None:
+    requestor = _associate(request, destination, found)
+    if requestor is None:
         metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "failure").inc()
         log.warning("c-move destination unreachable", why="destination_unreachable", destination=destination.name)
         progress.failed = [i.sop_instance_uid for i in found]
@@ -148,12 +149,11 @@ def serve_move(request: Request) -> Response:
         for done, instance in enumerate(found):
             if request.cancelled.is_set():
                 return progress.final(request.encoding, cancelled_at=done)
-            status = _store_over(assoc, storage / instance.path) if assoc.is_established else None
+            status = _store_over(requestor, instance, storage / instance.path, done + 1)
             _count(progress, instance, status, sent)
             request.pending(Response(Status.PENDING, fields=progress.counts(done + 1)))
     finally:
-        if assoc.is_established:
-            assoc.release()
+        requestor.release()
     metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "success").inc()
     log.info("c-move", destination=destination.name, instances=len(found))
     return progress.final(request.encoding)
@@ -195,42 +195,65 @@ def _count(progress: Progress, instance: Any, status: int | None, sent: Callable
         progress.failed.append(instance.sop_instance_uid)
 
 
-def _associate(request: Request, destination: Any, found: list[Any]) -> Any:
+def _associate(request: Request, destination: Any, found: list[Any]) -> Requestor | None:
     """An association with the destination proposing exactly the instances' SOP classes and
     transfer syntaxes, one syntax per context so that each file can go as stored; None when
     it does not accept."""
     dicom = request.settings.dicom
-    ae = AE(ae_title=request.settings.node.ae_title)
-    ae.acse_timeout = parse_duration(dicom.acse_timeout)
-    ae.dimse_timeout = parse_duration(dicom.dimse_timeout)
-    ae.network_timeout = parse_duration(dicom.network_timeout)
-    ae.connection_timeout = parse_duration(dicom.connect_timeout)
     pairs = storage_contexts((i.sop_class_uid, i.transfer_syntax_uid) for i in found)
     contexts = [(sop_class, [syntax]) for sop_class, syntaxes in pairs for syntax in syntaxes]
     if len(contexts) > MAX_CONTEXTS:
         contexts = [(sop_class, list(syntaxes)) for sop_class, syntaxes in pairs]
-    for sop_class, syntaxes in contexts:
-        ae.add_requested_context(sop_class, syntaxes)
-    handlers: list[Any] = [(evt.EVT_CONN_OPEN, nodelay), (evt.EVT_CONN_OPEN, keep_stray_responses)]
+    timeouts = Timeouts(
+        connect=parse_duration(dicom.connect_timeout),
+        acse=parse_duration(dicom.acse_timeout),
+        dimse=parse_duration(dicom.dimse_timeout),
+    )
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, evt_handlers=handlers)
-    except OSError:
+        return Requestor.open(
+            destination.host, destination.port, destination.ae_title, request.settings.node.ae_title, contexts, timeouts
+        )
+    except AssociationRefused as exc:
+        log.warning("c-move association refused", destination=destination.name, error=str(exc))
         return None
-    return assoc if assoc.is_established else None
 
 
-def _store_over(assoc: Any, path: Path) -> int | None:
-    """One stored file as a C-STORE on a pynetdicom association, in chunks as stored; converted
-    only when the receiver declined its transfer syntax. The status, None if no answer."""
-    try:
-        try:
-            status = assoc.send_c_store(path)
-        except ValueError:  # no context with the file's own transfer syntax
-            status = assoc.send_c_store(dcmread(path))
-    except (ValueError, RuntimeError, OSError) as exc:
-        log.warning("c-store sub-operation failed", error=str(exc))
+def _store_over(requestor: Requestor, instance: Any, path: Path, message_id: int) -> int | None:
+    """One stored file as a C-STORE on our association with the destination, as stored when it
+    took the file's syntax; the status, None if it could not go or was not answered."""
+    if not requestor.established:
         return None
-    return int(status.Status) if status and "Status" in status else None
+    sendable = _sendable(requestor.contexts, instance, path)
+    if sendable is None:
+        return None
+    context, source = sendable
+    data = source if isinstance(source, bytes) else source.chunks()
+    try:
+        return requestor.store(context.id, instance.sop_class_uid, instance.sop_instance_uid, message_id, data)
+    except (AssociationLost, OSError, ValueError) as exc:
+        log.warning("c-store sub-operation failed", error=str(exc), sop_instance_uid=instance.sop_instance_uid)
+        return None
+
+
+def _sendable(contexts: Iterable[Any], instance: Any, path: Path) -> tuple[Any, Any] | None:
+    """The context an instance goes on, and its dataset: as stored on a context of its own
+    syntax, else converted for a little-endian one; None when neither was accepted (a
+    compressed file the receiver declined) or the file cannot be read."""
+    candidates = [c for c in contexts if c.abstract_syntax == instance.sop_class_uid]
+    same = next((c for c in candidates if c.transfer_syntax == instance.transfer_syntax_uid), None)
+    convertible = next((c for c in candidates if c.transfer_syntax in LITTLE_ENDIAN), None)
+    if same is None and (instance.transfer_syntax_uid not in LITTLE_ENDIAN or convertible is None):
+        log.warning("no context for the instance", sop_instance_uid=instance.sop_instance_uid,
+                    sop_class_uid=instance.sop_class_uid, transfer_syntax=instance.transfer_syntax_uid)  # fmt: skip
+        return None
+    try:
+        if same is not None:
+            return same, _stored_dataset(path)
+        assert convertible is not None
+        return convertible, _converted(path, convertible.transfer_syntax)
+    except (OSError, ValueError) as exc:
+        log.warning("sub-operation failed", error=str(exc), sop_instance_uid=instance.sop_instance_uid)
+        return None
 
 
 # -- C-GET ---------------------------------------------------------------------------------------
@@ -272,15 +295,12 @@ def serve_get(request: Request) -> Response:
 def _store_back(request: Request, sendable: list[Any], instance: Any, path: Path) -> int | None:
     """One C-STORE over the accepted association: on a context for the instance's class where
     we may be the SCU, in the file's own syntax when one was accepted, converted otherwise."""
-    candidates = [c for c in sendable if c.abstract_syntax == instance.sop_class_uid]
-    if not candidates or request.sub_request is None:
+    if request.sub_request is None:
         return None
-    same = next((c for c in candidates if c.transfer_syntax == instance.transfer_syntax_uid), None)
-    convertible = next((c for c in candidates if c.transfer_syntax in LITTLE_ENDIAN), None)
-    if same is None and (instance.transfer_syntax_uid not in LITTLE_ENDIAN or convertible is None):
-        return None  # a compressed file, or no little-endian context: it cannot go as the peer asked
-    context = same or convertible
-    assert context is not None
+    chosen = _sendable(sendable, instance, path)
+    if chosen is None:
+        return None
+    context, source = chosen
     message_id = request.served.next_message_id()
     command = encode_command(
         {
@@ -292,11 +312,6 @@ def _store_back(request: Request, sendable: list[Any], instance: Any, path: Path
             "AffectedSOPInstanceUID": instance.sop_instance_uid,
         }
     )
-    try:
-        source: Any = _stored_dataset(path) if same is not None else _converted(path, context.transfer_syntax)
-    except (OSError, ValueError) as exc:
-        log.warning("c-get sub-operation failed", error=str(exc), sop_instance_uid=instance.sop_instance_uid)
-        return None
     answer = request.sub_request(context.id, message_id, command, source)
     if answer is None:
         return None
@@ -324,9 +339,15 @@ class StoredDataset:
 
 
 def _stored_dataset(path: Path) -> StoredDataset:
-    meta = read_file_meta_info(path)
-    offset = 128 + 4 + 12 + int(meta.FileMetaInformationGroupLength)
-    return StoredDataset(path, offset, path.stat().st_size - offset)
+    """Where a stored file's dataset starts: after the preamble, DICM and the file meta group,
+    whose length its first element gives (PS3.10 7.1); read, not parsed."""
+    with path.open("rb") as stream:
+        head = stream.read(144)
+        size = os.fstat(stream.fileno()).st_size
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
+        raise ValueError(f"{path.name} is not a Part 10 file with a file meta group length")
+    offset = 144 + struct.unpack("<L", head[140:144])[0]
+    return StoredDataset(path, offset, size - offset)
 
 
 def _converted(path: Path, syntax: str) -> bytes:
