@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -34,6 +33,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from fabricatord.config.schema import DicomSettings, PeerSettings
 from fabricatord.config.values import parse_duration
 from fabricatord.dicom.mpps import MPPS_SOP_CLASS
+from fabricatord.dicom.stored import outgoing
+from fabricatord.dicom.ul.requestor import AssociationLost, AssociationRefused, Requestor
+from fabricatord.dicom.ul.requestor import Timeouts as RequestorTimeouts
 from fabricatord.obs import metrics
 
 _ADDRESS = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
@@ -227,14 +229,6 @@ def echo(peer: Peer, calling_ae: str, timeouts: Timeouts = Timeouts()) -> float:
     return time.perf_counter() - started
 
 
-def _contexts(files: Sequence[Path]) -> list[tuple[str, list[str]]]:
-    wanted: dict[tuple[str, str], None] = {}
-    for path in files:
-        meta = read_file_meta_info(path)
-        wanted[(str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))] = None
-    return storage_contexts(wanted)
-
-
 def storage_contexts(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
     """One presentation context per SOP class and stored transfer syntax; native ones also
     offer both little-endian syntaxes, so a peer that declines one still gets the file."""
@@ -256,24 +250,25 @@ def send(
     timeouts: Timeouts = Timeouts(),
     progress: Callable[[int], None] | None = None,
 ) -> SendReport:
-    """C-STORE every file, each as it is stored (no re-encoding), over one association.
+    """C-STORE every file, each as it is stored (no re-encoding), over one association of our
+    own requestor (`dicom.ul.requestor`).
 
-    A file that gets no response at all (the association was aborted, or a response was lost
-    despite `keep_stray_responses`) is sent once more on a new association: C-STORE of the same
-    instance is idempotent at any archive.
+    A file that gets no response at all (the association was aborted or timed out) is sent once
+    more on a new association: C-STORE of the same instance is idempotent at any archive.
     """
-    ae = _application(calling_ae, timeouts)
-    for sop_class, syntaxes in _contexts(files):
-        ae.add_requested_context(sop_class, syntaxes)
+    headers = {path: _header(path) for path in files}
+    contexts = storage_contexts((sop_class, syntax) for sop_class, _, syntax in headers.values())
     report = SendReport()
     started = time.perf_counter()
-    assoc = _associate(ae, peer)
+    requestor = _request(peer, calling_ae, contexts, timeouts)
+    message_id = 0
     try:
         for path in files:
             for attempt in range(1, SEND_ATTEMPTS + 1):
-                if not assoc.is_established:
-                    assoc = _associate(ae, peer)
-                code, why = _store_one(assoc, path, peer)
+                if not requestor.established:
+                    requestor = _request(peer, calling_ae, contexts, timeouts)
+                message_id = message_id % 0xFFFF + 1
+                code, why = _store_one(requestor, path, headers[path], peer, message_id)
                 if code is not None or attempt == SEND_ATTEMPTS:
                     break
                 report.resent += 1
@@ -289,26 +284,61 @@ def send(
             if progress is not None:
                 progress(1)
     finally:
-        if assoc.is_established:
-            assoc.release()
+        requestor.release()
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _store_one(assoc: Any, path: Path, peer: Peer) -> tuple[int | None, str | None]:
-    """(status, None) for an answer; (None, reason) when the file cannot go on this association."""
+def _header(path: Path) -> tuple[str, str, str]:
+    """(SOP Class, SOP Instance, transfer syntax) of a Part 10 file, from its file meta group."""
+    meta = read_file_meta_info(path)
+    return str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID), str(meta.TransferSyntaxUID)
+
+
+def _request(peer: Peer, calling_ae: str, contexts: list[tuple[str, list[str]]], timeouts: Timeouts) -> Requestor:
+    """An association for sending, or ScuError (permanent when the same request would be
+    refused again: rejected-permanent, or not one presentation context accepted)."""
+    where = f"{peer.ae_title}@{peer.host}:{peer.port}"
     try:
-        try:
-            status = assoc.send_c_store(path)
-        except ValueError:  # the peer took another little-endian syntax: pynetdicom converts a dataset
-            status = assoc.send_c_store(dcmread(path))
-    except ValueError as exc:  # no accepted context for this file's class at all
+        requestor = Requestor.open(
+            peer.host,
+            peer.port,
+            peer.ae_title,
+            calling_ae,
+            contexts,
+            RequestorTimeouts(timeouts.connect, timeouts.acse, timeouts.dimse),
+        )
+    except AssociationRefused as exc:
+        metrics.SCU_OPERATIONS.labels("associate", peer.name, "failure").inc()
+        raise ScuError(f"association with {where} failed: {exc}", exc.permanent) from exc
+    if not requestor.contexts:
+        requestor.abort()
+        metrics.SCU_OPERATIONS.labels("associate", peer.name, "failure").inc()
+        raise ScuError(f"association with {where} failed: no presentation context was accepted", True)
+    return requestor
+
+
+def _store_one(
+    requestor: Requestor, path: Path, header: tuple[str, str, str], peer: Peer, message_id: int
+) -> tuple[int | None, str | None]:
+    """(status, None) for an answer; (None, None) for none; (status, reason) when the file
+    cannot go on this association."""
+    sop_class, sop_instance, syntax = header
+    try:
+        found = outgoing(requestor.contexts, sop_class, syntax, path)
+    except (OSError, ValueError) as exc:
         metrics.SCU_OPERATIONS.labels("C-STORE", peer.name, "failure").inc()
-        return 0xA900, str(exc)
-    except RuntimeError:  # the association ended under us (a timeout, the peer's abort): no answer
+        return 0xA900, f"cannot read {path.name}: {exc}"
+    if found is None:  # no accepted context for this file's class and syntax
+        metrics.SCU_OPERATIONS.labels("C-STORE", peer.name, "failure").inc()
+        return 0xA900, f"no accepted presentation context for {sop_class} in {syntax}"
+    context, source = found
+    data = source if isinstance(source, bytes) else source.chunks()
+    try:
+        code = requestor.store(context.id, sop_class, sop_instance, message_id, data)
+    except AssociationLost:  # the association ended under us (a timeout, the peer's abort): no answer
         metrics.SCU_OPERATIONS.labels("C-STORE", peer.name, "none").inc()
         return None, None
-    code = int(status.Status) if "Status" in status else None
     metrics.SCU_OPERATIONS.labels("C-STORE", peer.name, _status_class(code)).inc()
     return code, None
 

@@ -30,7 +30,12 @@ UNLIMITED_FRAGMENT = 1024 * 1024
 
 
 class AssociationRefused(ConnectionError):
-    """The peer rejected or aborted the association, or could not be reached."""
+    """The peer rejected or aborted the association, or could not be reached. `permanent`: it
+    would refuse the same request again (rejected-permanent, PS3.8 9.3.4)."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class AssociationLost(ConnectionError):
@@ -50,7 +55,8 @@ class Accepted:
 class Timeouts:
     connect: float
     acse: float
-    dimse: float
+    dimse: float | None
+    """None: wait for an answer as long as the peer takes."""
 
 
 class Requestor:
@@ -81,7 +87,8 @@ class Requestor:
         try:
             connection = socket.create_connection((host, port), timeout=timeouts.connect)
         except OSError as exc:
-            raise AssociationRefused(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise AssociationRefused(f"cannot connect: {reason[:1].lower()}{reason[1:]}") from exc
         try:
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             connection.settimeout(timeouts.acse)
@@ -103,8 +110,11 @@ class Requestor:
             raise AssociationRefused(f"no answer to the association request: {exc}") from exc
         if isinstance(answer, pdu.AssociateReject):
             connection.close()
+            permanent = answer.result == 1
             raise AssociationRefused(
-                f"rejected (result {answer.result}, source {answer.source}, reason {answer.reason})"
+                f"rejected {'permanently' if permanent else 'transiently'} "
+                f"({answer.result}/{answer.source}/{answer.reason})",
+                permanent,
             )
         if not isinstance(answer, pdu.AssociateAccept):
             connection.close()

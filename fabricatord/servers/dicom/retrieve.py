@@ -9,20 +9,18 @@ each sub-operation, and the final one lists the instances that failed.
 
 from __future__ import annotations
 
-import os
-import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom.dsutils import encode
 
 from fabricatord.config.values import parse_duration
 from fabricatord.dicom import query
 from fabricatord.dicom.scu import MAX_CONTEXTS, storage_contexts
+from fabricatord.dicom.stored import StoredDataset, outgoing
 from fabricatord.dicom.ul.dimse import CommandField, encode_command
 from fabricatord.dicom.ul.requestor import AssociationLost, AssociationRefused, Requestor, Timeouts
 from fabricatord.obs import metrics
@@ -37,10 +35,6 @@ MAX_SUBOPERATIONS = 65535
 STUDY_ROOT_RETRIEVE = frozenset({"1.2.840.10008.5.1.4.1.2.2.2", "1.2.840.10008.5.1.4.1.2.2.3"})
 TAKEN = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 """C-STORE statuses that mean the receiver kept the instance (PS3.4 B.2.3: success and warnings)."""
-LITTLE_ENDIAN = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
-"""The syntaxes a stored file may be converted between for a receiver that declined its own."""
-CHUNK = 1024 * 1024
-"""How much of a stored file is read at a time when it is sent."""
 
 
 @dataclass
@@ -235,27 +229,6 @@ def _store_over(requestor: Requestor, instance: Any, path: Path, message_id: int
         return None
 
 
-def _sendable(contexts: Iterable[Any], instance: Any, path: Path) -> tuple[Any, Any] | None:
-    """The context an instance goes on, and its dataset: as stored on a context of its own
-    syntax, else converted for a little-endian one; None when neither was accepted (a
-    compressed file the receiver declined) or the file cannot be read."""
-    candidates = [c for c in contexts if c.abstract_syntax == instance.sop_class_uid]
-    same = next((c for c in candidates if c.transfer_syntax == instance.transfer_syntax_uid), None)
-    convertible = next((c for c in candidates if c.transfer_syntax in LITTLE_ENDIAN), None)
-    if same is None and (instance.transfer_syntax_uid not in LITTLE_ENDIAN or convertible is None):
-        log.warning("no context for the instance", sop_instance_uid=instance.sop_instance_uid,
-                    sop_class_uid=instance.sop_class_uid, transfer_syntax=instance.transfer_syntax_uid)  # fmt: skip
-        return None
-    try:
-        if same is not None:
-            return same, _stored_dataset(path)
-        assert convertible is not None
-        return convertible, _converted(path, convertible.transfer_syntax)
-    except (OSError, ValueError) as exc:
-        log.warning("sub-operation failed", error=str(exc), sop_instance_uid=instance.sop_instance_uid)
-        return None
-
-
 # -- C-GET ---------------------------------------------------------------------------------------
 
 
@@ -292,6 +265,19 @@ def serve_get(request: Request) -> Response:
     return progress.final(request.encoding)
 
 
+def _sendable(contexts: Iterable[Any], instance: Any, path: Path) -> tuple[Any, StoredDataset | bytes] | None:
+    """The context an instance goes on and its dataset (`stored.outgoing`), logged when none."""
+    try:
+        found = outgoing(contexts, instance.sop_class_uid, instance.transfer_syntax_uid, path)
+    except (OSError, ValueError) as exc:
+        log.warning("sub-operation failed", error=str(exc), sop_instance_uid=instance.sop_instance_uid)
+        return None
+    if found is None:
+        log.warning("no context for the instance", sop_instance_uid=instance.sop_instance_uid,
+                    sop_class_uid=instance.sop_class_uid, transfer_syntax=instance.transfer_syntax_uid)  # fmt: skip
+    return found
+
+
 def _store_back(request: Request, sendable: list[Any], instance: Any, path: Path) -> int | None:
     """One C-STORE over the accepted association: on a context for the instance's class where
     we may be the SCU, in the file's own syntax when one was accepted, converted otherwise."""
@@ -316,45 +302,3 @@ def _store_back(request: Request, sendable: list[Any], instance: Any, path: Path
     if answer is None:
         return None
     return int(answer.command.get("Status", 0xC000))
-
-
-@dataclass(frozen=True)
-class StoredDataset:
-    """The dataset part of a stored file: what goes on the wire when its syntax was accepted."""
-
-    path: Path
-    offset: int
-    size: int
-
-    def chunks(self) -> Any:
-        with self.path.open("rb") as stream:
-            stream.seek(self.offset)
-            left = self.size
-            while left > 0:
-                chunk = stream.read(min(CHUNK, left))
-                if not chunk:
-                    raise OSError(f"{self.path} ended {left} bytes early")
-                left -= len(chunk)
-                yield chunk
-
-
-def _stored_dataset(path: Path) -> StoredDataset:
-    """Where a stored file's dataset starts: after the preamble, DICM and the file meta group,
-    whose length its first element gives (PS3.10 7.1); read, not parsed."""
-    with path.open("rb") as stream:
-        head = stream.read(144)
-        size = os.fstat(stream.fileno()).st_size
-    if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
-        raise ValueError(f"{path.name} is not a Part 10 file with a file meta group length")
-    offset = 144 + struct.unpack("<L", head[140:144])[0]
-    return StoredDataset(path, offset, size - offset)
-
-
-def _converted(path: Path, syntax: str) -> bytes:
-    """The dataset re-encoded in a little-endian syntax the receiver accepted."""
-    ds = dcmread(path)
-    implicit = syntax == "1.2.840.10008.1.2"
-    data = encode(ds, implicit, True)
-    if data is None:
-        raise ValueError(f"cannot encode {path.name} for transfer syntax {syntax}")
-    return bytes(data)
