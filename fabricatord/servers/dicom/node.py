@@ -133,6 +133,10 @@ MALFORMED = {CommandField.C_FIND_RQ: Status.CANNOT_UNDERSTAND, CommandField.C_GE
 (0x0110) for the normalized services."""
 
 
+ON_THE_REACTOR = frozenset({echo.serve})
+"""Services that neither block nor take long, served where their request was read: a C-ECHO
+went through two thread hand-offs for a status."""
+
 TIMED = frozenset({"C-STORE", "C-FIND", "MWL", "C-MOVE", "C-GET"})
 """The services `fabricatord_dimse_seconds` times, from the request's turn to its final response."""
 
@@ -426,7 +430,10 @@ class Session:
             cancelled=self.stop,
             sub_request=self._sub_request,
         )
-        self.node.pool.callInThread(self._run, service, request)
+        if service in ON_THE_REACTOR:
+            self._run(service, request)
+        else:
+            self.node.pool.callInThread(self._run, service, request)
 
     def cancelled(self, association: Association, message: Message) -> None:
         current = self.current
@@ -453,7 +460,8 @@ class Session:
         self._final(message, Response(status, comment))
 
     def _run(self, service: Service_, request: Request) -> None:
-        """On a worker: the pre-service checks, the service, and its final response."""
+        """On a worker (or the reactor, for ON_THE_REACTOR): the pre-service checks, the
+        service, and its final response, handed to the reactor's next turn."""
         served = request.served
         started = time.perf_counter()
         with in_context(association=served.number, calling_ae=served.calling_ae, operation=served.operation):
