@@ -8,6 +8,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 
 from fabricatord import IMPLEMENTATION_CLASS_UID
+from fabricatord.servers.dicom.node import outcome
 from fabricatord.servers.dicom.retrieve import Progress
 from fabricatord.servers.dicom.store import _check_match, _Mismatch, file_meta
 
@@ -63,3 +64,21 @@ def test_a_retrieve_ends_as_ps3_4_says(completed: int, warnings: int, failed: in
     assert (final.identifier is not None) == bool(failed)
     cancelled = Progress(5, 1).final((True, True, False), cancelled_at=1)
     assert cancelled.status == 0xFE00 and cancelled.fields["NumberOfRemainingSuboperations"] == 4
+
+
+@pytest.mark.parametrize(
+    ("status", "refused", "counted"),
+    [
+        (0x0000, False, "success"),
+        (0xB000, False, "success"),  # a C-MOVE with failed sub-operations was still performed
+        (0x0107, False, "success"),
+        (0xFE00, False, "cancel"),
+        (0xA702, False, "failure"),
+        (0xC000, False, "failure"),
+        (0x0211, False, "failure"),  # refused before any service ran: counted too
+        (0x0124, True, "refused"),
+        (0xA801, True, "refused"),  # a C-MOVE a [[peers]] permission denies
+    ],
+)
+def test_a_final_response_is_counted_by_its_status(status: int, refused: bool, counted: str) -> None:
+    assert outcome(status, refused) == counted

@@ -19,7 +19,6 @@ from pydicom.uid import UID
 from fabricatord.config import PeerSettings, Settings
 from fabricatord.dicom.ul.dimse import Message
 from fabricatord.dicom.ul.negotiation import AcceptedContext, Negotiation
-from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
 
 if TYPE_CHECKING:
@@ -82,6 +81,8 @@ class Served:
     operation_bytes: int = 0
     answers: int = 0
     detail: str = ""
+    refused: bool = False
+    """The running operation was denied by the peer's `[[peers]]` entry (counted `refused`)."""
     negotiation: Negotiation | None = None
     _message_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -132,12 +133,12 @@ class Request:
 
     def refused(self, service: str) -> bool:
         """Whether the calling peer's `[[peers]]` entry denies it `service`; a refusal is
-        logged and counted here, once for every service."""
+        logged here, once for every service, and counted `refused` with the response."""
         peer = self.served.peer
         if peer is None or getattr(peer, PERMISSIONS[service]):
             return False
         log.warning("operation not allowed for this peer", service=service)
-        metrics.DIMSE_OPERATIONS.labels(service, peer.name, "refused").inc()
+        self.served.refused = True
         return True
 
 

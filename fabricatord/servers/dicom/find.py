@@ -33,7 +33,6 @@ def serve(request: Request) -> Response:
 
 
 def _find(request: Request) -> Response:
-    peer = request.served.peer_label
     if request.refused("C-FIND"):
         return Response(Status.NOT_AUTHORIZED, "this AE may not query here")
 
@@ -48,9 +47,7 @@ def _find(request: Request) -> Response:
     retrieve_ae = request.settings.node.ae_title
     answers = query.answers(request.parts.database, find, rows, retrieve_ae, request.implicit)
     if not _send_all(request, answers, bool(find.unsupported)):
-        metrics.DIMSE_OPERATIONS.labels("C-FIND", peer, "cancel").inc()
         return Response(Status.CANCEL)
-    metrics.DIMSE_OPERATIONS.labels("C-FIND", peer, "success").inc()
     log.info("c-find", level=find.level, matches=len(rows), unsupported=find.unsupported or None)
     return Response(Status.SUCCESS)
 
@@ -83,9 +80,7 @@ def _worklist(request: Request) -> Response:
     finally:
         request.parts.fetches.record(answered, calling)
     if not complete:
-        metrics.DIMSE_OPERATIONS.labels("MWL", peer, "cancel").inc()
         return Response(Status.CANCEL)
-    metrics.DIMSE_OPERATIONS.labels("MWL", peer, "success").inc()
     metrics.MWL_QUERIES.labels(peer, "hit" if rows else "miss").inc()
     log.info("worklist query", items=len(rows), unsupported=find.unsupported or None)
     return Response(Status.SUCCESS)
@@ -118,5 +113,4 @@ def _matches(
             return found, rows
         # C-FIND has no warning status: refusing is the only honest answer (PS3.4 C.4.1.1.4).
         failure = Response(Status.OUT_OF_RESOURCES, f"more than {limit} matches; narrow the query")
-    metrics.DIMSE_OPERATIONS.labels(service, request.served.peer_label, "failure").inc()
     return failure

@@ -10,7 +10,6 @@ from pynetdicom.dsutils import encode
 from sqlalchemy.exc import SQLAlchemyError
 
 from fabricatord.dicom.mpps import MppsError
-from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
 from fabricatord.servers.dicom.context import Request, Response, Status
 from fabricatord.servers.dicom.find import identifier
@@ -35,20 +34,16 @@ def _kept(request: Request, uid_field: str, keep: Callable[[str, Dataset, str], 
 
 
 def _apply(request: Request, apply: Callable[[], Dataset]) -> Response:
-    peer = request.served.peer_label
     if request.refused("MPPS"):
         return Response(Status.NOT_AUTHORIZED, "this AE may not send MPPS here")
     try:
         attributes = apply()
     except MppsError as refusal:
         log.warning("mpps refused", status=f"0x{refusal.status:04X}", reason=refusal.comment)
-        metrics.DIMSE_OPERATIONS.labels("MPPS", peer, "failure").inc()
         answer = refusal.status_dataset()
         fields = {e.keyword: e.value for e in answer if e.keyword not in ("Status", "ErrorComment")}
         return Response(refusal.status, refusal.comment, fields=fields)
     except (SQLAlchemyError, OSError, ValueError) as exc:
         log.error("mpps not kept", error=str(exc))
-        metrics.DIMSE_OPERATIONS.labels("MPPS", peer, "failure").inc()
         return Response(Status.PROCESSING_FAILURE, "the Performed Procedure Step could not be kept")
-    metrics.DIMSE_OPERATIONS.labels("MPPS", peer, "success").inc()
     return Response(Status.SUCCESS, identifier=encode(attributes, *request.encoding))

@@ -139,6 +139,23 @@ went through two thread hand-offs for a status."""
 
 TIMED = frozenset({"C-STORE", "C-FIND", "MWL", "C-MOVE", "C-GET"})
 """The services `fabricatord_dimse_seconds` times, from the request's turn to its final response."""
+COUNTED_AS = {"N-CREATE": "MPPS", "N-SET": "MPPS"}
+"""The `service` label of `fabricatord_dimse_operations_total` where it is not the operation's."""
+WARNINGS = frozenset({0x0001, 0x0107, 0x0116})
+"""Warning statuses outside 0xB000-0xBFFF (PS3.7 C): the operation was done."""
+
+
+def outcome(status: int, refused: bool) -> str:
+    """The `status` label of a final response: refused (by a `[[peers]]` permission), cancel,
+    success (warnings included: a C-MOVE with failed sub-operations was still performed), or
+    failure."""
+    if refused:
+        return "refused"
+    if status == Status.CANCEL:
+        return "cancel"
+    if status == Status.SUCCESS or status in WARNINGS or 0xB000 <= status <= 0xBFFF:
+        return "success"
+    return "failure"
 
 
 def policy(settings: Settings) -> Policy:
@@ -406,6 +423,7 @@ class Session:
         served = self.served
         served.operation = _operation(field_, message)
         served.operation_started, served.answers, served.detail, served.operation_bytes = time.perf_counter(), 0, "", 0
+        served.refused = False
         self.current = message
         self.stop.clear()
         sop_class = str(message.command.get("AffectedSOPClassUID") or message.command.get("RequestedSOPClassUID") or "")
@@ -527,6 +545,8 @@ class Session:
             served.detail = f"{served.detail} failed={failed}".strip() if failed else served.detail
         elif field_ is CommandField.C_STORE_RQ:
             served.answers = 1 if response.status == Status.SUCCESS else 0
+        service = COUNTED_AS.get(served.operation, served.operation)
+        metrics.DIMSE_OPERATIONS.labels(service, served.peer_label, outcome(response.status, served.refused)).inc()
         self._record(
             served.operation,
             f"0x{response.status:04X}",

@@ -95,10 +95,8 @@ def _found(request: Request, service: str) -> list[Any] | Response:
     try:
         found = instances(request)
     except query.QueryError as exc:
-        metrics.DIMSE_OPERATIONS.labels(service, request.served.peer_label, "failure").inc()
         return Response(Status.DOES_NOT_MATCH_SOP_CLASS, str(exc))
     if len(found) > MAX_SUBOPERATIONS:  # the counts are US: more cannot be reported
-        metrics.DIMSE_OPERATIONS.labels(service, request.served.peer_label, "failure").inc()
         return Response(Status.TOO_MANY_MATCHES, f"more than {MAX_SUBOPERATIONS} instances; narrow the request")
     return found
 
@@ -118,7 +116,6 @@ def _sent_counter(request: Request, service: str, peer: str) -> Callable[[int], 
 
 def serve_move(request: Request) -> Response:
     """C-MOVE to a `[[peers]]` AE title (DESIGN.md: destinations are looked up by ae_title)."""
-    peer = request.served.peer_label
     destination = _destination(request)
     if isinstance(destination, Response):
         return destination
@@ -127,11 +124,9 @@ def serve_move(request: Request) -> Response:
         return found
     progress = Progress(len(found))
     if not found:
-        metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "success").inc()
         return progress.final(request.encoding)
     requestor = _associate(request, destination, found)
     if requestor is None:
-        metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "failure").inc()
         log.warning("c-move destination unreachable", why="destination_unreachable", destination=destination.name)
         progress.failed = [i.sop_instance_uid for i in found]
         response = progress.final(request.encoding)
@@ -148,26 +143,22 @@ def serve_move(request: Request) -> Response:
             request.pending(Response(Status.PENDING, fields=progress.counts(done + 1)))
     finally:
         requestor.release()
-    metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "success").inc()
     log.info("c-move", destination=destination.name, instances=len(found))
     return progress.final(request.encoding)
 
 
 def _destination(request: Request) -> Any:
     """The `[[peers]]` entry to move to, or the 0xA801 that refuses the move."""
-    peer = request.served.peer_label
     if request.refused("C-MOVE"):
         return Response(Status.MOVE_DESTINATION_UNKNOWN, "this AE may not retrieve from here")
     wanted = str(request.command.get("MoveDestination", "")).strip()
     destination = request.parts.peer_by_ae(wanted)
     if destination is None:
-        metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "failure").inc()
         log.warning("c-move to an unknown destination", destination=wanted)
         return Response(
             Status.MOVE_DESTINATION_UNKNOWN, "move destination unknown: no [[peers]] entry has its AE title"
         )
     if destination.environment == "prod" and not request.settings.dicom.allow_move_to_prod:
-        metrics.DIMSE_OPERATIONS.labels("C-MOVE", peer, "failure").inc()
         log.warning(
             "c-move to a production destination refused",
             why="prod_destination",
@@ -246,7 +237,6 @@ def serve_get(request: Request) -> Response:
     if found and not any(c.abstract_syntax == i.sop_class_uid for i in found for c in sendable):
         # PS3.4 C.4.3.3: the sub-operations need a Storage context on which the requestor
         # took the SCP role; without one none can be attempted.
-        metrics.DIMSE_OPERATIONS.labels("C-GET", peer, "failure").inc()
         log.warning("c-get refused", why="no_scp_role", instances=len(found))
         progress.failed = [i.sop_instance_uid for i in found]
         response = progress.final(request.encoding)
@@ -260,7 +250,6 @@ def serve_get(request: Request) -> Response:
         status = _store_back(request, sendable, instance, storage / instance.path)
         _count(progress, instance, status, sent)
         request.pending(Response(Status.PENDING, fields=progress.counts(done + 1)))
-    metrics.DIMSE_OPERATIONS.labels("C-GET", peer, "success").inc()
     log.info("c-get", instances=len(found))
     return progress.final(request.encoding)
 

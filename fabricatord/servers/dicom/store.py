@@ -119,8 +119,6 @@ def serve(request: Request) -> Response:
         if request.refused("C-STORE"):
             return Response(Status.NOT_AUTHORIZED, "this AE may not store here")
         code, comment, why = _store(request, received)
-        outcome = "success" if code == Status.SUCCESS else "failure"
-        metrics.DIMSE_OPERATIONS.labels("C-STORE", request.served.peer_label, outcome).inc()
         if comment:
             log.warning("c-store refused", why=why, status=f"0x{code:04X}", reason=comment)
         return Response(code, comment)
