@@ -24,6 +24,8 @@ EX_UNAVAILABLE = 69
 EX_CANTCREAT = 73
 EX_NOPERM = 77
 EX_CONFIG = 78
+ROLE_NAMES = ("admin", "test_write", "test_read", "prod_write", "prod_read")
+"""As `fabricatord.workflow.access.ROLES`: the parser is built without importing argon2."""
 
 
 class CliError(Exception):
@@ -304,33 +306,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.png:
         if "PixelData" not in ds:
             raise CliError(f"{path}: has no pixel data to render", EX_DATAERR)
-        _render_png(ds, Path(args.png))
+        from fabricatord.dicom.preview import render_png
+
+        out = Path(args.png)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(render_png(ds))
         _print(f"Rendered:           {args.png}")
     return 0
-
-
-def _render_png(ds: Any, out: Path) -> None:
-    import numpy as np
-    from PIL import Image
-    from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
-
-    pixels = ds.pixel_array  # colour comes back as RGB whatever the stored colour space
-    if ds.SamplesPerPixel == 3:
-        image = Image.fromarray(pixels.astype(np.uint8), "RGB")
-    else:
-        if ds.get("NumberOfFrames", 1) > 1:
-            pixels = pixels[0]
-        # Stored values → modality values (HU for CT) → the window the image asks for.
-        pixels = apply_modality_lut(pixels, ds)
-        if "WindowCenter" in ds:
-            pixels = apply_voi_lut(pixels, ds)
-        low, high = float(pixels.min()), float(pixels.max())
-        scaled = (pixels - low) * (255.0 / (high - low or 1.0))
-        if ds.PhotometricInterpretation == "MONOCHROME1":
-            scaled = 255 - scaled
-        image = Image.fromarray(scaled.astype(np.uint8), "L")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
 
 
 # -- patients -------------------------------------------------------------------------------
@@ -764,7 +746,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
     settings = _settings(args)
     records = _shown(
         AuditLog(_database(settings)).search(
-            args.operation, args.calling_ae, args.association, _since(args.since), args.failures, args.limit + 1
+            args.operation,
+            args.calling_ae,
+            args.association,
+            _since(args.since),
+            args.failures,
+            args.limit + 1,
+            args.user,
         ),
         args.limit,
         "events",
@@ -772,7 +760,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     for r in reversed(records):
         at = r.at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
         _print(
-            f"{at}  {r.association:<6} {r.operation:<11} {r.calling_ae:<16} {r.peer_address:<21} "
+            f"{at}  {r.association:<6} {r.operation:<11} {r.username or r.calling_ae:<16} {r.peer_address:<21} "
             f"{r.status:<9} {r.instances:>6} {show_size(r.bytes):>9} {r.seconds * 1000:>9.1f} ms  {r.detail}".rstrip()
         )
     if not records:
@@ -1023,6 +1011,62 @@ def cmd_move(args: argparse.Namespace) -> int:
     return EX_UNAVAILABLE if failures else 0
 
 
+# -- users ----------------------------------------------------------------------------------
+
+
+def _password(args: argparse.Namespace, name: str) -> str:
+    """A new password: the first line of stdin with --password-stdin, else asked twice on a terminal."""
+    import getpass
+
+    if getattr(args, "password_stdin", False):
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif sys.stdin.isatty():
+        password = getpass.getpass(f"password for {name}: ")
+        if getpass.getpass("again: ") != password:
+            raise CliError("the two passwords differ", EX_USAGE)
+    else:
+        raise CliError("stdin is not a terminal: give --password-stdin and the password on its first line", EX_USAGE)
+    return password
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    from fabricatord.config.values import parse_duration
+    from fabricatord.workflow.access import Directory, NoSuchUser, PasswordRules, UserExists
+
+    settings = _settings(args)
+    directory = Directory(_database(settings), parse_duration(settings.http.session_idle))
+    try:
+        if args.action == "add":
+            user = directory.add(args.name, args.role, _password(args, args.name))
+            _print(f"user {user.name} added with role {user.role}")
+        elif args.action == "list":
+            for user in directory.users():
+                state = "disabled" if user.disabled else "active"
+                _print(f"{user.name:<24} {user.role:<11} {state:<9} since {user.created_at:%Y-%m-%d}")
+            if not directory.has_users():
+                _print("no users yet: `fabricatord users add NAME --role admin` makes the first")
+        elif args.action == "passwd":
+            if directory.get(args.name) is None:
+                raise NoSuchUser(args.name)
+            directory.set_password(args.name, _password(args, args.name))
+            _print(f"password of {args.name} changed")
+        elif args.action == "disable":
+            directory.disable(args.name)
+            _print(f"user {args.name} disabled; its sessions and tokens ended")
+        elif args.action == "enable":
+            directory.enable(args.name)
+            _print(f"user {args.name} enabled")
+        else:
+            _print(directory.new_token(args.name))
+    except NoSuchUser:
+        raise CliError(f"no user named {args.name!r}", EX_DATAERR) from None
+    except UserExists as exc:
+        raise CliError(str(exc), EX_DATAERR) from None
+    except (PasswordRules, ValueError) as exc:
+        raise CliError(str(exc), EX_USAGE) from None
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------
 
 
@@ -1210,8 +1254,10 @@ def build_parser() -> argparse.ArgumentParser:
     mpps.add_argument("--limit", type=_positive, default=50)
 
     audit = command("audit", cmd_audit, "the transaction log: associations and DIMSE operations, newest last")
-    audit.add_argument("--operation", default="", help="ASSOCIATION, C-ECHO, C-STORE, C-FIND, MWL, C-MOVE, C-GET")
+    operations = "ASSOCIATION, C-ECHO, C-STORE, C-FIND, MWL, C-MOVE, C-GET, HTTP, LOGIN"
+    audit.add_argument("--operation", default="", help=operations)
     audit.add_argument("--calling-ae", default="")
+    audit.add_argument("--user", default="", help="what one console or API user did")
     audit.add_argument("--association", default="", help="one association's ID (first column)")
     audit.add_argument("--since", default="", metavar="DURATION", help="only the last DURATION (`10m`, `2h`)")
     audit.add_argument("--failures", action="store_true", help="only what did not succeed")
@@ -1244,6 +1290,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, metavar="SECONDS", help="longest wait for a word from the source (default: none)"
     )
     move_cmd.add_argument("--prod", action="store_true", help='allow a source or destination with environment = "prod"')
+    users = command("users", cmd_users, "who may use the console and the API: add, list, passwd, disable, token")
+    user_actions = users.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add_user = user_actions.add_parser("add", help="a new user with one role")
+    add_user.add_argument("name")
+    add_user.add_argument("--role", required=True, choices=list(ROLE_NAMES))
+    add_user.add_argument("--password-stdin", action="store_true", help="read the password from stdin's first line")
+    user_actions.add_parser("list", help="every user, with its role and state")
+    passwd = user_actions.add_parser("passwd", help="set a user's password")
+    passwd.add_argument("name")
+    passwd.add_argument("--password-stdin", action="store_true", help="read the password from stdin's first line")
+    for action, text in (
+        ("disable", "the user signs in no more; its sessions and tokens end now"),
+        ("enable", "a disabled user may sign in again"),
+        ("token", "a new API token for Authorization: Bearer, printed once"),
+    ):
+        user_actions.add_parser(action, help=text).add_argument("name")
+    for sub in user_actions.choices.values():
+        sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="TOML file")
     return parser
 
 

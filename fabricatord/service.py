@@ -2,7 +2,7 @@
 
 The daemon opens (and migrates) the database, settles storage left by a crash, starts the
 audit trail's writer, runs the DICOM node, the MLLP listener, the simulated modality and the
-router, and serves `/metrics` and `/healthz` over HTTP.
+router, and serves `/metrics`, `/healthz`, the API and the console over HTTP.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from twisted.internet.task import LoopingCall
 
 from fabricatord import __version__
 from fabricatord.config import ConfigError, Settings, load
-from fabricatord.config.values import parse_size
+from fabricatord.config.values import parse_duration, parse_size
 from fabricatord.db import Database, InstanceIndex, open_database
+from fabricatord.db.audit import AuditLog
 from fabricatord.db.engine import MigrationFailed
 from fabricatord.dicom.storage import InstanceWriter
 from fabricatord.hl7.mapping import profile_problems
@@ -32,9 +33,10 @@ from fabricatord.obs import metrics
 from fabricatord.obs.logging import configure, get_logger
 from fabricatord.obs.systemd import notify, watchdog_interval
 from fabricatord.servers.dicom import DicomNode
-from fabricatord.servers.http import site
+from fabricatord.servers.http import Department, site
 from fabricatord.servers.mllp import MllpListener
 from fabricatord.synth.checks import settings_problems
+from fabricatord.workflow.access import Directory
 from fabricatord.workflow.acquisition import Acquirer
 from fabricatord.workflow.audit import AuditTrail
 from fabricatord.workflow.hl7 import Inbox
@@ -119,8 +121,18 @@ def build(settings: Settings, reactor_: Any = reactor) -> tuple[MultiService, li
         "http": f"{settings.http.host}:{settings.http.port}",
     }
     checks = [("dicom", lambda: node.listening), ("mllp", lambda: mllp.listening), ("storage", writer.has_room)]
-    StreamServerEndpointService(http, site(database, checks, listeners)).setServiceParent(root)
-    return root, [rules, node, inbox, acquirer, router, monitor]
+    department = Department(
+        settings,
+        database,
+        Directory(database, parse_duration(settings.http.session_idle)),
+        AuditLog(database),
+        writer,
+        acquirer.wake,
+        listeners,
+        checks,
+    )
+    StreamServerEndpointService(http, site(department)).setServiceParent(root)
+    return root, [rules, node, inbox, acquirer, router, monitor, department]
 
 
 class DataDirInUse(RuntimeError):

@@ -202,7 +202,17 @@ class Hl7Settings:
 @dataclass(frozen=True)
 class HttpSettings:
     host: str = key("127.0.0.1", "Address the HTTP endpoint binds.", check_host)
-    port: int = key(8080, "HTTP port (metrics, health, API).", check_port)
+    port: int = key(8080, "HTTP port (metrics, health, the API and the console).", check_port)
+    cookie_secure: bool = key(
+        False,
+        "Mark the session cookie `Secure`: set it when a TLS proxy serves the console, so that the "
+        "browser never sends the cookie over plain HTTP.",
+    )
+    session_idle: str = key("8h", "A console session unused this long ends; the user signs in again.", check_duration)
+    status_requires_login: bool = key(
+        False,
+        "`/api/v1/status` (counts, no PHI) needs a user too. `/metrics`, `/healthz` and `/readyz` stay open.",
+    )
 
 
 def _check_policy(value: object) -> str | None:

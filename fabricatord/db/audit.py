@@ -25,6 +25,8 @@ class AuditRecord:
     bytes: int = 0
     seconds: float = 0.0
     detail: str = ""
+    username: str = ""
+    """The console or API user who took the action."""
 
 
 class AuditLog:
@@ -44,6 +46,7 @@ class AuditLog:
         since: datetime | None = None,
         failures_only: bool = False,
         limit: int = 100,
+        username: str = "",
     ) -> list[AuditRecord]:
         """The newest events first, filtered."""
         statement = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
@@ -53,6 +56,8 @@ class AuditLog:
             statement = statement.where(AuditEvent.calling_ae == calling_ae)
         if association:
             statement = statement.where(AuditEvent.association == association)
+        if username:
+            statement = statement.where(AuditEvent.username == username)
         if since is not None:
             statement = statement.where(AuditEvent.at >= since)
         if failures_only:
@@ -71,6 +76,7 @@ class AuditLog:
                     bytes=row.bytes,
                     seconds=row.seconds,
                     detail=row.detail,
+                    username=row.username,
                 )
                 for row in session.scalars(statement)
             ]

@@ -74,6 +74,43 @@ class StudySummary:
     size: int
 
 
+@dataclass(frozen=True)
+class InstanceNode:
+    sop_instance_uid: str
+    sop_class_uid: str
+    instance_number: int | None
+    transfer_syntax_uid: str
+    size: int
+    source: str
+    source_ae: str
+
+
+@dataclass(frozen=True)
+class SeriesNode:
+    series_instance_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    body_part_examined: str
+    instances: list[InstanceNode]
+
+
+@dataclass(frozen=True)
+class StudyTree:
+    study_instance_uid: str
+    accession_number: str
+    study_date: str
+    study_time: str
+    study_description: str
+    referring_physician_name: str
+    patient_id: str
+    issuer_of_patient_id: str
+    patient_name: str
+    patient_birth_date: str
+    patient_sex: str
+    series: list[SeriesNode]
+
+
 _STORED_COLUMNS = (
     Instance.sop_instance_uid,
     Instance.sop_class_uid,
@@ -259,6 +296,72 @@ class InstanceIndex:
                 counts[1],
                 counts[2],
             )
+
+    def study_tree(self, study_instance_uid: str) -> StudyTree | None:
+        """A study with its patient, series and instances, for the console and the API."""
+        with self._db.reads() as session:
+            study = session.scalars(select(Study).where(Study.study_instance_uid == study_instance_uid)).one_or_none()
+            if study is None:
+                return None
+            rows = session.execute(
+                select(Series, Instance)
+                .join(Instance, Instance.series_pk == Series.id)
+                .where(Series.study_pk == study.id)
+                .order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)
+            ).all()
+            series: dict[int, SeriesNode] = {}
+            for row_series, row_instance in rows:
+                node = series.get(row_series.id)
+                if node is None:
+                    node = series[row_series.id] = SeriesNode(
+                        row_series.series_instance_uid,
+                        row_series.modality,
+                        row_series.series_number,
+                        row_series.series_description,
+                        row_series.body_part_examined,
+                        [],
+                    )
+                node.instances.append(
+                    InstanceNode(
+                        row_instance.sop_instance_uid,
+                        row_instance.sop_class_uid,
+                        row_instance.instance_number,
+                        row_instance.transfer_syntax_uid,
+                        row_instance.size,
+                        row_instance.source,
+                        row_instance.source_ae,
+                    )
+                )
+            patient = study.patient
+            return StudyTree(
+                study.study_instance_uid,
+                study.accession_number,
+                study.study_date,
+                study.study_time,
+                study.study_description,
+                study.referring_physician_name,
+                patient.patient_id,
+                patient.issuer,
+                patient.name,
+                patient.birth_date,
+                patient.sex,
+                list(series.values()),
+            )
+
+    def forget_study(self, study_instance_uid: str) -> list[str] | None:
+        """Remove a study's rows (the patient stays) and return its files' paths for the caller
+        to delete; None when no such study. Rows go first: a file left behind by a crash is an
+        orphan that the next start removes, a row without its file would be a lie."""
+        with self._db.writes.begin() as session:
+            study_pk = session.scalar(select(Study.id).where(Study.study_instance_uid == study_instance_uid))
+            if study_pk is None:
+                return None
+            series_pks = select(Series.id).where(Series.study_pk == study_pk)
+            paths = list(session.scalars(select(Instance.path).where(Instance.series_pk.in_(series_pks))))
+            session.execute(delete(Instance).where(Instance.series_pk.in_(series_pks)))
+            session.execute(delete(Series).where(Series.study_pk == study_pk))
+            session.execute(delete(Study).where(Study.id == study_pk))
+            return paths
 
 
 def reassign_studies(connection: Connection, from_patient_pk: int, to_patient_pk: int) -> int:

@@ -239,6 +239,8 @@ class AuditEvent(Base):
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     seconds: Mapped[float] = mapped_column(Float, default=0.0)
     detail: Mapped[str] = mapped_column(String(256), default="")
+    username: Mapped[str] = mapped_column(String(64), default="", index=True)
+    """The console or API user who took the action (empty for DICOM and HL7 peers)."""
 
 
 class Hl7Message(Base):
@@ -340,7 +342,47 @@ class RouteJob(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
+class User(Base):
+    """Owner: `fabricatord.db.users`. Someone who may use the console and the API."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # admin | test_write | test_read | prod_write | prod_read
+    password_hash: Mapped[str] = mapped_column(String(256), default="")
+    """argon2id; empty until a password is set (a user with only tokens)."""
+    disabled: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Credential(Base):
+    """Owner: `fabricatord.db.users`. A console session or an API token: a random secret of which
+    only the SHA-256 is kept, so that a copy of the database signs nobody in."""
+
+    __tablename__ = "credentials"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_pk: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))  # session | token
+    csrf_token: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class LoginFailure(Base):
+    """Owner: `fabricatord.db.users`. Failed sign-ins by user name, for the lockout."""
+
+    __tablename__ = "login_failures"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 Index("ix_patients_patient_id", Patient.patient_id)
+Index("ix_login_failures_name_at", LoginFailure.name, LoginFailure.at)
 Index(
     "ix_hl7_messages_sender_control_id",
     Hl7Message.sending_application,

@@ -285,6 +285,18 @@ class Worklist:
         return int(getattr(result, "rowcount", 0) or 0)
 
     @staticmethod
+    def set_step_status(connection: Connection, step_pks: list[int], status: str) -> int:
+        """These steps (not their order's others) to `status`; how many changed."""
+        if not step_pks:
+            return 0
+        result = connection.execute(
+            update(ScheduledStep)
+            .where(ScheduledStep.id.in_(step_pks), ScheduledStep.status != status)
+            .values(status=status, updated_at=datetime.now(UTC))
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    @staticmethod
     def perform(connection: Connection, sps_ids: tuple[str, ...], study_instance_uid: str, status: str) -> int:
         """The steps a Modality Performed Procedure Step names (by SPS ID, within its study when it
         names one) move to `status`; how many."""
@@ -348,6 +360,7 @@ class Worklist:
         station_ae: str = "",
         start_date: str = "",
         limit: int = 100,
+        patient_id: str = "",
     ) -> list[WorklistItem]:
         """Steps by start time, with the AEs that fetched each."""
         statement = (
@@ -363,6 +376,8 @@ class Worklist:
             statement = statement.where(ScheduledStep.station_ae == station_ae)
         if start_date:
             statement = statement.where(ScheduledStep.start_date == start_date)
+        if patient_id:
+            statement = statement.where(Patient.patient_id == patient_id)
         with self._db.reads() as session:
             rows = session.execute(statement).all()
             fetched = _fetchers(session, [step.id for step, *_ in rows])

@@ -202,18 +202,68 @@ def answers(database: Database, query: FindQuery, rows: list[Any], retrieve_ae: 
     """One encoded identifier per row, with every requested key: held values filled, others empty."""
     computed = _computed(database, query, rows)
     for row in rows:
-        values: dict[str, Any] = {}
-        for level, entity in zip(LEVELS, row, strict=False):
-            values.update({keyword: getattr(entity, name) for keyword, name in _COLUMNS[level]})
         pairs: list[tuple[str, Any]] = [("QueryRetrieveLevel", query.level), ("RetrieveAETitle", retrieve_ae)]
-        for keyword in query.requested:
-            if keyword.startswith("("):  # a tag without a keyword: returned empty
-                continue
-            value = values.get(keyword)
-            if keyword in computed:
-                value = computed[keyword].get(row[LEVELS.index(COMPUTED[keyword])].id)
-            pairs.append((keyword, _returned(keyword, value)))
-        yield encode_answer(pairs, implicit)
+        yield encode_answer([*pairs, *_requested(query, row, computed)], implicit)
+
+
+def _requested(query: FindQuery, row: Any, computed: dict[str, dict[int, Any]]) -> Iterator[tuple[str, Any]]:
+    values: dict[str, Any] = {}
+    for level, entity in zip(LEVELS, row, strict=False):
+        values.update({keyword: getattr(entity, name) for keyword, name in _COLUMNS[level]})
+    for keyword in query.requested:
+        if keyword.startswith("("):  # a tag without a keyword: returned empty
+            continue
+        value = values.get(keyword)
+        if keyword in computed:
+            value = computed[keyword].get(row[LEVELS.index(COMPUTED[keyword])].id)
+        yield keyword, _returned(keyword, value)
+
+
+@dataclass(frozen=True)
+class StudyPage:
+    total: int
+    studies: list[dict[str, Any]]
+
+
+STUDY_COLUMNS = (
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "ModalitiesInStudy",
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+)
+
+
+def search_studies(database: Database, identifier: Dataset, limit: int, offset: int) -> StudyPage:
+    """A page of the studies a study-level identifier matches, newest first, as the console and
+    the API list them: the same matching as a C-FIND, with the total for paging."""
+    for keyword in STUDY_COLUMNS:
+        if keyword not in identifier:
+            setattr(identifier, keyword, None)
+    query = build(identifier, STUDY_ROOT)
+    counted = select(func.count()).select_from(query.statement.order_by(None).subquery())
+    page = query.statement.order_by(None).order_by(Study.study_date.desc(), Study.study_time.desc(), Study.id.desc())
+    with database.reads() as session:
+        total = int(session.scalar(counted) or 0)
+        rows = list(session.execute(page.limit(limit).offset(offset)).all())
+    computed = _computed(database, query, rows)
+    return StudyPage(
+        total,
+        [
+            {k: ("" if v is None else v) for k, v in _requested(query, row, computed) if k in STUDY_COLUMNS}
+            for row in rows
+        ],
+    )
 
 
 def _returned(keyword: str, value: Any) -> Any:

@@ -15,7 +15,15 @@ from datetime import datetime
 from fabricatord.config import Settings
 from fabricatord.db import Database, Sequences
 from fabricatord.db.jobs import Acquisitions
-from fabricatord.db.worklist import PROCEDURE_COUNTER, STEP_COUNTER, OrderPlan, ProcedurePlan, StepPlan, Worklist
+from fabricatord.db.worklist import (
+    PROCEDURE_COUNTER,
+    STEP_COUNTER,
+    STEP_STATES,
+    OrderPlan,
+    ProcedurePlan,
+    StepPlan,
+    Worklist,
+)
 from fabricatord.hl7.orders import OrderMessage
 from fabricatord.obs.logging import get_logger
 from fabricatord.synth.patients import Demographics
@@ -79,6 +87,20 @@ class Scheduler:
             patient,
             start,
         )
+
+    def change_step(self, sps_id: str, status: str) -> int:
+        """A step's status set by hand (the console, the API); a step canceled or discontinued
+        is not acquired. How many steps changed; LookupError when no step has this SPS ID."""
+        if status not in STEP_STATES:
+            raise ValueError(f"status {status!r} is not one of {', '.join(STEP_STATES)}")
+        with self._database.writer.begin() as connection:
+            pks = [pk for pk in Worklist(self._database).steps_named(sps_id) if pk]
+            if not pks:
+                raise LookupError(f"no worklist step has the SPS ID {sps_id!r}")
+            changed = Worklist.set_step_status(connection, pks, status)
+            if status in ("CANCELED", "DISCONTINUED"):
+                Acquisitions.cancel(connection, pks)
+            return changed
 
     def plan(self, request: WorklistRequest) -> tuple[OrderPlan, Demographics, datetime]:
         """An order with its identifiers drawn and its patient registered, not yet scheduled:

@@ -53,3 +53,19 @@ def test_operations_doc_lists_every_metric() -> None:
     ]
     assert len(names) > 30 and "fabricatord_sent_bytes_total" in names
     assert [name for name in names if f"`{name}`" not in text] == []
+
+
+def test_console_doc_lists_every_api_route() -> None:
+    from unittest.mock import MagicMock
+
+    from fabricatord.servers.http import router
+    from fabricatord.servers.http.department import Department
+
+    text = (ROOT / "docs" / "console.md").read_text()
+    table = router(Department(MagicMock(), MagicMock(), MagicMock(), MagicMock()))
+    for route in table.routes:
+        if route.pattern.startswith("/api/"):
+            assert f"| {route.method} | `{route.pattern}` |" in text, (route.method, route.pattern)
+        elif not route.pattern.startswith(("/static", "/login", "/logout")) and route.method == "GET":
+            page = route.pattern.split("/{")[0] or "/"
+            assert f"`{page}" in text, route.pattern
