@@ -17,7 +17,7 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 def is_valid_uid(value: str) -> bool:
-    return 0 < len(value) <= 64 and _UID.match(value) is not None
+    return 0 < len(value) <= 64 and _UID.fullmatch(value) is not None
 
 
 def parse_duration(text: str) -> float:

@@ -74,14 +74,19 @@ class UserStore:
             return int(session.scalar(select(func.count(User.id))) or 0)
 
     def change(self, name: str, *, password_hash: str | None = None, role: str | None = None) -> None:
+        """A new password also ends the user's sessions and tokens: whoever held one signs in again."""
         values: dict[str, str] = {}
         if password_hash is not None:
             values["password_hash"] = password_hash
         if role is not None:
             values["role"] = role
         with self._db.writes.begin() as session:
-            if session.execute(update(User).where(User.name == name).values(**values)).rowcount == 0:  # type: ignore[attr-defined]
+            pk = session.scalar(select(User.id).where(User.name == name))
+            if pk is None:
                 raise NoSuchUser(name)
+            session.execute(update(User).where(User.id == pk).values(**values))
+            if password_hash is not None:
+                session.execute(delete(Credential).where(Credential.user_pk == pk))
 
     def set_disabled(self, name: str, disabled: bool) -> None:
         """Disabling also ends every session and token of the user, in the same transaction."""
@@ -147,10 +152,12 @@ class UserStore:
             )
             return list(session.scalars(statement))
 
-    def forget_failures(self, name: str, before: datetime | None = None) -> None:
-        """After a successful sign-in (all of them), or those older than the lockout's window."""
+    def forget_failures(self, name: str) -> None:
+        """After a successful sign-in."""
         with self._db.writes.begin() as session:
-            statement = delete(LoginFailure).where(LoginFailure.name == name[:64])
-            if before is not None:
-                statement = statement.where(LoginFailure.at < before)
-            session.execute(statement)
+            session.execute(delete(LoginFailure).where(LoginFailure.name == name[:64]))
+
+    def forget_failures_before(self, cutoff: datetime) -> None:
+        """Failures of any name older than the lockout's window: guessed names leave no rows behind."""
+        with self._db.writes.begin() as session:
+            session.execute(delete(LoginFailure).where(LoginFailure.at < cutoff))

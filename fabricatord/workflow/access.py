@@ -189,7 +189,7 @@ class Directory:
         user = self.verify_password(name, password)
         if user is None:
             self._store.record_failure(name, now)
-            self._store.forget_failures(name, before=window_start)
+            self._store.forget_failures_before(window_start)
             raise BadCredentials("wrong user name or password")
         self._store.forget_failures(name)
         secret = secrets.token_urlsafe(32)

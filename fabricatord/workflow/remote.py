@@ -153,7 +153,11 @@ def destination(settings: Settings, text: str, allow_prod: bool) -> str:
         problem = check_ae_title(ae_title)
         if problem is not None:
             raise UnknownPeer(f"--to {text!r}: give a [[peers]] name, self, or {problem}")
-        prod = next((e for e in settings.peers if e.environment == "prod" and e.ae_title == ae_title), None)
+        # Sources compare AE titles loosely: PRODPACS and prodpacs are the same peer to them.
+        prod = next(
+            (e for e in settings.peers if e.environment == "prod" and e.ae_title.strip().upper() == ae_title.upper()),
+            None,
+        )
     if prod is not None and not allow_prod:
         raise ProdRefused(
             f'{ae_title} is the production peer {prod.name!r} (environment = "prod"): say --prod to move to it anyway'

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import urllib.parse
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,8 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, int
         f'[[peers]]\nname = "pacs"\nae_title = "PACS"\nport = {pacs_port}\n'
         f'[[peers]]\nname = "prodpacs"\nae_title = "PRODPACS"\nport = {free_port()}\nenvironment = "prod"\n'
         '[[routes]]\nname = "to-pacs"\nmatch = { study_description = "ROUTED*" }\nto = ["pacs"]\nattempts = 1\n'
+        '[[routes]]\nname = "to-prod"\nmatch = { study_description = "PRODROUTED*" }\nto = ["prodpacs"]\n'
+        "allow_prod = true\nattempts = 1\n"
     )
     daemon = launch(folder, extra=peers)
     try:
@@ -323,3 +326,102 @@ def test_users_are_managed_by_admin_and_every_change_is_audited(node: tuple[Daem
     assert any("POST /api/v1/users/newcomer/token" in d for d in details)
     assert any(d.startswith("POST /api/v1/users: user newcomer") for d in details)
     assert all(e["username"] == "admin" for e in events)
+
+
+def test_a_test_role_cannot_resend_to_production_by_retrying_a_job(node: tuple[Daemon, int]) -> None:
+    daemon, _ = node
+    admin, writer = bearer(daemon, "admin"), bearer(daemon, "test_write")
+    made = admin.post("/api/v1/generate", {"modality": "CR", "images": 1, "description": "PRODROUTED CR"}).json()
+    study = made["study_instance_uid"]
+
+    def jobs() -> list[dict[str, object]]:
+        listed = admin.get(f"/api/v1/jobs?kind=routes&study={study}").json()["jobs"]
+        return [job for job in listed if job["peer"] == "prodpacs"]
+
+    wait_for(lambda: bool(jobs()) and all(job["state"] == "failed" for job in jobs()))
+    [job] = jobs()
+    refused = writer.post(f"/api/v1/jobs/{job['id']}/retry")
+    assert refused.status == 403 and "production" in refused.json()["error"]
+    bulk = writer.post("/api/v1/jobs/retry", {"kind": "routes", "state": "failed", "study": study}).json()
+    assert bulk["refused"] == [job["id"]] and job["id"] not in bulk["done"]
+    assert jobs()[0]["state"] == "failed"
+    assert admin.post(f"/api/v1/jobs/{job['id']}/cancel").status == 200  # admin may; pending or not, it answers
+
+
+def test_the_destination_of_a_move_is_a_peer_name_never_a_bare_ae_title(node: tuple[Daemon, int]) -> None:
+    daemon, _ = node
+    writer = bearer(daemon, "test_write")
+    study = writer.post("/api/v1/generate", {"modality": "CR", "images": 1}).json()["study_instance_uid"]
+    for destination in ("PRODPACS", "prodpacs_ae", "PACS"):
+        answer = writer.post("/api/v1/move", {"from": "self", "to": destination, "studies": [study]})
+        assert answer.status == 404, destination
+    assert writer.post("/api/v1/move", {"from": "self", "to": "prodpacs", "studies": [study]}).status == 403
+
+
+def test_malformed_requests_get_400_and_never_500(node: tuple[Daemon, int]) -> None:
+    daemon, _ = node
+    writer = bearer(daemon, "test_write")
+    admin = client(daemon, "admin")
+    for path in ("/api/v1/studies?limit=%C2%B2", "/api/v1/studies?limit=" + "9" * 5000, "/api/v1/jobs?limit=-1"):
+        assert writer.get(path).status == 400, path
+    assert writer.get("/api/v1/jobs/a" + "9" * 30).status == 400
+    assert writer.get("/api/v1/hl7/messages/" + "9" * 30).status == 404
+    for body in (
+        {"peers": 5},
+        {"peers": ["self"], "keys": 5},
+        {"peers": ["self"], "timeout": "x"},
+        {"peers": ["self"], "timeout": 1e308},
+        {"peers": [f"peer{number}" for number in range(50)]},
+    ):
+        assert writer.post("/api/v1/find", body).status == 400, body
+    assert writer.post("/api/v1/move", {"from": "self", "to": "self", "studies": "1.2.3"}).status == 400
+    assert writer.post("/api/v1/jobs/retry", {"ids": 5}).status == 400
+    assert writer.request("POST", "/api/v1/find", None, headers={"Content-Type": "application/json"}).status == 400
+    nested = Client(daemon.http_port, token=writer.token)
+    deep = "[" * 100_000 + "]" * 100_000
+    answer = nested.request("POST", "/api/v1/worklist", headers={"Content-Type": "application/json"}, body=None)
+    assert answer.status == 400
+    assert writer.post("/api/v1/worklist", deep).status == 400
+    assert admin.post("/api/v1/worklist", {"modality": "CR"}, headers={"X-CSRF-Token": "é"}).status == 403
+    assert admin.post("/api/v1/users/test_read", {"disabled": "false"}).status == 400
+    assert admin.post("/api/v1/users/test_read", {"role": "admin", "password": "short"}).status == 400
+    roles = {u["name"]: u["role"] for u in admin.get("/api/v1/users").json()["users"]}
+    assert roles["test_read"] == "test_read"  # nothing of a refused change was applied
+
+
+def test_sign_in_returns_only_to_our_own_pages(node: tuple[Daemon, int]) -> None:
+    daemon, _ = node
+    for target, landing in (
+        ("/worklist?status=READY", "/worklist?status=READY"),
+        ("/\\evil.example", "/"),
+        ("//evil.example", "/"),
+        ("https://evil.example/", "/"),
+    ):
+        browser = Client(daemon.http_port)
+        form = browser.get("/login?" + urllib.parse.urlencode({"next": target})).text
+        token = re.search(r'name="csrf_token" value="([^"]+)"', form)
+        shown = re.search(r'name="next" value="([^"]*)"', form)
+        assert token is not None and shown is not None
+        answer = browser.request(
+            "POST",
+            "/login",
+            form={"username": "test_read", "password": PASSWORD, "csrf_token": token.group(1), "next": target},
+        )
+        assert answer.status == 303 and answer.headers["Location"] == landing, target
+    # A page asked for before signing in keeps its query through the login.
+    page = Client(daemon.http_port).get("/studies?PatientID=X")
+    assert page.headers["Location"] == "/login?next=/studies%3FPatientID%3DX"
+
+
+def test_names_with_reserved_characters_are_addressed_and_a_new_password_ends_sessions(
+    node: tuple[Daemon, int],
+) -> None:
+    daemon, _ = node
+    admin = bearer(daemon, "admin")
+    assert admin.post("/api/v1/users", {"name": "j.doe@lab x", "role": "test_read", "password": PASSWORD}).status == 201
+    signed = Client(daemon.http_port)
+    assert signed.login("j.doe@lab x").status == 303
+    changed = admin.post("/api/v1/users/j.doe%40lab%20x", {"password": "another long password"})
+    assert changed.status == 200 and changed.json()["name"] == "j.doe@lab x"
+    assert signed.get("/api/v1/me").status == 401
+    assert Client(daemon.http_port).login("j.doe@lab x", "another long password").status == 303

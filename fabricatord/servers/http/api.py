@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import socket
 import time
 import zipfile
@@ -31,10 +32,18 @@ from fabricatord.dicom.preview import NoPixels, render_png
 from fabricatord.hl7.codec import Hl7Error
 from fabricatord.hl7.mllp import MllpClient
 from fabricatord.servers.http.department import Department
-from fabricatord.servers.http.routing import Call, HttpError, Reply, Router, json_reply
+from fabricatord.servers.http.routing import Call, HttpError, Reply, Router, is_number, json_reply
 from fabricatord.synth.templates import TEMPLATES
 from fabricatord.workflow import remote
-from fabricatord.workflow.access import NoSuchUser, PasswordRules, UserExists, may_reach
+from fabricatord.workflow.access import (
+    MAX_PASSWORD,
+    MIN_PASSWORD,
+    ROLES,
+    NoSuchUser,
+    PasswordRules,
+    UserExists,
+    may_reach,
+)
 from fabricatord.workflow.generation import GenerateOptions, StudyGenerator
 from fabricatord.workflow.hl7 import Inbox
 from fabricatord.workflow.worklist import Scheduler, WorklistRequest
@@ -96,9 +105,11 @@ def install(router: Router, department: Department) -> None:
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
             for number, instance in enumerate(stored, 1):
-                archive.write(
-                    d.settings.storage_dir / instance.path, f"{uid}/{number:05d}_{instance.sop_instance_uid}.dcm"
-                )
+                name = f"{uid}/{number:05d}_{instance.sop_instance_uid}.dcm"
+                try:
+                    archive.write(d.settings.storage_dir / instance.path, name)
+                except FileNotFoundError:
+                    raise HttpError(410, f"the file of instance {instance.sop_instance_uid} is gone") from None
         disposition = f'attachment; filename="{uid}.zip"'
         return Reply(200, buffer.getvalue(), "application/zip", (("Content-Disposition", disposition),))
 
@@ -122,7 +133,10 @@ def install(router: Router, department: Department) -> None:
     @router.add("POST", f"{api}/studies/{{uid}}/send", "change", "C-STORE a stored study to a peer")
     def send_study(call: Call) -> Reply:
         uid = _uid(call.params["uid"])
-        peer = _peer_for(d, call, str(call.json().get("peer", "")), write=True)
+        name = call.json().get("peer")
+        if not isinstance(name, str) or not name:
+            raise HttpError(400, "peer: the [[peers]] name to send to")
+        peer = _peer_for(d, call, name, write=True)
         stored = InstanceIndex(d.database).study_instances(uid)
         if not stored:
             raise HttpError(404, f"no stored study has Study Instance UID {uid}")
@@ -167,7 +181,10 @@ def install(router: Router, department: Department) -> None:
     def instance_file(call: Call) -> Reply:
         uid, path = _instance(d, call)
         disposition = f'attachment; filename="{uid}.dcm"'
-        return Reply(200, path.read_bytes(), "application/dicom", (("Content-Disposition", disposition),))
+        try:
+            return Reply(200, path.read_bytes(), "application/dicom", (("Content-Disposition", disposition),))
+        except FileNotFoundError:
+            raise HttpError(410, f"the file of instance {uid} is gone from storage") from None
 
     # -- generate ----------------------------------------------------------------------------
 
@@ -224,6 +241,8 @@ def install(router: Router, department: Department) -> None:
         sex = str(body.get("sex", "")).upper() or None
         if sex not in (None, "M", "F", "O"):
             raise HttpError(400, "sex is M, F or O")
+        if len(str(body.get("patient_id", ""))) > 64:
+            raise HttpError(400, "patient_id has at most 64 characters")
         patient, created = StudyGenerator(d.settings, d.database).new_patient(str(body.get("patient_id", "")), sex)
         call.audit_detail = f"patient {patient.patient_id}"
         return json_reply({"patient": asdict(patient), "created": created}, 201 if created else 200)
@@ -258,7 +277,7 @@ def install(router: Router, department: Department) -> None:
     @router.add("GET", f"{api}/hl7/messages/{{id}}", "user", "One HL7 message with its ACK and what it did")
     def message(call: Call) -> Reply:
         pk = call.params["id"]
-        found = MessageLog(d.database).get(int(pk)) if pk.isdigit() else None
+        found = MessageLog(d.database).get(int(pk)) if is_number(pk, 9) else None
         if found is None:
             raise HttpError(404, f"no HL7 message {pk}")
         return json_reply(_message(found, whole=True))
@@ -580,8 +599,19 @@ def _generated_orm(d: Department, order: dict[str, Any]) -> str:
 
 
 def act_on_jobs(d: Department, call: Call, action: str, names: Iterable[str]) -> dict[str, Any]:
+    """Retry or cancel jobs; a route job to a peer the caller's role may not send to is refused
+    (403 when it is the only one asked for, else listed under `refused`)."""
     wanted = _job_ids(names)
     acquisitions, routes = Acquisitions(d.database), RouteJobs(d.database)
+    role = call.user().role
+    refused = []
+    for job in routes.by_ids(wanted["r"]):
+        peer = d.settings.peer(job.peer)
+        if not may_reach(role, peer.environment if peer else "test", True):
+            refused.append(f"r{job.id}")
+    if refused and len(wanted["r"]) + len(wanted["a"]) == 1:
+        raise HttpError(403, f"{refused[0]} sends to a production peer, and the role {role} may not send to it")
+    wanted["r"] = [pk for pk in wanted["r"] if f"r{pk}" not in refused]
     if action == "retry":
         touched = [f"a{pk}" for pk in acquisitions.retry(wanted["a"])] + [f"r{pk}" for pk in routes.retry(wanted["r"])]
     else:
@@ -591,8 +621,13 @@ def act_on_jobs(d: Department, call: Call, action: str, names: Iterable[str]) ->
     if wanted["a"] and action == "retry":
         d.wake_acquirer()
     asked = [f"a{pk}" for pk in wanted["a"]] + [f"r{pk}" for pk in wanted["r"]]
-    call.audit_detail = f"{action} {len(touched)} of {len(asked)} jobs"
-    return {"action": action, "done": touched, "left": [name for name in asked if name not in touched]}
+    call.audit_detail = f"{action} {len(touched)} of {len(asked) + len(refused)} jobs"
+    return {
+        "action": action,
+        "done": touched,
+        "left": [name for name in asked if name not in touched],
+        "refused": refused,
+    }
 
 
 def peer_listing(d: Department, role: str, reach: bool) -> list[dict[str, Any]]:
@@ -607,8 +642,10 @@ def peer_listing(d: Department, role: str, reach: bool) -> list[dict[str, Any]]:
 
     reachable_now: list[bool | None] = [None] * len(entries)
     if reach and entries:
+        # Only peers the role may query are probed: a look at the dashboard opens no
+        # connection to a production peer on behalf of a test role.
         with ThreadPoolExecutor(max_workers=min(len(entries), 16)) as pool:
-            reachable_now = list(pool.map(answers, [peer for peer, _, _ in entries]))
+            reachable_now = list(pool.map(lambda entry: answers(entry[0]) if entry[1] else None, entries))
     return [
         {
             "name": peer.name,
@@ -628,22 +665,25 @@ def find_at_peers(d: Department, call: Call, body: dict[str, Any]) -> dict[str, 
     names = body.get("peers") or []
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
-    if not names or not all(isinstance(n, str) for n in names):
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise HttpError(400, "peers: name one or more [[peers]] names, or self")
+    names = list(dict.fromkeys(names))
+    if len(names) > len(d.settings.peers) + 1:
+        raise HttpError(400, "peers: each [[peers]] name (and self) once")
     level = str(body.get("level", "study")).lower()
     if level not in ("study", "series", "image"):
         raise HttpError(400, "level is study, series or image")
     for name in names:
-        if name != remote.SELF:
-            _peer_for(d, call, name, write=False)
+        _reachable_source(d, call, name)
     given = body.get("keys") or {}
+    if not isinstance(given, (dict, list)):
+        raise HttpError(400, 'keys: {"PatientID": "…"} or ["PatientID=…"]')
     texts = [f"{k}={v}" for k, v in given.items()] if isinstance(given, dict) else [str(k) for k in given]
     try:
         keys = [query_keys.parse_key(text) for text in texts]
     except query_keys.BadKey as exc:
         raise HttpError(400, str(exc)) from None
-    timeout = float(body.get("timeout", 30.0))
-    answers = remote.find(d.settings, names, level, keys, timeout)
+    answers = remote.find(d.settings, names, level, keys, _seconds(body, 30.0, 300.0) or 30.0)
     return {
         "warnings": query_keys.query_warnings(level, keys),
         "answers": [
@@ -654,24 +694,17 @@ def find_at_peers(d: Department, call: Call, body: dict[str, Any]) -> dict[str, 
 
 def move_studies(d: Department, call: Call, body: dict[str, Any]) -> dict[str, Any]:
     source_name, destination_name = str(body.get("from", "")), str(body.get("to", ""))
-    source = scu.Peer(d.settings.node.ae_title, "", 0, remote.SELF)
-    if source_name != remote.SELF:
-        source = scu.Peer.of(_peer_for(d, call, source_name, write=False))
+    source = _reachable_source(d, call, source_name)
+    # The destination is a [[peers]] name or self, never a bare AE title: the production guard
+    # must know which peer receives.
+    if destination_name == remote.SELF and d.settings.peer(remote.SELF) is None:
+        destination = d.settings.node.ae_title
     else:
-        source = remote.own_node(d.settings)
-    role = call.user().role
-    try:
-        destination = remote.destination(d.settings, destination_name, may_reach(role, "prod", True))
-    except remote.UnknownPeer as exc:
-        raise HttpError(400, str(exc)) from None
-    except remote.ProdRefused:
-        raise HttpError(
-            403, f"{destination_name} is a production peer, and the role {role} may not send to it"
-        ) from None
+        destination = _peer_for(d, call, destination_name, write=True).ae_title
     studies = body.get("studies") or []
-    if not studies or not all(isinstance(uid, str) and is_valid_uid(uid) for uid in studies):
+    if not isinstance(studies, list) or not studies or not all(isinstance(u, str) and is_valid_uid(u) for u in studies):
         raise HttpError(400, "studies: one or more Study Instance UIDs")
-    timeouts = remote.move_timeouts(d.settings, float(body["timeout"]) if body.get("timeout") else None)
+    timeouts = remote.move_timeouts(d.settings, _seconds(body, None, 3600.0))
     results = []
     for uid in dict.fromkeys(studies):
         try:
@@ -697,22 +730,23 @@ def move_studies(d: Department, call: Call, body: dict[str, Any]) -> dict[str, A
 def change_user_of(d: Department, call: Call, name: str, body: dict[str, Any]) -> dict[str, Any]:
     if d.directory.get(name) is None:
         raise HttpError(404, f"no user named {name!r}")
+    role, password, disabled = body.get("role"), body.get("password"), body.get("disabled")
+    if role is not None and role not in ROLES:
+        raise HttpError(400, f"role is one of {', '.join(ROLES)}")
+    if password is not None and (not isinstance(password, str) or not MIN_PASSWORD <= len(password) <= MAX_PASSWORD):
+        raise HttpError(400, f"password: {MIN_PASSWORD} to {MAX_PASSWORD} characters")
+    if disabled is not None and not isinstance(disabled, bool):
+        raise HttpError(400, "disabled is true or false")
     changes = []
-    try:
-        if "role" in body:
-            d.directory.set_role(name, str(body["role"]))
-            changes.append(f"role {body['role']}")
-        if "password" in body:
-            d.directory.set_password(name, str(body["password"]))
-            changes.append("password")
-        if "disabled" in body:
-            if body["disabled"]:
-                d.directory.disable(name)
-            else:
-                d.directory.enable(name)
-            changes.append("disabled" if body["disabled"] else "enabled")
-    except (PasswordRules, ValueError) as exc:
-        raise HttpError(400, str(exc)) from None
+    if role is not None:
+        d.directory.set_role(name, role)
+        changes.append(f"role {role}")
+    if password is not None:
+        d.directory.set_password(name, password)
+        changes.append("password (sessions and tokens ended)")
+    if disabled is not None:
+        (d.directory.disable if disabled else d.directory.enable)(name)
+        changes.append("disabled" if disabled else "enabled")
     call.audit_detail = f"user {name}: {', '.join(changes) or 'nothing'}"
     user = d.directory.get(name)
     assert user is not None
@@ -739,6 +773,8 @@ def _instance(d: Department, call: Call) -> tuple[str, Path]:
 def _read(path: Path, stop_before_pixels: bool) -> Any:
     try:
         return dcmread(path, stop_before_pixels=stop_before_pixels)
+    except FileNotFoundError:
+        raise HttpError(410, "the instance's file is gone from storage") from None
     except (OSError, InvalidDicomError) as exc:
         raise HttpError(500, f"the stored file cannot be read: {exc}") from None
 
@@ -774,6 +810,25 @@ def _remove_files(storage: Path, paths: list[str]) -> int:
     return removed
 
 
+def _seconds(body: dict[str, Any], default: float | None, longest: float) -> float | None:
+    value = body.get("timeout", default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise HttpError(400, f"timeout: seconds, a number up to {longest:g}")
+    if not 0 < value <= longest:
+        raise HttpError(400, f"timeout: seconds, more than 0 and at most {longest:g}")
+    return float(value)
+
+
+def _reachable_source(d: Department, call: Call, name: str) -> scu.Peer:
+    """A peer to query or move from: `self` (our node, unless a [[peers]] entry has that name, as
+    `remote.resolve` decides) or a [[peers]] entry the caller's role may query."""
+    if name == remote.SELF and d.settings.peer(remote.SELF) is None:
+        return remote.own_node(d.settings)
+    return scu.Peer.of(_peer_for(d, call, name, write=False))
+
+
 def _peer_for(d: Department, call: Call, name: str, write: bool) -> PeerSettings:
     """A `[[peers]]` entry the caller's role may query (`write` false) or send to."""
     peer = d.settings.peer(name)
@@ -790,10 +845,10 @@ def _peer_for(d: Department, call: Call, name: str, write: bool) -> PeerSettings
 
 def _count(body: dict[str, Any], name: str) -> int:
     value = body.get(name, 0) or 0
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and is_number(value, 6):
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_IMAGES:
-        raise HttpError(400, f"{name} is a whole number from 1 to {MAX_IMAGES}")
+        raise HttpError(400, f"{name} is a whole number up to {MAX_IMAGES} (0 or none: the template's)")
     return value
 
 
@@ -847,7 +902,7 @@ def _job_ids(names: Iterable[str]) -> dict[str, list[int]]:
     wanted: dict[str, list[int]] = {"a": [], "r": []}
     for name in names:
         kind, number = str(name)[:1].lower(), str(name)[1:]
-        if kind not in wanted or not number.isdigit():
+        if kind not in wanted or not is_number(number, 9):
             raise HttpError(400, f"{name!r}: a job is a1 (acquisition) or r1 (route)")
         wanted[kind].append(int(number))
     return wanted
@@ -863,6 +918,8 @@ def _jobs(d: Department, names: list[str]) -> list[dict[str, Any]]:
 def _selected_jobs(d: Department, body: dict[str, Any]) -> list[str]:
     """Jobs named by `ids`, or every job a filter selects (`kind`, `state`, `study`)."""
     if body.get("ids"):
+        if not isinstance(body["ids"], list):
+            raise HttpError(400, 'ids: a list of job names, ["a1", "r2"]')
         return [str(i) for i in body["ids"]]
     kind, state = str(body.get("kind", "all")), str(body.get("state", ""))
     if not state:

@@ -8,6 +8,7 @@ the user's role may not take is not drawn.
 from __future__ import annotations
 
 import importlib.resources
+import re
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlparse
@@ -23,7 +24,7 @@ from fabricatord.db.timeline import timeline
 from fabricatord.db.worklist import STEP_STATES, Worklist
 from fabricatord.servers.http import api
 from fabricatord.servers.http.department import Department
-from fabricatord.servers.http.routing import Call, HttpError, Reply, Router, new_csrf, redirect
+from fabricatord.servers.http.routing import Call, HttpError, Reply, Router, is_number, new_csrf, redirect
 from fabricatord.synth.templates import TEMPLATES
 from fabricatord.workflow.access import ROLES, BadCredentials, LockedOut, may_administer, may_change
 
@@ -76,10 +77,12 @@ def error_page(call: Call, exc: HttpError) -> Reply:
     return render(call, "error.html", exc.status, status=exc.status, message=exc.message)
 
 
+_OUR_PATH = re.compile(r"/(?![/\\])[^\\\x00-\x1f\x7f]*")
+
+
 def _safe_next(target: str) -> str:
-    """Only a path of ours: a login must not become an open redirect."""
-    parsed = urlparse(target)
-    if parsed.scheme or parsed.netloc or not target.startswith("/") or target.startswith("//"):
+    """Only a path of ours: a login must not become an open redirect (`//host`, `/\\host`)."""
+    if not _OUR_PATH.fullmatch(target) or urlparse(target).netloc:
         return "/"
     return target
 
@@ -219,7 +222,7 @@ def install(router: Router, department: Department) -> None:
     @router.add("GET", "/hl7/{id}", "user", "One HL7 message, its segments and its ACK")
     def hl7_message(call: Call) -> Reply:
         pk = call.params["id"]
-        message = MessageLog(d.database).get(int(pk)) if pk.isdigit() else None
+        message = MessageLog(d.database).get(int(pk)) if is_number(pk, 9) else None
         if message is None:
             raise HttpError(404, f"no HL7 message {pk}")
         text = message.raw.decode("utf-8", errors="replace")

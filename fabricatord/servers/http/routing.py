@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.cookies import SimpleCookie
 from typing import Any, Literal
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs, quote, unquote, urlencode
 
 from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
@@ -39,6 +39,11 @@ CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 Access = Literal["open", "status", "user", "change", "admin"]
 """open: anyone; status: anyone unless `[http] status_requires_login`; user: any role;
 change: a write role; admin: admin only."""
+
+
+def is_number(text: str, digits: int = 12) -> bool:
+    """ASCII digits only, and not so many that a database integer overflows."""
+    return text.isascii() and text.isdigit() and len(text) <= digits
 
 
 class HttpError(Exception):
@@ -64,7 +69,8 @@ def json_reply(value: Any, status: int = 200, headers: tuple[tuple[str, str], ..
 
 
 def redirect(location: str, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
-    return Reply(303, b"", "text/plain", (("Location", location), *headers))
+    """303 to `location`, percent-encoded where a header could not carry it."""
+    return Reply(303, b"", "text/plain", (("Location", quote(location, safe="/?&=%#:;,+@!$'()*~")), *headers))
 
 
 @dataclass
@@ -92,7 +98,7 @@ class Call:
         text = self.arg(name)
         if not text:
             return default
-        if not text.isdigit() or not low <= int(text) <= high:
+        if not is_number(text) or not low <= int(text) <= high:
             raise HttpError(400, f"{name} is a whole number from {low} to {high}, not {text!r}")
         return int(text)
 
@@ -101,7 +107,7 @@ class Call:
             return {}
         try:
             value = json.loads(self.body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise HttpError(400, f"the body is not JSON: {exc}") from None
         if not isinstance(value, dict):
             raise HttpError(400, "the body is a JSON object")
@@ -172,7 +178,7 @@ class Router:
             if found is None:
                 continue
             if route.method == method or (method == "HEAD" and route.method == "GET"):
-                return route, found.groupdict()
+                return route, {name: unquote(value) for name, value in found.groupdict().items()}
             allowed.append(route.method)
         if allowed:
             raise HttpError(405, f"{method} is not allowed here", (("Allow", ", ".join(sorted(set(allowed)))),))
@@ -213,7 +219,7 @@ class Router:
         sent = call.headers.get(CSRF_HEADER, "")
         if not sent and call.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
             sent = call.form().get(CSRF_FIELD, "")
-        if not sent or not hmac.compare_digest(sent, identity.csrf_token):
+        if not sent or not hmac.compare_digest(sent.encode(), identity.csrf_token.encode()):
             raise HttpError(403, "the CSRF token is missing or wrong: reload the page and try again")
 
     def _permit(self, route: Route, call: Call) -> None:
@@ -223,7 +229,7 @@ class Router:
         identity = self._identify(call)
         if identity is None:
             if call.wants_html:
-                raise _SignIn(call.path)
+                raise _SignIn(call.path + (f"?{urlencode(call.query, doseq=True)}" if call.query else ""))
             raise HttpError(
                 401, "sign in first: a session cookie from /login, or `Authorization: Bearer TOKEN`", _CHALLENGE
             )
@@ -359,6 +365,15 @@ class Front(Resource):
         return NOT_DONE_YET
 
     def _send(self, request: Request, reply: Reply) -> None:
+        try:
+            self._write(request, reply)
+        except Exception:
+            log.exception("http answer not sent", path=request.path)
+            if not request.finished:
+                request.setResponseCode(500)
+                request.finish()
+
+    def _write(self, request: Request, reply: Reply) -> None:
         if request.finished or getattr(request, "_disconnected", False):  # the client went away while we worked
             return
         request.setResponseCode(reply.status)
