@@ -126,8 +126,8 @@ class Directory:
     def add(self, name: str, role: str, password: str | None) -> UserRecord:
         if role not in ROLES:
             raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
-        if not name or len(name) > 64 or not name.isprintable() or name != name.strip():
-            raise ValueError("a user name has 1 to 64 printable characters, without spaces around them")
+        if not name or len(name) > 64 or not name.isprintable() or name != name.strip() or "/" in name:
+            raise ValueError("a user name has 1 to 64 printable characters (no /), without spaces around them")
         return self._store.add(name, role, hash_password(password) if password is not None else "")
 
     def users(self) -> list[UserRecord]:

@@ -425,3 +425,28 @@ def test_names_with_reserved_characters_are_addressed_and_a_new_password_ends_se
     assert changed.status == 200 and changed.json()["name"] == "j.doe@lab x"
     assert signed.get("/api/v1/me").status == 401
     assert Client(daemon.http_port).login("j.doe@lab x", "another long password").status == 303
+
+
+def test_each_route_answers_each_role_as_its_access_says(node: tuple[Daemon, int]) -> None:
+    """Every route of the OpenAPI document, called by every role: 403 exactly where the route's
+    access level refuses the role (the dummy UIDs and names make the allowed calls 400 or 404)."""
+    daemon, _ = node
+    document = Client(daemon.http_port).get("/api/v1/openapi.json").json()
+    callers = {role: bearer(daemon, role) for role in ROLES}
+    refusing = {
+        "Roles admin, test_write, prod_write.": {"test_read", "prod_read"},
+        "Role admin.": {"test_write", "test_read", "prod_write", "prod_read"},
+    }
+    checked = 0
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            if operation.get("security") == []:
+                continue
+            concrete = re.sub(r"\{\w+\}", "1.2.3", path)
+            for role, caller in callers.items():
+                answer = caller.request(method.upper(), concrete, {} if method != "get" else None)
+                refused = role in refusing.get(operation["description"], set())
+                assert (answer.status == 403) is refused, (role, method, path, answer.status, answer.body[:200])
+                assert answer.status < 500, (role, method, path, answer.body[:200])
+                checked += 1
+    assert checked >= 5 * 38

@@ -239,6 +239,7 @@ def install(router: Router, department: Department) -> None:
             "jobs.html",
             acquisitions=Acquisitions(d.database).listing(states, 100),
             routes=RouteJobs(d.database).listing(states, call.arg("study"), 200),
+            sendable={peer.name for peer, _, may_send in d.peers_for(call.user().role) if may_send},
             state=state,
             study=call.arg("study"),
         )
