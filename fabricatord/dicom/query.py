@@ -226,22 +226,12 @@ class StudyPage:
 
 
 STUDY_COLUMNS = (
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDescription",
-    "ReferringPhysicianName",
-    "PatientName",
-    "PatientID",
-    "IssuerOfPatientID",
-    "PatientBirthDate",
-    "PatientSex",
+    *(keyword for keyword, key in KEYS.items() if key.level in ("PATIENT", "STUDY")),
     "ModalitiesInStudy",
     "NumberOfStudyRelatedSeries",
     "NumberOfStudyRelatedInstances",
 )
+"""What the console and the API show of each study: every patient and study key we hold."""
 
 
 def search_studies(database: Database, identifier: Dataset, limit: int, offset: int) -> StudyPage:
