@@ -47,7 +47,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _logging(settings: Settings) -> None:
     from fabricatord.obs.logging import configure
 
-    configure(settings.log.level, settings.log.format, settings.log.phi)
+    configure(settings.log.level, settings.log.format, settings.log.phi, settings.node_name)
 
 
 def _database(settings: Settings) -> Any:
@@ -179,7 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     database = _database(settings)
     writer = None if args.out else storage_writer(settings, database)
     if writer is not None:
-        writer.recover()
+        _recover_unless_served(settings, writer)
     generator = StudyGenerator(settings, database, writer)
     options = GenerateOptions(
         modality=args.modality,
@@ -218,6 +218,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.count > 1:
             _print("")
     return 0
+
+
+def _recover_unless_served(settings: Settings, writer: Any) -> None:
+    """Settle what a crash left in storage, unless a daemon serves this data_dir (or node) now:
+    its temporary files and intents are work in progress, not leftovers."""
+    from fabricatord.service import DataDirInUse, hold_data_dir
+
+    try:
+        lock = hold_data_dir(settings.node.data_dir, settings.node_name if settings.shared else "")
+    except DataDirInUse:
+        return
+    try:
+        writer.recover()
+    finally:
+        os.close(lock)
 
 
 def _send_files(settings: Settings, peer: Any, files: Sequence[Path]) -> Any:
@@ -706,6 +721,37 @@ def _acquisition_line(a: Any) -> str:
 def _route_line(r: Any) -> str:
     head = f"{'r' + str(r.id):<7} route    {r.peer:<12} {r.state:<9} tries {r.attempts}"
     return f"{head}  {r.sop_instance_uid}  {r.last_error}".rstrip()
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    from fabricatord.db.nodes import Nodes
+
+    nodes = Nodes(_database(_settings(args))).listing()
+    if args.json:
+        for n in nodes:
+            _print(
+                json.dumps(
+                    {**n.__dict__, "started_at": n.started_at.isoformat(), "last_seen_at": n.last_seen_at.isoformat()}
+                )
+            )
+        return 0
+    rows = [
+        [
+            n.name,
+            n.host,
+            str(n.pid),
+            n.version,
+            n.started_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+            n.last_seen_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+            "leader" if n.leader else "",
+        ]
+        for n in nodes
+    ]
+    if not rows:
+        _print("no node has started on this database yet")
+        return 0
+    _table(["NAME", "HOST", "PID", "VERSION", "STARTED", "LAST SEEN", ""], rows)
+    return 0
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -1246,6 +1292,8 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in job_actions.choices.values():
         sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="TOML file")
 
+    nodes = command("nodes", cmd_nodes, "the daemons on this database: name, host, PID, version, last seen, leader")
+    nodes.add_argument("--json", action="store_true", help="one JSON object per node")
     trace = command("trace", cmd_trace, "one order's timeline: HL7, worklist, acquisition, MPPS, storage, routes")
     trace.add_argument("accession", metavar="ACCESSION")
 

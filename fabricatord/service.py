@@ -13,6 +13,7 @@ import gc
 import os
 import platform
 import signal
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,6 +42,7 @@ from fabricatord.workflow.acquisition import Acquirer
 from fabricatord.workflow.audit import AuditTrail
 from fabricatord.workflow.hl7 import Inbox
 from fabricatord.workflow.monitor import Monitor
+from fabricatord.workflow.presence import Presence
 from fabricatord.workflow.routing import Router, Rules
 
 log = get_logger(__name__)
@@ -74,7 +76,7 @@ def storage_writer(settings: Settings, database: Database, rules: Rules | None =
     # (the node, the simulated modality, `fabricatord generate`); the daemon's router sends them.
     rules = rules if rules is not None else Rules(settings)
     return InstanceWriter(
-        InstanceIndex(database, on_indexed=rules.enqueue),
+        InstanceIndex(database, on_indexed=rules.enqueue, node=settings.node_name),
         settings.storage_dir,
         settings.tmp_dir,
         settings.dicom.storage_layout,
@@ -91,6 +93,8 @@ class _Reloadable(Protocol):
 def build(settings: Settings, reactor_: Any = reactor) -> tuple[MultiService, list[_Reloadable]]:
     """Every part of the daemon as one service tree, and the parts a SIGHUP gives new settings."""
     database = open_database(settings.database_url, migrate_in_child=True)
+    presence = Presence(database, settings.node_name, timedelta(seconds=parse_duration(settings.node.lease)))
+    presence.join()  # before storage recovery and job claims: refuses a second process of this name
     rules = Rules(settings)
     writer = storage_writer(settings, database, rules)
     report = writer.recover()
@@ -101,6 +105,7 @@ def build(settings: Settings, reactor_: Any = reactor) -> tuple[MultiService, li
         rows_refreshed=report.rows_refreshed,
     )
     root = MultiService()
+    _WorkerService(presence).setServiceParent(root)  # first started, last stopped: it signs off
     audit = AuditTrail(database)
     _WorkerService(audit).setServiceParent(root)
     acquirer = Acquirer(settings, database, writer)
@@ -112,7 +117,7 @@ def build(settings: Settings, reactor_: Any = reactor) -> tuple[MultiService, li
     _WorkerService(acquirer).setServiceParent(root)  # after the node: it sends MPPS to it
     router = Router(settings, database)
     _WorkerService(router).setServiceParent(root)
-    monitor = Monitor(settings, database)
+    monitor = Monitor(settings, database, leading=lambda: presence.leader)
     _WorkerService(monitor).setServiceParent(root)
     http = endpoints.TCP4ServerEndpoint(reactor_, settings.http.port, interface=settings.http.host)
     listeners = {
@@ -139,13 +144,15 @@ class DataDirInUse(RuntimeError):
     """Another fabricatord serves from this data_dir."""
 
 
-def hold_data_dir(data_dir: Path) -> int:
-    """An exclusive lock on data_dir/fabricatord.lock for as long as the process lives (the
-    kernel lets go of it when the process dies, however it dies). A second daemon on the same
-    data_dir would sweep the first one's temporary files and settle its storage intents as
-    leftovers of a crash: it refuses to start instead. The file holds the holder's PID."""
+def hold_data_dir(data_dir: Path, node: str = "") -> int:
+    """An exclusive lock for as long as the process lives (the kernel lets go of it when the
+    process dies, however it dies): on data_dir/fabricatord.lock, or with `node` (several
+    daemons on one PostgreSQL, sharing the folder) on data_dir/fabricatord.NODE.lock. A second
+    daemon in its place would sweep the first one's temporary files and settle its storage
+    intents as leftovers of a crash: it refuses to start instead. The file holds the holder's PID."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    name = f"fabricatord.{node}.lock" if node else LOCK_FILE
+    fd = os.open(data_dir / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -178,7 +185,7 @@ def run(settings: Settings) -> int:
     metrics.BUILD_INFO.labels(__version__).set(1)
     the_reactor: Any = reactor
     try:
-        lock = hold_data_dir(settings.node.data_dir)
+        lock = hold_data_dir(settings.node.data_dir, settings.node_name if settings.shared else "")
         root, reloadable = build(settings)
         root.startService()
     except MigrationFailed as exc:
@@ -223,7 +230,7 @@ def _reload(current: Settings, parts: list[_Reloadable]) -> None:
         for problem in exc.problems:
             log.error("configuration not reloaded", problem=str(problem))
     else:
-        configure(fresh.log.level, fresh.log.format, fresh.log.phi)
+        configure(fresh.log.level, fresh.log.format, fresh.log.phi, fresh.node_name)
         for part in parts:
             part.reload(fresh)
         log.info("configuration reloaded", source=str(current.source), peers=len(fresh.peers), routes=len(fresh.routes))

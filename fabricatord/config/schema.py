@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from fabricatord.config.values import (
     check_duration_range,
     check_host,
     check_networks,
+    check_node_name,
     check_port,
     check_positive,
     check_size,
@@ -68,6 +70,18 @@ class NodeSettings:
     )
     shutdown_grace: str = key(
         "10s", "How long in-flight work may run after SIGTERM before it is aborted.", check_duration
+    )
+    name: str = key(
+        "",
+        "This daemon among several on one PostgreSQL: its jobs' leases, its temporary files and its lock "
+        "carry the name. Empty: the host name. Letters, digits, `.`, `_` and `-`, at most 64.",
+        check_node_name,
+    )
+    lease: str = key(
+        "30s",
+        "How long this node's claimed jobs and the leader's role stay its own without a heartbeat (one every "
+        "third of it): after a node dies, another takes its jobs after this.",
+        check_duration,
     )
 
 
@@ -331,8 +345,18 @@ class Settings:
         return self.node.data_dir / "storage"
 
     @property
+    def shared(self) -> bool:
+        """Whether several daemons may share this database and data_dir (PostgreSQL; SQLite has one writer)."""
+        return self.database_url.startswith("postgresql")
+
+    @property
     def tmp_dir(self) -> Path:
-        return self.node.data_dir / "tmp"
+        """Each node's own when several share the storage folder: their temporary files kept apart."""
+        return self.node.data_dir / "tmp" / self.node_name if self.shared else self.node.data_dir / "tmp"
+
+    @property
+    def node_name(self) -> str:
+        return self.node.name or socket.gethostname().split(".")[0] or "fabricatord"
 
     @property
     def database_url(self) -> str:

@@ -16,6 +16,15 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
+_NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def check_node_name(value: object) -> str | None:
+    if value == "" or (isinstance(value, str) and _NODE_NAME.fullmatch(value)):
+        return None
+    return "letters, digits, '.', '_' and '-', at most 64 (or empty: the host name)"
+
+
 def is_valid_uid(value: str) -> bool:
     return 0 < len(value) <= 64 and _UID.fullmatch(value) is not None
 

@@ -19,6 +19,8 @@ from fabricatord.obs.faults import faultpoint
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+MIGRATION_LOCK = 0x66616272
+"""PostgreSQL advisory lock key held while migrating ("fabr")."""
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,10 @@ def migrate(engine: Engine) -> None:
     # One transaction for every step: a migration interrupted at any point leaves the schema
     # as it was (SQLite and PostgreSQL both roll DDL back).
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Nodes starting together migrate one after the other: the second finds the schema
+            # current (Alembic reads the revision again) and has nothing to do.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
         faultpoint("migrate.before_commit")

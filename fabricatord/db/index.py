@@ -138,9 +138,11 @@ IndexedHook = Callable[[Connection, list[IndexEntry]], None]
 
 
 class InstanceIndex:
-    def __init__(self, database: Database, on_indexed: IndexedHook | None = None) -> None:
+    def __init__(self, database: Database, on_indexed: IndexedHook | None = None, node: str = "") -> None:
         self._db = database
         self._on_indexed = on_indexed
+        self._node = node
+        """Whose storage intents these are: recovery settles this node's only."""
         self._held: Connection | None = None
         """The connection received instances are indexed on, kept between batches (a pool
         checkout cost more than the statements); only the group commit's leader uses it."""
@@ -195,7 +197,9 @@ class InstanceIndex:
         with self._db.writer.begin() as connection:
             return [
                 connection.execute(
-                    insert(StorageIntent).values(sop_instance_uid=uid, path=path).returning(StorageIntent.id)
+                    insert(StorageIntent)
+                    .values(sop_instance_uid=uid, path=path, node=self._node)
+                    .returning(StorageIntent.id)
                 ).scalar_one()
                 for uid, path in entries
             ]
@@ -237,7 +241,10 @@ class InstanceIndex:
 
     def intents(self) -> list[Intent]:
         with self._db.reads() as session:
-            rows = session.scalars(select(StorageIntent).order_by(StorageIntent.id))
+            # Another node's intent is a file it is writing now; rows from before nodes had names are ours.
+            rows = session.scalars(
+                select(StorageIntent).where(StorageIntent.node.in_((self._node, ""))).order_by(StorageIntent.id)
+            )
             return [Intent(r.id, r.sop_instance_uid, r.path) for r in rows]
 
     def settle_intent(self, intent: Intent, size: int | None, digest: str | None) -> None:

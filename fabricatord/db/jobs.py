@@ -1,7 +1,10 @@
 """Durable jobs: acquisitions (worklist steps the simulated modality performs) and route jobs
 (stored instances to send to peers). A worker claims a job by moving it to `running` or
-`sending` in a transaction of its own; at start, whatever a dead process left claimed goes back
-to `pending`, so a restart neither loses nor forgets a job."""
+`sending` in a transaction of its own, under a lease in its node's name (`FOR UPDATE SKIP
+LOCKED` on PostgreSQL: several nodes claim side by side without waiting on each other). The
+node renews the lease while it works; a job whose lease ran out (its node died) is claimed by
+another, and at start a node takes back what it left claimed itself: a restart neither loses
+nor forgets a job."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Select, bindparam, func, insert, select, update
+from sqlalchemy import ColumnElement, Connection, Select, and_, bindparam, func, insert, or_, select, update
 
 from fabricatord.config import Settings
 from fabricatord.db import raw
@@ -18,6 +21,8 @@ from fabricatord.db.engine import Database
 from fabricatord.db.models import Acquisition, RequestedProcedure, RouteJob, ScheduledStep
 
 OPEN_ROUTE = ("pending", "sending")
+LEASE = timedelta(seconds=30)
+"""How long a claimed job is its node's without a renewal (the node renews it every third of it)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ def _acquisition_row(step_pk: int, policy: str, due_at: datetime | None, now: da
         "study_instance_uid": "",
         "performed_step_uid": "",
         "instances": 0,
+        "leased_by": "",
         "created_at": now,
         "updated_at": now,
     }
@@ -85,8 +91,16 @@ def _any(database: Database, statement: Select[Any]) -> bool:
 
 
 class Acquisitions:
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, node: str = "", lease: timedelta = LEASE) -> None:
         self._db = database
+        self._node = node
+        self._lease = lease
+
+    def _claimable(self, now: datetime) -> ColumnElement[bool]:
+        return or_(
+            and_(Acquisition.state == "pending", Acquisition.due_at <= now),
+            and_(Acquisition.state == "running", Acquisition.lease_until < now),
+        )
 
     @staticmethod
     def schedule_order(connection: Connection, order_pk: int, settings: Settings) -> int:
@@ -136,22 +150,30 @@ class Acquisitions:
             return int(getattr(result, "rowcount", 0) or 0)
 
     def claim(self, limit: int = 1) -> list[AcquisitionRecord]:
-        """Due acquisitions, moved to `running` (one attempt more) before anyone else sees them."""
+        """Due acquisitions, and running ones whose node's lease ran out, moved to `running`
+        under this node's lease (one attempt more) before anyone else sees them."""
         now = datetime.now(UTC)
-        if not _any(self._db, select(Acquisition.id).where(Acquisition.state == "pending", Acquisition.due_at <= now)):
+        if not _any(self._db, select(Acquisition.id).where(self._claimable(now))):
             return []
         with self._db.writer.begin() as connection:
             rows = connection.execute(
                 select(*_ACQUISITION_COLUMNS)
-                .where(Acquisition.state == "pending", Acquisition.due_at <= now)
+                .where(self._claimable(now))
                 .order_by(Acquisition.due_at, Acquisition.id)
                 .limit(limit)
+                .with_for_update(skip_locked=True)
             ).all()
             if rows:
                 connection.execute(
                     update(Acquisition)
                     .where(Acquisition.id.in_([row.id for row in rows]))
-                    .values(state="running", attempts=Acquisition.attempts + 1, updated_at=now)
+                    .values(
+                        state="running",
+                        attempts=Acquisition.attempts + 1,
+                        leased_by=self._node,
+                        lease_until=now + self._lease,
+                        updated_at=now,
+                    )
                 )
             return [AcquisitionRecord(*row) for row in rows]
 
@@ -174,13 +196,21 @@ class Acquisitions:
         if retry_at is not None:
             values["due_at"] = retry_at
         with self._db.writer.begin() as connection:
-            connection.execute(update(Acquisition).where(Acquisition.id == pk).values(**values))
+            # Only while the job is still ours: a node that lost its lease leaves the job to its taker.
+            connection.execute(
+                update(Acquisition)
+                .where(Acquisition.id == pk, Acquisition.leased_by == self._node, Acquisition.state == "running")
+                .values(**values, lease_until=None)
+            )
 
     def recover(self) -> int:
-        """At start: what a dead process was running runs again (generation repeats the same UIDs)."""
+        """At start: what this node was running when it died runs again (generation repeats the
+        same UIDs); rows from before leases had names count as this node's."""
         with self._db.writer.begin() as connection:
             result = connection.execute(
-                update(Acquisition).where(Acquisition.state == "running").values(state="pending")
+                update(Acquisition)
+                .where(Acquisition.state == "running", Acquisition.leased_by.in_((self._node, "")))
+                .values(state="pending", lease_until=None)
             )
             return int(getattr(result, "rowcount", 0) or 0)
 
@@ -231,8 +261,10 @@ class Acquisitions:
 
 
 class RouteJobs:
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, node: str = "", lease: timedelta = LEASE) -> None:
         self._db = database
+        self._node = node
+        self._lease = lease
 
     @staticmethod
     def enqueue(connection: Connection, jobs: Iterable[tuple[str, str, str, str]]) -> int:
@@ -249,6 +281,7 @@ class RouteJobs:
                 "attempts": 0,
                 "next_attempt_at": now,
                 "last_error": "",
+                "leased_by": "",
                 "created_at": now,
                 "updated_at": now,
             }
@@ -257,60 +290,78 @@ class RouteJobs:
         raw.run_many(connection, _INSERT_JOB, rows)
         return len(rows)
 
+    def _claimable(self, now: datetime) -> ColumnElement[bool]:
+        return or_(
+            and_(RouteJob.state == "pending", RouteJob.next_attempt_at <= now),
+            and_(RouteJob.state == "sending", RouteJob.lease_until < now),
+        )
+
     def claim(self, limit: int = 500) -> list[RouteRecord]:
-        """Due jobs of one peer and one study (one association sends them), moved to `sending`."""
+        """Due jobs of one peer and one study (one association sends them), and sending ones
+        whose node's lease ran out, moved to `sending` under this node's lease."""
         now = datetime.now(UTC)
-        if not _any(self._db, select(RouteJob.id).where(RouteJob.state == "pending", RouteJob.next_attempt_at <= now)):
+        if not _any(self._db, select(RouteJob.id).where(self._claimable(now))):
             return []
         with self._db.writer.begin() as connection:
             first = connection.execute(
                 select(RouteJob.peer, RouteJob.study_instance_uid)
-                .where(RouteJob.state == "pending", RouteJob.next_attempt_at <= now)
+                .where(self._claimable(now))
                 .order_by(RouteJob.next_attempt_at, RouteJob.id)
                 .limit(1)
+                .with_for_update(skip_locked=True)
             ).first()
             if first is None:
                 return []
             rows = connection.execute(
                 select(*_ROUTE_COLUMNS)
                 .where(
-                    RouteJob.state == "pending",
-                    RouteJob.next_attempt_at <= now,
+                    self._claimable(now),
                     RouteJob.peer == first.peer,
                     RouteJob.study_instance_uid == first.study_instance_uid,
                 )
                 .order_by(RouteJob.id)
                 .limit(limit)
+                .with_for_update(skip_locked=True)
             ).all()
             connection.execute(
                 update(RouteJob)
                 .where(RouteJob.id.in_([row.id for row in rows]))
-                .values(state="sending", attempts=RouteJob.attempts + 1, updated_at=now)
+                .values(
+                    state="sending",
+                    attempts=RouteJob.attempts + 1,
+                    leased_by=self._node,
+                    lease_until=now + self._lease,
+                    updated_at=now,
+                )
             )
             return [RouteRecord(*row) for row in rows]
 
     def settle(self, done: Iterable[int], retry: dict[int, tuple[datetime, str]], failed: dict[int, str]) -> None:
-        """After a send: `done` ids, ids to retry at a time (with why), ids given up (with why)."""
+        """After a send: `done` ids, ids to retry at a time (with why), ids given up (with why).
+        A job whose lease this node lost meanwhile is left to the node that took it."""
         now = datetime.now(UTC)
+        ours = and_(RouteJob.leased_by == self._node, RouteJob.state == "sending")
         with self._db.writer.begin() as connection:
             finished = list(done)
             if finished:
                 connection.execute(
                     update(RouteJob)
-                    .where(RouteJob.id.in_(finished))
-                    .values(state="done", last_error="", updated_at=now)
+                    .where(RouteJob.id.in_(finished), ours)
+                    .values(state="done", last_error="", lease_until=None, updated_at=now)
                 )
             for pk, (when, why) in retry.items():
                 connection.execute(
                     update(RouteJob)
-                    .where(RouteJob.id == pk)
-                    .values(state="pending", next_attempt_at=when, last_error=why[:512], updated_at=now)
+                    .where(RouteJob.id == pk, ours)
+                    .values(
+                        state="pending", next_attempt_at=when, last_error=why[:512], lease_until=None, updated_at=now
+                    )
                 )
             for pk, why in failed.items():
                 connection.execute(
                     update(RouteJob)
-                    .where(RouteJob.id == pk)
-                    .values(state="failed", last_error=why[:512], updated_at=now)
+                    .where(RouteJob.id == pk, ours)
+                    .values(state="failed", last_error=why[:512], lease_until=None, updated_at=now)
                 )
 
     def delivered(self, peer: str, study_instance_uid: str) -> int | None:
@@ -341,9 +392,14 @@ class RouteJobs:
             )
 
     def recover(self) -> int:
-        """At start: what a dead process was sending is sent again (C-STORE is at-least-once)."""
+        """At start: what this node was sending when it died is sent again (C-STORE is
+        at-least-once); rows from before leases had names count as this node's."""
         with self._db.writer.begin() as connection:
-            result = connection.execute(update(RouteJob).where(RouteJob.state == "sending").values(state="pending"))
+            result = connection.execute(
+                update(RouteJob)
+                .where(RouteJob.state == "sending", RouteJob.leased_by.in_((self._node, "")))
+                .values(state="pending", lease_until=None)
+            )
             return int(getattr(result, "rowcount", 0) or 0)
 
     def listing(self, states: Iterable[str] = (), study_instance_uid: str = "", limit: int = 50) -> list[RouteRecord]:

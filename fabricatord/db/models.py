@@ -129,6 +129,9 @@ class StorageIntent(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(String(512))
+    node: Mapped[str] = mapped_column(String(64), default="", index=True)
+    """The node writing the file: only it settles the intent after its crash (another node's
+    intent is a file being written right now)."""
 
 
 class Order(Base):
@@ -318,6 +321,10 @@ class Acquisition(Base):
     study_instance_uid: Mapped[str] = mapped_column(String(64), default="")
     performed_step_uid: Mapped[str] = mapped_column(String(64), default="")
     instances: Mapped[int] = mapped_column(Integer, default=0)
+    leased_by: Mapped[str] = mapped_column(String(64), default="")
+    """The node that runs (or last ran) the job."""
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """While running: the node renews this; once past, another node may take the job."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
@@ -338,6 +345,10 @@ class RouteJob(Base):
     last_error: Mapped[str] = mapped_column(String(512), default="")
     verified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     """When the peer's C-FIND counted the study's instances (routes with `verify = true`)."""
+    leased_by: Mapped[str] = mapped_column(String(64), default="")
+    """The node that runs (or last ran) the job."""
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """While running: the node renews this; once past, another node may take the job."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
@@ -391,3 +402,27 @@ Index(
 )
 Index("ix_scheduled_steps_start_date_station_ae", ScheduledStep.start_date, ScheduledStep.station_ae)
 Index("ix_route_jobs_state_next_attempt_at", RouteJob.state, RouteJob.next_attempt_at)
+
+
+class Node(Base):
+    """Owner: `fabricatord.db.nodes`. A daemon that shares this database, as it last said."""
+
+    __tablename__ = "nodes"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255), default="")
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    version: Mapped[str] = mapped_column(String(32), default="")
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Lease(Base):
+    """Owner: `fabricatord.db.nodes`. A role one node holds for all until it stops renewing it
+    (`leader`: the periodic work)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -18,10 +18,17 @@ def _redact_phi(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, 
     return event
 
 
-def configure(level: str = "info", fmt: str = "auto", phi: bool = False) -> None:
-    """Route structlog and the standard library (pynetdicom, alembic) through one renderer."""
+def configure(level: str = "info", fmt: str = "auto", phi: bool = False, node: str = "") -> None:
+    """Route structlog and the standard library (pynetdicom, alembic) through one renderer;
+    with `node`, every line says which daemon wrote it."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+
+    def add_node(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+        event.setdefault("node", node)
+        return event
+
     shared: list[Any] = [
+        *([add_node] if node else []),
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pydicom.dataset import Dataset
 
 from fabricatord.config import Settings
+from fabricatord.config.values import parse_duration
 from fabricatord.db import Database
 from fabricatord.db.jobs import AcquisitionRecord, Acquisitions
 from fabricatord.db.worklist import StepDetail, Worklist
@@ -170,7 +171,7 @@ class Acquirer:
     """The worker thread that runs due acquisition jobs, one at a time."""
 
     def __init__(self, settings: Settings, database: Database, writer: InstanceWriter) -> None:
-        self._jobs = Acquisitions(database)
+        self._jobs = Acquisitions(database, settings.node_name, timedelta(seconds=parse_duration(settings.node.lease)))
         self._worklist = Worklist(database)
         self._modality = SimulatedModality(settings, database, writer)
         self._wake = threading.Event()

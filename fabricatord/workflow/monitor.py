@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
@@ -26,8 +27,10 @@ ROUTE_STATES = ("pending", "sending", "done", "failed", "canceled")
 
 
 class Monitor:
-    def __init__(self, settings: Settings, database: Database) -> None:
+    def __init__(self, settings: Settings, database: Database, leading: Callable[[], bool] = lambda: True) -> None:
         self._settings = settings
+        self._leading = leading
+        """Peers are echoed by the leader only: several nodes would echo each peer several times."""
         self._jobs = RouteJobs(database)
         self._index = InstanceIndex(database)
         self._stop = threading.Event()
@@ -68,6 +71,11 @@ class Monitor:
             metrics.ROUTE_OLDEST.labels(peer.name).set(max(age, 0.0))
         metrics.STORAGE_BYTES.set(self._index.total_size())
         interval = parse_duration(self._settings.dicom.peer_echo_interval)
+        if not self._leading():
+            for gone in self._known_peers:
+                metrics.PEER_UP.remove(gone)
+            self._known_peers = set()
+            return
         if interval and time.monotonic() - self._echoed >= interval:
             self._echoed = time.monotonic()
             self._echo_all()

@@ -18,6 +18,7 @@ from sqlalchemy import Connection
 
 from fabricatord.config import Settings
 from fabricatord.config.schema import RouteSettings
+from fabricatord.config.values import parse_duration
 from fabricatord.db import Database, IndexEntry, InstanceIndex
 from fabricatord.db.jobs import RouteJobs, RouteRecord
 from fabricatord.dicom import scu
@@ -124,7 +125,7 @@ class Router:
 
     def __init__(self, settings: Settings, database: Database) -> None:
         self._settings = settings
-        self._jobs = RouteJobs(database)
+        self._jobs = RouteJobs(database, settings.node_name, timedelta(seconds=parse_duration(settings.node.lease)))
         self._index = InstanceIndex(database)
         self._wake = threading.Event()
         self._stop = threading.Event()

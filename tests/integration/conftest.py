@@ -54,13 +54,23 @@ class Daemon:
     process: subprocess.Popen[bytes]
     log: Path
     """The daemon's stderr. A file, not a pipe: an unread pipe fills up and stalls the daemon."""
+    database_url: str = ""
+    """A PostgreSQL URL when the daemon runs on one; empty: SQLite in its data_dir."""
+
+    def query(self, sql: str, parameters: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of its database, whichever it is (`?` placeholders)."""
+        if not self.database_url:
+            with sqlite3.connect(self.data_dir / "fabricatord.sqlite") as connection:
+                return list(connection.execute(sql, parameters))
+        import psycopg
+
+        with psycopg.connect(self.database_url.replace("postgresql+psycopg", "postgresql")) as connection:
+            return list(connection.execute(sql.replace("?", "%s"), parameters))
 
     def rows(self) -> dict[str, tuple[str, int]]:
-        with sqlite3.connect(self.data_dir / "fabricatord.sqlite") as connection:
-            return {
-                uid: (path, size)
-                for uid, path, size in connection.execute("SELECT sop_instance_uid, path, size FROM instances")
-            }
+        return {
+            uid: (path, size) for uid, path, size in self.query("SELECT sop_instance_uid, path, size FROM instances")
+        }
 
     def files(self) -> set[str]:
         storage = self.data_dir / "storage"
@@ -95,6 +105,7 @@ def launch(
     wait: bool = True,
     hl7_extra: str = "",
     synth: str = 'acquisition = "manual"\n',
+    database_url: str = "",
 ) -> Daemon:
     """`fabricatord serve` with its data_dir in `folder`, on free ports, as a user starts it.
     `synth` is the [synth] section: by default the simulated modality waits for
@@ -111,10 +122,14 @@ def launch(
             [sys.executable, "-m", "fabricatord", "serve", "--config", str(config)],
             stdout=sink,
             stderr=sink,
-            env={**os.environ, **(env or {})},
+            env={
+                **os.environ,
+                **({"FABRICATORD__NODE__DATABASE": database_url} if database_url else {}),
+                **(env or {}),
+            },
             cwd=folder,
         )
-    daemon = Daemon(port, http_port, hl7_port, folder / "data", config, process, log)
+    daemon = Daemon(port, http_port, hl7_port, folder / "data", config, process, log, database_url)
     try:
         if wait:
             wait_for_echo(port, "FABRICATORD", process=process)  # type: ignore[arg-type]
@@ -133,10 +148,29 @@ def halt(daemon: Daemon) -> None:
 
 
 @pytest.fixture
-def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+def backend() -> str:
+    """The database a test's daemons run on; tests parametrize it (indirect) to run on both."""
+    return "sqlite"
+
+
+@pytest.fixture(name="backend_url")
+def _backend_url(backend: str, request: pytest.FixtureRequest) -> str:
+    if backend == "sqlite":
+        return ""
+    server = request.getfixturevalue("postgres_server")
+    return str(server.fresh_database(f"d_{os.getpid()}_{abs(hash(request.node.nodeid)) % 10**8}"))
+
+
+BOTH_BACKENDS = pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
+"""The daemons of a test so marked run on SQLite, then on a real PostgreSQL."""
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path, backend_url: str) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
     def start(extra: str = "", **options: Any) -> Daemon:
+        options.setdefault("database_url", backend_url)
         daemon = launch(tmp_path, f"daemon-{len(started)}", extra, **options)
         started.append(daemon)
         return daemon

@@ -12,7 +12,7 @@ import pytest
 from pydicom import dcmread
 
 from tests.conftest import ROOT, need, run_cli
-from tests.integration.conftest import Daemon, findscu
+from tests.integration.conftest import BOTH_BACKENDS, Daemon, findscu
 from tests.integration.test_hl7_listener import frame_of, msa, order, send, steps
 
 pytestmark = pytest.mark.integration
@@ -37,6 +37,7 @@ def acquisitions(daemon: Daemon) -> str:
     return run_cli("jobs", "list", "acquisitions", "--config", str(daemon.config)).stdout
 
 
+@BOTH_BACKENDS
 def test_an_order_becomes_a_study_that_carries_it(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
     daemon = start_daemon(synth='acquisition = "immediate"\n')
     assert msa(send(daemon, frame_of(IHE)))[0] == "AA"
@@ -92,6 +93,7 @@ def test_a_cancel_stops_a_pending_acquisition(start_daemon: Callable[..., Daemon
     assert " canceled " in acquisitions(daemon)
 
 
+@BOTH_BACKENDS
 def test_kill_9_mid_acquisition_makes_the_study_once(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
     crashing = start_daemon(
         synth='acquisition = "immediate"\n', env={"FABRICATORD_FAULTPOINT": "acquire.after_store:kill"}

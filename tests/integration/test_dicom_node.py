@@ -15,7 +15,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from tests.conftest import need, run_cli
-from tests.integration.conftest import DCMTK_ENV, Daemon, dcmtk, generated, storescu
+from tests.integration.conftest import BOTH_BACKENDS, DCMTK_ENV, Daemon, dcmtk, generated, storescu
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +42,7 @@ def test_echo_and_called_ae_check(start_daemon: Callable[..., Daemon]) -> None:
     assert "success" in run_cli("echo", f"FABRICATORD@127.0.0.1:{daemon.port}").stdout
 
 
+@BOTH_BACKENDS
 def test_storescu_stores_and_indexes_in_every_transfer_syntax(
     start_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
@@ -150,6 +151,7 @@ def test_a_connection_lost_during_a_store_leaves_nothing(start_daemon: Callable[
     assert "partial dataset was removed" in daemon.stop()
 
 
+@BOTH_BACKENDS
 def test_kill_during_store_loses_nothing_acknowledged(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
     files = generated(tmp_path, "CT", 3)
     crashing = start_daemon(env={"FABRICATORD_FAULTPOINT": "store.after_rename:kill"})

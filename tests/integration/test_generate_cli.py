@@ -158,3 +158,21 @@ def test_config_from_the_environment_and_show_without_pixels(tmp_path: Path) -> 
     ds.save_as(bare, enforce_file_format=True)
     result = run_cli("show", str(bare), "--png", str(tmp_path / "x.png"), check=False)
     assert result.returncode == 65 and "has no pixel data" in result.stderr
+
+
+def test_generate_leaves_a_running_daemons_temporary_files_alone(tmp_path: Path) -> None:
+    from fabricatord.service import hold_data_dir
+
+    data = tmp_path / "data"
+    (data / "tmp").mkdir(parents=True)
+    in_flight = data / "tmp" / "being-written.part"
+    env = {"FABRICATORD__NODE__DATA_DIR": str(data)}
+    lock = hold_data_dir(data)  # as `serve` holds it
+    try:
+        in_flight.write_bytes(b"x")
+        run_cli("generate", "--modality", "CR", "--images", "1", env=env)
+        assert in_flight.exists()  # work in progress of the daemon, not a leftover
+    finally:
+        os.close(lock)
+    run_cli("generate", "--modality", "CR", "--images", "1", env=env)
+    assert not in_flight.exists()  # nobody serves: a crash left it, and it is swept

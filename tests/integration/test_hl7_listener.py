@@ -4,7 +4,6 @@ DCMTK's `findscu -W`."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from hl7.client import MLLPClient
 from pydicom.dataset import Dataset
 
 from tests.conftest import ROOT, run_cli
-from tests.integration.conftest import Daemon, findscu
+from tests.integration.conftest import BOTH_BACKENDS, Daemon, findscu
 
 pytestmark = pytest.mark.integration
 
@@ -72,14 +71,14 @@ def worklist(daemon: Daemon, tmp_path: Path, *keys: str) -> list[Dataset]:
 
 
 def steps(daemon: Daemon) -> list[tuple[str, str, str]]:
-    with sqlite3.connect(daemon.data_dir / "fabricatord.sqlite") as connection:
-        return list(
-            connection.execute(
-                "SELECT o.accession_number, s.sps_id, s.status FROM scheduled_steps s "
-                "JOIN requested_procedures p ON s.procedure_pk = p.id JOIN orders o ON p.order_pk = o.id "
-                "ORDER BY s.id"
-            )
+    return [
+        (str(accession), str(sps), str(status))
+        for accession, sps, status in daemon.query(
+            "SELECT o.accession_number, s.sps_id, s.status FROM scheduled_steps s "
+            "JOIN requested_procedures p ON s.procedure_pk = p.id JOIN orders o ON p.order_pk = o.id "
+            "ORDER BY s.id"
         )
+    ]
 
 
 def message(control_id: str, *segments: str, kind: str = "ORM^O01", version: str = "2.5.1") -> bytes:
@@ -96,6 +95,7 @@ def order(control_id: str, control: str, status: str, accession: str, start: str
     )
 
 
+@BOTH_BACKENDS
 def test_a_corpus_of_real_dialects_lands_on_the_worklist_field_by_field(
     start_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
@@ -229,6 +229,7 @@ def test_adt_updates_merges_and_arrivals(start_daemon: Callable[..., Daemon], tm
     assert code == "AE" and errors[0].startswith("ERR||MRG^1^1|204^")
 
 
+@BOTH_BACKENDS
 def test_a_resend_gets_the_same_ack_and_changes_nothing(start_daemon: Callable[..., Daemon]) -> None:
     daemon = start_daemon()
     first = send(daemon, order("D1", "NW", "SC", "ACCD1"))

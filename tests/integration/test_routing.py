@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, free_port, need, run_cli, wait_for_echo, wait_for_port
-from tests.integration.conftest import DCMTK_ENV, Daemon, orthanc_config
+from tests.integration.conftest import BOTH_BACKENDS, DCMTK_ENV, Daemon, orthanc_config
 from tests.integration.test_acquisition import wait_for
 from tests.integration.test_hl7_listener import frame_of, msa, order, send
 
@@ -149,16 +149,10 @@ def _all_done(daemon: Daemon) -> bool:
 
 
 def _study_of(daemon: Daemon, accession: str) -> str:
-    import sqlite3
-
-    with sqlite3.connect(daemon.data_dir / "fabricatord.sqlite") as connection:
-        return str(
-            connection.execute(
-                "SELECT study_instance_uid FROM studies WHERE accession_number = ?", (accession,)
-            ).fetchone()[0]
-        )
+    return str(daemon.query("SELECT study_instance_uid FROM studies WHERE accession_number = ?", (accession,))[0][0])
 
 
+@BOTH_BACKENDS
 def test_kill_9_mid_routing_delivers_everything_once(
     start_daemon: Callable[..., Daemon], orthanc: Callable[[int], Orthanc]
 ) -> None:

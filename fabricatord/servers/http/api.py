@@ -66,6 +66,7 @@ def install(router: Router, department: Department) -> None:
         return json_reply(
             {
                 "version": __version__,
+                "node": d.settings.node_name,
                 "uptime_seconds": round(time.time() - d.started, 1),
                 "listeners": d.listeners,
                 **counts(d.database),
