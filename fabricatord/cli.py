@@ -392,13 +392,12 @@ def cmd_patients(args: argparse.Namespace) -> int:
 
 
 def _code(text: str) -> tuple[str, str, str]:
-    """`VALUE^SCHEME^MEANING` (HL7 CE order) as a code triplet."""
-    if not text:
-        return "", "", ""
-    parts = [*text.split("^"), "", ""][:3]
-    if len(parts[0]) > 16 or not parts[1]:
-        raise CliError(f"a code is VALUE^SCHEME^MEANING with a value of at most 16 characters, not {text!r}", EX_USAGE)
-    return parts[0], parts[1], parts[2]
+    from fabricatord.workflow.worklist import parse_code
+
+    try:
+        return parse_code(text)
+    except ValueError as exc:
+        raise CliError(str(exc), EX_USAGE) from None
 
 
 def _start(text: str) -> datetime | None:
@@ -482,10 +481,7 @@ def cmd_hl7(args: argparse.Namespace) -> int:
             except OSError as exc:
                 raise CliError(f"{name}: {exc.strerror}", EX_DATAERR) from None
         return _hl7_send(args.address, files, args.timeout)
-    import hl7
-
-    from fabricatord.hl7.orders import orm_o01
-    from fabricatord.workflow.worklist import Scheduler, order_message
+    from fabricatord.workflow.worklist import Scheduler
 
     settings = _settings(args)
     _logging(settings)
@@ -493,13 +489,9 @@ def cmd_hl7(args: argparse.Namespace) -> int:
     messages = []
     for _ in range(args.count):
         try:
-            plan, patient, start = scheduler.plan(_worklist_request(args))
+            messages.append(scheduler.order_text(_worklist_request(args), args.version))
         except ValueError as exc:
             raise CliError(str(exc), EX_DATAERR) from None
-        control_id = hl7.generate_message_control_id()
-        messages.append(
-            (control_id, orm_o01(order_message(plan, patient, start), control_id, datetime.now(), args.version))
-        )
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -519,7 +511,7 @@ def _hl7_send(address: str, messages: Sequence[tuple[str, bytes]], timeout: floa
     all are AA/CA."""
     import hl7
 
-    from fabricatord.hl7.mllp import MllpClient
+    from fabricatord.hl7.mllp import MllpClient, as_wire
 
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
@@ -528,11 +520,7 @@ def _hl7_send(address: str, messages: Sequence[tuple[str, bytes]], timeout: floa
     try:
         with MllpClient(host, int(port), timeout) as client:
             for name, data in messages:
-                # Files use CR, LF or CRLF between segments; the wire uses CR.
-                message = b"\r".join(
-                    line for line in data.replace(b"\r\n", b"\n").replace(b"\n", b"\r").split(b"\r") if line
-                )
-                reply = client.send(message)
+                reply = client.send(as_wire(data))
                 ack = hl7.parse(reply.decode("utf-8", errors="replace"))
                 code = str(ack.segment("MSA")[1])
                 errors = [str(segment) for segment in ack if str(segment[0]) == "ERR"]

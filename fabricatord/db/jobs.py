@@ -97,10 +97,7 @@ class Acquisitions:
         self._lease = lease
 
     def _claimable(self, now: datetime) -> ColumnElement[bool]:
-        return or_(
-            and_(Acquisition.state == "pending", Acquisition.due_at <= now),
-            and_(Acquisition.state == "running", Acquisition.lease_until < now),
-        )
+        return _claimable(Acquisition, Acquisition.due_at, "running", now)
 
     @staticmethod
     def schedule_order(connection: Connection, order_pk: int, settings: Settings) -> int:
@@ -291,10 +288,7 @@ class RouteJobs:
         return len(rows)
 
     def _claimable(self, now: datetime) -> ColumnElement[bool]:
-        return or_(
-            and_(RouteJob.state == "pending", RouteJob.next_attempt_at <= now),
-            and_(RouteJob.state == "sending", RouteJob.lease_until < now),
-        )
+        return _claimable(RouteJob, RouteJob.next_attempt_at, "sending", now)
 
     def claim(self, limit: int = 500) -> list[RouteRecord]:
         """Due jobs of one peer and one study (one association sends them), and sending ones
@@ -454,6 +448,12 @@ class RouteJobs:
                 .all()
             )
         return sorted(touched)
+
+
+def _claimable(job: Any, due: Any, claimed: str, now: datetime) -> ColumnElement[bool]:
+    """Either kind of job a node may claim now: pending and due, or claimed (`claimed` state)
+    by a node whose lease ran out."""
+    return or_(and_(job.state == "pending", due <= now), and_(job.state == claimed, job.lease_until < now))
 
 
 def _due_now(connection: Connection, job: Any, due: Any, wanted: list[int]) -> list[int]:

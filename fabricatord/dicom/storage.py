@@ -10,6 +10,7 @@ or an adopted tmp name that `recover` settles.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -504,6 +505,35 @@ class InstanceWriter:
             if item.outcome in ("new", "overwritten"):
                 metrics.STORED_BYTES.inc(item.entry.size)
             yield WriteResult(item.uid, self._storage / item.relative, item.entry.size, item.outcome)
+
+    def delete_study(self, study_instance_uid: str) -> int | None:
+        """Remove a stored study: its rows first (a file left by a crash here is an orphan the
+        next start removes), then its files and the folders they leave empty; how many files,
+        None when no such study. The writer forgets the folders and the bytes it counted, so a
+        study stored there again gets its folders made durable and the quota stays true."""
+        with self._commit_lock:
+            paths = self._index.forget_study(study_instance_uid)
+            if paths is None:
+                return None
+            removed = 0
+            folders: set[Path] = set()
+            for relative in paths:
+                path = self._storage / relative
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
+                folders.add(path.parent)
+            for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+                current = folder
+                while current != self._storage and self._storage in current.parents:
+                    try:
+                        current.rmdir()
+                    except OSError:  # not empty: other studies live there
+                        break
+                    self._known_dirs.discard(current)
+                    current = current.parent
+            self._used = None  # counted again from the index at the next store
+            return removed
 
     def recover(self) -> RecoveryReport:
         """After a crash: remove temporary files and settle every intent left behind."""

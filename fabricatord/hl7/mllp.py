@@ -50,3 +50,9 @@ class MllpClient:
         if start < 0:
             raise MllpError("the reply is not an MLLP frame (no start block)")
         return reply[start + 1 :]
+
+
+def as_wire(data: bytes) -> bytes:
+    """A message as a file or a paste holds it (CR, LF or CRLF between segments, blank lines) as
+    the wire carries it: segments separated by CR."""
+    return b"\r".join(line for line in data.replace(b"\r\n", b"\n").replace(b"\n", b"\r").split(b"\r") if line.strip())

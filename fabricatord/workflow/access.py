@@ -8,6 +8,7 @@ environment; `admin` may do everything, users and deletion included. A peer with
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 from dataclasses import dataclass
@@ -68,7 +69,12 @@ MAX_PASSWORD = 1024
 # OWASP's minimum for argon2id (19 MiB, two passes): a sign-in costs tens of milliseconds and
 # no more memory than a C-STORE does.
 _hasher = PasswordHasher(time_cost=2, memory_cost=19_456, parallelism=1)
-_DECOY = _hasher.hash(secrets.token_hex(16))
+
+
+@functools.cache
+def _decoy() -> str:
+    """A hash to check unknown names against, made at the first such sign-in, not at every start."""
+    return _hasher.hash(secrets.token_hex(16))
 
 
 def hash_password(password: str) -> str:
@@ -172,7 +178,7 @@ class Directory:
         directory (LDAP, SAML) can take its place."""
         user = self._store.get(name)
         if user is None or not user.password_hash:
-            _verify(_DECOY, password)  # the same time for a name that does not exist
+            _verify(_decoy(), password)  # the same time for a name that does not exist
             return None
         if not _verify(user.password_hash, password) or user.disabled:
             return None

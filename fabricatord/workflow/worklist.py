@@ -65,6 +65,16 @@ class ScheduledOrder:
     start: datetime
 
 
+def parse_code(text: str) -> tuple[str, str, str]:
+    """`VALUE^SCHEME^MEANING` (HL7 CE order) as a code triplet; empty text, no code."""
+    if not text:
+        return "", "", ""
+    parts = [*text.split("^"), "", ""][:3]
+    if len(parts[0]) > 16 or not parts[1]:
+        raise ValueError(f"a code is VALUE^SCHEME^MEANING with a value of at most 16 characters, not {text!r}")
+    return parts[0], parts[1], parts[2]
+
+
 class Scheduler:
     def __init__(self, settings: Settings, database: Database) -> None:
         self._settings = settings
@@ -87,6 +97,17 @@ class Scheduler:
             patient,
             start,
         )
+
+    def order_text(self, request: WorklistRequest, version: str = "2.5.1") -> tuple[str, str]:
+        """(control ID, a realistic ORM^O01 for the order `request` plans): `hl7 orm` and the
+        console send it; its patient is registered, its identifiers drawn, nothing scheduled."""
+        import hl7
+
+        from fabricatord.hl7.orders import orm_o01
+
+        plan, patient, start = self.plan(request)
+        control_id = hl7.generate_message_control_id()
+        return control_id, orm_o01(order_message(plan, patient, start), control_id, datetime.now(), version)
 
     def change_step(self, sps_id: str, status: str) -> int:
         """A step's status set by hand (the console, the API); a step canceled or discontinued

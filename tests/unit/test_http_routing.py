@@ -51,9 +51,7 @@ def test_status_is_open_unless_the_setting_closes_it(make_settings: Callable[...
 
 def test_the_session_cookie_is_secure_when_the_setting_says_so(make_settings: Callable[..., Settings]) -> None:
     for setting, secure in (("cookie_secure = false", False), ("cookie_secure = true", True)):
-        table, directory = _router(make_settings, setting)
-        if directory.get("eve") is None:
-            directory.add("eve", "test_read", PASSWORD)
+        table, _ = _router(make_settings, setting)
         cookie = table.session_cookie("secret")
         assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
         assert ("Secure" in cookie.split("; ")) is secure

@@ -129,6 +129,22 @@ def test_quota_and_watermark_refuse_without_leaving_anything(tmp_path: Path) -> 
     assert list((tmp_path / "tmp").iterdir()) == [] and len(index.lookup([third.SOPInstanceUID])) == 0
 
 
+def test_a_deleted_study_frees_its_quota_and_can_be_stored_again(tmp_path: Path) -> None:
+    index = InstanceIndex(open_database(f"sqlite:///{tmp_path / 'd.sqlite'}"))
+    first, second = study("CT", images=2)
+    size = len(Part10Encoder().encode(first))
+    writer = InstanceWriter(index, tmp_path / "storage", tmp_path / "tmp", quota_bytes=2 * size + size // 2)
+    assert writer.write(first, "received").outcome == "new"
+    assert writer.write(second, "received").outcome == "new"
+    assert writer.delete_study(first.StudyInstanceUID) == 2
+    assert writer.delete_study(first.StudyInstanceUID) is None
+    assert list((tmp_path / "storage").iterdir()) == []  # the folders it left empty are gone
+    # The bytes it counted are free again, and its folders are made again, durably.
+    assert writer.write(first, "received").outcome == "new"
+    assert (tmp_path / "storage" / relative_path(first, "study/series")).is_file()
+    assert index.lookup([first.SOPInstanceUID])
+
+
 def test_received_files_adopted_at_once_share_commits_and_a_duplicate_is_stored_once(
     database_url: str, tmp_path: Path
 ) -> None:

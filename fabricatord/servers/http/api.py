@@ -30,7 +30,7 @@ from fabricatord.dicom import keys as query_keys
 from fabricatord.dicom import query, scu
 from fabricatord.dicom.preview import NoPixels, render_png
 from fabricatord.hl7.codec import Hl7Error
-from fabricatord.hl7.mllp import MllpClient
+from fabricatord.hl7.mllp import MllpClient, as_wire
 from fabricatord.servers.http.department import Department
 from fabricatord.servers.http.routing import Call, HttpError, Reply, Router, is_number, json_reply
 from fabricatord.synth.templates import TEMPLATES
@@ -46,7 +46,7 @@ from fabricatord.workflow.access import (
 )
 from fabricatord.workflow.generation import GenerateOptions, StudyGenerator
 from fabricatord.workflow.hl7 import Inbox
-from fabricatord.workflow.worklist import Scheduler, WorklistRequest
+from fabricatord.workflow.worklist import Scheduler, WorklistRequest, parse_code
 
 THUMBNAIL = 128
 MAX_IMAGES = 5_000
@@ -124,10 +124,11 @@ def install(router: Router, department: Department) -> None:
     @router.add("DELETE", f"{api}/studies/{{uid}}", "admin", "Delete a stored study (rows, then files)")
     def delete_study(call: Call) -> Reply:
         uid = _uid(call.params["uid"])
-        paths = InstanceIndex(d.database).forget_study(uid)
-        if paths is None:
+        if d.writer is None:
+            raise HttpError(503, "this process holds no storage writer")
+        removed = d.writer.delete_study(uid)
+        if removed is None:
             raise HttpError(404, f"no stored study has Study Instance UID {uid}")
-        removed = _remove_files(d.settings.storage_dir, paths)
         call.audit_detail = f"study {uid}, {removed} files"
         return json_reply({"deleted": uid, "files": removed})
 
@@ -528,7 +529,7 @@ def preview_message(d: Department, text: str) -> dict[str, Any]:
     if not text.strip():
         raise HttpError(400, "message: paste an HL7 v2 message")
     try:
-        previews = Inbox(d.settings, d.database).preview(_wire(text))
+        previews = Inbox(d.settings, d.database).preview(as_wire(text.encode()))
     except Hl7Error as exc:
         return {"ok": False, "acknowledgment": exc.acknowledgment, "code": int(exc.code), "error": str(exc)}
     return {
@@ -562,7 +563,7 @@ def send_message(d: Department, call: Call, body: dict[str, Any]) -> dict[str, A
         port = int(port_text)
     try:
         with MllpClient(host, port, 30.0) as client:
-            ack = client.send(_wire(text)).decode("utf-8", errors="replace")
+            ack = client.send(as_wire(text.encode())).decode("utf-8", errors="replace")
     except OSError as exc:
         raise HttpError(502, f"{host}:{port}: {exc}") from None
     segments = [s for s in ack.replace("\n", "\r").split("\r") if s]
@@ -580,11 +581,6 @@ def send_message(d: Department, call: Call, body: dict[str, Any]) -> dict[str, A
 
 def _generated_orm(d: Department, order: dict[str, Any]) -> str:
     """A realistic ORM^O01 for a synthetic (or registered) patient, as `fabricatord hl7 orm` writes it."""
-    import hl7
-
-    from fabricatord.hl7.orders import orm_o01
-    from fabricatord.workflow.worklist import order_message
-
     request = WorklistRequest(
         modality=str(order.get("modality", "")),
         patient_id=str(order.get("patient_id", "")),
@@ -592,11 +588,9 @@ def _generated_orm(d: Department, order: dict[str, Any]) -> str:
         procedure_description=str(order.get("description", "")),
     )
     try:
-        plan, patient, start = Scheduler(d.settings, d.database).plan(request)
+        return Scheduler(d.settings, d.database).order_text(request, str(order.get("version", "2.5.1")))[1]
     except (ValueError, UnknownPatient) as exc:
         raise HttpError(400, str(exc)) from None
-    control_id = hl7.generate_message_control_id()
-    return orm_o01(order_message(plan, patient, start), control_id, datetime.now(), str(order.get("version", "2.5.1")))
 
 
 def act_on_jobs(d: Department, call: Call, action: str, names: Iterable[str]) -> dict[str, Any]:
@@ -789,28 +783,6 @@ def _png(path: Path, frame: int, size: int | None) -> Reply:
         raise HttpError(415, f"cannot render this instance: {exc}") from None
 
 
-def _remove_files(storage: Path, paths: list[str]) -> int:
-    removed = 0
-    folders: set[Path] = set()
-    for relative in paths:
-        path = storage / relative
-        try:
-            path.unlink()
-            removed += 1
-        except FileNotFoundError:
-            pass
-        folders.add(path.parent)
-    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
-        current = folder
-        while current != storage and storage in current.parents:
-            try:
-                current.rmdir()
-            except OSError:
-                break
-            current = current.parent
-    return removed
-
-
 def _seconds(body: dict[str, Any], default: float | None, longest: float) -> float | None:
     value = body.get("timeout", default)
     if value is None:
@@ -854,18 +826,10 @@ def _count(body: dict[str, Any], name: str) -> int:
 
 
 def _code(text: str) -> tuple[str, str, str]:
-    if not text:
-        return "", "", ""
-    parts = [*text.split("^"), "", ""][:3]
-    if len(parts[0]) > 16 or not parts[1]:
-        raise HttpError(400, f"a code is VALUE^SCHEME^MEANING with a value of at most 16 characters, not {text!r}")
-    return parts[0], parts[1], parts[2]
-
-
-def _wire(text: str) -> bytes:
-    """A pasted message: lines (CR, LF or CRLF) become CR-separated segments, as on the wire."""
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    return "\r".join(line for line in lines if line.strip()).encode("utf-8")
+    try:
+        return parse_code(text)
+    except ValueError as exc:
+        raise HttpError(400, str(exc)) from None
 
 
 def _message(m: Any, whole: bool) -> dict[str, Any]:

@@ -7,13 +7,12 @@ the user's role may not take is not drawn.
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import re
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlparse
-
-from jinja2 import Environment, PackageLoader, select_autoescape
 
 from fabricatord import __version__
 from fabricatord.db import InstanceIndex
@@ -28,16 +27,12 @@ from fabricatord.servers.http.routing import Call, HttpError, Reply, Router, is_
 from fabricatord.synth.templates import TEMPLATES
 from fabricatord.workflow.access import ROLES, BadCredentials, LockedOut, may_administer, may_change
 
+if TYPE_CHECKING:
+    from jinja2 import Environment
+
 _STATIC = {"app.css": "text/css", "app.js": "text/javascript"}
 SEARCH_KEYS = ("PatientName", "PatientID", "AccessionNumber", "StudyDate", "ModalitiesInStudy", "StudyDescription")
 PAGE = 50
-
-_environment = Environment(
-    loader=PackageLoader("fabricatord.servers.http", "templates"),
-    autoescape=select_autoescape(default=True, default_for_string=True),
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
 
 
 def _local(moment: datetime | None) -> str:
@@ -55,20 +50,36 @@ def _person(name: str) -> str:
     return f"{family}, {given}" if given else family
 
 
-_environment.filters["local"] = _local
-_environment.filters["person"] = _person
+@functools.cache
+def _templates() -> Environment:
+    """Built at the first page, not at the daemon's start: most daemons serve no browser."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    environment = Environment(
+        loader=PackageLoader("fabricatord.servers.http", "templates"),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    environment.filters["local"] = _local
+    environment.filters["person"] = _person
+    return environment
 
 
 def render(call: Call, template: str, code: int = 200, **values: Any) -> Reply:
     identity = call.identity
-    page = _environment.get_template(template).render(
-        me=identity,
-        may_change=bool(identity and may_change(identity.role)),
-        may_administer=bool(identity and may_administer(identity.role)),
-        csrf=identity.csrf_token if identity and identity.kind == "session" else "",
-        path=call.path,
-        version=__version__,
-        **values,
+    page = (
+        _templates()
+        .get_template(template)
+        .render(
+            me=identity,
+            may_change=bool(identity and may_change(identity.role)),
+            may_administer=bool(identity and may_administer(identity.role)),
+            csrf=identity.csrf_token if identity and identity.kind == "session" else "",
+            path=call.path,
+            version=__version__,
+            **values,
+        )
     )
     return Reply(code, page.encode(), "text/html; charset=utf-8")
 
