@@ -2,7 +2,9 @@
 
 The daemon opens (and migrates) the database, settles storage left by a crash, starts the
 audit trail's writer, runs the DICOM node, the MLLP listener, the simulated modality and the
-router, and serves `/metrics`, `/healthz`, the API and the console over HTTP.
+router, and serves `/metrics`, `/healthz`, the API and the console over HTTP. With `[node]
+workers` above one, a parent does the first two, binds the ports and starts the workers
+(`servers/workers.py`): each accepts DICOM and MLLP; the first also serves HTTP and runs the jobs.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import gc
 import os
 import platform
 import signal
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,15 +30,18 @@ from fabricatord.config import ConfigError, Settings, load
 from fabricatord.config.values import parse_duration, parse_size
 from fabricatord.db import Database, InstanceIndex, open_database
 from fabricatord.db.audit import AuditLog
-from fabricatord.db.engine import MigrationFailed
+from fabricatord.db.engine import MigrationFailed, dispose_all
 from fabricatord.dicom.storage import InstanceWriter
 from fabricatord.hl7.mapping import profile_problems
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import configure, get_logger
 from fabricatord.obs.systemd import notify, watchdog_interval
 from fabricatord.servers.dicom import DicomNode
+from fabricatord.servers.dicom.node import LISTEN_BACKLOG
 from fabricatord.servers.http import Department, site
+from fabricatord.servers.listen import family_of, open_listener
 from fabricatord.servers.mllp import MllpListener
+from fabricatord.servers.workers import BEAT_EVERY, Seat, Supervisor
 from fabricatord.synth.checks import settings_problems
 from fabricatord.workflow.access import Directory
 from fabricatord.workflow.acquisition import Acquirer
@@ -90,13 +96,11 @@ class _Reloadable(Protocol):
     def reload(self, settings: Settings) -> None: ...
 
 
-def build(settings: Settings, reactor_: Any = reactor) -> tuple[MultiService, list[_Reloadable]]:
-    """Every part of the daemon as one service tree, and the parts a SIGHUP gives new settings."""
-    database = open_database(settings.database_url, migrate_in_child=True)
-    presence = Presence(database, settings.node_name, timedelta(seconds=parse_duration(settings.node.lease)))
-    presence.join()  # before storage recovery and job claims: refuses a second process of this name
-    rules = Rules(settings)
-    writer = storage_writer(settings, database, rules)
+def _presence(settings: Settings, database: Database, pid: int | None = None) -> Presence:
+    return Presence(database, settings.node_name, timedelta(seconds=parse_duration(settings.node.lease)), pid)
+
+
+def _recover(writer: InstanceWriter) -> None:
     report = writer.recover()
     log.info(
         "storage recovered",
@@ -104,22 +108,49 @@ def build(settings: Settings, reactor_: Any = reactor) -> tuple[MultiService, li
         orphans_removed=report.orphans_removed,
         rows_refreshed=report.rows_refreshed,
     )
+
+
+def build(
+    settings: Settings, reactor_: Any = reactor, seat: Seat | None = None
+) -> tuple[MultiService, list[_Reloadable]]:
+    """Every part of the daemon as one service tree, and the parts a SIGHUP gives new settings.
+    A worker process (`seat`) has storage settled and the name taken by its parent; only the
+    first worker serves HTTP and runs jobs and periodic work."""
+    database = open_database(settings.database_url, migrate_in_child=True)
     root = MultiService()
-    _WorkerService(presence).setServiceParent(root)  # first started, last stopped: it signs off
+    first = seat is None or seat.first
+    presence = _presence(settings, database, seat.parent if seat else None) if first else None
+    if presence is not None:
+        presence.join()  # before storage recovery and job claims: refuses a second process of this name
+        _WorkerService(presence).setServiceParent(root)  # first started, last stopped: it signs off
+    rules = Rules(settings)
+    writer = storage_writer(settings, database, rules)
+    if seat is None:
+        _recover(writer)
     audit = AuditTrail(database)
     _WorkerService(audit).setServiceParent(root)
-    acquirer = Acquirer(settings, database, writer)
-    node = DicomNode(settings, database, writer, audit, on_due=acquirer.wake)
+    acquirer = Acquirer(settings, database, writer) if first else None
+    # Another worker's new order or fetched step waits for the first worker's next look (a second).
+    on_due = acquirer.wake if acquirer is not None else _nothing
+    inherited = seat.listeners if seat is not None else {}
+    counts = seat.counts() if seat is not None else None
+    node = DicomNode(settings, database, writer, audit, on_due, inherited=inherited.get("dicom"), counts=counts)
     node.setServiceParent(root)
-    inbox = Inbox(settings, database, on_due=acquirer.wake)
-    mllp = MllpListener(settings, inbox, reactor_)
+    inbox = Inbox(settings, database, on_due=on_due)
+    mllp = MllpListener(settings, inbox, reactor_, inherited=inherited.get("mllp"), counts=counts)
     mllp.setServiceParent(root)
+    if acquirer is None or presence is None:
+        return root, [rules, node, inbox]
     _WorkerService(acquirer).setServiceParent(root)  # after the node: it sends MPPS to it
     router = Router(settings, database)
     _WorkerService(router).setServiceParent(root)
     monitor = Monitor(settings, database, leading=lambda: presence.leader)
     _WorkerService(monitor).setServiceParent(root)
-    http = endpoints.TCP4ServerEndpoint(reactor_, settings.http.port, interface=settings.http.host)
+    http: Any = (
+        endpoints.AdoptedStreamServerEndpoint(reactor_, inherited["http"], family_of(settings.http.host))
+        if "http" in inherited
+        else endpoints.TCP4ServerEndpoint(reactor_, settings.http.port, interface=settings.http.host)
+    )
     listeners = {
         "dicom": f"{settings.dicom.host}:{settings.dicom.port}",
         "mllp": f"{settings.hl7.host}:{settings.hl7.port}",
@@ -138,6 +169,10 @@ def build(settings: Settings, reactor_: Any = reactor) -> tuple[MultiService, li
     )
     StreamServerEndpointService(http, site(department)).setServiceParent(root)
     return root, [rules, node, inbox, acquirer, router, monitor, department]
+
+
+def _nothing() -> None:
+    pass
 
 
 class DataDirInUse(RuntimeError):
@@ -180,13 +215,23 @@ def cap_malloc_arenas() -> bool:
 
 
 def run(settings: Settings) -> int:
-    """Start the tree, run until SIGTERM or SIGINT, stop it in reverse order."""
+    """Start the tree, run until SIGTERM or SIGINT, stop it in reverse order. With `[node]
+    workers` above one, this process becomes their parent (`supervise`); in a worker, the
+    parent's lock covers the data_dir."""
+    seat = Seat.from_environ(os.environ)
+    if seat is None and settings.node.workers > 1:
+        return supervise(settings)
+    if seat is not None:
+        seat.settle_in()
+        _configure_logging(settings, seat)
     cap_malloc_arenas()
     metrics.BUILD_INFO.labels(__version__).set(1)
     the_reactor: Any = reactor
+    lock = None
     try:
-        lock = hold_data_dir(settings.node.data_dir, settings.node_name if settings.shared else "")
-        root, reloadable = build(settings)
+        if seat is None:
+            lock = hold_data_dir(settings.node.data_dir, settings.node_name if settings.shared else "")
+        root, reloadable = build(settings, seat=seat)
         root.startService()
     except MigrationFailed as exc:
         command = f"fabricatord migrate --config {settings.source}" if settings.source else "fabricatord migrate"
@@ -208,19 +253,128 @@ def run(settings: Settings) -> int:
         data_dir=str(settings.node.data_dir),
         http=f"{settings.http.host}:{settings.http.port}",
         mllp=f"{settings.hl7.host}:{settings.hl7.port}",
+        worker=seat.index if seat is not None else None,
     )
-    signal.signal(signal.SIGHUP, lambda *_: the_reactor.callFromThread(_reload, settings, reloadable))
+    signal.signal(signal.SIGHUP, lambda *_: the_reactor.callFromThread(_reload, settings, reloadable, seat))
+    if seat is not None:
+        seat.ready()
+        LoopingCall(seat.beat).start(BEAT_EVERY, now=False)
+        _stop_once_on_signals(the_reactor)
     notify("READY=1", f"STATUS=serving DICOM on {settings.dicom.port}, MLLP on {settings.hl7.port}")
     interval = watchdog_interval()
     if interval is not None:
         LoopingCall(notify, "WATCHDOG=1").start(interval, now=True)
     the_reactor.run()
     log.info("fabricatord stopped")
-    os.close(lock)
+    if lock is not None:
+        os.close(lock)
     return 0
 
 
-def _reload(current: Settings, parts: list[_Reloadable]) -> None:
+def supervise(settings: Settings) -> int:
+    """The parent of `[node] workers` processes: it takes the node's name and lock, settles
+    storage, binds the ports and starts the workers; it passes SIGHUP on, stops them on SIGTERM,
+    starts again one that dies, and tells systemd READY once all are, WATCHDOG while all turn."""
+    the_reactor: Any = reactor
+    try:
+        lock = hold_data_dir(settings.node.data_dir, settings.node_name)
+        database = open_database(settings.database_url, migrate_in_child=True)
+        _presence(settings, database).join()  # the first worker renews it under this process's PID
+        _recover(storage_writer(settings, database))
+        dispose_all()  # the workers open their own connections
+        listeners = {
+            "dicom": open_listener(settings.dicom.host, settings.dicom.port, LISTEN_BACKLOG),
+            "mllp": open_listener(settings.hl7.host, settings.hl7.port, LISTEN_BACKLOG),
+            "http": open_listener(settings.http.host, settings.http.port, LISTEN_BACKLOG),
+        }
+    except Exception as exc:  # a name or a port in use, a database away: one clear line
+        log.error("startup failed", error=str(exc))
+        return 1
+    argv = [sys.executable, "-m", "fabricatord", "serve"]
+    environ = dict(os.environ)
+    if settings.source is not None:
+        argv += ["--config", str(settings.source.resolve())]
+    else:
+        environ["FABRICATORD_CONFIG"] = ""  # the built-in defaults, as here
+    supervisor = Supervisor(
+        the_reactor,
+        argv,
+        environ,
+        settings.node.workers,
+        listeners,
+        settings.tmp_dir / "associations",
+        settings.tmp_dir / "metrics",
+    )
+    outcome = {"code": 0}
+
+    def started(_: object) -> None:
+        log.info(
+            "fabricatord started",
+            version=__version__,
+            workers=settings.node.workers,
+            pids=supervisor.pids,
+            dicom=f"{settings.dicom.host}:{listeners['dicom'].getsockname()[1]}",
+            mllp=f"{settings.hl7.host}:{listeners['mllp'].getsockname()[1]}",
+            http=f"{settings.http.host}:{listeners['http'].getsockname()[1]}",
+        )
+        notify("READY=1", f"STATUS=serving DICOM on {settings.dicom.port}, MLLP on {settings.hl7.port}")
+
+    def failed(failure: Any) -> None:
+        log.error("startup failed", error=failure.getErrorMessage())
+        outcome["code"] = 1
+        the_reactor.stop()
+
+    def feed_watchdog() -> None:
+        if supervisor.healthy:
+            notify("WATCHDOG=1")
+
+    the_reactor.callWhenRunning(lambda: supervisor.start().addCallbacks(started, failed))
+    the_reactor.addSystemEventTrigger("before", "shutdown", _stopping)
+    the_reactor.addSystemEventTrigger("before", "shutdown", supervisor.stop)
+    interval = watchdog_interval()
+    if interval is not None:
+        LoopingCall(feed_watchdog).start(interval, now=False)
+
+    def reload_workers() -> None:
+        notify("RELOADING=1", "STATUS=reloading the configuration")
+        supervisor.signal("HUP")
+        notify("READY=1", "STATUS=serving")
+
+    signal.signal(signal.SIGHUP, lambda *_: the_reactor.callFromThread(reload_workers))
+    _stop_once_on_signals(the_reactor)
+    the_reactor.run()
+    for listener in listeners.values():
+        listener.close()
+    log.info("fabricatord stopped", workers=settings.node.workers)
+    os.close(lock)
+    return outcome["code"]
+
+
+def _stop_once_on_signals(the_reactor: Any) -> None:
+    """SIGTERM and SIGINT stop the reactor once: a worker may get SIGTERM from its parent and
+    from systemd, or SIGINT from a terminal as well."""
+    asked: list[int] = []
+
+    def stop(number: int, _frame: object) -> None:
+        if not asked:
+            asked.append(number)
+            the_reactor.callFromThread(the_reactor.stop)
+
+    def install() -> None:
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    the_reactor.callWhenRunning(install)  # after Twisted's own, which it installs as it starts
+
+
+def _configure_logging(settings: Settings, seat: Seat | None) -> None:
+    log_settings = settings.log
+    configure(
+        log_settings.level, log_settings.format, log_settings.phi, settings.node_name, seat.index if seat else None
+    )
+
+
+def _reload(current: Settings, parts: list[_Reloadable], seat: Seat | None = None) -> None:
     """SIGHUP: peers, routes, mapping profiles, synth and log level from the file again; an
     invalid file changes nothing. Ports, data_dir and the database take effect at a restart."""
     notify("RELOADING=1", "STATUS=reloading the configuration")
@@ -230,7 +384,7 @@ def _reload(current: Settings, parts: list[_Reloadable]) -> None:
         for problem in exc.problems:
             log.error("configuration not reloaded", problem=str(problem))
     else:
-        configure(fresh.log.level, fresh.log.format, fresh.log.phi, fresh.node_name)
+        _configure_logging(fresh, seat)
         for part in parts:
             part.reload(fresh)
         log.info("configuration reloaded", source=str(current.source), peers=len(fresh.peers), routes=len(fresh.routes))

@@ -347,5 +347,7 @@ def _cross_check(settings: Settings) -> Iterable[tuple[str, str]]:
             "synth.mpps_peer",
             f"expected 'self' or a [[peers]] name, got {settings.synth.mpps_peer!r}",
         )
+    if settings.node.workers > 1 and not settings.shared:
+        yield "node.workers", "more than one worker process needs PostgreSQL ([node] database): SQLite has one writer"
     if not 0 <= settings.synth.min_age <= settings.synth.max_age <= 120:
         yield "synth.min_age", "expected 0 <= min_age <= max_age <= 120"

@@ -83,6 +83,12 @@ class NodeSettings:
         "third of it): after a node dies, another takes its jobs after this.",
         check_duration,
     )
+    workers: int = key(
+        1,
+        "Processes that accept DICOM and MLLP connections on the same ports, for more than one core; the "
+        "first also serves HTTP and runs the jobs. More than one needs PostgreSQL.",
+        check_positive,
+    )
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,9 @@ class LogSettings:
 class DicomSettings:
     host: str = key("127.0.0.1", "Address the DICOM listener binds.", check_host)
     port: int = key(11112, "DICOM listener port.", check_port)
-    max_associations: int = key(20, "Concurrent associations; the excess is rejected (RJ 2/3/2).", check_positive)
+    max_associations: int = key(
+        20, "Concurrent associations, over every worker process; the excess is rejected (RJ 2/3/2).", check_positive
+    )
     max_pdu: int = key(
         1048576,
         "Largest P-DATA PDU we accept, in bytes: 1 MiB carries a CT image in one PDU (as fast as no limit) "
@@ -199,7 +207,9 @@ class Hl7Settings:
     idle_timeout: str = key(
         "10m", "A connection that sends nothing for this long is closed (senders reconnect).", check_duration
     )
-    max_connections: int = key(100, "Concurrent MLLP connections; the excess is closed at once.", check_positive)
+    max_connections: int = key(
+        100, "Concurrent MLLP connections, per worker process; the excess is closed at once.", check_positive
+    )
     oru: OruPolicy = key(
         "complete",
         "What an ORU^R01 does: `complete` marks its order and steps COMPLETED, `ignore` only acknowledges it.",

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, text, update
 
 from fabricatord.db import raw
 from fabricatord.db.engine import Database
@@ -179,6 +180,7 @@ class InstanceIndex:
     ) -> list[StoredInstance | None]:
         results: list[StoredInstance | None] = []
         new: list[IndexEntry] = []
+        _serialize(connection, entries)
         for position, entry in enumerate(entries):
             found = raw.first(connection, _FIND_INSTANCE, {"uid": entry.sop_instance_uid})
             if found is not None:
@@ -207,6 +209,7 @@ class InstanceIndex:
     def commit(self, entries: list[IndexEntry], intent_ids: Iterable[int]) -> None:
         """Index `entries` (insert or replace by SOP Instance UID) and retire their intents, atomically."""
         with self._db.writer.begin() as connection:
+            _serialize(connection, entries)
             series: dict[str, int] = {}
             uids = [entry.sop_instance_uid for entry in entries]
             existing = set(
@@ -397,6 +400,28 @@ def _inserted_id(connection: Connection, statement: Any, values: dict[str, objec
         return int(cursor.fetchone()[0])
     finally:
         cursor.close()
+
+
+_LOCK_KEYS = text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS BIGINT[])) AS k")
+
+
+def _serialize(connection: Connection, entries: Sequence[IndexEntry]) -> None:
+    """On PostgreSQL, where other processes (worker processes, other nodes) index into the same
+    tables: wait until none of them is indexing one of these instances, studies or patients,
+    until this transaction ends. Without it, two writers of one SOP Instance UID would both find
+    it new, and the loser's clean-up would unlink the winner's file; two first instances of one
+    study would both create the study. Keys in one order, so two batches cannot wait on each other."""
+    if connection.dialect.name != "postgresql":
+        return  # SQLite: one process writes, and its writer lock already serializes
+    names: set[str] = set()
+    for entry in entries:
+        names.update(
+            (f"i{entry.sop_instance_uid}", f"s{entry.study_instance_uid}", f"p{entry.patient_id}\\{entry.issuer}")
+        )
+    keys = sorted(
+        int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True) for name in names
+    )
+    connection.execute(_LOCK_KEYS, {"keys": keys})
 
 
 def _patient_pk(connection: Connection, entry: IndexEntry) -> int:

@@ -18,13 +18,17 @@ def _redact_phi(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, 
     return event
 
 
-def configure(level: str = "info", fmt: str = "auto", phi: bool = False, node: str = "") -> None:
+def configure(
+    level: str = "info", fmt: str = "auto", phi: bool = False, node: str = "", worker: int | None = None
+) -> None:
     """Route structlog and the standard library (pynetdicom, alembic) through one renderer;
-    with `node`, every line says which daemon wrote it."""
+    with `node`, every line says which daemon wrote it, and with `worker`, which of its processes."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
 
     def add_node(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
         event.setdefault("node", node)
+        if worker is not None:
+            event.setdefault("worker", worker)
         return event
 
     shared: list[Any] = [

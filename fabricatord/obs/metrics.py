@@ -2,11 +2,26 @@
 
 Names are `fabricatord_*`; counters end in `_total`; durations are `_seconds` histograms.
 Labels are bounded: a peer is labelled by its `[[peers]]` name, anything else as `other`.
+With worker processes, each writes its values under PROMETHEUS_MULTIPROC_DIR (the parent sets it
+before they import this) and `/metrics` adds them up: counters and histograms of every worker,
+live or not, gauges as each one's `multiprocess_mode` says (set only by the first worker, they
+report its most recent value).
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # A `_created` series beside every counter doubles what Prometheus stores and names nothing
 # anyone queries (`fabricatord_patients_created_created`); the process start time says the same.
@@ -55,6 +70,7 @@ DIMSE_OPERATIONS = Counter(
 ASSOCIATIONS_ACTIVE = Gauge(
     "fabricatord_associations_active",
     "Associations established with us and not yet ended.",
+    multiprocess_mode="livesum",
 )
 ASSOCIATIONS = Counter(
     "fabricatord_associations_total",
@@ -114,6 +130,7 @@ HL7_SECONDS = Histogram(
 HL7_CONNECTIONS_ACTIVE = Gauge(
     "fabricatord_hl7_connections_active",
     "MLLP connections open now.",
+    multiprocess_mode="livesum",
 )
 HL7_FRAMES_REFUSED = Counter(
     "fabricatord_hl7_frames_refused_total",
@@ -136,16 +153,19 @@ ROUTE_JOBS = Gauge(
     "fabricatord_route_jobs",
     "Route jobs by state (pending, sending, done, failed, canceled), as of the last look.",
     ["state"],
+    multiprocess_mode="livemostrecent",
 )
 ROUTE_QUEUE = Gauge(
     "fabricatord_route_queue_depth",
     "Route jobs waiting to be sent, by destination ([[peers]] name).",
     ["peer"],
+    multiprocess_mode="livemostrecent",
 )
 ROUTE_OLDEST = Gauge(
     "fabricatord_route_oldest_pending_seconds",
     "Age of the oldest route job waiting to be sent, by destination; 0 when none waits.",
     ["peer"],
+    multiprocess_mode="livemostrecent",
 )
 ROUTE_SEND_SECONDS = Histogram(
     "fabricatord_route_send_seconds",
@@ -162,11 +182,13 @@ SENT_BYTES = Counter(
 STORAGE_BYTES = Gauge(
     "fabricatord_storage_bytes",
     "Bytes of stored instances, as of the last look.",
+    multiprocess_mode="livemostrecent",
 )
 PEER_UP = Gauge(
     "fabricatord_peer_up",
     "1 when the last C-ECHO to the [[peers]] entry succeeded, 0 when it did not.",
     ["peer"],
+    multiprocess_mode="livemostrecent",
 )
 PEER_ECHO_SECONDS = Histogram(
     "fabricatord_peer_echo_seconds",
@@ -178,4 +200,15 @@ BUILD_INFO = Gauge(
     "fabricatord_build_info",
     "Always 1; the version label says which fabricatord runs.",
     ["version"],
+    multiprocess_mode="max",
 )
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text `/metrics` answers: this process's metrics, or the whole daemon's when its
+    worker processes write them under PROMETHEUS_MULTIPROC_DIR."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return generate_latest(), CONTENT_TYPE_LATEST
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return generate_latest(registry), CONTENT_TYPE_LATEST

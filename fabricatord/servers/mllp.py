@@ -9,6 +9,7 @@ plus a short queue: beyond that we stop reading from it until the queue drains.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -26,6 +27,7 @@ from fabricatord.hl7.mllp import END, START, frame
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
 from fabricatord.servers import worker_pool
+from fabricatord.servers.listen import WorkerCounts, adopt
 from fabricatord.workflow.hl7 import Frame, Inbox
 
 log = get_logger(__name__)
@@ -67,6 +69,7 @@ class MllpProtocol(Protocol, TimeoutMixin):
             self._closed = True
             return
         factory.active += 1
+        factory.on_count(factory.active)
         self._counted = True
         metrics.HL7_CONNECTIONS_ACTIVE.inc()
         self.setTimeout(factory.idle_timeout)
@@ -77,6 +80,7 @@ class MllpProtocol(Protocol, TimeoutMixin):
         if self._counted:
             self._counted = False
             self._factory.active -= 1
+            self._factory.on_count(self._factory.active)
             metrics.HL7_CONNECTIONS_ACTIVE.dec()
         self._closed = True
         if self._in_frame and self._buffer and not self._closing_after_queue:
@@ -175,6 +179,8 @@ class MllpFactory(Factory):
         self.inbox = inbox
         self.pool = pool
         self.active = 0
+        self.on_count: Callable[[int], None] = lambda _active: None
+        """Told how many connections are open after each change (a worker tells its siblings)."""
         self.idle_timeout = parse_duration(settings.hl7.idle_timeout)
         self._waiting: list[tuple[MllpProtocol, Frame]] = []
         self._running = False
@@ -212,11 +218,24 @@ class MllpFactory(Factory):
 class MllpListener(Service):
     """The listener and its worker thread, started and stopped with the daemon."""
 
-    def __init__(self, settings: Settings, inbox: Inbox, reactor_: Any = reactor) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        inbox: Inbox,
+        reactor_: Any = reactor,
+        inherited: int | None = None,
+        counts: WorkerCounts | None = None,
+    ) -> None:
+        """A worker process listens on the socket `inherited` from its parent and counts its
+        connections in `counts`, beside its siblings'."""
         self._settings = settings
+        self._inherited = inherited
+        self._counts = counts
         self._reactor = reactor_
         self._pool = worker_pool("hl7", 1)
         self._factory = MllpFactory(settings, inbox, self._pool)
+        if counts is not None:
+            self._factory.on_count = lambda active: counts.set("mllp", active)
         self._port: Any = None
 
     @property
@@ -225,7 +244,12 @@ class MllpListener(Service):
 
     def startService(self) -> None:
         hl7 = self._settings.hl7
-        self._port = self._reactor.listenTCP(hl7.port, self._factory, interface=hl7.host)
+        if self._inherited is not None:
+            counts = self._counts
+            busier = (lambda: counts.busier("mllp")) if counts is not None else (lambda: False)
+            self._port = adopt(self._reactor, self._inherited, self._factory, busier)
+        else:
+            self._port = self._reactor.listenTCP(hl7.port, self._factory, interface=hl7.host)
         self._pool.start()  # after the port: a start that fails leaves no thread to wait for
         log.info("mllp listener started", host=hl7.host, port=self._port.getHost().port)
         super().startService()

@@ -156,6 +156,9 @@ class Frame:
     """Cut short at `[hl7] max_message_bytes`: answered AR from what its first bytes say."""
 
 
+_ATTEMPTS = 3
+
+
 class Inbox:
     def __init__(
         self,
@@ -321,7 +324,7 @@ class Inbox:
         if self._min_free and shutil.disk_usage(self._settings.node.data_dir).free < self._min_free:
             raise _LowOnSpace(f"free space is below [dicom] min_free_space ({self._settings.dicom.min_free_space})")
 
-    def _apply(self, connection: Connection, pending: _Pending) -> None:
+    def _apply(self, connection: Connection, pending: _Pending, attempt: int = 1) -> None:
         head, row = pending.head, pending.row
         settled = (
             MessageLog.settled(connection, head.sending_application, head.sending_facility, head.control_id)
@@ -348,6 +351,11 @@ class Inbox:
             except Hl7Error as error:
                 pending.error = error
             except IntegrityError as exc:
+                if attempt < _ATTEMPTS:
+                    # Another process (a worker, a node) committed the same new patient, order or
+                    # control ID a moment ago: its row is visible now, so look again.
+                    self._apply(connection, pending, attempt + 1)
+                    return
                 pending.error = Hl7Error(
                     ErrorCondition.APPLICATION_INTERNAL_ERROR, f"the database refused the change: {exc.orig}"
                 )

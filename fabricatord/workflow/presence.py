@@ -20,8 +20,11 @@ log = get_logger(__name__)
 
 
 class Presence:
-    def __init__(self, database: Database, name: str, lease: timedelta) -> None:
+    def __init__(self, database: Database, name: str, lease: timedelta, pid: int | None = None) -> None:
+        """`pid`: the process the node is known by; a worker process signs in as its parent,
+        which the node's second process would have to get past."""
         self.name = name
+        self._pid = pid if pid is not None else os.getpid()
         self._nodes = Nodes(database)
         self._lease = lease
         self._every = lease.total_seconds() / 3
@@ -37,7 +40,7 @@ class Presence:
         """Register under our name before anything claims a job: a second live process of that
         name is refused (NodeNameInUse) here, before it could take the first one's jobs."""
         self._nodes.register(
-            self.name, socket.gethostname(), os.getpid(), __version__, stale_after=self._lease, gone=_gone
+            self.name, socket.gethostname(), self._pid, __version__, stale_after=self._lease, gone=_gone
         )
         self._beat()
 

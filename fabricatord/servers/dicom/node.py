@@ -64,6 +64,7 @@ from fabricatord.obs.logging import get_logger, in_context
 from fabricatord.servers import worker_pool
 from fabricatord.servers.dicom import echo, find, mpps, retrieve, store
 from fabricatord.servers.dicom.context import MAX_ERROR_COMMENT, Request, Response, Served, Status
+from fabricatord.servers.listen import WorkerCounts, adopt
 from fabricatord.workflow.audit import AuditTrail
 from fabricatord.workflow.mpps import PerformedProcedureSteps
 from fabricatord.workflow.worklist import Fetches
@@ -192,6 +193,9 @@ class Parts:
         return self.peers.get(ae_title)
 
 
+_LIVE = (State.ESTABLISHED, State.RELEASE_REQUESTED)
+
+
 class DicomNode(Service):
     """The DICOM listener as a Twisted service: started and stopped with the rest of the daemon."""
 
@@ -203,8 +207,12 @@ class DicomNode(Service):
         audit: AuditTrail | None = None,
         on_due: Callable[[], None] = lambda: None,
         reactor: Any = None,
+        inherited: int | None = None,
+        counts: WorkerCounts | None = None,
     ) -> None:
-        """`on_due`: an `on_query` acquisition became due because a modality fetched its item."""
+        """`on_due`: an `on_query` acquisition became due because a modality fetched its item.
+        A worker process listens on the socket `inherited` from its parent and counts its
+        associations and connections in `counts`, beside its siblings'."""
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -223,6 +231,8 @@ class DicomNode(Service):
         self.sessions: set[Session] = set()
         self.pool = worker_pool("dicom", WORKERS)
         self._port: Any = None
+        self._inherited = inherited
+        self.counts = counts
         self._networks = [ipaddress.ip_network(h, strict=False) for h in settings.dicom.allowed_hosts]
 
     def reload(self, settings: Settings) -> None:
@@ -234,6 +244,12 @@ class DicomNode(Service):
     @property
     def listening(self) -> bool:
         return self._port is not None
+
+    def live_associations(self) -> int:
+        """A slot is an association: established ones, and one asking now. A connection that has
+        not asked yet (idle ones, up to the ACSE timeout) or one that is over (A-RELEASE-RP
+        sent, waiting for the peer's close) holds none, so neither can lock others out."""
+        return sum(1 for session in self.sessions if session.association.state in _LIVE)
 
     @property
     def port(self) -> int:
@@ -249,7 +265,12 @@ class DicomNode(Service):
         _config.LOG_HANDLER_LEVEL = "none"
         _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
         factory = _Factory(self)
-        self._port = self.reactor.listenTCP(dicom.port, factory, backlog=LISTEN_BACKLOG, interface=dicom.host)
+        if self._inherited is not None:
+            counts = self.counts
+            busier = (lambda: counts.busier("dicom")) if counts is not None else (lambda: False)
+            self._port = adopt(self.reactor, self._inherited, factory, busier)
+        else:
+            self._port = self.reactor.listenTCP(dicom.port, factory, backlog=LISTEN_BACKLOG, interface=dicom.host)
         self.pool.start()  # after the port: a start that fails leaves no thread to wait for
         log.info("dicom listener started", host=dicom.host, port=self.port, ae_title=self.settings.node.ae_title)
         super().startService()
@@ -312,6 +333,8 @@ class _Factory(protocol.Factory):
         )
         session.association = association
         node.sessions.add(session)
+        if node.counts is not None:
+            node.counts.set("dicom", len(node.sessions))
         return association
 
 
@@ -343,12 +366,9 @@ class Session:
             peer=node.parts.peers.get(request.calling),
         )
         known = set(node.parts.peers) if settings.dicom.require_known_ae else None
-        # A slot is an association: established ones, and this request. A connection that has
-        # not asked yet (idle ones, up to the ACSE timeout) or one that is over (A-RELEASE-RP
-        # sent, waiting for the peer's close) holds none, so neither can lock others out.
-        live = (State.ESTABLISHED, State.RELEASE_REQUESTED)
-        open_now = sum(1 for session in node.sessions if session.association.state in live)
-        full = open_now >= settings.dicom.max_associations
+        open_now = node.live_associations()
+        limit = settings.dicom.max_associations
+        full = not node.counts.admit(open_now, limit) if node.counts is not None else open_now >= limit
         refused = refusal(request, node.policy, known, full)
         if refused is not None:
             reject = refused.reject
@@ -389,6 +409,9 @@ class Session:
     def ended(self, association: Association, how: str) -> None:
         self.stop.set()
         self.node.sessions.discard(self)
+        if self.node.counts is not None:
+            self.node.counts.set("associations", self.node.live_associations())
+            self.node.counts.set("dicom", len(self.node.sessions))
         served = self.served
         if how == "closed" and not self.is_established:
             return  # a connection that never asked for an association

@@ -5,10 +5,10 @@ Everything but `/metrics` and `/healthz` runs on the reactor's thread pool: it r
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.server import Site
 
 from fabricatord.config.values import parse_duration
+from fabricatord.obs.metrics import exposition
 from fabricatord.servers.http import api, pages
 from fabricatord.servers.http.department import Department, ReadinessCheck
 from fabricatord.servers.http.openapi import document
@@ -33,7 +33,8 @@ def router(department: Department) -> Router:
 
     @table.add("GET", "/metrics", "open", "Prometheus metrics", threaded=False)
     def metrics(call: Call) -> Reply:
-        return Reply(200, generate_latest(), CONTENT_TYPE_LATEST)
+        body, content_type = exposition()
+        return Reply(200, body, content_type)
 
     @table.add("GET", "/healthz", "open", "The process is alive and its reactor turns", threaded=False)
     def healthz(call: Call) -> Reply:

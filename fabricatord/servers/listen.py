@@ -1,0 +1,132 @@
+"""Listening sockets shared by worker processes (`[node] workers`), and the association count
+they share.
+
+The parent binds each port once and hands the socket down; every worker accepts from the same
+queue. A restarted worker takes up the socket again without a moment when the port is closed,
+and port 0 means one port for all of them, which SO_REUSEPORT (one queue per socket, each a
+port of its own until bound) would not give.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import socket
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+_SLOT = struct.Struct("=q")
+
+
+def family_of(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def open_listener(host: str, port: int, backlog: int) -> socket.socket:
+    """A bound, listening socket the parent's children inherit."""
+    listener = socket.socket(family_of(host), socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(backlog)
+    except OSError:
+        listener.close()
+        raise
+    listener.setblocking(False)
+    listener.set_inheritable(True)
+    return listener
+
+
+HOLD_OFF = 0.005
+"""How long a worker that holds more connections than a sibling leaves a new one to the sibling."""
+
+
+def adopt(reactor: Any, fd: int, factory: Any, busier: Callable[[], bool] = lambda: False) -> Any:
+    """Listen on a socket handed down by the parent. Every worker waits on the one queue and the
+    kernel wakes them all; left to itself, the same one would win each race while it idles,
+    and take a burst of connections in one batch. So each wake accepts one connection, and a
+    worker that holds more than a sibling (`busier`) steps back for a few milliseconds first:
+    an idle sibling takes the connection, a busy or stalled one leaves it to us after all."""
+    with socket.socket(fileno=os.dup(fd)) as probe:
+        family = probe.family
+    port = reactor.adoptStreamPort(fd, family, factory)
+    os.close(fd)  # the port holds a duplicate of its own
+    read = port.doRead
+    stepped_back = [False]
+
+    def accept() -> Any:
+        port.numberAccepts = 1
+        if not stepped_back[0] and busier():
+            stepped_back[0] = True
+            port.stopReading()
+            reactor.callLater(HOLD_OFF, resume)
+            return None
+        return read()
+
+    def resume() -> None:
+        if port.connected:  # not stopped meanwhile
+            port.startReading()
+        reactor.callLater(HOLD_OFF, stepped_back.__setitem__, 0, False)
+
+    port.doRead = accept
+    return port
+
+
+class WorkerCounts:
+    """Each worker's counts in a file every worker maps: `associations` (live DICOM associations,
+    which `[dicom] max_associations` limits over the whole daemon), and open `dicom` and `mllp`
+    connections (which `adopt` balances). Each worker writes only its own slots; an admission
+    reads the others' under a lock on the file, so two workers cannot both take the last place."""
+
+    ROWS = ("associations", "dicom", "mllp")
+
+    def __init__(self, path: Path, index: int, workers: int) -> None:
+        self._index = index
+        self._workers = workers
+        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self._map = mmap.mmap(self._fd, _SLOT.size * workers * len(self.ROWS))
+
+    @classmethod
+    def create(cls, path: Path, workers: int) -> None:
+        """The parent's part: a file of zeros, before any worker starts."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(bytes(_SLOT.size * workers * len(cls.ROWS)))
+
+    @classmethod
+    def clear(cls, path: Path, index: int, workers: int) -> None:
+        """A worker died: what it held is free again."""
+        with open(path, "r+b") as slots:
+            fcntl.flock(slots, fcntl.LOCK_EX)
+            for row in range(len(cls.ROWS)):
+                slots.seek(_SLOT.size * (row * workers + index))
+                slots.write(_SLOT.pack(0))
+
+    def _offset(self, row: str, index: int) -> int:
+        return _SLOT.size * (self.ROWS.index(row) * self._workers + index)
+
+    def _others(self, row: str) -> list[int]:
+        return [
+            int(_SLOT.unpack_from(self._map, self._offset(row, i))[0]) for i in range(self._workers) if i != self._index
+        ]
+
+    def admit(self, mine: int, limit: int) -> bool:
+        """Whether one more association fits beside the `mine` this worker holds; when it does,
+        it is counted at once."""
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            fits = mine + sum(self._others("associations")) < limit
+            self.set("associations", mine + 1 if fits else mine)
+            return fits
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def set(self, row: str, value: int) -> None:
+        _SLOT.pack_into(self._map, self._offset(row, self._index), value)
+
+    def busier(self, row: str) -> bool:
+        """Whether this worker holds more than the least busy of its siblings."""
+        mine = int(_SLOT.unpack_from(self._map, self._offset(row, self._index))[0])
+        return mine > min(self._others(row), default=mine)
