@@ -39,6 +39,8 @@ from benchmarks.report import start as start_report
 ASSOCIATIONS = 8
 HL7_CONNECTIONS = 10
 TICKS = os.sysconf("SC_CLK_TCK")
+POSTMASTER: list[int] = []
+"""The private PostgreSQL's postmaster: its backends' CPU is the database's share of the cores."""
 
 
 # -- a private PostgreSQL ----------------------------------------------------------------------
@@ -63,6 +65,7 @@ def postgresql(work: Path) -> Iterator[str]:
     options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c max_connections=200"
     subprocess.run([*as_user, str(bindir[0] / "pg_ctl"), "-D", str(data_dir), "-l", str(base / "log"), "-w",
                     "start", "-o", options], check=True, capture_output=True)  # fmt: skip
+    POSTMASTER[:] = [int((data_dir / "postmaster.pid").read_text().split()[0])]
     try:
         yield f"postgresql+psycopg://bench@127.0.0.1:{port}/postgres"
     finally:
@@ -155,11 +158,17 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def store(servers: list[peers.Server], files: list[Path]) -> tuple[float, float, float]:
-    """The files over 8 associations, spread evenly over `servers`: (seconds, senders' CPU, servers' CPU)."""
+def _database_cpu() -> float:
+    return cpu_seconds(_processes(POSTMASTER[0])) if POSTMASTER else 0.0
+
+
+def store(servers: list[peers.Server], files: list[Path]) -> tuple[float, float, float, float]:
+    """The files over 8 associations, spread evenly over `servers`: (seconds, senders' CPU,
+    servers' CPU, the database's CPU)."""
     shares = [files[i :: len(servers)] for i in range(len(servers))]
     pids = [pid for server in servers for pid in _processes(server.process.pid)]
     server_cpu = cpu_seconds(pids)
+    database_cpu = _database_cpu()
     sender_cpu = _children_cpu()
     started = time.perf_counter()
     threads = [
@@ -171,13 +180,15 @@ def store(servers: list[peers.Server], files: list[Path]) -> tuple[float, float,
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - started
-    return seconds, _children_cpu() - sender_cpu, cpu_seconds(pids) - server_cpu
+    return seconds, _children_cpu() - sender_cpu, cpu_seconds(pids) - server_cpu, _database_cpu() - database_cpu
 
 
-def messages(servers: list[peers.Server], per_connection: int) -> tuple[float, float, float]:
-    """ORMs over 10 connections spread over `servers`: (messages/s, senders' CPU, servers' CPU)."""
+def messages(servers: list[peers.Server], per_connection: int) -> tuple[float, float, float, float]:
+    """ORMs over 10 connections spread over `servers`: (messages/s, senders' CPU, servers' CPU,
+    the database's CPU)."""
     pids = [pid for server in servers for pid in _processes(server.process.pid)]
     server_cpu = cpu_seconds(pids)
+    database_cpu = _database_cpu()
     sender_cpu = _children_cpu()
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -194,7 +205,7 @@ def messages(servers: list[peers.Server], per_connection: int) -> tuple[float, f
         thread.join()
     seconds = time.perf_counter() - started
     total = sum(int(r["messages"]) for r in results)
-    return total / seconds, _children_cpu() - sender_cpu, cpu_seconds(pids) - server_cpu
+    return total / seconds, _children_cpu() - sender_cpu, cpu_seconds(pids) - server_cpu, _database_cpu() - database_cpu
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -237,18 +248,18 @@ def main() -> int:
                         place.mkdir()
                         servers = [daemon(place, database, workers, f"node{i}") for i in range(daemons)]
                         try:
-                            seconds, senders, used = store(servers, files)
+                            seconds, senders, used, db = store(servers, files)
                         finally:
                             for server in servers:
                                 server.stop()
                         stored = count_instances(database)
                         if stored != len(files):
                             raise RuntimeError(f"{name} indexed {stored} of {len(files)} {dataset}")
-                        runs.append((len(files) / seconds, senders, used))
+                        runs.append((len(files) / seconds, senders, used, db))
                         shutil.rmtree(place, ignore_errors=True)
-                    rate, senders, used = sorted(runs)[len(runs) // 2]
+                    rate, senders, used, db = sorted(runs)[len(runs) // 2]
                     rates[(name, dataset)] = rate
-                    store_rows.append([dataset, name, rate, senders, used])
+                    store_rows.append([dataset, name, rate, senders, used, db])
                 runs = []
                 for _ in range(repeat):
                     run_number += 1
@@ -265,16 +276,16 @@ def main() -> int:
                     if count_orders(database) != expected:
                         raise RuntimeError(f"{name} kept {count_orders(database)} of {expected} orders")
                     shutil.rmtree(place, ignore_errors=True)
-                rate, senders, used = sorted(runs)[len(runs) // 2]
+                rate, senders, used, db = sorted(runs)[len(runs) // 2]
                 rates[(name, "hl7")] = rate
-                hl7_rows.append([name, rate, senders, used])
+                hl7_rows.append([name, rate, senders, used, db])
         for dataset, files in datasets.items():
             runs = []
             for _ in range(repeat):
                 place = Path(tempfile.mkdtemp(prefix="orthanc-", dir=work))
                 server = peers.orthanc(place)
                 try:
-                    seconds, senders, used = store([server], files)
+                    seconds, senders, used, _ = store([server], files)
                     stored = server.count(server)
                 finally:
                     server.stop()
@@ -284,29 +295,36 @@ def main() -> int:
                 shutil.rmtree(place, ignore_errors=True)
             rate, senders, used = sorted(runs)[len(runs) // 2]
             rates[("orthanc", dataset)] = rate
-            store_rows.append([dataset, "orthanc", rate, senders, used])
+            store_rows.append([dataset, "orthanc", rate, senders, used, "-"])
     for row in store_rows:
         one = rates[("fabricatord 1 worker", row[0])]
         orthanc = rates[("orthanc", row[0])]
         row += [round(row[2] / one, 2), round(row[2] / orthanc, 2)]
     table(
         f"C-STORE over {ASSOCIATIONS} associations (instances/s, median of {repeat}; CPU seconds of the run)",
-        ["data", "server", "inst/s", "senders' CPU s", "servers' CPU s", "÷ 1 worker", "÷ orthanc"],
+        ["data", "server", "inst/s", "senders' CPU s", "server's CPU s", "PostgreSQL CPU s", "÷ 1 worker", "÷ orthanc"],
         store_rows,
     )
     for row in hl7_rows:
         row.append(round(row[1] / rates[("fabricatord 1 worker", "hl7")], 2))
     table(
         f"HL7 ORM^O01 over {HL7_CONNECTIONS} connections (messages/s, median of {repeat})",
-        ["server", "msg/s", "senders' CPU s", "servers' CPU s", "÷ 1 worker"],
+        ["server", "msg/s", "senders' CPU s", "server's CPU s", "PostgreSQL CPU s", "÷ 1 worker"],
         hl7_rows,
     )
     RESULTS["store"] = [
-        dict(zip(["data", "server", "rate", "sender_cpu", "server_cpu", "ratio_one", "ratio_orthanc"], r, strict=True))
+        dict(
+            zip(
+                ["data", "server", "rate", "sender_cpu", "server_cpu", "database_cpu", "ratio_one", "ratio_orthanc"],
+                r,
+                strict=True,
+            )
+        )
         for r in store_rows
     ]
     RESULTS["hl7"] = [
-        dict(zip(["server", "rate", "sender_cpu", "server_cpu", "ratio_one"], r, strict=True)) for r in hl7_rows
+        dict(zip(["server", "rate", "sender_cpu", "server_cpu", "database_cpu", "ratio_one"], r, strict=True))
+        for r in hl7_rows
     ]
     for dataset in datasets:
         gate(

@@ -58,14 +58,15 @@ class Daemon:
     """A PostgreSQL URL when the daemon runs on one; empty: SQLite in its data_dir."""
 
     def query(self, sql: str, parameters: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
-        """Rows of its database, whichever it is (`?` placeholders)."""
+        """Rows of its database, whichever it is (`?` placeholders); a change is committed."""
         if not self.database_url:
             with sqlite3.connect(self.data_dir / "fabricatord.sqlite") as connection:
                 return list(connection.execute(sql, parameters))
         import psycopg
 
         with psycopg.connect(self.database_url.replace("postgresql+psycopg", "postgresql")) as connection:
-            return list(connection.execute(sql.replace("?", "%s"), parameters))
+            cursor = connection.execute(sql.replace("?", "%s"), parameters)
+            return list(cursor) if cursor.description is not None else []  # an UPDATE returns no rows
 
     def rows(self) -> dict[str, tuple[str, int]]:
         return {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from tests.conftest import run_cli
-from tests.integration.conftest import Daemon, findscu
+from tests.integration.conftest import BOTH_BACKENDS, Daemon, findscu
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +29,10 @@ SPS = "ScheduledProcedureStepSequence[0]"
 
 def schedule(daemon: Daemon, *args: str, env: dict[str, str] | None = None) -> dict[str, str]:
     """`fabricatord worklist add` as a user runs it; the SPS ID, accession and patient it made."""
-    out = run_cli("worklist", "add", "--config", str(daemon.config), *args, env=env).stdout
+    on_its_database = {"FABRICATORD__NODE__DATABASE": daemon.database_url} if daemon.database_url else {}
+    out = run_cli(
+        "worklist", "add", "--config", str(daemon.config), *args, env={**on_its_database, **(env or {})}
+    ).stdout
     found = re.match(r"(\S+)\s+accession (\S+)\s+\S+ at \S+\s+\S+ \S+\s+(\S+) (\S+)", out)
     assert found, out
     return dict(zip(("sps_id", "accession", "patient_id", "patient_name"), found.groups(), strict=True))
@@ -70,8 +72,8 @@ def scheduled(start_daemon: Callable[..., Daemon]) -> tuple[Daemon, list[dict[st
         schedule(daemon, "--modality", "MR", "--station", "MR01", "--start", "2026-11-20T10:00"),
         schedule(daemon, "--modality", "CT", "--station", "CT02", "--start", "2026-11-21T12:00"),
     ]
-    with sqlite3.connect(daemon.data_dir / "fabricatord.sqlite") as connection:  # what MPPS will do later
-        connection.execute("UPDATE scheduled_steps SET status = 'COMPLETED' WHERE sps_id = ?", (items[4]["sps_id"],))
+    # What MPPS will do later.
+    daemon.query("UPDATE scheduled_steps SET status = 'COMPLETED' WHERE sps_id = ?", (items[4]["sps_id"],))
     return daemon, items
 
 
@@ -79,6 +81,7 @@ def _sps_ids(found: list[Dataset]) -> list[str]:
     return [ds.ScheduledProcedureStepSequence[0].ScheduledProcedureStepID for ds in found]
 
 
+@BOTH_BACKENDS
 def test_matching_keys_by_findscu(scheduled: tuple[Daemon, list[dict[str, str]]], tmp_path: Path) -> None:
     daemon, items = scheduled
     ids = [item["sps_id"] for item in items]
@@ -179,6 +182,7 @@ def test_fetches_are_recorded_and_audited(scheduled: tuple[Daemon, list[dict[str
     assert "released" in associations
 
 
+@BOTH_BACKENDS
 def test_statuses(scheduled: tuple[Daemon, list[dict[str, str]]]) -> None:
     daemon, _ = scheduled
     query = Dataset()
