@@ -711,6 +711,40 @@ def _route_line(r: Any) -> str:
     return f"{head}  {r.sop_instance_uid}  {r.last_error}".rstrip()
 
 
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    """What `[dicom] retention` and the quota let go, now: deleted, or with --dry-run only listed."""
+    from fabricatord.service import storage_writer
+    from fabricatord.workflow.retention import Cleaner
+
+    settings = _settings(args)
+    _logging(settings)
+    database = _database(settings)
+    writer = storage_writer(settings, database)
+    _recover_unless_served(settings, writer)
+    removals = Cleaner(settings, database, writer).clean(dry_run=args.dry_run)
+    if args.json:
+        for r in removals:
+            _print(json.dumps({**r.__dict__, "last_arrival": r.last_arrival.isoformat(), "deleted": not args.dry_run}))
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    rows = [
+        [
+            r.study_instance_uid,
+            r.last_arrival.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+            str(r.instances),
+            show_size(r.bytes),
+            r.reason,
+        ]
+        for r in removals
+    ]
+    if rows:
+        _table(["STUDY INSTANCE UID", "LAST ARRIVAL", "INSTANCES", "BYTES", "REASON"], rows)
+    total = sum(r.bytes for r in removals)
+    instances = sum(r.instances for r in removals)
+    _print(f"{verb} {len(removals)} studies, {instances} instances, {show_size(total)}")
+    return 0
+
+
 def cmd_nodes(args: argparse.Namespace) -> int:
     from fabricatord.db.nodes import Nodes
 
@@ -1280,6 +1314,9 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in job_actions.choices.values():
         sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="TOML file")
 
+    cleanup = command("cleanup", cmd_cleanup, "delete studies past [dicom] retention, and the oldest over the quota")
+    cleanup.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+    cleanup.add_argument("--json", action="store_true", help="one JSON object per study")
     nodes = command("nodes", cmd_nodes, "the daemons on this database: name, host, PID, version, last seen, leader")
     nodes.add_argument("--json", action="store_true", help="one JSON object per node")
     trace = command("trace", cmd_trace, "one order's timeline: HL7, worklist, acquisition, MPPS, storage, routes")

@@ -49,6 +49,7 @@ from fabricatord.workflow.audit import AuditTrail
 from fabricatord.workflow.hl7 import Inbox
 from fabricatord.workflow.monitor import Monitor
 from fabricatord.workflow.presence import Presence
+from fabricatord.workflow.retention import Cleaner
 from fabricatord.workflow.routing import Router, Rules
 
 log = get_logger(__name__)
@@ -76,12 +77,17 @@ class _WorkerService(Service):
         super().stopService()
 
 
+QUOTA_RECOUNT = 1.0
+"""On PostgreSQL other processes store too: the quota's count is at most this old (seconds)."""
+
+
 def storage_writer(settings: Settings, database: Database, rules: Rules | None = None) -> InstanceWriter:
     """The atomic writer over `data_dir/storage`, as the settings shape it."""
     # Routes queue their jobs in the transaction that indexes each instance, whoever stores it
     # (the node, the simulated modality, `fabricatord generate`); the daemon's router sends them.
+    # With `[dicom] cleanup`, a store that finds no room has the oldest eligible studies deleted.
     rules = rules if rules is not None else Rules(settings)
-    return InstanceWriter(
+    writer = InstanceWriter(
         InstanceIndex(database, on_indexed=rules.enqueue, node=settings.node_name),
         settings.storage_dir,
         settings.tmp_dir,
@@ -89,7 +95,11 @@ def storage_writer(settings: Settings, database: Database, rules: Rules | None =
         settings.dicom.duplicates,
         parse_size(settings.dicom.storage_quota),
         parse_size(settings.dicom.min_free_space),
+        settings.dicom.file_naming,
+        QUOTA_RECOUNT if settings.shared else 0.0,
     )
+    writer.reclaim = Cleaner(settings, database, writer).make_room
+    return writer
 
 
 class _Reloadable(Protocol):
@@ -127,6 +137,9 @@ def build(
     writer = storage_writer(settings, database, rules)
     if seat is None:
         _recover(writer)
+    # One cleaner makes room for every store of this process and, on the leader, looks daily.
+    cleaner = Cleaner(settings, database, writer, leading=lambda: presence is not None and presence.leader)
+    writer.reclaim = cleaner.make_room
     audit = AuditTrail(database)
     _WorkerService(audit).setServiceParent(root)
     acquirer = Acquirer(settings, database, writer) if first else None
@@ -140,12 +153,13 @@ def build(
     mllp = MllpListener(settings, inbox, reactor_, inherited=inherited.get("mllp"), counts=counts)
     mllp.setServiceParent(root)
     if acquirer is None or presence is None:
-        return root, [rules, node, inbox]
+        return root, [rules, node, inbox, cleaner]
     _WorkerService(acquirer).setServiceParent(root)  # after the node: it sends MPPS to it
     router = Router(settings, database)
     _WorkerService(router).setServiceParent(root)
     monitor = Monitor(settings, database, leading=lambda: presence.leader)
     _WorkerService(monitor).setServiceParent(root)
+    _WorkerService(cleaner).setServiceParent(root)
     http: Any = (
         endpoints.AdoptedStreamServerEndpoint(reactor_, inherited["http"], family_of(settings.http.host))
         if "http" in inherited
@@ -168,7 +182,7 @@ def build(
         checks,
     )
     StreamServerEndpointService(http, site(department)).setServiceParent(root)
-    return root, [rules, node, inbox, acquirer, router, monitor, department]
+    return root, [rules, node, inbox, acquirer, router, monitor, cleaner, department]
 
 
 def _nothing() -> None:

@@ -349,5 +349,11 @@ def _cross_check(settings: Settings) -> Iterable[tuple[str, str]]:
         )
     if settings.node.workers > 1 and not settings.shared:
         yield "node.workers", "more than one worker process needs PostgreSQL ([node] database): SQLite has one writer"
+    if settings.dicom.file_naming == "instance-number" and settings.dicom.storage_layout == "flat":
+        yield (
+            "dicom.file_naming",
+            "instance-number needs a layout with a folder per series or study: in `flat` every series' "
+            "instance 1 would share one name",
+        )
     if not 0 <= settings.synth.min_age <= settings.synth.max_age <= 120:
         yield "synth.min_age", "expected 0 <= min_age <= max_age <= 120"

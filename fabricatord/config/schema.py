@@ -42,7 +42,8 @@ def key(default: Any, doc: str, check: Check | None = None) -> Any:
 LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 Duplicates = Literal["keep", "overwrite"]
-StorageLayout = Literal["study/series", "patient", "date", "flat"]
+StorageLayout = Literal["study/series", "study", "patient", "patient/study/series", "date", "received-date", "flat"]
+FileNaming = Literal["sop-uid", "instance-number", "timestamp", "sequence"]
 Acquisition = Literal["immediate", "delay", "on_query", "manual"]
 TransferSyntaxName = Literal["explicit", "implicit", "rle", "jpeg2000-lossless", "jpegls-lossless"]
 Environment = Literal["test", "prod"]
@@ -153,8 +154,15 @@ class DicomSettings:
     )
     storage_layout: StorageLayout = key(
         "study/series",
-        "Folders under `data_dir/storage`: `study/series`, `patient` (patient/study/series), "
-        "`date` (YYYY/MM/DD/study/series) or `flat`.",
+        "Folders under `data_dir/storage` for new files: `study/series`, `study` (one folder per study), "
+        "`patient` or its other name `patient/study/series`, `date` (YYYY/MM/DD of the StudyDate/study/series), "
+        "`received-date` (YYYY/MM/DD of arrival/study/series) or `flat`.",
+    )
+    file_naming: FileNaming = key(
+        "sop-uid",
+        "Names of new files: `sop-uid` (`<SOPInstanceUID>.dcm`), `instance-number` (`<InstanceNumber>.dcm`; "
+        "not with the `flat` layout), `timestamp` (arrival to the microsecond) or `sequence` (a database "
+        "counter). A name taken in its folder gets `-2`, `-3`, …",
     )
     storage_quota: str = key(
         "0",
@@ -165,6 +173,18 @@ class DicomSettings:
         "0",
         "Free space the disk of data_dir keeps; an instance that would leave less is refused with 0xA700. `0`: none.",
         check_size,
+    )
+    retention: str = key(
+        "0",
+        "How long a study is kept after its last instance arrived (`30d`, `12h`) before cleanup may delete "
+        "it; `0`: no age limit.",
+        check_duration,
+    )
+    cleanup: bool = key(
+        False,
+        "Delete whole studies instead of refusing new ones: daily those older than `retention`, and when "
+        "`storage_quota` or `min_free_space` is reached the oldest eligible ones, until storage is under 90 % "
+        "of the quota. Never a study younger than `retention` or with pending jobs.",
     )
 
 

@@ -12,8 +12,8 @@ from typing import Any
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 # PS3.5 9.1: UID components are digits without leading zeros, separated by dots.
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 _NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -30,10 +30,10 @@ def is_valid_uid(value: str) -> bool:
 
 
 def parse_duration(text: str) -> float:
-    """`"30s"`, `"2m"`, `"500ms"` or a bare number of seconds → seconds."""
+    """`"30s"`, `"2m"`, `"500ms"`, `"30d"` or a bare number of seconds → seconds."""
     match = _DURATION.match(text)
     if match is None:
-        raise ValueError(f"not a duration: {text!r} (expected e.g. 30s, 2m, 500ms)")
+        raise ValueError(f"not a duration: {text!r} (expected e.g. 30s, 2m, 500ms, 30d)")
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,11 @@ def _migrate_in_child(url: str) -> None:
     if child.returncode != 0:
         last = (child.stderr.strip().splitlines() or ["no output"])[-1]
         raise MigrationFailed(f"the migration failed and was rolled back: {last}")
+
+
+def aware(moment: datetime) -> datetime:
+    """A stored moment with its zone: SQLite gives back naive datetimes, and every one stored was UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def dispose_all() -> None:

@@ -8,11 +8,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, text, update
+from sqlalchemy import Connection, bindparam, delete, exists, func, insert, or_, select, text, update
 
 from fabricatord.db import raw
-from fabricatord.db.engine import Database
-from fabricatord.db.models import Instance, Patient, Series, StorageIntent, Study
+from fabricatord.db.engine import Database, aware
+from fabricatord.db.models import (
+    Acquisition,
+    Instance,
+    Patient,
+    RequestedProcedure,
+    RouteJob,
+    ScheduledStep,
+    Series,
+    StorageIntent,
+    Study,
+)
+from fabricatord.db.sequences import Sequences
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,26 @@ class Intent:
     id: int
     sop_instance_uid: str
     path: str
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """A study's rows, removed: where its files are, the delete intents committed with the
+    removal, and the bytes its instances took."""
+
+    paths: list[str]
+    intents: list[int]
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A study cleanup may delete: none of its jobs is pending."""
+
+    study_instance_uid: str
+    last_arrival: datetime
+    instances: int
+    bytes: int
 
 
 @dataclass(frozen=True)
@@ -358,20 +389,86 @@ class InstanceIndex:
                 list(series.values()),
             )
 
-    def forget_study(self, study_instance_uid: str) -> list[str] | None:
-        """Remove a study's rows (the patient stays) and return its files' paths for the caller
-        to delete; None when no such study. Rows go first: a file left behind by a crash is an
-        orphan that the next start removes, a row without its file would be a lie."""
+    def forget_study(self, study_instance_uid: str) -> Forgotten | None:
+        """Remove a study's rows (the patient stays) and commit, with them, a delete intent for
+        each file the caller is to unlink; None when no such study. Rows go first: a row
+        without its file would be a lie, and a crash before the unlinks leaves intents that
+        `recover` finishes."""
         with self._db.writes.begin() as session:
+            # A store of this study in another process finishes first, or waits for the deletion.
+            hold_keys(session.connection(), [f"s{study_instance_uid}"])
             study_pk = session.scalar(select(Study.id).where(Study.study_instance_uid == study_instance_uid))
             if study_pk is None:
                 return None
             series_pks = select(Series.id).where(Series.study_pk == study_pk)
-            paths = list(session.scalars(select(Instance.path).where(Instance.series_pk.in_(series_pks))))
+            rows = session.execute(
+                select(Instance.sop_instance_uid, Instance.path, Instance.size).where(
+                    Instance.series_pk.in_(series_pks)
+                )
+            ).all()
+            intents = [
+                session.execute(
+                    insert(StorageIntent)
+                    .values(sop_instance_uid=uid, path=path, node=self._node)
+                    .returning(StorageIntent.id)
+                ).scalar_one()
+                for uid, path, _ in rows
+            ]
             session.execute(delete(Instance).where(Instance.series_pk.in_(series_pks)))
             session.execute(delete(Series).where(Series.study_pk == study_pk))
             session.execute(delete(Study).where(Study.id == study_pk))
-            return paths
+            return Forgotten([path for _, path, _ in rows], intents, sum(size for _, _, size in rows))
+
+    def settle_intents(self, ids: Sequence[int]) -> None:
+        """The files of a deletion are gone: its intents are done."""
+        if ids:
+            with self._db.writes.begin() as session:
+                session.execute(delete(StorageIntent).where(StorageIntent.id.in_(list(ids))))
+
+    def path_indexed(self, path: str) -> bool:
+        """Whether an instance is indexed at `path` (whichever it is)."""
+        with self._db.reads() as session:
+            return session.scalar(select(Instance.id).where(Instance.path == path).limit(1)) is not None
+
+    def next_file_number(self) -> int:
+        """The next value of the counter `sequence` file names are made from."""
+        return Sequences(self._db).take("storage_file", 1, 1)[0]
+
+    def cleanup_candidates(self, arrived_before: datetime | None = None) -> list[Candidate]:
+        """Studies cleanup may delete, oldest last arrival first: with `arrived_before`, only
+        those whose last instance arrived earlier. Never one with a route job pending or being
+        sent, nor one an acquisition is about to make or making."""
+        last = func.max(Instance.created_at)
+        busy_routes = select(RouteJob.id).where(
+            RouteJob.study_instance_uid == Study.study_instance_uid, RouteJob.state.in_(("pending", "sending"))
+        )
+        busy_acquisitions = (
+            select(Acquisition.id)
+            .join(ScheduledStep, Acquisition.step_pk == ScheduledStep.id)
+            .join(RequestedProcedure, ScheduledStep.procedure_pk == RequestedProcedure.id)
+            .where(
+                Acquisition.state.in_(("waiting", "pending", "running")),
+                or_(
+                    RequestedProcedure.study_instance_uid == Study.study_instance_uid,
+                    Acquisition.study_instance_uid == Study.study_instance_uid,
+                ),
+            )
+        )
+        query = (
+            select(Study.study_instance_uid, last, func.count(Instance.id), func.coalesce(func.sum(Instance.size), 0))
+            .join(Series, Series.study_pk == Study.id)
+            .join(Instance, Instance.series_pk == Series.id)
+            .where(~exists(busy_routes), ~exists(busy_acquisitions))
+            .group_by(Study.id, Study.study_instance_uid)
+            .order_by(last, Study.id)
+        )
+        if arrived_before is not None:
+            query = query.having(last < arrived_before)
+        with self._db.reads() as session:
+            return [
+                Candidate(uid, aware(arrived), int(count), int(size))
+                for uid, arrived, count, size in session.execute(query)
+            ]
 
 
 def reassign_studies(connection: Connection, from_patient_pk: int, to_patient_pk: int) -> int:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from fabricatord.db.engine import Database
+from fabricatord.db.engine import Database, aware
 from fabricatord.db.models import Acquisition, Lease, Node, RouteJob
 
 LEADER = "leader"
@@ -33,10 +33,6 @@ class NodeRecord:
     started_at: datetime
     last_seen_at: datetime
     leader: bool
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # SQLite keeps no zone
 
 
 class Nodes:
@@ -67,11 +63,11 @@ class Nodes:
                 except IntegrityError:  # another process registered the name at this moment
                     row = connection.execute(select(Node).where(Node.name == name).with_for_update()).one()
             same_process = (row.host, row.pid) == (host, pid)
-            live = now - _aware(row.last_seen_at) < stale_after and not gone(row.host, row.pid)
+            live = now - aware(row.last_seen_at) < stale_after and not gone(row.host, row.pid)
             if not same_process and live:
                 raise NodeNameInUse(
                     f"node name {name!r} is in use by pid {row.pid} on {row.host} (seen "
-                    f"{(now - _aware(row.last_seen_at)).total_seconds():.0f} s ago): give this daemon "
+                    f"{(now - aware(row.last_seen_at)).total_seconds():.0f} s ago): give this daemon "
                     "another [node] name"
                 )
             connection.execute(update(Node).where(Node.name == name).values(**values))
@@ -131,8 +127,8 @@ class Nodes:
                     row.host,
                     row.pid,
                     row.version,
-                    _aware(row.started_at),
-                    _aware(row.last_seen_at),
+                    aware(row.started_at),
+                    aware(row.last_seen_at),
                     row.name == leader,
                 )
                 for row in connection.execute(select(Node).order_by(Node.name))

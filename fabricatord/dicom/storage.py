@@ -15,11 +15,13 @@ import hashlib
 import os
 import shutil
 import threading
+import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from itertools import islice
 from pathlib import Path
 from typing import Literal
@@ -38,10 +40,12 @@ from fabricatord.dicom.part10 import Part10Encoder
 from fabricatord.obs import metrics
 from fabricatord.obs.faults import faultpoint
 
-Layout = Literal["study/series", "patient", "date", "flat"]
+Layout = Literal["study/series", "study", "patient", "patient/study/series", "date", "received-date", "flat"]
+Naming = Literal["sop-uid", "instance-number", "timestamp", "sequence"]
 Outcome = Literal["new", "identical", "kept", "overwritten"]
 _IO_THREADS = 2
 _UID_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+_MAX_SUFFIX = 100_000
 _MARK = "~"
 """Stands for `/` in the tmp name of an adopted file: storage paths hold no `~`."""
 
@@ -53,6 +57,11 @@ class InvalidInstance(ValueError):
 class OutOfSpace(Exception):
     """Storing the instance would pass the storage quota or the free-space watermark."""
 
+    def __init__(self, message: str, reason: str = "quota") -> None:
+        super().__init__(message)
+        self.reason = reason
+        """`quota` or `free_space`: which limit, as cleanup names it (`names`: no free file name)."""
+
 
 @dataclass(frozen=True)
 class WriteResult:
@@ -63,30 +72,76 @@ class WriteResult:
 
 
 @dataclass(frozen=True)
+class Deleted:
+    study_instance_uid: str
+    files: int
+    bytes: int
+
+
+@dataclass(frozen=True)
 class RecoveryReport:
     temporary_files_removed: int
     orphans_removed: int
     rows_refreshed: int
 
 
-def relative_path(ds: Dataset, layout: Layout) -> str:
-    """Where an instance lives under `storage/`, built only from validated UIDs and digits."""
+def relative_path(
+    ds: Dataset,
+    layout: Layout,
+    naming: Naming = "sop-uid",
+    received: datetime | None = None,
+    number: Callable[[], int] | None = None,
+) -> str:
+    """Where an instance lives under `storage/`, built only from validated UIDs and digits:
+    the layout's folders, then the naming's file name. `received`: its arrival (now when not
+    given); `number`: the next value of the file counter, for `sequence`."""
     for attribute in _UID_ATTRIBUTES:
         value = str(ds.get(attribute, ""))
         if not is_valid_uid(value):
             raise InvalidInstance(f"{attribute} {value[:80]!r} is not a valid UID")
-    study, series, sop = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    received = received or datetime.now().astimezone()
+    folder = _folder(ds, layout, received)
+    name = _file_name(ds, naming, received, number)
+    return f"{folder}/{name}" if folder else name
+
+
+def _folder(ds: Dataset, layout: Layout, received: datetime) -> str:
+    study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
     if layout == "flat":
-        return f"{sop}.dcm"
-    if layout == "patient":
+        return ""
+    if layout == "study":
+        return study
+    if layout in ("patient", "patient/study/series"):
         key = f"{ds.get('PatientID', '')}\\{ds.get('IssuerOfPatientID', '')}".encode()
         # A digest names the patient's folder: Patient IDs are free text a peer chose.
-        return f"P{hashlib.sha256(key).hexdigest()[:16]}/{study}/{series}/{sop}.dcm"
+        return f"P{hashlib.sha256(key).hexdigest()[:16]}/{study}/{series}"
     if layout == "date":
         date = str(ds.get("StudyDate", ""))
         day = f"{date[:4]}/{date[4:6]}/{date[6:8]}" if len(date) == 8 and date.isdigit() else "undated"
-        return f"{day}/{study}/{series}/{sop}.dcm"
-    return f"{study}/{series}/{sop}.dcm"
+        return f"{day}/{study}/{series}"
+    if layout == "received-date":
+        return f"{received:%Y/%m/%d}/{study}/{series}"
+    return f"{study}/{series}"
+
+
+def _file_name(ds: Dataset, naming: Naming, received: datetime, number: Callable[[], int] | None) -> str:
+    if naming == "instance-number":
+        value = _integer(str(ds.get("InstanceNumber", "") or "").strip())
+        if value is not None and value >= 0:  # digits only; none: the SOP Instance UID
+            return f"{value}.dcm"
+    elif naming == "timestamp":
+        return f"{received:%Y%m%d%H%M%S%f}.dcm"
+    elif naming == "sequence" and number is not None:
+        return f"{number():08d}.dcm"
+    return f"{ds.SOPInstanceUID}.dcm"
+
+
+def suffixed(relative: str, attempt: int) -> str:
+    """The `attempt`-th name for a file whose name is taken in its folder: `1.dcm`, `1-2.dcm`, …"""
+    if attempt <= 1:
+        return relative
+    stem = relative.removesuffix(".dcm")
+    return f"{stem}-{attempt}.dcm"
 
 
 _INDEXED_KEYWORDS = (
@@ -221,7 +276,6 @@ class _Pending:
     entry: IndexEntry
     tmp: Path
     outcome: Outcome = "new"
-    replaced: str | None = None
 
     @property
     def uid(self) -> str:
@@ -244,8 +298,18 @@ class InstanceWriter:
         duplicates: Literal["keep", "overwrite"] = "keep",
         quota_bytes: int = 0,
         min_free_bytes: int = 0,
+        naming: Naming = "sop-uid",
+        recount_every: float = 0.0,
     ) -> None:
+        """`recount_every`: on a database other processes also store into (worker processes,
+        other nodes), the quota's count of bytes is read again from the index when older."""
         self._index = index
+        self._recount_every = recount_every
+        self._counted_at = 0.0
+        self._naming = naming
+        self.reclaim: Callable[[int, str], None] | None = None
+        """With `[dicom] cleanup`: called with the bytes an instance needs and why there is no room
+        (`quota`, `free_space`) to delete studies until there is; the check is then made again."""
         self._storage = storage_dir
         self._tmp = tmp_dir
         self._layout = layout
@@ -281,7 +345,7 @@ class InstanceWriter:
         which file to check against the index.
         """
         try:
-            relative = relative_path(ds, self._layout)
+            relative = self._relative(ds)
         except InvalidInstance:
             metrics.STORAGE_WRITE_FAILURES.labels("invalid").inc()
             raise
@@ -290,7 +354,7 @@ class InstanceWriter:
         # No digest yet: reading the file back to hash it would cost more than the rest of the
         # write; a duplicate, the only reader of digests, hashes both files when it comes.
         entry = index_entry(ds, relative, size, "", source, source_ae)
-        marker = self._tmp / f"{relative.replace('/', _MARK)}.{os.getpid()}.{threading.get_ident()}.part"
+        marker = self._marker(relative)
         os.replace(file, marker)
         adoption = _Adoption(entry, marker, self._storage / relative)
         try:
@@ -304,25 +368,54 @@ class InstanceWriter:
                 return WriteResult(entry.sop_instance_uid, adoption.final, size, "new")
             self._unplace(adoption)
             # Known already: identical, kept or overwritten, as the batch path decides.
-            entry = replace(entry, digest=_digest(marker))
-            return next(self._commit([_Pending(entry, marker)], source))
+            entry = replace(adoption.entry, digest=_digest(adoption.marker))
+            return next(self._commit([_Pending(entry, adoption.marker)], source))
         except BaseException:
             self._unplace(adoption)  # nothing of it was committed
             raise
         finally:
-            marker.unlink(missing_ok=True)
+            adoption.marker.unlink(missing_ok=True)
+
+    def _relative(self, ds: Dataset) -> str:
+        return relative_path(ds, self._layout, self._naming, number=self._index.next_file_number)
+
+    def _marker(self, relative: str) -> Path:
+        """The tmp name of an adopted file says where it goes: `recover` reads it after a crash."""
+        return self._tmp / f"{_MARK}{relative.replace('/', _MARK)}.{os.getpid()}.{threading.get_ident()}.part"
 
     def _place(self, adoption: _Adoption) -> None:
-        """Link the file at its storage path (unless another file holds it, which the commit
-        settles) and make the file durable; its folders are made durable by the commit."""
+        """Link the file at its storage path and make the file durable; its folders are made
+        durable by the commit. Named by SOP Instance UID, a file already there is this
+        instance's (known: the commit says so; unknown: a crash's, which the commit replaces).
+        Named otherwise, a taken name is another instance's: the next free `-2`, `-3`, … ."""
         adoption.folders = self._make_dirs(adoption.final.parent)
-        try:
-            os.link(adoption.marker, adoption.final)
-            adoption.placed = True
-        except FileExistsError:
-            adoption.placed = False
+        base = adoption.entry.path
+        for attempt in range(1, _MAX_SUFFIX):
+            if attempt > 1:
+                relative = suffixed(base, attempt)
+                marker = self._marker(relative)
+                os.replace(adoption.marker, marker)
+                adoption.marker, adoption.final = marker, self._storage / relative
+                adoption.entry = replace(adoption.entry, path=relative)
+            try:
+                os.link(adoption.marker, adoption.final)
+                adoption.placed = True
+                break
+            except FileExistsError:
+                adoption.placed = False
+                if self._naming == "sop-uid":
+                    break
         _fsync(adoption.marker)
         faultpoint("store.after_tmp_write")
+
+    def _free_name(self, relative: str, taken: set[str]) -> str:
+        """The first of `relative`, `-2`, `-3`, … that no file in storage and no other
+        instance of this batch holds."""
+        for attempt in range(1, _MAX_SUFFIX):
+            candidate = suffixed(relative, attempt)
+            if candidate not in taken and not (self._storage / candidate).exists():
+                return candidate
+        raise OutOfSpace(f"no free name for {relative} in its folder", "names")
 
     def _make_dirs(self, folder: Path) -> list[Path]:
         """Create `folder` and what it lacks; the folders whose entries a link into it needs
@@ -378,7 +471,7 @@ class InstanceWriter:
         if encoder is None:
             encoder = self._local.encoder = Part10Encoder()
         try:
-            relative = relative_path(ds, self._layout)
+            relative = self._relative(ds)
             parts = encoder.encode_parts(ds)
         except InvalidInstance:
             metrics.STORAGE_WRITE_FAILURES.labels("invalid").inc()
@@ -431,24 +524,38 @@ class InstanceWriter:
         return True
 
     def _check_space(self, size: int, count: bool = True) -> None:
+        try:
+            self._room_for(size, count and self.reclaim is None)
+        except OutOfSpace as full:
+            if not count or self.reclaim is None:
+                raise
+            self.reclaim(size, full.reason)
+            self._room_for(size, True)
+
+    def _room_for(self, size: int, count: bool) -> None:
         if self._min_free:
             free = shutil.disk_usage(self._tmp).free
             if free - size < self._min_free:
                 if count:
                     metrics.STORAGE_WRITE_FAILURES.labels("disk_full").inc()
                 # Short enough for an Error Comment (64 characters).
-                raise OutOfSpace(f"free space {show_size(free)} is at the {show_size(self._min_free)} watermark")
+                raise OutOfSpace(
+                    f"free space {show_size(free)} is at the {show_size(self._min_free)} watermark", "free_space"
+                )
         if self._quota:
             with self._commit_lock:
-                if self._used is None:
+                stale = self._recount_every and time.monotonic() - self._counted_at > self._recount_every
+                if self._used is None or stale:
                     self._used = self._index.total_size()
+                    self._counted_at = time.monotonic()
                 used = self._used
             if used + size > self._quota:
                 if count:
                     metrics.STORAGE_WRITE_FAILURES.labels("quota").inc()
                 raise OutOfSpace(
                     f"storage quota reached: {show_size(used)} of {show_size(self._quota)} used; "
-                    f"needs {show_size(size)}"
+                    f"needs {show_size(size)}",
+                    "quota",
                 )
 
     def _stage(self, encoded: Encoded) -> _Pending:
@@ -475,17 +582,38 @@ class InstanceWriter:
                     item.outcome = "kept"
                     item.entry = replace(item.entry, path=existing.path)
                 else:
+                    # Replaced where it lies: layout and naming are for new files.
                     item.outcome = "overwritten"
-                    item.replaced = existing.path if existing.path != item.relative else None
+                    item.entry = replace(item.entry, path=existing.path)
                     moving.append(item)
+            # Named by SOP Instance UID, a new file replaces what a crash may have left at its
+            # path. Named otherwise, a name is free or another instance's: linked, never replaced.
+            linked = self._naming != "sop-uid"
+            taken: set[str] = set()
+            bases = {item.uid: item.relative for item in moving}
+            for item in moving:
+                if linked and item.outcome == "new":
+                    item.entry = replace(item.entry, path=self._free_name(bases[item.uid], taken))
+                    taken.add(item.relative)
             intents = self._index.add_intents((p.uid, p.relative) for p in moving) if moving else []
             faultpoint("store.after_intent")
             folders = set()
             for item in moving:
                 final = self._storage / item.relative
-                created = self._make_dirs(final.parent)
-                os.replace(item.tmp, final)
-                folders.update(created)
+                folders.update(self._make_dirs(final.parent))
+                if not (linked and item.outcome == "new"):
+                    os.replace(item.tmp, final)
+                    continue
+                while True:
+                    try:
+                        os.link(item.tmp, final)
+                        break
+                    except FileExistsError:  # a received file took the name a moment ago
+                        item.entry = replace(item.entry, path=self._free_name(bases[item.uid], taken))
+                        taken.add(item.relative)
+                        intents += self._index.add_intents([(item.uid, item.relative)])
+                        final = self._storage / item.relative
+                item.tmp.unlink()
             for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
                 _fsync_dir(folder)
             self._known_dirs.update(folder for folder in folders if folder != self._storage)
@@ -497,27 +625,26 @@ class InstanceWriter:
                         p.entry.size - known[p.uid].size if p.uid in known else p.entry.size for p in moving
                     )
             faultpoint("store.after_commit")
-            for item in moving:
-                if item.replaced:
-                    (self._storage / item.replaced).unlink(missing_ok=True)
         for item in pending:
             metrics.INSTANCES_STORED.labels(source, item.outcome).inc()
             if item.outcome in ("new", "overwritten"):
                 metrics.STORED_BYTES.inc(item.entry.size)
             yield WriteResult(item.uid, self._storage / item.relative, item.entry.size, item.outcome)
 
-    def delete_study(self, study_instance_uid: str) -> int | None:
-        """Remove a stored study: its rows first (a file left by a crash here is an orphan the
-        next start removes), then its files and the folders they leave empty; how many files,
-        None when no such study. The writer forgets the folders and the bytes it counted, so a
-        study stored there again gets its folders made durable and the quota stays true."""
+    def delete_study(self, study_instance_uid: str) -> Deleted | None:
+        """Remove a stored study, crash-safe: its rows go in one transaction with a delete
+        intent per file, then the files and the folders they leave empty, then the intents;
+        `recover` finishes what a crash interrupted. None when no such study. The writer
+        forgets the folders and the bytes it counted, so a study stored there again gets its
+        folders made durable and the quota stays true."""
         with self._commit_lock:
-            paths = self._index.forget_study(study_instance_uid)
-            if paths is None:
+            forgotten = self._index.forget_study(study_instance_uid)
+            if forgotten is None:
                 return None
+            faultpoint("delete.after_commit")
             removed = 0
             folders: set[Path] = set()
-            for relative in paths:
+            for relative in forgotten.paths:
                 path = self._storage / relative
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
@@ -532,8 +659,9 @@ class InstanceWriter:
                         break
                     self._known_dirs.discard(current)
                     current = current.parent
+            self._index.settle_intents(forgotten.intents)
             self._used = None  # counted again from the index at the next store
-            return removed
+            return Deleted(study_instance_uid, removed, forgotten.bytes)
 
     def recover(self) -> RecoveryReport:
         """After a crash: remove temporary files and settle every intent left behind."""
@@ -542,10 +670,10 @@ class InstanceWriter:
             if not leftover.is_file():
                 continue
             if _MARK in leftover.name:  # an adopted file: linked into storage, maybe not indexed
-                relative = leftover.name.rsplit(".", 3)[0].replace(_MARK, "/")  # less pid, thread, .part
+                # Less pid, thread and .part; a leading mark (even a `flat` file's name has one).
+                relative = leftover.name.rsplit(".", 3)[0].removeprefix(_MARK).replace(_MARK, "/")
                 final = self._storage / relative
-                uid = final.name.removesuffix(".dcm")
-                if final.exists() and final.samefile(leftover) and not self._index.is_indexed(uid, relative):
+                if final.exists() and final.samefile(leftover) and not self._index.path_indexed(relative):
                     final.unlink()
                     orphans += 1
             leftover.unlink()
@@ -560,7 +688,9 @@ class InstanceWriter:
                 self._index.settle_intent(intent, size, digest)
                 refreshed += data is not None
             else:
-                if final.exists():
+                # A write that never committed, or a deletion that did: the file goes, unless
+                # another instance has been indexed at its path since (a name given again).
+                if final.exists() and not self._index.path_indexed(intent.path):
                     final.unlink()
                     orphans += 1
                 self._index.settle_intent(intent, None, None)

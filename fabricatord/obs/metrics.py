@@ -179,6 +179,16 @@ SENT_BYTES = Counter(
     "C-GET) and peer ([[peers]] name; for C-GET the requestor's, or other).",
     ["service", "peer"],
 )
+CLEANUP_STUDIES = Counter(
+    "fabricatord_cleanup_studies_deleted_total",
+    "Studies cleanup deleted, by reason (age: past [dicom] retention; quota; free_space).",
+    ["reason"],
+)
+CLEANUP_BYTES = Counter(
+    "fabricatord_cleanup_bytes_deleted_total",
+    "Bytes of stored files cleanup deleted, by reason.",
+    ["reason"],
+)
 STORAGE_BYTES = Gauge(
     "fabricatord_storage_bytes",
     "Bytes of stored instances, as of the last look.",

@@ -19,6 +19,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from fabricatord.db import Database
+from fabricatord.db.engine import aware
 from fabricatord.db.users import NoSuchUser, UserExists, UserRecord, UserStore
 
 __all__ = ["NoSuchUser", "UserExists"]
@@ -116,10 +117,6 @@ class LockedOut(PermissionError):
         self.retry_after = retry_after
 
 
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # SQLite keeps no zone
-
-
 class Directory:
     """The users, as the console, the API and `fabricatord users` see them."""
 
@@ -188,7 +185,7 @@ class Directory:
         """A new session, unless the name is locked out or the credentials are wrong."""
         now = datetime.now(UTC)
         window_start = now - LOCKOUT_WINDOW
-        failures = [_aware(at) for at in self._store.failures_since(name, window_start)]
+        failures = [aware(at) for at in self._store.failures_since(name, window_start)]
         if len(failures) >= LOCKOUT_FAILURES:
             unlocked = failures[-LOCKOUT_FAILURES] + LOCKOUT_WINDOW
             raise LockedOut(max(1, int((unlocked - now).total_seconds()) + 1))
@@ -216,7 +213,7 @@ class Directory:
         if credential.kind != kind or user.disabled:
             return None
         now = datetime.now(UTC)
-        last_used = _aware(credential.last_used_at)
+        last_used = aware(credential.last_used_at)
         if kind == "session" and now - last_used > self._idle:
             self._store.drop_credential(credential.id)
             return None

@@ -136,7 +136,10 @@ def test_a_deleted_study_frees_its_quota_and_can_be_stored_again(tmp_path: Path)
     writer = InstanceWriter(index, tmp_path / "storage", tmp_path / "tmp", quota_bytes=2 * size + size // 2)
     assert writer.write(first, "received").outcome == "new"
     assert writer.write(second, "received").outcome == "new"
-    assert writer.delete_study(first.StudyInstanceUID) == 2
+    stored_bytes = index.total_size()
+    deleted = writer.delete_study(first.StudyInstanceUID)
+    assert deleted is not None and (deleted.files, deleted.bytes) == (2, stored_bytes)
+    assert index.intents() == []  # the deletion's intents settled with it
     assert writer.delete_study(first.StudyInstanceUID) is None
     assert list((tmp_path / "storage").iterdir()) == []  # the folders it left empty are gone
     # The bytes it counted are free again, and its folders are made again, durably.

@@ -126,11 +126,11 @@ def install(router: Router, department: Department) -> None:
         uid = _uid(call.params["uid"])
         if d.writer is None:
             raise HttpError(503, "this process holds no storage writer")
-        removed = d.writer.delete_study(uid)
-        if removed is None:
+        deleted = d.writer.delete_study(uid)
+        if deleted is None:
             raise HttpError(404, f"no stored study has Study Instance UID {uid}")
-        call.audit_detail = f"study {uid}, {removed} files"
-        return json_reply({"deleted": uid, "files": removed})
+        call.audit_detail = f"study {uid}, {deleted.files} files"
+        return json_reply({"deleted": uid, "files": deleted.files})
 
     @router.add("POST", f"{api}/studies/{{uid}}/send", "change", "C-STORE a stored study to a peer")
     def send_study(call: Call) -> Reply:
