@@ -318,6 +318,8 @@ def supervise(settings: Settings) -> int:
         listeners,
         settings.tmp_dir / "associations",
         settings.tmp_dir / "metrics",
+        parse_duration(settings.node.shutdown_grace),
+        (lock,),
     )
     outcome = {"code": 0}
 
@@ -357,8 +359,6 @@ def supervise(settings: Settings) -> int:
     signal.signal(signal.SIGHUP, lambda *_: the_reactor.callFromThread(reload_workers))
     _stop_once_on_signals(the_reactor)
     the_reactor.run()
-    for listener in listeners.values():
-        listener.close()
     log.info("fabricatord stopped", workers=settings.node.workers)
     os.close(lock)
     return outcome["code"]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -110,6 +112,28 @@ def _migrate_in_child(url: str) -> None:
 def aware(moment: datetime) -> datetime:
     """A stored moment with its zone: SQLite gives back naive datetimes, and every one stored was UTC."""
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+_HOLD_KEYS = text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS BIGINT[])) AS k")
+
+
+def hold_keys(connection: Any, names: Iterable[str]) -> None:
+    """On PostgreSQL, where other processes (worker processes, other nodes) write the same
+    tables: wait until no other transaction holds one of these names, and hold them until this
+    one ends. Names are `i<SOP Instance UID>`, `s<Study Instance UID>`, `p<Patient ID>\\<issuer>`;
+    taken in one order, so two holders of several cannot wait on each other. SQLite: nothing to
+    do, its one writer already serializes."""
+    if connection.dialect.name != "postgresql":
+        return
+    keys = sorted(
+        {int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True) for name in names}
+    )
+    if keys:
+        connection.execute(_HOLD_KEYS, {"keys": keys})
+
+
+def patient_key(patient_id: str, issuer: str) -> str:
+    return f"p{patient_id}\\{issuer}"
 
 
 def dispose_all() -> None:

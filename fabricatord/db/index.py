@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, exists, func, insert, or_, select, text, update
+from sqlalchemy import Connection, bindparam, delete, exists, func, insert, or_, select, update
 
 from fabricatord.db import raw
-from fabricatord.db.engine import Database, aware
+from fabricatord.db.engine import Database, aware, hold_keys, patient_key
 from fabricatord.db.models import (
     Acquisition,
     Instance,
@@ -499,26 +498,22 @@ def _inserted_id(connection: Connection, statement: Any, values: dict[str, objec
         cursor.close()
 
 
-_LOCK_KEYS = text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS BIGINT[])) AS k")
-
-
 def _serialize(connection: Connection, entries: Sequence[IndexEntry]) -> None:
-    """On PostgreSQL, where other processes (worker processes, other nodes) index into the same
-    tables: wait until none of them is indexing one of these instances, studies or patients,
-    until this transaction ends. Without it, two writers of one SOP Instance UID would both find
-    it new, and the loser's clean-up would unlink the winner's file; two first instances of one
-    study would both create the study. Keys in one order, so two batches cannot wait on each other."""
+    """Two writers of one SOP Instance UID in two processes would both find it new, and the
+    loser's clean-up would unlink the winner's file; two first instances of one study, or of one
+    patient, would both create it: each waits for the other's transaction instead. A study or a
+    patient already indexed needs no waiting (most are, after their first instance): only new
+    ones are held, so that a patient's studies arriving on several associations do not queue."""
     if connection.dialect.name != "postgresql":
-        return  # SQLite: one process writes, and its writer lock already serializes
-    names: set[str] = set()
-    for entry in entries:
-        names.update(
-            (f"i{entry.sop_instance_uid}", f"s{entry.study_instance_uid}", f"p{entry.patient_id}\\{entry.issuer}")
-        )
-    keys = sorted(
-        int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True) for name in names
-    )
-    connection.execute(_LOCK_KEYS, {"keys": keys})
+        return
+    names = {f"i{entry.sop_instance_uid}" for entry in entries}
+    for study in {entry.study_instance_uid for entry in entries}:
+        if raw.first(connection, _FIND_STUDY, {"uid": study}) is None:
+            names.add(f"s{study}")
+    for patient_id, issuer in {(entry.patient_id, entry.issuer) for entry in entries}:
+        if raw.first(connection, _FIND_PATIENT, {"pid": patient_id, "issuer": issuer}) is None:
+            names.add(patient_key(patient_id, issuer))
+    hold_keys(connection, names)
 
 
 def _patient_pk(connection: Connection, entry: IndexEntry) -> int:

@@ -9,7 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fabricatord.db import raw
-from fabricatord.db.engine import Database
+from fabricatord.db.engine import Database, hold_keys, patient_key
 from fabricatord.db.models import Instance, Patient, Series, Study
 
 
@@ -131,6 +131,9 @@ class PatientRegistry:
         Empty values leave what is known; `""` (HL7's explicit null) clears it."""
         given = {name: ("" if value == '""' else value) for name, value in patient.__dict__.items() if value}
         found = raw.first(connection, _FIND, {"id": patient.patient_id, "issuer": patient.issuer})
+        if found is None:  # a new patient: another process may be registering it too (the index does)
+            hold_keys(connection, [patient_key(patient.patient_id, patient.issuer)])
+            found = raw.first(connection, _FIND, {"id": patient.patient_id, "issuer": patient.issuer})
         if found is None:
             values = {name: ("" if value == '""' else value) for name, value in patient.__dict__.items()}
             return int(raw.first(connection, _INSERT, {**values, "synthetic": False})[0])

@@ -222,3 +222,12 @@ def exposition() -> tuple[bytes, str]:
     registry = CollectorRegistry()
     MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def forget_peer(name: str) -> None:
+    """A peer no longer configured, or no longer echoed here, leaves `fabricatord_peer_up`. In
+    multiprocess mode a series cannot be removed: it says NaN (no answer known) instead."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        PEER_UP.labels(name).set(float("nan"))
+    else:
+        PEER_UP.remove(name)

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 _SLOT = struct.Struct("=q")
+ABSENT = -1
+"""The connections of a worker that is not listening (not started yet, or dead)."""
 
 
 def family_of(host: str) -> socket.AddressFamily:
@@ -59,7 +61,9 @@ def adopt(reactor: Any, fd: int, factory: Any, busier: Callable[[], bool] = lamb
 
     def accept() -> Any:
         port.numberAccepts = 1
-        if not stepped_back[0] and busier():
+        if stepped_back[0]:  # back after the pause: the connection that waited is ours
+            stepped_back[0] = False
+        elif busier():
             stepped_back[0] = True
             port.stopReading()
             reactor.callLater(HOLD_OFF, resume)
@@ -69,7 +73,6 @@ def adopt(reactor: Any, fd: int, factory: Any, busier: Callable[[], bool] = lamb
     def resume() -> None:
         if port.connected:  # not stopped meanwhile
             port.startReading()
-        reactor.callLater(HOLD_OFF, stepped_back.__setitem__, 0, False)
 
     port.doRead = accept
     return port
@@ -91,18 +94,20 @@ class WorkerCounts:
 
     @classmethod
     def create(cls, path: Path, workers: int) -> None:
-        """The parent's part: a file of zeros, before any worker starts."""
+        """The parent's part, before any worker starts: no associations, and no worker listening
+        (`ABSENT` connections: a sibling that is not there takes no connection from the others)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(bytes(_SLOT.size * workers * len(cls.ROWS)))
+        values = [0 if row == "associations" else ABSENT for row in cls.ROWS for _ in range(workers)]
+        path.write_bytes(b"".join(_SLOT.pack(value) for value in values))
 
     @classmethod
     def clear(cls, path: Path, index: int, workers: int) -> None:
-        """A worker died: what it held is free again."""
+        """A worker died: what it held is free again, and it listens no more."""
         with open(path, "r+b") as slots:
             fcntl.flock(slots, fcntl.LOCK_EX)
-            for row in range(len(cls.ROWS)):
+            for row, name in enumerate(cls.ROWS):
                 slots.seek(_SLOT.size * (row * workers + index))
-                slots.write(_SLOT.pack(0))
+                slots.write(_SLOT.pack(0 if name == "associations" else ABSENT))
 
     def _offset(self, row: str, index: int) -> int:
         return _SLOT.size * (self.ROWS.index(row) * self._workers + index)
@@ -127,6 +132,6 @@ class WorkerCounts:
         _SLOT.pack_into(self._map, self._offset(row, self._index), value)
 
     def busier(self, row: str) -> bool:
-        """Whether this worker holds more than the least busy of its siblings."""
+        """Whether this worker holds more than the least busy of its siblings that listen."""
         mine = int(_SLOT.unpack_from(self._map, self._offset(row, self._index))[0])
-        return mine > min(self._others(row), default=mine)
+        return mine > min((other for other in self._others(row) if other != ABSENT), default=mine)

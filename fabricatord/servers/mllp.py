@@ -248,6 +248,8 @@ class MllpListener(Service):
             counts = self._counts
             busier = (lambda: counts.busier("mllp")) if counts is not None else (lambda: False)
             self._port = adopt(self._reactor, self._inherited, self._factory, busier)
+            if counts is not None:
+                counts.set("mllp", 0)  # listening now: siblings may leave connections to us
         else:
             self._port = self._reactor.listenTCP(hl7.port, self._factory, interface=hl7.host)
         self._pool.start()  # after the port: a start that fails leaves no thread to wait for

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -30,7 +31,9 @@ from fabricatord.servers.listen import WorkerCounts
 log = get_logger(__name__)
 
 SEAT_VARIABLE = "FABRICATORD_WORKER"
-"""`INDEX/WORKERS/PARENT_PID/SLOTS_FILE` and the descriptors, set by the parent for each worker."""
+"""The worker's `Seat` as JSON, set by the parent for each worker."""
+KILL_AFTER = 5.0
+"""A worker still running this long after `[node] shutdown_grace` past SIGTERM gets SIGKILL."""
 BEAT_EVERY = 1.0
 STALE_AFTER = 5.0
 """A worker that has not said its reactor turns for this long is not well: the watchdog waits."""
@@ -70,21 +73,26 @@ class Seat:
         text = environ.get(SEAT_VARIABLE)
         if not text:
             return None
-        head, _, descriptors = text.partition(";")
-        index, workers, parent, slots = head.split("/", 3)
-        fds = dict(item.split("=") for item in descriptors.split(","))
-        beats = int(fds.pop("beats"))
-        return cls(int(index), int(workers), int(parent), Path(slots), {k: int(v) for k, v in fds.items()}, beats)
+        given = json.loads(text)
+        return cls(
+            int(given["index"]),
+            int(given["workers"]),
+            int(given["parent"]),
+            Path(given["slots"]),
+            {str(name): int(fd) for name, fd in given["listeners"].items()},
+            int(given["beats"]),
+        )
 
     def to_environ(self) -> str:
-        descriptors = ",".join(f"{name}={fd}" for name, fd in {**self.listeners, "beats": self.beats}.items())
-        return f"{self.index}/{self.workers}/{self.parent}/{self.slots};{descriptors}"
+        return json.dumps({**self.__dict__, "slots": str(self.slots), "listeners": dict(self.listeners)})
 
     def settle_in(self) -> None:
         """A worker outlives no parent (it gets SIGTERM when the parent dies, however it dies),
         and sits in a process group of its own: a terminal's Ctrl-C reaches the parent, which
         stops the workers in order, rather than all of them at once."""
         os.setpgid(0, 0)
+        # Until the daemon installs its own handler, a SIGHUP the parent passes on must not end us.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         if sys.platform.startswith("linux"):
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != self.parent:  # the parent died before prctl took hold
@@ -139,8 +147,15 @@ class Supervisor:
         listeners: Mapping[str, socket.socket],
         slots: Path,
         metrics_dir: Path,
+        grace: float = 10.0,
+        inherited: tuple[int, ...] = (),
     ) -> None:
-        """`listeners`: `dicom` and `mllp` for every worker, `http` for the first only."""
+        """`listeners`: `dicom` and `mllp` for every worker, `http` for the first only.
+        `inherited`: descriptors every worker holds as the parent does (the data_dir's lock:
+        while any worker lives, no other daemon may settle this node's storage). `grace`:
+        `[node] shutdown_grace`, after which a worker that has not stopped is killed."""
+        self._inherited = inherited
+        self._grace = grace
         self._reactor = reactor
         self._argv = argv
         self._environ = {k: v for k, v in environ.items() if k not in _PARENT_ONLY}
@@ -190,10 +205,13 @@ class Supervisor:
         fires when the last has ended."""
         self._stopping = True
         self._ended = defer.Deferred()
+        for listener in self._listeners.values():  # no connection waits in a queue nobody reads
+            listener.close()
         if not self._workers:
             self._ended.callback(None)
             return self._ended
         self.signal("TERM")
+        self._reactor.callLater(self._grace + KILL_AFTER, self.signal, "KILL")
         return self._ended
 
     def _spawn(self, index: int) -> None:
@@ -206,6 +224,9 @@ class Supervisor:
             child_fds[next_fd] = listener.fileno()
             listeners[name] = next_fd
             next_fd += 1
+        for fd in self._inherited:
+            child_fds[next_fd] = fd
+            next_fd += 1
         child_fds[next_fd] = "r"
         seat = Seat(index, self._count, os.getpid(), self._slots, listeners, next_fd)
         worker = _Worker(self, index)
@@ -215,7 +236,11 @@ class Supervisor:
         log.info("worker started", worker=index, pid=worker.pid)
 
     def worker_ready(self, worker: _Worker) -> None:
-        if not self._started.called and all(w.ready for w in self._workers.values()):
+        if (
+            not self._started.called
+            and len(self._workers) == self._count
+            and all(w.ready for w in self._workers.values())
+        ):
             self._started.callback(None)
             self.on_ready()
 
@@ -242,8 +267,13 @@ class Supervisor:
         self._reactor.callLater(delay, self._respawn, worker.index)
 
     def _respawn(self, index: int) -> None:
-        if not self._stopping and index not in self._workers:
+        if self._stopping or index in self._workers:
+            return
+        try:
             self._spawn(index)
+        except Exception as exc:  # out of processes or memory for a moment: try again
+            log.error("worker not started; trying again", worker=index, error=str(exc), after=RESTART_AFTER[-1])
+            self._reactor.callLater(RESTART_AFTER[-1], self._respawn, index)
 
 
 def _outcome(how: BaseException) -> str:

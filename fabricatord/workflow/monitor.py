@@ -73,7 +73,7 @@ class Monitor:
         interval = parse_duration(self._settings.dicom.peer_echo_interval)
         if not self._leading():
             for gone in self._known_peers:
-                metrics.PEER_UP.remove(gone)
+                metrics.forget_peer(gone)
             self._known_peers = set()
             return
         if interval and time.monotonic() - self._echoed >= interval:
@@ -83,7 +83,7 @@ class Monitor:
     def _echo_all(self) -> None:
         peers = list(self._settings.peers)
         for gone in self._known_peers - {peer.name for peer in peers}:
-            metrics.PEER_UP.remove(gone)
+            metrics.forget_peer(gone)
         self._known_peers = {peer.name for peer in peers}
         if not peers:
             return

@@ -269,6 +269,8 @@ class DicomNode(Service):
             counts = self.counts
             busier = (lambda: counts.busier("dicom")) if counts is not None else (lambda: False)
             self._port = adopt(self.reactor, self._inherited, factory, busier)
+            if counts is not None:
+                counts.set("dicom", 0)  # listening now: siblings may leave connections to us
         else:
             self._port = self.reactor.listenTCP(dicom.port, factory, backlog=LISTEN_BACKLOG, interface=dicom.host)
         self.pool.start()  # after the port: a start that fails leaves no thread to wait for
