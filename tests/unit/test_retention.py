@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,7 +38,7 @@ def test_a_taken_name_gets_a_suffix_and_nothing_is_overwritten(database_url: str
     index = InstanceIndex(open_database(database_url))
     writer = InstanceWriter(index, tmp_path / "storage", tmp_path / "tmp", "study", naming="instance-number")
     first = study("CT", images=2, seed=1)
-    second = [ds.copy() for ds in first]
+    second = [copy.deepcopy(ds) for ds in first]
     for ds in second:
         ds.SeriesInstanceUID = ds.SeriesInstanceUID + ".1"
         ds.SOPInstanceUID = ds.SOPInstanceUID + ".1"
@@ -47,7 +48,7 @@ def test_a_taken_name_gets_a_suffix_and_nothing_is_overwritten(database_url: str
     rows = index.lookup(ds.SOPInstanceUID for ds in first + second)
     assert len({row.path for row in rows.values()}) == 4
     # A received file takes the same way: the next free name.
-    received = second[0].copy()
+    received = copy.deepcopy(second[0])
     received.SOPInstanceUID = received.SOPInstanceUID + ".7"
     file = tmp_path / "tmp" / "incoming.dcm"
     file.write_bytes(Part10Encoder().encode(received))
