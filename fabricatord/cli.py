@@ -722,26 +722,28 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     writer = storage_writer(settings, database)
     _recover_unless_served(settings, writer)
     removals = Cleaner(settings, database, writer).clean(dry_run=args.dry_run)
+    instances, total = sum(r.instances for r in removals), sum(r.bytes for r in removals)
     if args.json:
         for r in removals:
-            _print(json.dumps({**r.__dict__, "last_arrival": r.last_arrival.isoformat(), "deleted": not args.dry_run}))
+            arrived = r.last_arrival.astimezone(UTC).isoformat().replace("+00:00", "Z")
+            _print(json.dumps({**r.__dict__, "last_arrival": arrived, "deleted": not args.dry_run}))
+        _print(json.dumps({"total": True, "studies": len(removals), "instances": instances, "bytes": total,
+                           "deleted": not args.dry_run}))  # fmt: skip
         return 0
-    verb = "would delete" if args.dry_run else "deleted"
     rows = [
         [
             r.study_instance_uid,
-            r.last_arrival.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+            r.last_arrival.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             str(r.instances),
-            show_size(r.bytes),
+            str(r.bytes),
             r.reason,
         ]
         for r in removals
     ]
     if rows:
         _table(["STUDY INSTANCE UID", "LAST ARRIVAL", "INSTANCES", "BYTES", "REASON"], rows)
-    total = sum(r.bytes for r in removals)
-    instances = sum(r.instances for r in removals)
-    _print(f"{verb} {len(removals)} studies, {instances} instances, {show_size(total)}")
+    verb = "would delete" if args.dry_run else "deleted"
+    _print(f"{verb} {len(removals)} studies, {instances} instances, {total} bytes ({show_size(total)})")
     return 0
 
 

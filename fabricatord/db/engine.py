@@ -114,22 +114,30 @@ def aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-_HOLD_KEYS = text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS BIGINT[])) AS k")
+_HOLD_KEYS = text(
+    "SELECT CASE WHEN s THEN pg_advisory_xact_lock_shared(k) ELSE pg_advisory_xact_lock(k) END "
+    "FROM unnest(CAST(:keys AS BIGINT[]), CAST(:shared AS BOOLEAN[])) AS t(k, s)"
+)
 
 
-def hold_keys(connection: Any, names: Iterable[str]) -> None:
+def hold_keys(connection: Any, names: Iterable[str], shared: Iterable[str] = ()) -> None:
     """On PostgreSQL, where other processes (worker processes, other nodes) write the same
     tables: wait until no other transaction holds one of these names, and hold them until this
     one ends. Names are `i<SOP Instance UID>`, `s<Study Instance UID>`, `p<Patient ID>\\<issuer>`;
-    taken in one order, so two holders of several cannot wait on each other. SQLite: nothing to
-    do, its one writer already serializes."""
+    taken in one order, so two holders of several cannot wait on each other. `shared` names are
+    held alongside other shared holders (stores into a study) and exclude only exclusive ones
+    (its deletion). SQLite: nothing to do, its one writer already serializes."""
     if connection.dialect.name != "postgresql":
         return
-    keys = sorted(
-        {int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True) for name in names}
-    )
+    modes = {_key(name): True for name in shared}
+    modes.update({_key(name): False for name in names})  # exclusive wins
+    keys = sorted(modes)
     if keys:
-        connection.execute(_HOLD_KEYS, {"keys": keys})
+        connection.execute(_HOLD_KEYS, {"keys": keys, "shared": [modes[key] for key in keys]})
+
+
+def _key(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
 
 
 def patient_key(patient_id: str, issuer: str) -> str:

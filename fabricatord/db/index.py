@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, exists, func, insert, or_, select, update
 
 from fabricatord.db import raw
+from fabricatord.db.audit import AuditRecord
 from fabricatord.db.engine import Database, aware, hold_keys, patient_key
 from fabricatord.db.models import (
     Acquisition,
+    AuditEvent,
     Instance,
     Patient,
     RequestedProcedure,
@@ -82,6 +84,13 @@ class Forgotten:
     paths: list[str]
     intents: list[int]
     bytes: int
+
+
+@dataclass(frozen=True)
+class Eligible:
+    """What makes a study deletable by cleanup, checked again as it is deleted."""
+
+    arrived_before: datetime | None
 
 
 @dataclass(frozen=True)
@@ -388,17 +397,26 @@ class InstanceIndex:
                 list(series.values()),
             )
 
-    def forget_study(self, study_instance_uid: str) -> Forgotten | None:
+    def forget_study(
+        self, study_instance_uid: str, eligible: Eligible | None = None, audit: AuditRecord | None = None
+    ) -> Forgotten | None:
         """Remove a study's rows (the patient stays) and commit, with them, a delete intent for
-        each file the caller is to unlink; None when no such study. Rows go first: a row
-        without its file would be a lie, and a crash before the unlinks leaves intents that
-        `recover` finishes."""
+        each file the caller is to unlink, and `audit`; None when no such study, or when it is
+        no longer `eligible` for cleanup (an instance, a route job or an acquisition came since
+        it was chosen). Rows go first: a row without its file would be a lie, and a crash
+        before the unlinks leaves intents that `recover` finishes."""
         with self._db.writes.begin() as session:
             # A store of this study in another process finishes first, or waits for the deletion.
             hold_keys(session.connection(), [f"s{study_instance_uid}"])
             study_pk = session.scalar(select(Study.id).where(Study.study_instance_uid == study_instance_uid))
             if study_pk is None:
                 return None
+            if eligible is not None:
+                query = _candidates(eligible.arrived_before).where(Study.id == study_pk)
+                if session.execute(query).first() is None:
+                    return None
+            if audit is not None:
+                session.execute(insert(AuditEvent), [asdict(audit)])
             series_pks = select(Series.id).where(Series.study_pk == study_pk)
             rows = session.execute(
                 select(Instance.sop_instance_uid, Instance.path, Instance.size).where(
@@ -433,41 +451,45 @@ class InstanceIndex:
         """The next value of the counter `sequence` file names are made from."""
         return Sequences(self._db).take("storage_file", 1, 1)[0]
 
-    def cleanup_candidates(self, arrived_before: datetime | None = None) -> list[Candidate]:
+    def cleanup_candidates(self, arrived_before: datetime | None = None, excluding: str = "") -> list[Candidate]:
         """Studies cleanup may delete, oldest last arrival first: with `arrived_before`, only
-        those whose last instance arrived earlier. Never one with a route job pending or being
-        sent, nor one an acquisition is about to make or making."""
-        last = func.max(Instance.created_at)
-        busy_routes = select(RouteJob.id).where(
-            RouteJob.study_instance_uid == Study.study_instance_uid, RouteJob.state.in_(("pending", "sending"))
-        )
-        busy_acquisitions = (
-            select(Acquisition.id)
-            .join(ScheduledStep, Acquisition.step_pk == ScheduledStep.id)
-            .join(RequestedProcedure, ScheduledStep.procedure_pk == RequestedProcedure.id)
-            .where(
-                Acquisition.state.in_(("waiting", "pending", "running")),
-                or_(
-                    RequestedProcedure.study_instance_uid == Study.study_instance_uid,
-                    Acquisition.study_instance_uid == Study.study_instance_uid,
-                ),
-            )
-        )
-        query = (
-            select(Study.study_instance_uid, last, func.count(Instance.id), func.coalesce(func.sum(Instance.size), 0))
-            .join(Series, Series.study_pk == Study.id)
-            .join(Instance, Instance.series_pk == Series.id)
-            .where(~exists(busy_routes), ~exists(busy_acquisitions))
-            .group_by(Study.id, Study.study_instance_uid)
-            .order_by(last, Study.id)
-        )
-        if arrived_before is not None:
-            query = query.having(last < arrived_before)
+        those whose last instance arrived earlier; never `excluding` (the study being stored)."""
+        query = _candidates(arrived_before).where(Study.study_instance_uid != excluding)
         with self._db.reads() as session:
             return [
                 Candidate(uid, aware(arrived), int(count), int(size))
                 for uid, arrived, count, size in session.execute(query)
             ]
+
+
+def _candidates(arrived_before: datetime | None) -> Any:
+    """Studies with their last arrival, instances and bytes, none with a route job pending or
+    being sent, nor one an acquisition is about to make or making."""
+    last = func.max(Instance.created_at)
+    busy_routes = select(RouteJob.id).where(
+        RouteJob.study_instance_uid == Study.study_instance_uid, RouteJob.state.in_(("pending", "sending"))
+    )
+    busy_acquisitions = (
+        select(Acquisition.id)
+        .join(ScheduledStep, Acquisition.step_pk == ScheduledStep.id)
+        .join(RequestedProcedure, ScheduledStep.procedure_pk == RequestedProcedure.id)
+        .where(
+            Acquisition.state.in_(("waiting", "pending", "running")),
+            or_(
+                RequestedProcedure.study_instance_uid == Study.study_instance_uid,
+                Acquisition.study_instance_uid == Study.study_instance_uid,
+            ),
+        )
+    )
+    query = (
+        select(Study.study_instance_uid, last, func.count(Instance.id), func.coalesce(func.sum(Instance.size), 0))
+        .join(Series, Series.study_pk == Study.id)
+        .join(Instance, Instance.series_pk == Series.id)
+        .where(~exists(busy_routes), ~exists(busy_acquisitions))
+        .group_by(Study.id, Study.study_instance_uid)
+        .order_by(last, Study.id)
+    )
+    return query.having(last < arrived_before) if arrived_before is not None else query
 
 
 def reassign_studies(connection: Connection, from_patient_pk: int, to_patient_pk: int) -> int:
@@ -507,13 +529,16 @@ def _serialize(connection: Connection, entries: Sequence[IndexEntry]) -> None:
     if connection.dialect.name != "postgresql":
         return
     names = {f"i{entry.sop_instance_uid}" for entry in entries}
+    known_studies = set()
     for study in {entry.study_instance_uid for entry in entries}:
         if raw.first(connection, _FIND_STUDY, {"uid": study}) is None:
             names.add(f"s{study}")
+        else:  # shared: stores into it go on together; its deletion waits for them, or they for it
+            known_studies.add(f"s{study}")
     for patient_id, issuer in {(entry.patient_id, entry.issuer) for entry in entries}:
         if raw.first(connection, _FIND_PATIENT, {"pid": patient_id, "issuer": issuer}) is None:
             names.add(patient_key(patient_id, issuer))
-    hold_keys(connection, names)
+    hold_keys(connection, names, known_studies)
 
 
 def _patient_pk(connection: Connection, entry: IndexEntry) -> int:

@@ -34,8 +34,9 @@ from pydicom.valuerep import TEXT_VR_DELIMS
 
 from fabricatord.config.values import is_valid_uid, show_size
 from fabricatord.db import IndexEntry, InstanceIndex
+from fabricatord.db.audit import AuditRecord
 from fabricatord.db.group import GroupCommit
-from fabricatord.db.index import StoredInstance
+from fabricatord.db.index import Eligible, StoredInstance
 from fabricatord.dicom.part10 import Part10Encoder
 from fabricatord.obs import metrics
 from fabricatord.obs.faults import faultpoint
@@ -307,9 +308,10 @@ class InstanceWriter:
         self._recount_every = recount_every
         self._counted_at = 0.0
         self._naming = naming
-        self.reclaim: Callable[[int, str], None] | None = None
-        """With `[dicom] cleanup`: called with the bytes an instance needs and why there is no room
-        (`quota`, `free_space`) to delete studies until there is; the check is then made again."""
+        self.reclaim: Callable[[int, str, str], None] | None = None
+        """With `[dicom] cleanup`: called with the bytes an instance needs, why there is no room
+        (`quota`, `free_space`) and the instance's study (never deleted for it), to delete
+        studies until there is; the check is then made again."""
         self._storage = storage_dir
         self._tmp = tmp_dir
         self._layout = layout
@@ -350,7 +352,7 @@ class InstanceWriter:
             metrics.STORAGE_WRITE_FAILURES.labels("invalid").inc()
             raise
         size = file.stat().st_size
-        self._check_space(size)
+        self._check_space(size, study=str(ds.StudyInstanceUID))
         # No digest yet: reading the file back to hash it would cost more than the rest of the
         # write; a duplicate, the only reader of digests, hashes both files when it comes.
         entry = index_entry(ds, relative, size, "", source, source_ae)
@@ -398,15 +400,42 @@ class InstanceWriter:
                 adoption.marker, adoption.final = marker, self._storage / relative
                 adoption.entry = replace(adoption.entry, path=relative)
             try:
-                os.link(adoption.marker, adoption.final)
+                self._link(adoption.marker, adoption.final)
                 adoption.placed = True
                 break
             except FileExistsError:
                 adoption.placed = False
-                if self._naming == "sop-uid":
+                if self._naming == "sop-uid" and not self._held_by_another(adoption):
                     break
+        else:
+            metrics.STORAGE_WRITE_FAILURES.labels("names").inc()
+            raise OutOfSpace(f"no free name for {base} in its folder", "names")
         _fsync(adoption.marker)
         faultpoint("store.after_tmp_write")
+
+    def _held_by_another(self, adoption: _Adoption) -> bool:
+        """Whether the file at a received instance's path is another indexed instance's (a
+        name a `file_naming` in force before gave), not this one's or a crash's leftover."""
+        relative = adoption.entry.path
+        if not self._index.path_indexed(relative):
+            return False
+        known = self._index.lookup([adoption.entry.sop_instance_uid]).get(adoption.entry.sop_instance_uid)
+        return known is None or known.path != relative
+
+    def _link(self, source: Path, target: Path) -> None:
+        """os.link, again after making the folders when another process removed one this
+        writer thought was there (a deletion leaves no empty folder behind)."""
+        try:
+            os.link(source, target)
+        except FileNotFoundError:
+            self._forget_dirs(target.parent)
+            self._make_dirs(target.parent)
+            os.link(source, target)
+
+    def _forget_dirs(self, folder: Path) -> None:
+        while folder != self._storage and self._storage in folder.parents:
+            self._known_dirs.discard(folder)
+            folder = folder.parent
 
     def _free_name(self, relative: str, taken: set[str]) -> str:
         """The first of `relative`, `-2`, `-3`, … that no file in storage and no other
@@ -415,6 +444,7 @@ class InstanceWriter:
             candidate = suffixed(relative, attempt)
             if candidate not in taken and not (self._storage / candidate).exists():
                 return candidate
+        metrics.STORAGE_WRITE_FAILURES.labels("names").inc()
         raise OutOfSpace(f"no free name for {relative} in its folder", "names")
 
     def _make_dirs(self, folder: Path) -> list[Path]:
@@ -516,20 +546,23 @@ class InstanceWriter:
 
     def has_room(self) -> bool:
         """Whether an instance could be stored now, space-wise (for /readyz): free space above
-        the watermark, and the quota not reached."""
+        the watermark, and the quota not reached; with cleanup on, the next store makes room."""
+        if self.reclaim is not None:
+            return True
         try:
             self._check_space(1, count=False)
         except OutOfSpace:
             return False
         return True
 
-    def _check_space(self, size: int, count: bool = True) -> None:
+    def _check_space(self, size: int, count: bool = True, study: str = "") -> None:
         try:
             self._room_for(size, count and self.reclaim is None)
         except OutOfSpace as full:
             if not count or self.reclaim is None:
                 raise
-            self.reclaim(size, full.reason)
+            self.reclaim(size, full.reason, study)
+            self._used = None  # what cleanup (here or in another process) freed is counted again
             self._room_for(size, True)
 
     def _room_for(self, size: int, count: bool) -> None:
@@ -559,7 +592,7 @@ class InstanceWriter:
                 )
 
     def _stage(self, encoded: Encoded) -> _Pending:
-        self._check_space(encoded.entry.size)
+        self._check_space(encoded.entry.size, study=encoded.entry.study_instance_uid)
         with metrics.STORAGE_WRITE_SECONDS.time():
             uid = encoded.entry.sop_instance_uid
             tmp = self._tmp / f"{uid}.{os.getpid()}.{threading.get_ident()}.part"
@@ -602,11 +635,16 @@ class InstanceWriter:
                 final = self._storage / item.relative
                 folders.update(self._make_dirs(final.parent))
                 if not (linked and item.outcome == "new"):
-                    os.replace(item.tmp, final)
+                    try:
+                        os.replace(item.tmp, final)
+                    except FileNotFoundError:  # its folder was removed by a deletion elsewhere
+                        self._forget_dirs(final.parent)
+                        folders.update(self._make_dirs(final.parent))
+                        os.replace(item.tmp, final)
                     continue
                 while True:
                     try:
-                        os.link(item.tmp, final)
+                        self._link(item.tmp, final)
                         break
                     except FileExistsError:  # a received file took the name a moment ago
                         item.entry = replace(item.entry, path=self._free_name(bases[item.uid], taken))
@@ -631,14 +669,17 @@ class InstanceWriter:
                 metrics.STORED_BYTES.inc(item.entry.size)
             yield WriteResult(item.uid, self._storage / item.relative, item.entry.size, item.outcome)
 
-    def delete_study(self, study_instance_uid: str) -> Deleted | None:
+    def delete_study(
+        self, study_instance_uid: str, eligible: Eligible | None = None, audit: AuditRecord | None = None
+    ) -> Deleted | None:
         """Remove a stored study, crash-safe: its rows go in one transaction with a delete
         intent per file, then the files and the folders they leave empty, then the intents;
-        `recover` finishes what a crash interrupted. None when no such study. The writer
+        `recover` finishes what a crash interrupted. None when no such study (or one no longer
+        `eligible` for cleanup); `audit` is committed with the rows. The writer
         forgets the folders and the bytes it counted, so a study stored there again gets its
         folders made durable and the quota stays true."""
         with self._commit_lock:
-            forgotten = self._index.forget_study(study_instance_uid)
+            forgotten = self._index.forget_study(study_instance_uid, eligible, audit)
             if forgotten is None:
                 return None
             faultpoint("delete.after_commit")
@@ -646,10 +687,12 @@ class InstanceWriter:
             folders: set[Path] = set()
             for relative in forgotten.paths:
                 path = self._storage / relative
+                folders.add(path.parent)
+                if self._index.path_indexed(relative):  # stored again since, by another process
+                    continue
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                     removed += 1
-                folders.add(path.parent)
             for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
                 current = folder
                 while current != self._storage and self._storage in current.parents:

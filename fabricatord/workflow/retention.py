@@ -21,8 +21,8 @@ from typing import Literal
 from fabricatord.config import Settings
 from fabricatord.config.values import parse_duration, parse_size, show_size
 from fabricatord.db import Database, InstanceIndex
-from fabricatord.db.audit import AuditLog, AuditRecord
-from fabricatord.db.index import Candidate
+from fabricatord.db.audit import AuditRecord
+from fabricatord.db.index import Candidate, Eligible
 from fabricatord.dicom.storage import InstanceWriter
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
@@ -30,6 +30,7 @@ from fabricatord.obs.logging import get_logger
 log = get_logger(__name__)
 
 Reason = Literal["age", "quota", "free_space"]
+REASONS_OF_SPACE: tuple[Reason, ...] = ("quota", "free_space")
 FIRST_LOOK = 60.0
 """The first daily look waits this long after the start: the listeners come first."""
 EVERY_DAY = 86400.0
@@ -61,7 +62,6 @@ class Cleaner:
         self._settings = settings
         self._index = InstanceIndex(database)
         self._writer = writer
-        self._audit = AuditLog(database)
         self._leading = leading
         """The daily look runs on the leader only; making room runs wherever a store needs it."""
         self._lock = threading.Lock()
@@ -94,14 +94,15 @@ class Cleaner:
             except Exception as exc:  # the database away for a moment: tomorrow, then
                 log.warning("cleanup failed", error=str(exc))
 
-    def make_room(self, needed: int, reason: str) -> None:
+    def make_room(self, needed: int, reason: str, study: str = "") -> None:
         """The storage writer's hook, when `[dicom] cleanup` is on: a store of `needed` bytes
-        found the quota or the watermark reached. Deletes eligible studies, oldest first; if
-        none is, the store is refused (0xA700) as without cleanup."""
-        if not self._settings.dicom.cleanup:
+        into `study` found the quota (`reason` `quota`) or the watermark (`free_space`)
+        reached. Deletes eligible studies, oldest first, never `study` itself; if none is
+        eligible, the store is refused (0xA700) as without cleanup."""
+        if not self._settings.dicom.cleanup or reason not in ("quota", "free_space"):
             return
         with self._lock:  # one at a time: the next store finds the room this one made
-            removals = self._for_space(needed, dry_run=False)
+            removals = self._for_space(reason, needed, study, dry_run=False)  # type: ignore[arg-type]
         if not removals:
             log.warning("no study can be deleted to make room", reason=reason, needed=needed)
 
@@ -112,7 +113,8 @@ class Cleaner:
         oldest eligible others until there is room again; each deleted unless `dry_run`."""
         with self._lock:
             removals = self._by_age(dry_run)
-            removals += self._for_space(0, dry_run, already=removals)
+            for reason in REASONS_OF_SPACE:
+                removals += self._for_space(reason, 0, "", dry_run, already=removals)
         return removals
 
     def _cutoff(self) -> datetime | None:
@@ -123,67 +125,72 @@ class Cleaner:
         cutoff = self._cutoff()
         if cutoff is None:
             return []
-        return [self._remove(candidate, "age", dry_run) for candidate in self._index.cleanup_candidates(cutoff)]
+        return [
+            removal
+            for candidate in self._index.cleanup_candidates(cutoff)
+            if (removal := self._remove(candidate, "age", dry_run)) is not None
+        ]
 
-    def _for_space(self, needed: int, dry_run: bool, already: list[Removal] | None = None) -> list[Removal]:
-        """Delete the oldest eligible studies while the quota or the watermark leaves no room
-        for `needed` bytes more; stops at the targets, or when nothing more is eligible."""
+    def _for_space(
+        self, reason: Reason, needed: int, study: str, dry_run: bool, already: list[Removal] | None = None
+    ) -> list[Removal]:
+        """For `quota`: delete the oldest eligible studies until storage is under 90 % of the
+        quota and `needed` bytes fit; for `free_space`: until the disk has 110 % of the
+        watermark and `needed` bytes free. Nothing when the limit is not reached, or when
+        `needed` alone passes the quota (no deletion would let it in)."""
         dicom = self._settings.dicom
-        quota, min_free = parse_size(dicom.storage_quota), parse_size(dicom.min_free_space)
+        freed = sum(r.bytes for r in already or []) if dry_run else 0
         gone = {r.study_instance_uid for r in already or []}
-        freed = sum(r.bytes for r in already or [])
-        used = self._index.total_size() - (freed if dry_run else 0)
-        free = shutil.disk_usage(self._settings.storage_dir).free + (freed if dry_run else 0)
-        reason: Reason | None = None
-        if quota and used + needed > quota:
-            reason = "quota"
-        elif min_free and free - needed < min_free:
-            reason = "free_space"
-        if reason is None:
-            return []
-        target_used = min(int(quota * QUOTA_TARGET), quota - needed) if quota else 0
-        target_free = int(min_free * FREE_MARGIN) + needed
+        if reason == "quota":
+            quota = parse_size(dicom.storage_quota)
+            level = self._index.total_size() - freed  # bytes used: goes down
+            if not quota or needed > quota or level + needed <= quota:
+                return []
+            target, sign = min(int(quota * QUOTA_TARGET), quota - needed), -1
+        else:
+            min_free = parse_size(dicom.min_free_space)
+            level = shutil.disk_usage(self._settings.storage_dir).free + freed  # bytes free: goes up
+            if not min_free or level - needed >= min_free:
+                return []
+            target, sign = int(min_free * FREE_MARGIN) + needed, 1
         removals: list[Removal] = []
-        for candidate in self._index.cleanup_candidates(self._cutoff()):
-            quota_done = not quota or used <= target_used
-            free_done = not min_free or free >= target_free
-            if quota_done and free_done:
+        for candidate in self._index.cleanup_candidates(self._cutoff(), excluding=study):
+            if sign * (level - target) >= 0:  # used at or under the target, or free at or over it
                 break
             if candidate.study_instance_uid in gone:
                 continue
-            removal = self._remove(candidate, "quota" if not quota_done else "free_space", dry_run)
-            removals.append(removal)
-            used -= removal.bytes
-            free += removal.bytes
+            removal = self._remove(candidate, reason, dry_run)
+            if removal is not None:
+                removals.append(removal)
+                level += sign * removal.bytes
         return removals
 
-    def _remove(self, candidate: Candidate, reason: Reason, dry_run: bool) -> Removal:
+    def _remove(self, candidate: Candidate, reason: Reason, dry_run: bool) -> Removal | None:
+        """Delete one study (audited in the same transaction); None when it is no longer
+        eligible (something arrived or was queued for it since it was chosen) or gone."""
         removal = Removal(
             candidate.study_instance_uid, candidate.last_arrival, candidate.instances, candidate.bytes, reason
         )
         if dry_run:
             return removal
-        deleted = self._writer.delete_study(candidate.study_instance_uid)
-        if deleted is None:  # another process deleted it a moment ago
-            return removal
-        metrics.CLEANUP_STUDIES.labels(reason).inc()
-        metrics.CLEANUP_BYTES.labels(reason).inc(deleted.bytes)
         detail = (
             f"study {candidate.study_instance_uid} deleted by cleanup ({reason}): last instance "
-            f"{candidate.last_arrival:%Y-%m-%d %H:%M:%S}Z, {deleted.files} files, {show_size(deleted.bytes)}"
+            f"{candidate.last_arrival:%Y-%m-%dT%H:%M:%S}Z, {candidate.instances} instances, "
+            f"{show_size(candidate.bytes)}"
         )
-        self._audit.append(
-            [
-                AuditRecord(
-                    datetime.now(UTC),
-                    "CLEANUP",
-                    status=reason,
-                    instances=candidate.instances,
-                    bytes=deleted.bytes,
-                    detail=detail[:512],
-                )
-            ]
+        record = AuditRecord(
+            datetime.now(UTC),
+            "CLEANUP",
+            status=reason,
+            instances=candidate.instances,
+            bytes=candidate.bytes,
+            detail=detail[:512],
         )
+        deleted = self._writer.delete_study(candidate.study_instance_uid, Eligible(self._cutoff()), record)
+        if deleted is None:
+            return None
+        metrics.CLEANUP_STUDIES.labels(reason).inc()
+        metrics.CLEANUP_BYTES.labels(reason).inc(deleted.bytes)
         log.info(
             "study deleted by cleanup",
             study=candidate.study_instance_uid,

@@ -93,9 +93,14 @@ def test_instance_numbers_in_one_flat_folder_are_a_configuration_error(tmp_path:
     assert "dicom.file_naming" in result.stderr and "flat.toml" in result.stderr
 
 
+def stored_format(moment: datetime) -> str:
+    """A UTC moment as SQLAlchemy writes one into SQLite (it compares them as text)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
 def age(daemon: Daemon, study_uid: str, days: float) -> None:
     """As if the study's instances had arrived `days` ago."""
-    when = (datetime.now(UTC) - timedelta(days=days)).isoformat()
+    when = stored_format(datetime.now(UTC) - timedelta(days=days))
     daemon.query(
         "UPDATE instances SET created_at = ? WHERE series_pk IN (SELECT s.id FROM series s JOIN studies t "
         "ON s.study_pk = t.id WHERE t.study_instance_uid = ?)",
@@ -136,7 +141,11 @@ def test_a_full_quota_with_cleanup_keeps_accepting_and_spares_what_it_must(
     daemon.query(
         "INSERT INTO route_jobs (sop_instance_uid, study_instance_uid, peer, route, state, attempts, "
         "next_attempt_at, last_error, leased_by) VALUES (?, ?, 'away', 'keep-one', 'pending', 0, ?, '', '')",
-        (str(dcmread(made[0][0]).SOPInstanceUID), uid_of(made[0]), (datetime.now(UTC) + timedelta(days=1)).isoformat()),
+        (
+            str(dcmread(made[0][0]).SOPInstanceUID),
+            uid_of(made[0]),
+            stored_format(datetime.now(UTC) + timedelta(days=1)),
+        ),
     )
     age(daemon, uid_of(made[0]), 5)
     age(daemon, uid_of(made[1]), 4)
@@ -148,8 +157,9 @@ def test_a_full_quota_with_cleanup_keeps_accepting_and_spares_what_it_must(
     assert len(audit) == 1 and uid_of(made[1]) in audit[0][0] and "(quota)" in audit[0][0]
     assert daemon.metric("fabricatord_cleanup_studies_deleted_total", reason="quota") == 1
     # Nothing else is eligible (a job waits on one, the others are young): refused, 0xA700.
-    refused = storescu(daemon.port, made[4])
-    assert refused.returncode != 0 or "0xa700" in (refused.stdout + refused.stderr).lower()
+    storescu(daemon.port, made[4])
+    assert '"status": "0xA700"' in daemon.log.read_text()
+    assert daemon.metric("fabricatord_storage_write_failures_total", reason="quota") == 1
     assert uid_of(made[4]) not in {uid for (uid,) in daemon.query("SELECT study_instance_uid FROM studies")}
     assert len(daemon.files()) == 3 and len(daemon.rows()) == 3
 
@@ -166,11 +176,13 @@ def test_cleanup_command_lists_then_deletes_and_a_kill_between_commit_and_unlink
     daemon.stop()
     env = {"FABRICATORD_CONFIG": str(daemon.config)}
     dry = run_cli("cleanup", "--dry-run", "--json", env=env)
-    planned = [json.loads(line) for line in dry.stdout.splitlines()]
+    *planned, total = [json.loads(line) for line in dry.stdout.splitlines()]
     assert [(p["study_instance_uid"], p["reason"], p["deleted"]) for p in planned] == [
         (uid_of(made[1]), "age", False),
         (uid_of(made[0]), "age", False),
     ]
+    assert (total["studies"], total["instances"]) == (2, 2)
+    assert total["bytes"] == sum(p["bytes"] for p in planned) and total["deleted"] is False
     assert len(daemon.files()) == 3
     # Killed after the rows and the delete intents are committed, before any file is unlinked.
     killed = subprocess.run(

@@ -13,7 +13,7 @@ from fabricatord.config.values import parse_duration
 from fabricatord.db import InstanceIndex, open_database
 from fabricatord.db.models import Instance
 from fabricatord.dicom.part10 import Part10Encoder
-from fabricatord.dicom.storage import InstanceWriter, relative_path
+from fabricatord.dicom.storage import InstanceWriter, index_entry, relative_path
 from fabricatord.workflow.retention import Cleaner
 from tests.helpers import study
 
@@ -117,7 +117,8 @@ def test_cleanup_deletes_by_age_and_for_the_quota_never_a_young_or_busy_study(
     done = cleaner.clean()
     assert [r.study_instance_uid for r in done] == [studies[0].StudyInstanceUID]
     assert not index.lookup([studies[0].SOPInstanceUID])
-    # The quota: three fit; the fourth is stored, the fifth finds only young or busy studies.
+    # The quota: three fit; the fourth is stored; the fifth makes room by deleting the fourth,
+    # now past retention, and neither the busy nor the young one.
     writer.write(studies[3], "received")
     _age(settings.database_url, studies[3].SOPInstanceUID, 15)
     writer.write(studies[4], "received")  # makes room by deleting the 15-day-old study
@@ -125,3 +126,63 @@ def test_cleanup_deletes_by_age_and_for_the_quota_never_a_young_or_busy_study(
     assert index.lookup([studies[1].SOPInstanceUID])  # its route job keeps it
     assert parse_duration(settings.dicom.retention) == 10 * 86400
     assert os.listdir(settings.tmp_dir) == []
+
+
+def test_a_deletion_whose_path_was_given_again_keeps_the_new_file(tmp_path: Path) -> None:
+    """Cut short after its commit; before recovery another instance was indexed at the path."""
+    index = InstanceIndex(open_database(f"sqlite:///{tmp_path / 'g.sqlite'}"))
+    writer = InstanceWriter(index, tmp_path / "storage", tmp_path / "tmp", "flat", naming="sequence")
+    old = study("CT", images=1, seed=1)[0]
+    first = writer.write(old, "received")
+    forgotten = index.forget_study(old.StudyInstanceUID)
+    assert forgotten is not None
+    first.path.unlink()  # as if the deletion had unlinked it, then a new store took the name
+    newer = study("CT", images=1, seed=2)[0]
+    encoded = Part10Encoder().encode(newer)
+    index.commit([index_entry(newer, first.path.name, len(encoded), "", "received", "")], [])
+    first.path.write_bytes(encoded)
+    report = writer.recover()
+    assert report.orphans_removed == 0 and first.path.exists() and index.intents() == []
+
+
+def test_cleanup_spares_a_study_an_acquisition_is_making_and_stops_at_90_percent(
+    database_url: str, tmp_path: Path, make_settings: object
+) -> None:
+    size = len(Part10Encoder().encode(study("CT", images=1, seed=1)[0]))
+    quota = int(size * 10.5)  # ten fit (their sizes differ by a few bytes), the eleventh does not
+    settings = make_settings(  # type: ignore[operator]
+        f'[dicom]\ncleanup = true\nstorage_quota = "{quota}"\n', database=database_url
+    )
+    database = open_database(settings.database_url)
+    index = InstanceIndex(database)
+    writer = InstanceWriter(index, settings.storage_dir, settings.tmp_dir, quota_bytes=quota)
+    cleaner = Cleaner(settings, database, writer)
+    writer.reclaim = cleaner.make_room
+    studies = [study("CT", images=1, seed=seed)[0] for seed in range(1, 12)]
+    for ds in studies[:10]:
+        writer.write(ds, "received")
+    # An order's step whose acquisition is pending names the first study: it must stay.
+    from fabricatord.db.models import Acquisition, Order, RequestedProcedure, ScheduledStep
+
+    with database.writes.begin() as session:
+        order = Order(placer_order_number="P1", filler_order_number="F1", accession_number="A1", patient_pk=1)
+        session.add(order)
+        session.flush()
+        procedure = RequestedProcedure(
+            order_pk=order.id, requested_procedure_id="RP1", study_instance_uid=studies[0].StudyInstanceUID
+        )
+        session.add(procedure)
+        session.flush()
+        step = ScheduledStep(
+            procedure_pk=procedure.id, sps_id="S1", modality="CT", start_date="20261203", start_time="0900",
+            start_datetime="20261203090000",
+        )  # fmt: skip
+        session.add(step)
+        session.flush()
+        session.add(Acquisition(step_pk=step.id, policy="manual", state="pending"))
+    writer.write(studies[10], "received")  # over the quota: the oldest eligible ones go
+    held = set(index.lookup(ds.SOPInstanceUID for ds in studies))
+    assert studies[0].SOPInstanceUID in held  # its acquisition is pending
+    assert studies[10].SOPInstanceUID in held  # the study being stored is never a candidate
+    assert studies[1].SOPInstanceUID not in held  # the oldest eligible went first
+    assert len(held) < 11 and index.total_size() <= quota * 0.9 + 1.1 * size  # down to 90 %, then the new one
