@@ -17,6 +17,7 @@ Gate (issue 18): 2 workers ≥ 1.3× one worker's C-STORE rate under 8 associati
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import resource
 import shutil
@@ -150,6 +151,23 @@ def count_orders(url: str) -> int:
     return int(row[0]) if row else 0
 
 
+@contextmanager
+def cluster(work: Path, url: str, number: int, daemons: int, workers: int) -> Iterator[tuple[list[peers.Server], str]]:
+    """`daemons` daemons of `workers` processes each on a fresh database and storage folder:
+    the servers and the database's URL; stopped and the folder removed afterwards."""
+    database = fresh_database(url, f"run{number}")
+    place = work / f"run{number}"
+    place.mkdir()
+    servers: list[peers.Server] = []
+    try:
+        servers.extend(daemon(place, database, workers, f"node{i}") for i in range(daemons))
+        yield servers, database
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(place, ignore_errors=True)
+
+
 # -- what is measured ------------------------------------------------------------------------
 
 
@@ -237,45 +255,27 @@ def main() -> int:
         work = Path(folder)
         os.chmod(work, 0o755)
         with postgresql(work) as url:
-            run_number = 0
+            runs_made = itertools.count(1)
             for name, (daemons, workers) in configurations.items():
                 for dataset, files in datasets.items():
                     runs = []
                     for _ in range(repeat):
-                        run_number += 1
-                        database = fresh_database(url, f"run{run_number}")
-                        place = work / f"run{run_number}"
-                        place.mkdir()
-                        servers = [daemon(place, database, workers, f"node{i}") for i in range(daemons)]
-                        try:
+                        with cluster(work, url, next(runs_made), daemons, workers) as (servers, database):
                             seconds, senders, used, db = store(servers, files)
-                        finally:
-                            for server in servers:
-                                server.stop()
                         stored = count_instances(database)
                         if stored != len(files):
                             raise RuntimeError(f"{name} indexed {stored} of {len(files)} {dataset}")
                         runs.append((len(files) / seconds, senders, used, db))
-                        shutil.rmtree(place, ignore_errors=True)
                     rate, senders, used, db = sorted(runs)[len(runs) // 2]
                     rates[(name, dataset)] = rate
                     store_rows.append([dataset, name, rate, senders, used, db])
                 runs = []
                 for _ in range(repeat):
-                    run_number += 1
-                    database = fresh_database(url, f"run{run_number}")
-                    place = work / f"run{run_number}"
-                    place.mkdir()
-                    servers = [daemon(place, database, workers, f"node{i}") for i in range(daemons)]
-                    try:
+                    with cluster(work, url, next(runs_made), daemons, workers) as (servers, database):
                         runs.append(messages(servers, per_connection))
-                    finally:
-                        for server in servers:
-                            server.stop()
                     expected = HL7_CONNECTIONS * per_connection
                     if count_orders(database) != expected:
                         raise RuntimeError(f"{name} kept {count_orders(database)} of {expected} orders")
-                    shutil.rmtree(place, ignore_errors=True)
                 rate, senders, used, db = sorted(runs)[len(runs) // 2]
                 rates[(name, "hl7")] = rate
                 hl7_rows.append([name, rate, senders, used, db])
