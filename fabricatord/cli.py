@@ -1099,6 +1099,47 @@ def _password(args: argparse.Namespace, name: str) -> str:
     return password
 
 
+def cmd_proxy(args: argparse.Namespace) -> int:
+    """`keygen`: a new key for a proxy's key_file, on stdout."""
+    from fabricatord.workflow.proxy import keygen
+
+    _print(keygen())
+    return 0
+
+
+def cmd_reidentify(args: argparse.Namespace) -> int:
+    """What each removed or replaced attribute of a study was, by the proxy's key; with --out,
+    re-identified files (pixels too where the proxy kept originals)."""
+    from fabricatord.db import InstanceIndex
+    from fabricatord.workflow.proxy import Proxies, ProxyKeyError
+
+    settings = _settings(args)
+    _logging(settings)
+    database = _database(settings)
+    try:
+        proxies = Proxies(settings, database)
+        restored = proxies.reidentify(args.study, who=f"cli:{os.environ.get('USER', '')}")
+        if restored is None:
+            raise CliError(f"no proxy de-identified a study with Study Instance UID {args.study}", EX_DATAERR)
+        if args.out:
+            stored = {
+                i.sop_instance_uid: settings.storage_dir / i.path
+                for i in InstanceIndex(database).study_instances(args.study)
+            }
+            written = proxies.reidentified_files(args.study, stored, Path(args.out))
+    except ProxyKeyError as exc:
+        raise CliError(str(exc), EX_CONFIG) from None
+    if args.json:
+        for r in restored:
+            _print(json.dumps(r.__dict__))
+    else:
+        rows = [[r.sop_instance_uid, r.path, r.keyword, r.action, json.dumps(r.original)] for r in restored]
+        _table(["SOP INSTANCE UID (AS SENT)", "TAG", "KEYWORD", "ACTION", "ORIGINAL"], rows)
+    if args.out:
+        _print(f"{len(written)} re-identified files in {args.out}")
+    return 0
+
+
 def cmd_users(args: argparse.Namespace) -> int:
     from fabricatord.config.values import parse_duration
     from fabricatord.workflow.access import Directory, NoSuchUser, PasswordRules, UserExists
@@ -1365,6 +1406,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, metavar="SECONDS", help="longest wait for a word from the source (default: none)"
     )
     move_cmd.add_argument("--prod", action="store_true", help='allow a source or destination with environment = "prod"')
+    proxy = command("proxy", cmd_proxy, "anonymizing proxies: keygen prints a new key for a key_file")
+    proxy.add_argument("action", choices=["keygen"])
+    reidentify = command("reidentify", cmd_reidentify, "a de-identified study's original values, by the proxy's key")
+    reidentify.add_argument("study", metavar="STUDY_UID", help="the Study Instance UID as the backend holds it")
+    reidentify.add_argument("--out", metavar="DIR", help="also write re-identified files here")
+    reidentify.add_argument("--json", action="store_true", help="one JSON object per attribute")
     users = command("users", cmd_users, "who may use the console and the API: add, list, passwd, disable, token")
     user_actions = users.add_subparsers(dest="action", required=True, metavar="ACTION")
     add_user = user_actions.add_parser("add", help="a new user with one role")

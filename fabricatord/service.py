@@ -49,6 +49,7 @@ from fabricatord.workflow.audit import AuditTrail
 from fabricatord.workflow.hl7 import Inbox
 from fabricatord.workflow.monitor import Monitor
 from fabricatord.workflow.presence import Presence
+from fabricatord.workflow.proxy import Proxies
 from fabricatord.workflow.retention import Cleaner
 from fabricatord.workflow.routing import Router, Rules
 
@@ -147,7 +148,10 @@ def build(
     on_due = acquirer.wake if acquirer is not None else _nothing
     inherited = seat.listeners if seat is not None else {}
     counts = seat.counts() if seat is not None else None
-    node = DicomNode(settings, database, writer, audit, on_due, inherited=inherited.get("dicom"), counts=counts)
+    proxies = Proxies(settings, database)  # every key checked before anything is accepted
+    node = DicomNode(
+        settings, database, writer, audit, on_due, inherited=inherited.get("dicom"), counts=counts, proxies=proxies
+    )
     node.setServiceParent(root)
     inbox = Inbox(settings, database, on_due=on_due)
     mllp = MllpListener(settings, inbox, reactor_, inherited=inherited.get("mllp"), counts=counts)
@@ -180,6 +184,7 @@ def build(
         acquirer.wake,
         listeners,
         checks,
+        proxies=proxies,
     )
     StreamServerEndpointService(http, site(department)).setServiceParent(root)
     return root, [rules, node, inbox, acquirer, router, monitor, cleaner, department]

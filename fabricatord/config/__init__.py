@@ -1,7 +1,7 @@
 """Settings: the TOML file, environment overrides, validation (layer 1)."""
 
 from fabricatord.config.loader import ConfigError, ConfigProblem, Located, SettingsCheck, load, locate
-from fabricatord.config.schema import ModalityOverride, PeerSettings, RouteSettings, Settings
+from fabricatord.config.schema import ModalityOverride, PeerSettings, ProxySettings, RouteSettings, Settings
 
 __all__ = [
     "ConfigError",
@@ -9,6 +9,7 @@ __all__ = [
     "Located",
     "ModalityOverride",
     "PeerSettings",
+    "ProxySettings",
     "RouteSettings",
     "Settings",
     "SettingsCheck",

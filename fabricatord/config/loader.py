@@ -347,6 +347,25 @@ def _cross_check(settings: Settings) -> Iterable[tuple[str, str]]:
             "synth.mpps_peer",
             f"expected 'self' or a [[peers]] name, got {settings.synth.mpps_peer!r}",
         )
+    names: set[str] = set()
+    for index, proxy in enumerate(settings.proxies):
+        where = f"proxies[{index}]"
+        if not proxy.name or proxy.name in names or "/" in proxy.name:
+            yield f"{where}.name", "every proxy needs a name of its own (no `/`)"
+        names.add(proxy.name)
+        if not proxy.ae_title or proxy.ae_title == settings.node.ae_title:
+            yield f"{where}.ae_title", "a proxy needs an AE title of its own, not the node's"
+        elif sum(p.ae_title == proxy.ae_title for p in settings.proxies) > 1:
+            yield f"{where}.ae_title", f"AE title {proxy.ae_title!r} is used by two proxies"
+        backend = settings.peer(proxy.to)
+        if backend is None:
+            yield f"{where}.to", f"no [[peers]] entry is named {proxy.to!r}"
+        elif backend.environment == "prod" and not proxy.allow_prod:
+            yield f"{where}.to", f"peer {proxy.to!r} is prod: the proxy must say allow_prod = true"
+        if not proxy.key_file.name:
+            yield f"{where}.key_file", "a proxy needs a key file (fabricatord proxy keygen > FILE)"
+        elif not proxy.key_file.is_file():
+            yield f"{where}.key_file", f"{proxy.key_file} does not exist or is not a file"
     if settings.node.workers > 1 and not settings.shared:
         yield "node.workers", "more than one worker process needs PostgreSQL ([node] database): SQLite has one writer"
     if settings.dicom.file_naming == "instance-number" and settings.dicom.storage_layout == "flat":

@@ -42,6 +42,8 @@ def key(default: Any, doc: str, check: Check | None = None) -> Any:
 LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 Duplicates = Literal["keep", "overwrite"]
+DatesOption = Literal["remove", "keep", "shift"]
+BurnedIn = Literal["clean", "refuse"]
 StorageLayout = Literal["study/series", "study", "patient", "patient/study/series", "date", "received-date", "flat"]
 FileNaming = Literal["sop-uid", "instance-number", "timestamp", "sequence"]
 Acquisition = Literal["immediate", "delay", "on_query", "manual"]
@@ -335,6 +337,35 @@ class PeerSettings:
 
 
 @dataclass(frozen=True)
+class ProxySettings:
+    """`[[proxies]]`: an AE title of ours that de-identifies what it receives (PS3.15 Annex E)
+    and forwards it to one backend peer, keeping the originals encrypted for re-identification."""
+
+    name: str = key("", "Proxy name, for logs, route jobs (`proxy:NAME`) and `fabricatord reidentify`.")
+    ae_title: str = key("", "The called AE title this proxy answers to (not the node's own).", check_ae_title)
+    calling_aes: list[str] = key([], "Who may use it; empty: anyone the node admits.")
+    to: str = key("", "The `[[peers]]` name of the backend that receives the de-identified copy.")
+    allow_prod: bool = key(False, 'Allow `to` to be a peer with `environment = "prod"`.')
+    retain_uids: bool = key(False, "Retain UIDs Option; otherwise each UID gets a keyed replacement.")
+    dates: DatesOption = key(
+        "remove",
+        "`remove` (the profile), `keep` (Retain Longitudinal Temporal Information with Full Dates) or `shift` "
+        "(… with Modified Dates: each patient's dates move back by one keyed offset).",
+    )
+    retain_device_identity: bool = key(False, "Retain Device Identity Option.")
+    clean_descriptors: bool = key(False, "Clean Descriptors Option: descriptions kept (ours hold no identity).")
+    burned_in: BurnedIn = key(
+        "refuse",
+        "An instance that says Burned In Annotation YES: `clean` blanks the text our templates draw (Clean "
+        "Pixel Data Option), `refuse` answers it with a failure. Never forwarded as it is.",
+    )
+    keep_original: bool = key(
+        False, "Also keep the original instance (encrypted), so re-identified files get their pixels."
+    )
+    key_file: Path = key(Path(), "File holding the key (`fabricatord proxy keygen`); every node needs the same one.")
+
+
+@dataclass(frozen=True)
 class RouteSettings:
     name: str = key("", "Route name, for logs and metrics.")
     match: dict[str, str] = key(
@@ -364,11 +395,16 @@ class Settings:
     synth: SynthSettings = field(default_factory=SynthSettings)
     peers: list[PeerSettings] = field(default_factory=list)
     routes: list[RouteSettings] = field(default_factory=list)
+    proxies: list[ProxySettings] = field(default_factory=list)
     source: Path | None = None
     """The file these settings came from; None for built-in defaults."""
 
     def peer(self, name: str) -> PeerSettings | None:
         return next((p for p in self.peers if p.name == name), None)
+
+    def proxy(self, ae_title: str) -> ProxySettings | None:
+        """The `[[proxies]]` entry that answers to a called AE title."""
+        return next((p for p in self.proxies if p.ae_title == ae_title), None)
 
     @property
     def storage_dir(self) -> Path:
@@ -416,6 +452,6 @@ SECTIONS: dict[str, type] = {
     "http": HttpSettings,
     "synth": SynthSettings,
 }
-TABLE_ARRAYS: dict[str, type] = {"peers": PeerSettings, "routes": RouteSettings}
+TABLE_ARRAYS: dict[str, type] = {"peers": PeerSettings, "routes": RouteSettings, "proxies": ProxySettings}
 
 MODALITY_KEY = re.compile(r"^[A-Z]{2}$")

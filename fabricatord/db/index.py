@@ -57,6 +57,8 @@ class IndexEntry:
     digest: str
     source: str
     source_ae: str = ""
+    called_ae: str = ""
+    """The AE title it was sent to, when not the node's own (a proxy's): for routes, not kept."""
 
 
 @dataclass(frozen=True)

@@ -426,3 +426,31 @@ class Lease(Base):
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
     holder: Mapped[str] = mapped_column(String(64))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ProxyKey(Base):
+    """Owner: `fabricatord.db.proxies`. Which key a proxy's records are sealed with: a keyed
+    hash of a fixed text, so that a node with another key refuses to start."""
+
+    __tablename__ = "proxy_keys"
+
+    proxy: Mapped[str] = mapped_column(String(64), primary_key=True)
+    check_value: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ProxyRecord(Base):
+    """Owner: `fabricatord.db.proxies`. One de-identified instance: its new UIDs, and sealed
+    (encrypted with the proxy's key) every attribute removed or replaced; the original file's
+    path under data_dir when the proxy keeps originals."""
+
+    __tablename__ = "proxy_records"
+    __table_args__ = (UniqueConstraint("proxy", "sop_instance_uid", name="uq_proxy_records_instance"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    proxy: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
+    original_file: Mapped[str] = mapped_column(String(512), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -331,8 +331,8 @@ class InstanceWriter:
         self._storage.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
 
-    def write(self, ds: Dataset, source: str, source_ae: str = "") -> WriteResult:
-        return next(self.write_many([ds], source, source_ae))
+    def write(self, ds: Dataset, source: str, source_ae: str = "", called_ae: str = "") -> WriteResult:
+        return next(self.write_many([ds], source, source_ae, called_ae=called_ae))
 
     def adopt(self, file: Path, ds: Dataset, source: str, source_ae: str = "") -> WriteResult:
         """Store a complete Part 10 file already in `tmp_dir` (a received instance as it arrived)
@@ -495,7 +495,7 @@ class InstanceWriter:
                 adoption.final.unlink()
                 _fsync_dir(adoption.final.parent)
 
-    def prepare(self, ds: Dataset, source: str, source_ae: str = "") -> Encoded:
+    def prepare(self, ds: Dataset, source: str, source_ae: str = "", called_ae: str = "") -> Encoded:
         """Validate and encode `ds`; thread-safe, so a producer thread can do it ahead of the writes."""
         encoder = getattr(self._local, "encoder", None)
         if encoder is None:
@@ -513,10 +513,16 @@ class InstanceWriter:
         for part in parts:
             digest.update(part)
         size = sum(len(part) for part in parts)
-        return Encoded(parts, index_entry(ds, relative, size, digest.hexdigest(), source, source_ae))
+        entry = index_entry(ds, relative, size, digest.hexdigest(), source, source_ae)
+        return Encoded(parts, replace(entry, called_ae=called_ae) if called_ae else entry)
 
     def write_many(
-        self, items: Iterable[Dataset | Encoded], source: str, source_ae: str = "", batch: int = 64
+        self,
+        items: Iterable[Dataset | Encoded],
+        source: str,
+        source_ae: str = "",
+        batch: int = 64,
+        called_ae: str = "",
     ) -> Iterator[WriteResult]:
         """Store datasets (or instances `prepare` encoded) in batches that share one intent commit
         and one index commit. A batch holds index entries, not files: memory stays flat."""
@@ -528,7 +534,7 @@ class InstanceWriter:
                 # Temporary files are written two at a time: copying into the page cache and
                 # fsync run in the kernel without the GIL, so a second writer uses the second core.
                 for item in islice(iterator, batch):
-                    encoded = item if isinstance(item, Encoded) else self.prepare(item, source, source_ae)
+                    encoded = item if isinstance(item, Encoded) else self.prepare(item, source, source_ae, called_ae)
                     in_flight.append(self._io.submit(self._stage, encoded))
                     if len(in_flight) >= _IO_THREADS:
                         pending.append(in_flight.popleft().result())

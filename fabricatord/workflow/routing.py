@@ -34,6 +34,10 @@ WORKERS = 2
 """Route workers; each holds at most one association, to one peer, for one study."""
 
 
+PROXY_ROUTE = "proxy:"
+"""The route name of a proxy's forwarding jobs: `proxy:NAME`."""
+
+
 @dataclass(frozen=True)
 class _Rule:
     name: str
@@ -66,6 +70,11 @@ class Rules:
             )
             for index, route in enumerate(settings.routes)
         ]
+        # What arrives at a proxy's AE title goes to its backend, de-identified, as a route would.
+        self._rules += [
+            _Rule(f"{PROXY_ROUTE}{proxy.name}", "any", None, "", proxy.ae_title, None, (proxy.to,))
+            for proxy in settings.proxies
+        ]
 
     def destinations(self, entry: IndexEntry) -> list[tuple[str, str]]:
         """(peer, route) for every rule `entry` matches, each peer once."""
@@ -77,7 +86,7 @@ class Rules:
                 continue
             if rule.calling_ae and rule.calling_ae != entry.source_ae:
                 continue
-            if rule.called_ae and rule.called_ae != self._our_ae:
+            if rule.called_ae and rule.called_ae != (entry.called_ae or self._our_ae):
                 continue
             if rule.study_description is not None and not rule.study_description.search(entry.study_description):
                 continue
@@ -109,7 +118,12 @@ def _route_name(route: RouteSettings, index: int) -> str:
 
 
 def _route(settings: Settings, name: str) -> RouteSettings:
-    """The `[[routes]]` entry a job was queued by; the defaults when it is no longer there."""
+    """The `[[routes]]` entry a job was queued by (for a proxy's forward, what its entry says);
+    the defaults when it is no longer there."""
+    if name.startswith(PROXY_ROUTE):
+        proxy = next((p for p in settings.proxies if p.name == name.removeprefix(PROXY_ROUTE)), None)
+        if proxy is not None:
+            return RouteSettings(name=name, to=[proxy.to], allow_prod=proxy.allow_prod)
     found = (route for index, route in enumerate(settings.routes) if _route_name(route, index) == name)
     return next(found, RouteSettings())
 

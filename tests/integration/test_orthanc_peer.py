@@ -3,60 +3,17 @@ through its REST API, as an administrator would click it."""
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import free_port, need, run_cli, wait_for_echo, wait_for_port
-from tests.integration.conftest import DCMTK_ENV, Daemon, orthanc_config
+from tests.conftest import free_port, run_cli
+from tests.integration.conftest import Daemon, Orthanc
 
 pytestmark = pytest.mark.integration
-
-
-class Orthanc:
-    def __init__(self, dicom_port: int, http_port: int) -> None:
-        self.dicom_port = dicom_port
-        self.http = f"http://127.0.0.1:{http_port}"
-
-    def call(self, path: str, body: Any = None) -> Any:
-        data = None if body is None else (body if isinstance(body, str) else json.dumps(body)).encode()
-        request = urllib.request.Request(self.http + path, data=data, method="POST" if data is not None else "GET")
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return json.loads(response.read() or b"null")
-
-
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Callable[[int, int], Orthanc]]:
-    processes: list[subprocess.Popen[bytes]] = []
-
-    def start(dicom_port: int, fabricatord_port: int) -> Orthanc:
-        http_port = free_port()
-        config = orthanc_config(
-            tmp_path,
-            dicom_port,
-            http_port,
-            AuthenticationEnabled=False,
-            DicomModalities={"fabricatord": ["FABRICATORD", "127.0.0.1", fabricatord_port]},
-        )
-        process = subprocess.Popen(
-            [need("Orthanc"), str(config)], env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        processes.append(process)
-        wait_for_echo(dicom_port, "ORTHANC", timeout=60, process=process)  # type: ignore[arg-type]
-        wait_for_port(http_port, process=process)  # type: ignore[arg-type]
-        return Orthanc(dicom_port, http_port)
-
-    yield start
-    for process in processes:
-        process.terminate()
-        process.wait(timeout=20)
 
 
 def test_orthanc_queries_and_moves_a_study_out_of_fabricatord(

@@ -187,3 +187,19 @@ def test_every_command_finds_its_file_in_one_order(tmp_path: Path) -> None:
     local.write_text("")
     found = locate(None, {}, here, system)
     assert found.path == local and found.describe() == f"configuration {local}"
+
+
+def test_a_proxy_needs_its_own_ae_title_a_backend_and_a_key_file(tmp_path: Path) -> None:
+    (tmp_path / "proxy.key").write_text("x")
+    config = tmp_path / "f.toml"
+    config.write_text(
+        '[[peers]]\nname = "pacs"\nae_title = "PACS"\nenvironment = "prod"\n'
+        '[[proxies]]\nname = "a"\nae_title = "FABRICATORD"\nto = "pacs"\nkey_file = "proxy.key"\n'
+        '[[proxies]]\nname = "a"\nae_title = "ANON"\nto = "nowhere"\nkey_file = "missing.key"\n'
+    )
+    found = problems(config)
+    assert any("proxies[0].ae_title" in p and "node's" in p for p in found)
+    assert any("proxies[0].to" in p and "prod" in p for p in found)
+    assert any("proxies[1].name" in p for p in found)
+    assert any("proxies[1].to" in p and "nowhere" in p for p in found)
+    assert any("proxies[1].key_file" in p and "missing.key" in p for p in found)

@@ -44,6 +44,8 @@ class Policy:
     """The longest P-DATA-TF we receive, announced in the AC; 0 for no limit."""
     implementation_class_uid: str
     implementation_version_name: str
+    other_titles: Collection[str] = ()
+    """Called AE titles we answer to besides `ae_title` (anonymizing proxies)."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def _refusals(
         yield Refusal(AssociateReject(1, 1, 3), f"calling_ae_unknown: {request.calling!r} is not a [[peers]] ae_title")
     if full:
         yield Refusal(AssociateReject(2, 3, 2), "max_associations: the association limit is reached")
-    if request.called != policy.ae_title.strip():
+    if request.called != policy.ae_title.strip() and request.called not in policy.other_titles:
         yield Refusal(AssociateReject(1, 1, 7), f"called_ae: {request.called!r} is not {policy.ae_title!r}")
 
 

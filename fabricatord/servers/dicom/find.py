@@ -14,6 +14,7 @@ from fabricatord.dicom import query, worklist
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
 from fabricatord.servers.dicom.context import Request, Response, Status
+from fabricatord.workflow.proxy import Proxy
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -35,6 +36,10 @@ def serve(request: Request) -> Response:
 def _find(request: Request) -> Response:
     if request.refused("C-FIND"):
         return Response(Status.NOT_AUTHORIZED, "this AE may not query here")
+    proxies = request.parts.proxies
+    proxy = proxies.called(request.served.called_ae) if proxies is not None else None
+    if proxy is not None:
+        return _relayed(request, proxy)
 
     def search(limit: int) -> tuple[query.FindQuery, list[Any]]:
         find = query.build(identifier(request), request.sop_class)
@@ -49,6 +54,26 @@ def _find(request: Request) -> Response:
     if not _send_all(request, answers, bool(find.unsupported)):
         return Response(Status.CANCEL)
     log.info("c-find", level=find.level, matches=len(rows), unsupported=find.unsupported or None)
+    return Response(Status.SUCCESS)
+
+
+def _relayed(request: Request, proxy: Proxy) -> Response:
+    """A C-FIND sent to a proxy's AE title: asked of its backend with de-identified keys, the
+    answers passed on as the backend holds them."""
+    from pynetdicom.dsutils import encode
+
+    from fabricatord.dicom.scu import ScuError, Timeouts
+
+    try:
+        matches = proxy.query(identifier(request), request.settings, Timeouts.of(request.settings.dicom))
+    except ScuError as exc:
+        log.warning("c-find not relayed", proxy=proxy.settings.name, backend=proxy.settings.to, error=str(exc))
+        return Response(Status.OUT_OF_RESOURCES, f"the backend did not answer: {exc}"[:64])
+    implicit, little, _ = request.encoding
+    answers = (encode(match, implicit, little) or b"" for match in matches or [])
+    if not _send_all(request, answers, False):
+        return Response(Status.CANCEL)
+    log.info("c-find relayed", proxy=proxy.settings.name, matches=len(matches or []))
     return Response(Status.SUCCESS)
 
 

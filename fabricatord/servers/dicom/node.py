@@ -15,7 +15,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from io import BytesIO
 from typing import Any
@@ -67,6 +67,7 @@ from fabricatord.servers.dicom.context import MAX_ERROR_COMMENT, Request, Respon
 from fabricatord.servers.listen import WorkerCounts, adopt
 from fabricatord.workflow.audit import AuditTrail
 from fabricatord.workflow.mpps import PerformedProcedureSteps
+from fabricatord.workflow.proxy import Proxies
 from fabricatord.workflow.worklist import Fetches
 
 log = get_logger(__name__)
@@ -159,6 +160,15 @@ def outcome(status: int, refused: bool) -> str:
     return "failure"
 
 
+def proxy_policy(node_policy: Policy) -> Policy:
+    """What a proxy's AE title accepts: verification, storage, and Study Root C-FIND (relayed to
+    its backend); other queries and retrieves find their contexts refused (abstract syntax not
+    supported)."""
+    kept = {str(Verification), str(StudyRootQueryRetrieveInformationModelFind), *STORAGE_CLASSES}
+    contexts = {syntax: names for syntax, names in node_policy.contexts.items() if syntax in kept}
+    return replace(node_policy, contexts=contexts, role_classes=())
+
+
 def policy(settings: Settings) -> Policy:
     """What we accept: the conformance statement's SOP classes and transfer syntaxes."""
     contexts: dict[str, tuple[str, ...]] = {str(Verification): tuple(DEFAULT_TRANSFER_SYNTAXES)}
@@ -175,6 +185,7 @@ def policy(settings: Settings) -> Policy:
         max_length=settings.dicom.max_pdu,
         implementation_class_uid=IMPLEMENTATION_CLASS_UID,
         implementation_version_name=IMPLEMENTATION_VERSION_NAME,
+        other_titles=frozenset(proxy.ae_title for proxy in settings.proxies),
     )
 
 
@@ -188,6 +199,8 @@ class Parts:
     fetches: Fetches
     walk_limits: WalkLimits
     peers: dict[str, PeerSettings] = field(default_factory=dict)
+    proxies: Proxies | None = None
+    """The anonymizing proxies whose AE titles we answer to."""
 
     def peer_by_ae(self, ae_title: str) -> PeerSettings | None:
         return self.peers.get(ae_title)
@@ -209,6 +222,7 @@ class DicomNode(Service):
         reactor: Any = None,
         inherited: int | None = None,
         counts: WorkerCounts | None = None,
+        proxies: Proxies | None = None,
     ) -> None:
         """`on_due`: an `on_query` acquisition became due because a modality fetched its item.
         A worker process listens on the socket `inherited` from its parent and counts its
@@ -226,6 +240,7 @@ class DicomNode(Service):
             PerformedProcedureSteps(database),
             Fetches(database, on_due),
             WalkLimits(inflated=parse_size(settings.dicom.max_dataset_size)),
+            proxies=proxies,
         )
         self.reload(settings)
         self.sessions: set[Session] = set()
@@ -240,6 +255,7 @@ class DicomNode(Service):
         self.settings = settings
         self.parts.peers = {p.ae_title: p for p in reversed(settings.peers)}  # the first entry wins
         self.policy = policy(settings)
+        self.proxy_policy = proxy_policy(self.policy)
 
     @property
     def listening(self) -> bool:
@@ -371,7 +387,13 @@ class Session:
         open_now = node.live_associations()
         limit = settings.dicom.max_associations
         full = not node.counts.admit(open_now, limit) if node.counts is not None else open_now >= limit
+        proxy = node.parts.proxies.called(request.called) if node.parts.proxies is not None else None
         refused = refusal(request, node.policy, known, full)
+        if refused is None and proxy is not None and not proxy.admits(request.calling):
+            name = proxy.settings.name
+            refused = Refusal(
+                pdu.AssociateReject(1, 1, 3), f"calling_ae: {request.calling!r} may not use proxy {name!r}"
+            )
         if refused is not None:
             reject = refused.reject
             metrics.ASSOCIATIONS_REFUSED.labels(refused.why.split(":")[0]).inc()
@@ -391,7 +413,7 @@ class Session:
                 context_ids=request.unusable_context_ids,
                 address=association.address,
             )
-        negotiation = negotiate(request, node.policy)
+        negotiation = negotiate(request, node.proxy_policy if proxy is not None else node.policy)
         self.served.negotiation = negotiation
         return negotiation
 

@@ -21,6 +21,7 @@ from fabricatord.dicom.walk import Malformed, read_received
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
 from fabricatord.servers.dicom.context import Request, Response, Status
+from fabricatord.workflow.proxy import BurnedInRefused
 
 log = get_logger(__name__)
 
@@ -140,7 +141,12 @@ def _store(request: Request, received: ReceivedFile | None) -> tuple[int, str, s
         served = request.served
         served.operation_bytes = dataset_bytes
         served.bytes += dataset_bytes
-        result = request.parts.writer.adopt(file, ds, "received", served.calling_ae)
+        proxies = request.parts.proxies
+        proxy = proxies.called(served.called_ae) if proxies is not None else None
+        if proxy is not None:  # de-identified, sealed, stored and forwarded
+            result = proxy.receive(file, served.calling_ae, request.parts.writer)
+        else:
+            result = request.parts.writer.adopt(file, ds, "received", served.calling_ae)
     except Exception as exc:
         return _store_refusal(exc)
     request.served.stored += 1
@@ -179,6 +185,8 @@ def _store_refusal(exc: Exception) -> tuple[int, str, str]:
         status, comment, why = Status.DOES_NOT_MATCH_SOP_CLASS, str(exc), "mismatch"
     elif isinstance(exc, InvalidInstance):  # counted by the writer
         status, comment, why, counted = Status.DOES_NOT_MATCH_SOP_CLASS, str(exc), "invalid", False
+    elif isinstance(exc, BurnedInRefused):
+        status, comment, why = Status.CANNOT_UNDERSTAND, str(exc)[:64], "burned_in"
     elif isinstance(exc, OutOfSpace):  # counted by the writer
         status, comment, why, counted = Status.OUT_OF_RESOURCES, str(exc), "out_of_space", False
     elif isinstance(exc, OSError):

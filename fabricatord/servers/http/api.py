@@ -132,6 +132,19 @@ def install(router: Router, department: Department) -> None:
         call.audit_detail = f"study {uid}, {deleted.files} files"
         return json_reply({"deleted": uid, "files": deleted.files})
 
+    @router.add(
+        "POST", f"{api}/studies/{{uid}}/reidentify", "admin", "A de-identified study's original values (a proxy's key)"
+    )
+    def reidentify(call: Call) -> Reply:
+        uid = _uid(call.params["uid"])
+        if d.proxies is None:
+            raise HttpError(503, "this process holds no proxies")
+        restored = d.proxies.reidentify(uid, who=call.user().name)
+        if restored is None:
+            raise HttpError(404, f"no proxy de-identified a study with Study Instance UID {uid}")
+        call.audit_detail = f"study {uid}, {len(restored)} attributes"
+        return json_reply({"study": uid, "attributes": [r.__dict__ for r in restored]})
+
     @router.add("POST", f"{api}/studies/{{uid}}/send", "change", "C-STORE a stored study to a peer")
     def send_study(call: Call) -> Reply:
         uid = _uid(call.params["uid"])

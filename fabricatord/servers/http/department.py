@@ -11,6 +11,7 @@ from fabricatord.db import Database
 from fabricatord.db.audit import AuditLog
 from fabricatord.dicom.storage import InstanceWriter
 from fabricatord.workflow.access import Directory, may_reach
+from fabricatord.workflow.proxy import Proxies
 
 ReadinessCheck = tuple[str, Callable[[], bool]]
 """(name, check): `/readyz` is 200 only when every check is true."""
@@ -27,6 +28,8 @@ class Department:
     wake_acquirer: Callable[[], None] = lambda: None
     listeners: dict[str, str] = field(default_factory=dict)
     checks: list[ReadinessCheck] = field(default_factory=list)
+    proxies: Proxies | None = None
+    """The anonymizing proxies, whose records re-identification opens."""
     started: float = field(default_factory=time.time)
 
     def reload(self, settings: Settings) -> None:

@@ -1,0 +1,66 @@
+"""PS3.15 Annex E de-identification: what leaves, what is replaced and with what, per option."""
+
+from __future__ import annotations
+
+from pydicom.dataset import Dataset
+
+from fabricatord.dicom.deid import Deidentifier, Options
+from tests.helpers import study
+
+KEY = bytes(range(32))
+
+
+def values(ds: Dataset) -> set[str]:
+    """Every text value anywhere in the dataset, sequences included."""
+    found: set[str] = set()
+    for element in ds.iterall():
+        if element.VR in ("OB", "OW", "OF", "OD", "UN", "SQ") or element.value is None:
+            continue
+        for value in element.value if element.VM > 1 else [element.value]:
+            found.add(str(value))
+    return found
+
+
+def test_the_basic_profile_leaves_no_identifying_value_and_marks_what_it_did() -> None:
+    ds = study("CT", images=1)[0]
+    originals = {
+        str(ds.PatientName), ds.PatientID, ds.PatientBirthDate, ds.AccessionNumber, ds.StudyInstanceUID,
+        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.StudyDate, str(ds.InstitutionName), ds.StudyDescription,
+    }  # fmt: skip
+    changes = Deidentifier(KEY, Options()).apply(ds)
+    assert not originals & values(ds)
+    assert ds.PatientIdentityRemoved == "YES"
+    assert [item.CodeValue for item in ds.DeidentificationMethodCodeSequence] == ["113100"]
+    assert ds.LongitudinalTemporalInformationModified == "REMOVED"
+    assert {change.path for change in changes} >= {"00100010", "00100020", "0020000D", "00080018"}
+    assert all(change.original for change in changes)  # each kept as DICOM JSON
+
+
+def test_replacements_are_the_same_across_a_study_and_on_every_resend() -> None:
+    first, second = study("CT", images=2)
+    again = study("CT", images=2)[0]
+    deid = Deidentifier(KEY, Options())
+    for ds in (first, second, again):
+        deid.apply(ds)
+    assert first.StudyInstanceUID == second.StudyInstanceUID == again.StudyInstanceUID
+    assert first.SOPInstanceUID == again.SOPInstanceUID != second.SOPInstanceUID
+    assert first.PatientID == second.PatientID
+    other = study("CT", images=1)[0]
+    Deidentifier(bytes(32), Options()).apply(other)  # another key: other replacements
+    assert other.StudyInstanceUID != first.StudyInstanceUID
+
+
+def test_options_keep_what_they_name_and_say_so() -> None:
+    ds = study("CT", images=1)[0]
+    uid, date, description = ds.StudyInstanceUID, ds.StudyDate, ds.StudyDescription
+    options = Options(retain_uids=True, dates="keep", retain_device_identity=True, clean_descriptors=True)
+    Deidentifier(KEY, options).apply(ds)
+    assert (ds.StudyInstanceUID, ds.StudyDate, ds.StudyDescription) == (uid, date, description)
+    assert ds.LongitudinalTemporalInformationModified == "UNMODIFIED"
+    assert [item.CodeValue for item in ds.DeidentificationMethodCodeSequence] == [
+        "113100", "113110", "113106", "113109", "113105",
+    ]  # fmt: skip
+    shifted = study("CT", images=1)[0]
+    Deidentifier(KEY, Options(dates="shift")).apply(shifted)
+    assert shifted.StudyDate < date and shifted.LongitudinalTemporalInformationModified == "MODIFIED"
+    assert "113107" in [item.CodeValue for item in shifted.DeidentificationMethodCodeSequence]
