@@ -99,7 +99,8 @@ def storage_writer(settings: Settings, database: Database, rules: Rules | None =
         settings.dicom.file_naming,
         QUOTA_RECOUNT if settings.shared else 0.0,
     )
-    writer.reclaim = Cleaner(settings, database, writer).make_room
+    cleaner = Cleaner(settings, database, writer)
+    writer.reclaim, writer.cleanup_on = cleaner.make_room, cleaner.enabled
     return writer
 
 
@@ -140,7 +141,7 @@ def build(
         _recover(writer)
     # One cleaner makes room for every store of this process and, on the leader, looks daily.
     cleaner = Cleaner(settings, database, writer, leading=lambda: presence is not None and presence.leader)
-    writer.reclaim = cleaner.make_room
+    writer.reclaim, writer.cleanup_on = cleaner.make_room, cleaner.enabled
     audit = AuditTrail(database)
     _WorkerService(audit).setServiceParent(root)
     acquirer = Acquirer(settings, database, writer) if first else None

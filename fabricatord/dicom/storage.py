@@ -312,6 +312,8 @@ class InstanceWriter:
         """With `[dicom] cleanup`: called with the bytes an instance needs, why there is no room
         (`quota`, `free_space`) and the instance's study (never deleted for it), to delete
         studies until there is; the check is then made again."""
+        self.cleanup_on: Callable[[], bool] = lambda: False
+        """Whether `reclaim` deletes anything now (`[dicom] cleanup`, which a SIGHUP may change)."""
         self._storage = storage_dir
         self._tmp = tmp_dir
         self._layout = layout
@@ -553,7 +555,7 @@ class InstanceWriter:
     def has_room(self) -> bool:
         """Whether an instance could be stored now, space-wise (for /readyz): free space above
         the watermark, and the quota not reached; with cleanup on, the next store makes room."""
-        if self.reclaim is not None:
+        if self.reclaim is not None and self.cleanup_on():
             return True
         try:
             self._check_space(1, count=False)

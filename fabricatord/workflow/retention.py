@@ -79,6 +79,10 @@ class Cleaner:
         if self._thread is not None:
             self._thread.join(timeout=60)
 
+    def enabled(self) -> bool:
+        """Whether cleanup may delete studies now (`[dicom] cleanup`)."""
+        return self._settings.dicom.cleanup
+
     def reload(self, settings: Settings) -> None:
         """New `retention`, `cleanup`, quota and watermark (SIGHUP) for the next look."""
         self._settings = settings
