@@ -255,7 +255,8 @@ class Deidentifier:
         options = self.options
         tag = element.tag
         if element.VR in TEMPORAL_VRS and options.dates != "remove" and tag != _BIRTH_DATE:
-            return None if options.dates == "keep" else "shift"
+            # Modified Dates move the days; times of day stay as they are.
+            return None if options.dates == "keep" or element.VR == "TM" else "shift"
         if tag in DEVICE_IDENTITY and options.retain_device_identity:
             return None
         if tag in DESCRIPTORS and options.clean_descriptors:

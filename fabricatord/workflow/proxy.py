@@ -97,10 +97,36 @@ class Proxy:
         keys = self._deid.query_keys(identifier)
         if keys is None:
             return None
+        return scu.find(scu.Peer.of(self._backend(settings)), self.settings.ae_title, keys, timeouts)
+
+    def fetch(self, identifier: Dataset, settings: Settings, timeouts: Any) -> Dataset | None:
+        """A C-MOVE to the proxy: the backend moves what the de-identified keys name to the
+        proxy's AE title (it must know it as a modality), where it is kept as it comes; the
+        keys, for the move on to the requester's destination from here. None: nothing could
+        match."""
+        from fabricatord.dicom import scu
+
+        keys = self._deid.query_keys(identifier)
+        if keys is None:
+            return None
+        report = scu.move(
+            scu.Peer.of(self._backend(settings)), self.settings.ae_title, self.settings.ae_title, keys, timeouts
+        )
+        if report.status is None or report.outcome == "failure":
+            raise scu.ScuError(f"C-MOVE answered {report.comment or report.status}")
+        return keys
+
+    def from_backend(self, calling_ae: str, settings: Settings) -> bool:
+        """Whether a C-STORE to the proxy comes from its backend (a relayed move): de-identified
+        already, kept as it is and not forwarded back."""
+        backend = settings.peer(self.settings.to)
+        return backend is not None and calling_ae == backend.ae_title
+
+    def _backend(self, settings: Settings) -> Any:
         backend = settings.peer(self.settings.to)
         if backend is None:
             raise ProxyKeyError(f"proxy {self.settings.name!r}: no [[peers]] entry is named {self.settings.to!r}")
-        return scu.find(scu.Peer.of(backend), self.settings.ae_title, keys, timeouts)
+        return backend
 
     def admits(self, calling_ae: str) -> bool:
         return not self.settings.calling_aes or calling_ae in self.settings.calling_aes
@@ -235,15 +261,24 @@ def _keyword(path: str) -> str:
 
 
 def _restore(ds: Dataset, changes: list[dict[str, Any]]) -> None:
-    """Put each top-level attribute back as it was (DICOM JSON); those inside sequences with
-    their sequence, which the change list carries whole where it was emptied or removed."""
+    """Put each removed or replaced attribute back as it was (DICOM JSON), inside sequence items
+    too (`00081140[0].00081155`), and take the de-identification's own marks away."""
     for change in changes:
-        path = change["path"]
-        if "." in path:
+        *items, last = change["path"].split(".")
+        target: Dataset | None = ds
+        for item in items:
+            tag, _, index = item.rstrip("]").partition("[")
+            element = target.get(int(tag, 16)) if target is not None else None
+            target = element.value[int(index)] if element is not None and element.VR == "SQ" else None
+        if target is None:
             continue
-        element = Dataset.from_json({path: change["original"]})
-        for restored in element:
-            ds[restored.tag] = restored
-    for marker in ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence"):
+        for restored in Dataset.from_json({last: change["original"]}):
+            target[restored.tag] = restored
+    for marker in (
+        "PatientIdentityRemoved",
+        "DeidentificationMethod",
+        "DeidentificationMethodCodeSequence",
+        "LongitudinalTemporalInformationModified",
+    ):
         if marker in ds:
             del ds[marker]

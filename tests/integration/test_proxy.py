@@ -17,7 +17,7 @@ import pytest
 from pydicom import dcmread
 
 from tests.conftest import free_port, need, run_cli
-from tests.integration.conftest import Daemon, Orthanc, dcmtk, launch
+from tests.integration.conftest import Daemon, Orthanc, dcmtk, launch, running_peer
 from tests.integration.test_acquisition import wait_for
 
 pytestmark = pytest.mark.integration
@@ -78,7 +78,7 @@ def test_what_reaches_orthanc_is_de_identified_and_reidentify_gives_it_back(
         identifying |= {str(ds.PatientName), ds.PatientID, ds.PatientBirthDate, ds.AccessionNumber,
                         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.StudyDate,
                         str(ds.InstitutionName)}  # fmt: skip
-    received = []
+    received, dumps = [], []
     for number, instance in enumerate(pacs.call("/instances")):
         path = tmp_path / f"at-orthanc-{number}.dcm"
         with urllib.request.urlopen(f"{pacs.http}/instances/{instance}/file") as response:
@@ -87,6 +87,7 @@ def test_what_reaches_orthanc_is_de_identified_and_reidentify_gives_it_back(
         report = subprocess.run([need("dciodvfy"), str(path)], capture_output=True, text=True)
         assert "Error" not in report.stdout + report.stderr, report.stderr
         dump = dcmtk("dcmdump", "+L", str(path)).stdout
+        dumps.append(dump)
         assert not [value for value in identifying if value and value in dump]
     held = [dcmread(p) for p in received]
     assert len({ds.StudyInstanceUID for ds in held}) == 1
@@ -104,15 +105,20 @@ def test_what_reaches_orthanc_is_de_identified_and_reidentify_gives_it_back(
     result = run_cli("reidentify", study, "--json", "--out", str(out), env={"FABRICATORD_CONFIG": str(daemon.config)})
     restored = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     names = {r["keyword"]: r["original"] for r in restored}
+    # None of the values removed or replaced is anywhere in what Orthanc holds (short ones such as
+    # a series number of 1 say nothing and stand in other attributes too).
+    originals_text = {str(v.get("Alphabetic", v)) if isinstance(v, dict) else str(v)
+                      for r in restored for v in r["original"] or []}  # fmt: skip
+    assert not [text for text in originals_text if len(text) >= 6 and any(text in dump for dump in dumps)]
     assert names["PatientName"] == [{"Alphabetic": str(originals[0].PatientName)}]
     assert names["PatientID"] == [originals[0].PatientID]
     assert names["StudyInstanceUID"] == [originals[0].StudyInstanceUID]
     back = {dcmread(f).SOPInstanceUID: dcmread(f) for f in out.iterdir()}
-    for ds in originals:
+    for ds in originals:  # every attribute as it was sent, nested ones too; none added
         again = back[ds.SOPInstanceUID]
-        assert (again.PatientName, again.PatientID, again.StudyInstanceUID, again.StudyDate) == (
-            ds.PatientName, ds.PatientID, ds.StudyInstanceUID, ds.StudyDate,
-        )  # fmt: skip
+        sent = {e.tag: str(e.value) for e in ds.iterall() if e.tag != 0x7FE00010}
+        restored = {e.tag: str(e.value) for e in again.iterall() if e.tag != 0x7FE00010}
+        assert restored == sent
     assert daemon.query("SELECT count(*) FROM audit_events WHERE operation = 'REIDENTIFY'")[0][0] == 1
 
 
@@ -213,3 +219,40 @@ def test_a_c_find_through_the_proxy_is_answered_by_the_backend_with_de_identifie
     assert len(find(f"PatientID={original.PatientID}", f"StudyDate={original.StudyDate}")) == 1
     assert find(f"AccessionNumber={original.AccessionNumber}") == []
     assert find("PatientID=NOBODY") == []
+
+
+def test_a_c_move_through_the_proxy_is_relayed_from_the_backend_to_the_destination(
+    tmp_path: Path, orthanc: object
+) -> None:
+    orthanc_port, destination_port = free_port(), free_port()
+    pacs: Orthanc = orthanc(orthanc_port, free_port(), "ANON")  # type: ignore[operator]
+    key = keygen(tmp_path / "proxy.key")
+    destination_peer = f'[[peers]]\nname = "dest"\nae_title = "DEST"\nport = {destination_port}\n'
+    daemon = launch(tmp_path, extra=destination_peer + proxy_config(orthanc_port, key))
+    try:
+        # Orthanc moves to the proxy's AE title: it must know where that is.
+        body = json.dumps({"AET": "ANON", "Host": "127.0.0.1", "Port": daemon.port}).encode()
+        urllib.request.urlopen(urllib.request.Request(f"{pacs.http}/modalities/anon", body, method="PUT")).close()
+        files = without_burned_in_text(tmp_path, images=2)
+        original = dcmread(files[0])
+        assert send_to_proxy(daemon, files).returncode == 0
+        wait_for(lambda: len(pacs.call("/instances")) == len(files), 60)
+        received = tmp_path / "destination"
+        received.mkdir()
+        with running_peer(["storescp", "-aet", "DEST", "-od", str(received), str(destination_port)],
+                          destination_port, "DEST"):  # fmt: skip
+            moved = dcmtk("movescu", "-S", "-aet", "VIEWER", "-aec", "ANON", "-aem", "DEST",
+                          "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={original.StudyInstanceUID}",
+                          "127.0.0.1", str(daemon.port), timeout=120)  # fmt: skip
+        assert moved.returncode == 0, moved.stderr
+        got = [dcmread(f) for f in received.iterdir()]
+        assert len(got) == len(files)
+        assert {ds.StudyInstanceUID for ds in got} != {original.StudyInstanceUID}  # as the backend holds it
+        assert all(ds.PatientIdentityRemoved == "YES" for ds in got)
+        # Orthanc did move them to the proxy first: kept as they came, not de-identified again.
+        log = [json.loads(line) for line in daemon.log.read_text().splitlines() if line.startswith("{")]
+        assert any(r.get("event") == "association established" and r.get("calling_ae") == "ORTHANC" for r in log)
+        assert len(daemon.rows()) == len(files)
+        assert len(pacs.call("/instances")) == len(files)  # nothing forwarded back
+    finally:
+        daemon.stop()

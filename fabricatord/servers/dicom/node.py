@@ -161,10 +161,15 @@ def outcome(status: int, refused: bool) -> str:
 
 
 def proxy_policy(node_policy: Policy) -> Policy:
-    """What a proxy's AE title accepts: verification, storage, and Study Root C-FIND (relayed to
-    its backend); other queries and retrieves find their contexts refused (abstract syntax not
-    supported)."""
-    kept = {str(Verification), str(StudyRootQueryRetrieveInformationModelFind), *STORAGE_CLASSES}
+    """What a proxy's AE title accepts: verification, storage, and Study Root C-FIND and C-MOVE
+    (relayed through its backend); other queries and retrieves find their contexts refused
+    (abstract syntax not supported)."""
+    kept = {
+        str(Verification),
+        str(StudyRootQueryRetrieveInformationModelFind),
+        str(StudyRootQueryRetrieveInformationModelMove),
+        *STORAGE_CLASSES,
+    }
     contexts = {syntax: names for syntax, names in node_policy.contexts.items() if syntax in kept}
     return replace(node_policy, contexts=contexts, role_classes=())
 

@@ -19,7 +19,8 @@ from pynetdicom.dsutils import encode
 
 from fabricatord.config.values import parse_duration
 from fabricatord.dicom import query
-from fabricatord.dicom.scu import MAX_CONTEXTS, storage_contexts
+from fabricatord.dicom.scu import MAX_CONTEXTS, ScuError, storage_contexts
+from fabricatord.dicom.scu import Timeouts as ScuTimeouts
 from fabricatord.dicom.stored import StoredDataset, outgoing
 from fabricatord.dicom.ul.dimse import CommandField, encode_command
 from fabricatord.dicom.ul.requestor import AssociationLost, AssociationRefused, Requestor, Timeouts
@@ -77,9 +78,10 @@ class Progress:
         return Response(status, identifier=listed, fields=fields)
 
 
-def instances(request: Request) -> list[Any]:
-    """The stored instances a C-MOVE or C-GET identifier names, at any level, relationally."""
-    ds = identifier(request)
+def instances(request: Request, keys: Dataset | None = None) -> list[Any]:
+    """The stored instances a C-MOVE or C-GET identifier (or `keys` in its place) names, at any
+    level, relationally."""
+    ds = keys if keys is not None else identifier(request)
     level = str(ds.get("QueryRetrieveLevel", "")).strip().upper()
     if level not in query.LEVELS:
         raise query.QueryError(f"Query/Retrieve Level {level!r} is not PATIENT, STUDY, SERIES or IMAGE")
@@ -91,9 +93,13 @@ def instances(request: Request) -> list[Any]:
 
 
 def _found(request: Request, service: str) -> list[Any] | Response:
-    """The instances to send, or the 0xA900 for an identifier that names none properly."""
+    """The instances to send, or the 0xA900 for an identifier that names none properly (for a
+    C-MOVE to a proxy, once the backend has moved them here; or why not)."""
+    keys, answer = _relayed(request) if service == "C-MOVE" else (None, None)
+    if answer is not None:
+        return answer
     try:
-        found = instances(request)
+        found = instances(request, keys)
     except query.QueryError as exc:
         return Response(Status.DOES_NOT_MATCH_SOP_CLASS, str(exc))
     if len(found) > MAX_SUBOPERATIONS:  # the counts are US: more cannot be reported
@@ -145,6 +151,22 @@ def serve_move(request: Request) -> Response:
         requestor.release()
     log.info("c-move", destination=destination.name, instances=len(found))
     return progress.final(request.encoding)
+
+
+def _relayed(request: Request) -> tuple[Dataset | None, Response | None]:
+    """A C-MOVE to a proxy's AE title: the backend first moves the de-identified instances the
+    keys name to us; then the keys, to move them on from here (or the answer instead: nothing
+    could match, or the backend did not move). Nothing to do for the node's own AE title."""
+    proxies = request.parts.proxies
+    proxy = proxies.called(request.served.called_ae) if proxies is not None else None
+    if proxy is None:
+        return None, None
+    try:
+        keys = proxy.fetch(identifier(request), request.settings, ScuTimeouts.of(request.settings.dicom))
+    except ScuError as exc:
+        log.warning("c-move not relayed", proxy=proxy.settings.name, backend=proxy.settings.to, error=str(exc))
+        return None, Response(Status.SUBOPERATIONS_REFUSED, f"the backend did not move: {exc}"[:64])
+    return keys, (Progress(0).final(request.encoding) if keys is None else None)
 
 
 def _destination(request: Request) -> Any:
