@@ -360,6 +360,8 @@ def _cross_check(settings: Settings) -> Iterable[tuple[str, str]]:
         backend = settings.peer(proxy.to)
         if backend is None:
             yield f"{where}.to", f"no [[peers]] entry is named {proxy.to!r}"
+        elif backend.ae_title == settings.node.ae_title or settings.proxy(backend.ae_title) is not None:
+            yield f"{where}.to", f"peer {proxy.to!r} is this node ({backend.ae_title}): a proxy forwards to another"
         elif backend.environment == "prod" and not proxy.allow_prod:
             yield f"{where}.to", f"peer {proxy.to!r} is prod: the proxy must say allow_prod = true"
         if not proxy.key_file.name:

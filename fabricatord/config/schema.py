@@ -353,7 +353,9 @@ class ProxySettings:
         "(… with Modified Dates: each patient's dates move back by one keyed offset).",
     )
     retain_device_identity: bool = key(False, "Retain Device Identity Option.")
-    clean_descriptors: bool = key(False, "Clean Descriptors Option: descriptions kept (ours hold no identity).")
+    clean_descriptors: bool = key(
+        False, "Clean Descriptors Option: descriptions kept with their identifying values masked; else removed."
+    )
     burned_in: BurnedIn = key(
         "refuse",
         "An instance that says Burned In Annotation YES: `clean` blanks the text our templates draw (Clean "

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import delete, insert, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from fabricatord.db.engine import Database
 from fabricatord.db.models import ProxyKey, ProxyRecord
@@ -26,11 +28,10 @@ class ProxyStore:
     def check(self, proxy: str, check_value: str) -> bool:
         """Whether `check_value` is the proxy's: the first key a proxy starts with is recorded,
         and every later start must bring the same one."""
-        with self._db.writes.begin() as session:
+        insert_ = pg_insert if self._db.dialect == "postgresql" else sqlite_insert
+        with self._db.writes.begin() as session:  # several workers may start together
+            session.execute(insert_(ProxyKey).values(proxy=proxy, check_value=check_value).on_conflict_do_nothing())
             known = session.scalar(select(ProxyKey.check_value).where(ProxyKey.proxy == proxy))
-            if known is None:
-                session.execute(insert(ProxyKey).values(proxy=proxy, check_value=check_value))
-                return True
             return bool(known == check_value)
 
     def record(self, proxy: str, study_instance_uid: str, sop_instance_uid: str, sealed: bytes, original: str) -> None:

@@ -60,10 +60,11 @@ DESCRIPTORS = frozenset(
     )
 )
 TEMPORAL_VRS = frozenset({"DA", "DT", "TM"})
-_BIRTH_DATE = Tag(0x00100030)
-"""Emptied whatever the dates option: a birth date identifies more than it dates a study."""
+_BIRTH = frozenset((Tag(0x00100030), Tag(0x00100032)))
+"""Birth date and time: as the profile says whatever the dates option (they identify more than
+they date a study)."""
 
-_REMOVE, _EMPTY, _DUMMY, _UID = "X", "Z", "D", "U"
+_REMOVE, _EMPTY, _DUMMY, _UID, _CLEAN = "X", "Z", "D", "U", "C"
 
 
 def _actions() -> tuple[dict[BaseTag, str], list[tuple[int, int, int, str]]]:
@@ -143,6 +144,8 @@ class Deidentifier:
     def __init__(self, key: bytes, options: Options) -> None:
         self._key = key
         self.options = options
+        self._identifying: list[str] = []
+        """The instance's identifying values, for Clean Descriptors."""
 
     def keyed(self, kind: str, value: str) -> bytes:
         """The HMAC-SHA256 of an original value: what replaces it is derived from this."""
@@ -163,6 +166,7 @@ class Deidentifier:
         """De-identify `ds` in place; what was removed or replaced, to keep encrypted."""
         changes: list[Change] = []
         patient = str(ds.get("PatientID", ""))
+        self._identifying = _identifying(ds)
         self._walk(ds, "", changes, self.shift(patient))
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = "fabricatord: PS3.15 Annex E Basic Profile"
@@ -200,13 +204,17 @@ class Deidentifier:
                 if element.value not in (None, "", b"") or element.VR == "SQ":
                     ds[tag] = DataElement(tag, element.VR, Sequence() if element.VR == "SQ" else None)
                     changes.append(Change(path, "emptied", original))
+            elif element.VR == "SQ":  # U or D on a sequence: its items de-identified one by one
+                for index, item in enumerate(element.value):
+                    self._walk(item, f"{path}[{index}].", changes, shift)
             elif action == _UID:
-                if element.VR == "UI":
-                    ds[tag] = DataElement(tag, "UI", _uids(element.value, self.uid))
+                ds[tag] = DataElement(tag, "UI", _uids(element.value, self.uid))
+                changes.append(Change(path, "replaced", original))
+            elif action == _CLEAN:
+                cleaned = _cleaned(str(element.value), self._identifying)
+                if cleaned != str(element.value):
+                    ds[tag] = DataElement(tag, element.VR, cleaned)
                     changes.append(Change(path, "replaced", original))
-                elif element.VR == "SQ":
-                    for index, item in enumerate(element.value):
-                        self._uids_only(item, f"{path}[{index}].", changes)
             elif action == "shift":
                 ds[tag] = DataElement(tag, element.VR, _shifted(element.VR, element.value, shift))
                 changes.append(Change(path, "replaced", original))
@@ -224,6 +232,10 @@ class Deidentifier:
         patient = str(identifier.get("PatientID", "") or "")
         for element in identifier:
             value = element.value
+            if element.tag.is_private:
+                continue  # nothing private reaches the backend, nor is held there
+            if element.VR == "SQ" and value:
+                return None  # a sequence matching key (Other Patient IDs …): its values are not held
             if element.VR == "SQ" or value in (None, "", b"") or element.tag in _QUERY_CONTROL:
                 out.add(element)
                 continue
@@ -244,28 +256,21 @@ class Deidentifier:
                 return None
         return out
 
-    def _uids_only(self, ds: Dataset, prefix: str, changes: list[Change]) -> None:
-        """A sequence of references (Referenced Image Sequence): its UIDs replaced, the rest kept."""
-        for element in list(ds):
-            if element.VR == "UI" and element.tag not in _KEPT_UIDS and element.value:
-                changes.append(Change(f"{prefix}{int(element.tag):08X}", "replaced", element.to_json_dict(None, 0)))
-                ds[element.tag] = DataElement(element.tag, "UI", _uids(element.value, self.uid))
-
     def _action(self, element: DataElement) -> str | None:
         options = self.options
         tag = element.tag
-        if element.VR in TEMPORAL_VRS and options.dates != "remove" and tag != _BIRTH_DATE:
+        if element.VR in TEMPORAL_VRS and options.dates != "remove" and tag not in _BIRTH:
             # Modified Dates move the days; times of day stay as they are.
             return None if options.dates == "keep" or element.VR == "TM" else "shift"
         if tag in DEVICE_IDENTITY and options.retain_device_identity:
             return None
         if tag in DESCRIPTORS and options.clean_descriptors:
-            return None  # kept: ours hold no identifying text (Clean Descriptors: checked, kept)
+            return _CLEAN
         action = ACTIONS.get(tag) or next((a for base, mask, _, a in MASKED if int(tag) & mask == base), None)
         if action == _UID and options.retain_uids:
             return None
-        if action is None and element.VR == "UI" and tag not in _KEPT_UIDS and not options.retain_uids:
-            return _UID if tag in _INSTANCE_UIDS else None
+        if element.VR == "UI" and tag not in _KEPT_UIDS and not options.retain_uids:
+            return _UID  # every UID that names an instance, listed in the table or not
         return action
 
     def _dummy(self, element: DataElement) -> Any:
@@ -293,11 +298,14 @@ _KEPT_UIDS = frozenset(
         0x00080016,  # SOP Class UID
         0x00081150,  # Referenced SOP Class UID
         0x0008010C,  # Coding Scheme UID
-        0x00080105,  # Mapping Resource
+        0x00080118,  # Mapping Resource UID
+        0x00041510,  # Referenced SOP Class UID in File
+        0x00041512,  # Referenced Transfer Syntax UID in File
+        0x00080062,  # SOP Classes in Study
+        0x0008001A,  # Related General SOP Class UID
+        0x0008001B,  # Original Specialized SOP Class UID
     )
 )
-# Instance UIDs the profile's table may not list by tag in every version: replaced when found.
-_INSTANCE_UIDS = frozenset(Tag(t) for t in (0x00081155, 0x0020000D, 0x0020000E, 0x00080018, 0x00200052))
 
 
 _TEXT_VRS = frozenset({"LO", "SH", "CS", "LT", "ST", "UT", "UC", "AE"})
@@ -309,6 +317,25 @@ _DUMMIES: dict[str, Any] = {
     "DS": "0",
     **dict.fromkeys(("US", "SS", "UL", "SL", "FL", "FD"), 0),
 }
+
+
+def _identifying(ds: Dataset) -> list[str]:
+    """What names the patient or the order in free text: name parts, IDs, accession, birth date."""
+    found = [str(part) for part in str(ds.get("PatientName", "") or "").replace("^", " ").split() if len(part) > 1]
+    for keyword in ("PatientID", "AccessionNumber", "PatientBirthDate", "OtherPatientIDs", "StudyID"):
+        value = ds.get(keyword)
+        if value:
+            found.extend(str(v) for v in (value if isinstance(value, (list, tuple)) else [value]) if len(str(v)) > 1)
+    return sorted(set(found), key=len, reverse=True)
+
+
+def _cleaned(text: str, identifying: list[str]) -> str:
+    """Clean Descriptors: a description with every identifying value in it masked."""
+    import re
+
+    for value in identifying:
+        text = re.sub(re.escape(value), "*" * len(value), text, flags=re.IGNORECASE)
+    return text
 
 
 def _own(ds: Dataset, element: DataElement) -> DataElement:
@@ -388,7 +415,7 @@ def clean_burned_in_text(ds: Dataset) -> None:
     Anything else (no such row) raises CannotClean: the proxy then refuses the instance."""
     from pydicom.uid import ExplicitVRLittleEndian
 
-    pixels = ds.pixel_array.copy()
+    pixels = ds.pixel_array.copy()  # colour comes out RGB, interleaved: said so below
     frames = pixels if int(ds.get("NumberOfFrames", 1) or 1) > 1 else pixels[None, ...]
     for frame in frames:
         background = frame[0, 0].copy()
@@ -401,6 +428,8 @@ def clean_burned_in_text(ds: Dataset) -> None:
         frame[: int(busy.argmax())] = background
     if ds.file_meta.TransferSyntaxUID.is_compressed:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    if int(ds.get("SamplesPerPixel", 1) or 1) == 3:
+        ds.PhotometricInterpretation, ds.PlanarConfiguration = "RGB", 0
     ds.PixelData = pixels.tobytes()
     ds["PixelData"].VR = "OB" if ds.BitsAllocated <= 8 else "OW"
     ds.BurnedInAnnotation = "NO"

@@ -116,11 +116,12 @@ class Proxy:
             raise scu.ScuError(f"C-MOVE answered {report.comment or report.status}")
         return keys
 
-    def from_backend(self, calling_ae: str, settings: Settings) -> bool:
-        """Whether a C-STORE to the proxy comes from its backend (a relayed move): de-identified
-        already, kept as it is and not forwarded back."""
+    def from_backend(self, calling_ae: str, address: str, settings: Settings) -> bool:
+        """Whether a C-STORE to the proxy comes from its backend (a relayed move), by its AE
+        title and its host: de-identified already, kept as it is and not forwarded back."""
         backend = settings.peer(self.settings.to)
-        return backend is not None and calling_ae == backend.ae_title
+        host = address.rsplit(":", 1)[0].strip("[]")
+        return backend is not None and calling_ae == backend.ae_title and host == backend.host
 
     def _backend(self, settings: Settings) -> Any:
         backend = settings.peer(self.settings.to)
@@ -128,14 +129,18 @@ class Proxy:
             raise ProxyKeyError(f"proxy {self.settings.name!r}: no [[peers]] entry is named {self.settings.to!r}")
         return backend
 
-    def admits(self, calling_ae: str) -> bool:
-        return not self.settings.calling_aes or calling_ae in self.settings.calling_aes
+    def admits(self, calling_ae: str, settings: Settings) -> bool:
+        """`calling_aes`, and the backend always (it brings what a relayed C-MOVE asked for)."""
+        backend = settings.peer(self.settings.to)
+        allowed = self.settings.calling_aes
+        return not allowed or calling_ae in allowed or (backend is not None and calling_ae == backend.ae_title)
 
     def receive(self, file: Path, calling_ae: str, writer: InstanceWriter) -> WriteResult:
         """De-identify a received file, keep what it was (sealed), store the de-identified copy
         (its route jobs, the forward to the backend among them, committed with its row)."""
         ds = dcmread(file)
-        if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
+        # Not saying NO is not saying there is no text: only an explicit NO goes as it is.
+        if str(ds.get("BurnedInAnnotation", "")).upper() != "NO" and "PixelData" in ds:
             if self.settings.burned_in != "clean":
                 raise BurnedInRefused("burned-in annotation: this proxy refuses such instances")
             try:
@@ -149,7 +154,9 @@ class Proxy:
         if self.settings.keep_original:
             target = self._originals / f"{ds.SOPInstanceUID}.sealed"
             target.parent.mkdir(parents=True, exist_ok=True)
-            write_durably(target, [self._fernet.encrypt(file.read_bytes())])
+            part = target.with_suffix(".part")  # whole or not at all: a resend replaces it
+            write_durably(part, [self._fernet.encrypt(file.read_bytes())])
+            part.replace(target)
             kept = str(target)
         sealed = self._fernet.encrypt(
             json.dumps({"sop_instance_uid": original_uid, "changes": [asdict(c) for c in changes]}).encode()
@@ -190,6 +197,10 @@ class Proxies:
             self._by_ae[entry.ae_title] = proxy
             self._by_name[entry.name] = proxy
         self._store = store
+
+    def titles(self) -> frozenset[str]:
+        """The AE titles of the proxies this process was started with (a SIGHUP adds none)."""
+        return frozenset(self._by_ae)
 
     def called(self, ae_title: str) -> Proxy | None:
         return self._by_ae.get(ae_title)
@@ -237,7 +248,9 @@ class Proxies:
         written = []
         out.mkdir(parents=True, exist_ok=True)
         for record in self._store.study(study_instance_uid):
-            proxy = self._by_name[record.proxy]
+            proxy = self._by_name.get(record.proxy)
+            if proxy is None:
+                raise ProxyKeyError(f"proxy {record.proxy!r} sealed this study and is not configured here")
             opened = proxy.unseal(record.sealed)
             target = out / f"{opened['sop_instance_uid']}.dcm"
             if record.original_file:
@@ -269,7 +282,8 @@ def _restore(ds: Dataset, changes: list[dict[str, Any]]) -> None:
         for item in items:
             tag, _, index = item.rstrip("]").partition("[")
             element = target.get(int(tag, 16)) if target is not None else None
-            target = element.value[int(index)] if element is not None and element.VR == "SQ" else None
+            items = element.value if element is not None and element.VR == "SQ" else []
+            target = items[int(index)] if int(index) < len(items) else None
         if target is None:
             continue
         for restored in Dataset.from_json({last: change["original"]}):

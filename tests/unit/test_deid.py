@@ -64,3 +64,47 @@ def test_options_keep_what_they_name_and_say_so() -> None:
     Deidentifier(KEY, Options(dates="shift")).apply(shifted)
     assert shifted.StudyDate < date and shifted.LongitudinalTemporalInformationModified == "MODIFIED"
     assert "113107" in [item.CodeValue for item in shifted.DeidentificationMethodCodeSequence]
+
+
+def test_inside_sequences_names_privates_and_every_instance_uid_go_too() -> None:
+    ds = study("CT", images=1)[0]
+    item = Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5"
+    item.PatientName = "Hidden^Name"
+    item.add_new(0x00090010, "LO", "ACME")
+    item.add_new(0x00091001, "LO", "secret")
+    ds.ReferencedImageSequence = [item]
+    ds.ConcatenationUID = "1.2.3.4.6"
+    ds.add_new(0x00209161, "UI", "1.2.3.4.6")
+    ds.PatientBirthTime = "101010"
+    ds.add_new(0x0020930E, "UI", "1.2.3.4.7")  # a UID the profile's table may not name: replaced too
+    Deidentifier(KEY, Options(dates="shift")).apply(ds)
+    nested = ds.ReferencedImageSequence[0]
+    assert nested.ReferencedSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"  # a class: kept
+    assert (nested.ReferencedSOPInstanceUID != "1.2.3.4.5" and "PatientName" not in nested) or not nested.PatientName
+    assert not [e for e in nested if e.tag.is_private]
+    assert not {"1.2.3.4.5", "1.2.3.4.6", "1.2.3.4.7", "Hidden^Name", "secret", "101010"} & values(ds)
+
+
+def test_clean_descriptors_masks_identifying_values_in_descriptions() -> None:
+    ds = study("CT", images=1)[0]
+    surname = str(ds.PatientName).split("^")[0]
+    ds.StudyDescription = f"CT CHEST for {surname} {ds.PatientID}"
+    Deidentifier(KEY, Options(clean_descriptors=True)).apply(ds)
+    assert ds.StudyDescription.startswith("CT CHEST for ")
+    assert surname not in ds.StudyDescription and "PID0000001" not in ds.StudyDescription
+
+
+def test_query_keys_carry_nothing_that_could_identify() -> None:
+    deid = Deidentifier(KEY, Options(dates="shift"))
+    query = Dataset()
+    query.QueryRetrieveLevel, query.PatientID, query.StudyInstanceUID = "STUDY", "PID0000001", ""
+    query.add_new(0x00091001, "LO", "secret")
+    keys = deid.query_keys(query)
+    assert keys is not None and keys.PatientID != "PID0000001" and not [e for e in keys if e.tag.is_private]
+    other = Dataset()
+    other.QueryRetrieveLevel = "STUDY"
+    id_item = Dataset()
+    id_item.PatientID = "MRN-REAL"
+    other.OtherPatientIDsSequence = [id_item]
+    assert deid.query_keys(other) is None  # a value nothing de-identified holds: no match, nothing asked

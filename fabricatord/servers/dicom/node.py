@@ -259,7 +259,9 @@ class DicomNode(Service):
         """New `[[peers]]` and their permissions (SIGHUP), for the associations that follow."""
         self.settings = settings
         self.parts.peers = {p.ae_title: p for p in reversed(settings.peers)}  # the first entry wins
-        self.policy = policy(settings)
+        # The proxies' AE titles are those started with: one a SIGHUP adds has no key checked.
+        titles = self.parts.proxies.titles() if self.parts.proxies is not None else frozenset()
+        self.policy = replace(policy(settings), other_titles=titles)
         self.proxy_policy = proxy_policy(self.policy)
 
     @property
@@ -394,7 +396,7 @@ class Session:
         full = not node.counts.admit(open_now, limit) if node.counts is not None else open_now >= limit
         proxy = node.parts.proxies.called(request.called) if node.parts.proxies is not None else None
         refused = refusal(request, node.policy, known, full)
-        if refused is None and proxy is not None and not proxy.admits(request.calling):
+        if refused is None and proxy is not None and not proxy.admits(request.calling, settings):
             name = proxy.settings.name
             refused = Refusal(
                 pdu.AssociateReject(1, 1, 3), f"calling_ae: {request.calling!r} may not use proxy {name!r}"

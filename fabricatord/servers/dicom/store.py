@@ -143,7 +143,7 @@ def _store(request: Request, received: ReceivedFile | None) -> tuple[int, str, s
         served.bytes += dataset_bytes
         proxies = request.parts.proxies
         proxy = proxies.called(served.called_ae) if proxies is not None else None
-        if proxy is not None and not proxy.from_backend(served.calling_ae, request.settings):
+        if proxy is not None and not proxy.from_backend(served.calling_ae, served.address, request.settings):
             # De-identified, sealed, stored and forwarded.
             result = proxy.receive(file, served.calling_ae, request.parts.writer)
         else:
