@@ -169,7 +169,7 @@ def _timeouts(settings: Settings) -> Any:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from fabricatord.dicom.storage import OutOfSpace
-    from fabricatord.service import storage_writer
+    from fabricatord.service import storage_writer, with_cleanup
     from fabricatord.synth.templates import TEMPLATES
     from fabricatord.workflow.generation import GenerateOptions, StudyGenerator
 
@@ -179,6 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     database = _database(settings)
     writer = None if args.out else storage_writer(settings, database)
     if writer is not None:
+        with_cleanup(settings, database, writer)
         _recover_unless_served(settings, writer)
     generator = StudyGenerator(settings, database, writer)
     options = GenerateOptions(
@@ -713,15 +714,14 @@ def _route_line(r: Any) -> str:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     """What `[dicom] retention` and the quota let go, now: deleted, or with --dry-run only listed."""
-    from fabricatord.service import storage_writer
-    from fabricatord.workflow.retention import Cleaner
+    from fabricatord.service import storage_writer, with_cleanup
 
     settings = _settings(args)
     _logging(settings)
     database = _database(settings)
     writer = storage_writer(settings, database)
     _recover_unless_served(settings, writer)
-    removals = Cleaner(settings, database, writer).clean(dry_run=args.dry_run)
+    removals = with_cleanup(settings, database, writer).clean(dry_run=args.dry_run)
     instances, total = sum(r.instances for r in removals), sum(r.bytes for r in removals)
     if args.json:
         for r in removals:

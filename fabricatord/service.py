@@ -16,6 +16,7 @@ import os
 import platform
 import signal
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -86,9 +87,8 @@ def storage_writer(settings: Settings, database: Database, rules: Rules | None =
     """The atomic writer over `data_dir/storage`, as the settings shape it."""
     # Routes queue their jobs in the transaction that indexes each instance, whoever stores it
     # (the node, the simulated modality, `fabricatord generate`); the daemon's router sends them.
-    # With `[dicom] cleanup`, a store that finds no room has the oldest eligible studies deleted.
     rules = rules if rules is not None else Rules(settings)
-    writer = InstanceWriter(
+    return InstanceWriter(
         InstanceIndex(database, on_indexed=rules.enqueue, node=settings.node_name),
         settings.storage_dir,
         settings.tmp_dir,
@@ -99,9 +99,16 @@ def storage_writer(settings: Settings, database: Database, rules: Rules | None =
         settings.dicom.file_naming,
         QUOTA_RECOUNT if settings.shared else 0.0,
     )
-    cleaner = Cleaner(settings, database, writer)
+
+
+def with_cleanup(
+    settings: Settings, database: Database, writer: InstanceWriter, leading: Callable[[], bool] = lambda: True
+) -> Cleaner:
+    """With `[dicom] cleanup`, a store of `writer` that finds no room has the oldest eligible
+    studies deleted; the cleaner, for its daily look (on the leader) and `fabricatord cleanup`."""
+    cleaner = Cleaner(settings, database, writer, leading)
     writer.reclaim, writer.cleanup_on = cleaner.make_room, cleaner.enabled
-    return writer
+    return cleaner
 
 
 class _Reloadable(Protocol):
@@ -140,8 +147,7 @@ def build(
     if seat is None:
         _recover(writer)
     # One cleaner makes room for every store of this process and, on the leader, looks daily.
-    cleaner = Cleaner(settings, database, writer, leading=lambda: presence is not None and presence.leader)
-    writer.reclaim, writer.cleanup_on = cleaner.make_room, cleaner.enabled
+    cleaner = with_cleanup(settings, database, writer, lambda: presence is not None and presence.leader)
     audit = AuditTrail(database)
     _WorkerService(audit).setServiceParent(root)
     acquirer = Acquirer(settings, database, writer) if first else None

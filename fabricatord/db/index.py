@@ -446,8 +446,12 @@ class InstanceIndex:
 
     def path_indexed(self, path: str) -> bool:
         """Whether an instance is indexed at `path` (whichever it is)."""
+        return bool(self.indexed_paths([path]))
+
+    def indexed_paths(self, paths: Sequence[str]) -> set[str]:
+        """Which of `paths` an instance is indexed at, in one query."""
         with self._db.reads() as session:
-            return session.scalar(select(Instance.id).where(Instance.path == path).limit(1)) is not None
+            return set(session.scalars(select(Instance.path).where(Instance.path.in_(list(paths)))))
 
     def next_file_number(self) -> int:
         """The next value of the counter `sequence` file names are made from."""

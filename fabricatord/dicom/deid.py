@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import hmac
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Any, Literal
@@ -377,10 +376,6 @@ def _coded(code: Any) -> Dataset:
     item = Dataset()
     item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code.value, code.scheme_designator, code.meaning
     return item
-
-
-def changed_paths(changes: list[Change]) -> Iterator[str]:
-    return (change.path for change in changes)
 
 
 FIGURE_SHARE = 0.3

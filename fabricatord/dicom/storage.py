@@ -564,11 +564,12 @@ class InstanceWriter:
         return True
 
     def _check_space(self, size: int, count: bool = True, study: str = "") -> None:
+        cleaning = count and self.reclaim is not None and self.cleanup_on()
         try:
-            self._room_for(size, count and self.reclaim is None)
+            self._room_for(size, count and not cleaning)
         except OutOfSpace as full:
-            if not count or self.reclaim is None:
-                raise
+            if not cleaning or self.reclaim is None:
+                raise  # without cleanup, a full store is refused without counting the index again
             self.reclaim(size, full.reason, study)
             self._used = None  # what cleanup (here or in another process) freed is counted again
             self._room_for(size, True)
@@ -693,10 +694,11 @@ class InstanceWriter:
             faultpoint("delete.after_commit")
             removed = 0
             folders: set[Path] = set()
+            given_again = self._index.indexed_paths(forgotten.paths)  # stored again since, elsewhere
             for relative in forgotten.paths:
                 path = self._storage / relative
                 folders.add(path.parent)
-                if self._index.path_indexed(relative):  # stored again since, by another process
+                if relative in given_again:
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()

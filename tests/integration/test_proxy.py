@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,16 +53,31 @@ def send_to_proxy(daemon: Daemon, files: list[Path]) -> subprocess.CompletedProc
                  timeout=120)  # fmt: skip
 
 
+Started = tuple[Daemon, Orthanc, Path]
+
+
 @pytest.fixture
-def proxied(tmp_path: Path, orthanc: object) -> Iterator[tuple[Daemon, Orthanc, Path]]:
-    orthanc_port = free_port()
-    pacs: Orthanc = orthanc(orthanc_port, free_port(), "ANON")  # type: ignore[operator]
-    key = keygen(tmp_path / "proxy.key")
-    daemon = launch(tmp_path, extra=proxy_config(orthanc_port, key, 'dates = "shift"\n'))
-    try:
-        yield daemon, pacs, key
-    finally:
+def proxy_node(tmp_path: Path, orthanc: object) -> Iterator[Callable[..., Started]]:
+    """A daemon with the proxy `ANON` (more `options` of its own, more `peers`) in front of a
+    real Orthanc that knows ANON: the daemon, Orthanc and the key file."""
+    started: list[Daemon] = []
+
+    def start(options: str = "", peers: str = "") -> Started:
+        orthanc_port = free_port()
+        pacs: Orthanc = orthanc(orthanc_port, free_port(), "ANON")  # type: ignore[operator]
+        key = keygen(tmp_path / "proxy.key")
+        daemon = launch(tmp_path, extra=peers + proxy_config(orthanc_port, key, options))
+        started.append(daemon)
+        return daemon, pacs, key
+
+    yield start
+    for daemon in started:
         daemon.stop()
+
+
+@pytest.fixture
+def proxied(proxy_node: Callable[..., Started]) -> Started:
+    return proxy_node('dates = "shift"\n')
 
 
 def test_what_reaches_orthanc_is_de_identified_and_reidentify_gives_it_back(
@@ -154,38 +169,32 @@ def test_a_missing_or_wrong_key_stops_the_daemon_with_a_clear_message(tmp_path: 
     assert "key_file" in message and str(key) in message, message
 
 
-def test_burned_in_text_is_cleaned_when_the_proxy_says_clean(tmp_path: Path, orthanc: object) -> None:
-    orthanc_port = free_port()
-    pacs: Orthanc = orthanc(orthanc_port, free_port())  # type: ignore[operator]
-    key = keygen(tmp_path / "proxy.key")
-    daemon = launch(tmp_path, extra=proxy_config(orthanc_port, key, 'burned_in = "clean"\nkeep_original = true\n'))
-    try:
-        out = tmp_path / "burned"
-        run_cli("generate", "--modality", "CT", "--images", "2", "--series", "1", "--out", str(out),
-                env={"FABRICATORD__NODE__DATA_DIR": str(tmp_path / "g")})  # fmt: skip
-        files = sorted(out.rglob("*.dcm"))
-        assert send_to_proxy(daemon, files).returncode == 0
-        wait_for(lambda: len(pacs.call("/instances")) == len(files), 60)
-        for instance in pacs.call("/instances"):
-            with urllib.request.urlopen(f"{pacs.http}/instances/{instance}/file") as response:
-                path = tmp_path / f"{instance}.dcm"
-                path.write_bytes(response.read())
-            ds = dcmread(path)
-            assert ds.BurnedInAnnotation == "NO"
-            assert "113101" in [item.CodeValue for item in ds.DeidentificationMethodCodeSequence]  # Clean Pixel Data
-            pixels = ds.pixel_array
-            sent = next(dcmread(f) for f in files if dcmread(f).InstanceNumber == ds.InstanceNumber).pixel_array
-            text_rows = [row for row in range(pixels.shape[0] // 2) if (sent[row] != sent[0, 0]).any()]
-            assert text_rows, "the image sent carried text"
-            assert all((pixels[row] == pixels[0, 0]).all() for row in text_rows)  # every text row blank now
-        # The originals were kept: re-identified files are the files sent, text and all.
-        back = tmp_path / "back"
-        run_cli(
-            "reidentify", str(ds.StudyInstanceUID), "--out", str(back), env={"FABRICATORD_CONFIG": str(daemon.config)}
-        )
-        assert sorted(f.read_bytes() for f in back.iterdir()) == sorted(f.read_bytes() for f in files)
-    finally:
-        daemon.stop()
+def test_burned_in_text_is_cleaned_when_the_proxy_says_clean(
+    proxy_node: Callable[..., Started], tmp_path: Path
+) -> None:
+    daemon, pacs, _ = proxy_node('burned_in = "clean"\nkeep_original = true\n')
+    out = tmp_path / "burned"
+    run_cli("generate", "--modality", "CT", "--images", "2", "--series", "1", "--out", str(out),
+            env={"FABRICATORD__NODE__DATA_DIR": str(tmp_path / "g")})  # fmt: skip
+    files = sorted(out.rglob("*.dcm"))
+    assert send_to_proxy(daemon, files).returncode == 0
+    wait_for(lambda: len(pacs.call("/instances")) == len(files), 60)
+    for instance in pacs.call("/instances"):
+        with urllib.request.urlopen(f"{pacs.http}/instances/{instance}/file") as response:
+            path = tmp_path / f"{instance}.dcm"
+            path.write_bytes(response.read())
+        ds = dcmread(path)
+        assert ds.BurnedInAnnotation == "NO"
+        assert "113101" in [item.CodeValue for item in ds.DeidentificationMethodCodeSequence]  # Clean Pixel Data
+        pixels = ds.pixel_array
+        sent = next(dcmread(f) for f in files if dcmread(f).InstanceNumber == ds.InstanceNumber).pixel_array
+        text_rows = [row for row in range(pixels.shape[0] // 2) if (sent[row] != sent[0, 0]).any()]
+        assert text_rows, "the image sent carried text"
+        assert all((pixels[row] == pixels[0, 0]).all() for row in text_rows)  # every text row blank now
+    # The originals were kept: re-identified files are the files sent, text and all.
+    back = tmp_path / "back"
+    run_cli("reidentify", str(ds.StudyInstanceUID), "--out", str(back), env={"FABRICATORD_CONFIG": str(daemon.config)})
+    assert sorted(f.read_bytes() for f in back.iterdir()) == sorted(f.read_bytes() for f in files)
 
 
 def test_a_c_find_through_the_proxy_is_answered_by_the_backend_with_de_identified_keys(
@@ -222,37 +231,32 @@ def test_a_c_find_through_the_proxy_is_answered_by_the_backend_with_de_identifie
 
 
 def test_a_c_move_through_the_proxy_is_relayed_from_the_backend_to_the_destination(
-    tmp_path: Path, orthanc: object
+    proxy_node: Callable[..., Started], tmp_path: Path
 ) -> None:
-    orthanc_port, destination_port = free_port(), free_port()
-    pacs: Orthanc = orthanc(orthanc_port, free_port(), "ANON")  # type: ignore[operator]
-    key = keygen(tmp_path / "proxy.key")
+    destination_port = free_port()
     destination_peer = f'[[peers]]\nname = "dest"\nae_title = "DEST"\nport = {destination_port}\n'
-    daemon = launch(tmp_path, extra=destination_peer + proxy_config(orthanc_port, key))
-    try:
-        # Orthanc moves to the proxy's AE title: it must know where that is.
-        body = json.dumps({"AET": "ANON", "Host": "127.0.0.1", "Port": daemon.port}).encode()
-        urllib.request.urlopen(urllib.request.Request(f"{pacs.http}/modalities/anon", body, method="PUT")).close()
-        files = without_burned_in_text(tmp_path, images=2)
-        original = dcmread(files[0])
-        assert send_to_proxy(daemon, files).returncode == 0
-        wait_for(lambda: len(pacs.call("/instances")) == len(files), 60)
-        received = tmp_path / "destination"
-        received.mkdir()
-        with running_peer(["storescp", "-aet", "DEST", "-od", str(received), str(destination_port)],
-                          destination_port, "DEST"):  # fmt: skip
-            moved = dcmtk("movescu", "-S", "-aet", "VIEWER", "-aec", "ANON", "-aem", "DEST",
-                          "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={original.StudyInstanceUID}",
-                          "127.0.0.1", str(daemon.port), timeout=120)  # fmt: skip
-        assert moved.returncode == 0, moved.stderr
-        got = [dcmread(f) for f in received.iterdir()]
-        assert len(got) == len(files)
-        assert {ds.StudyInstanceUID for ds in got} != {original.StudyInstanceUID}  # as the backend holds it
-        assert all(ds.PatientIdentityRemoved == "YES" for ds in got)
-        # Orthanc did move them to the proxy first: kept as they came, not de-identified again.
-        log = [json.loads(line) for line in daemon.log.read_text().splitlines() if line.startswith("{")]
-        assert any(r.get("event") == "association established" and r.get("calling_ae") == "ORTHANC" for r in log)
-        assert len(daemon.rows()) == len(files)
-        assert len(pacs.call("/instances")) == len(files)  # nothing forwarded back
-    finally:
-        daemon.stop()
+    daemon, pacs, _ = proxy_node(peers=destination_peer)
+    # Orthanc moves to the proxy's AE title: it must know where that is.
+    body = json.dumps({"AET": "ANON", "Host": "127.0.0.1", "Port": daemon.port}).encode()
+    urllib.request.urlopen(urllib.request.Request(f"{pacs.http}/modalities/anon", body, method="PUT")).close()
+    files = without_burned_in_text(tmp_path, images=2)
+    original = dcmread(files[0])
+    assert send_to_proxy(daemon, files).returncode == 0
+    wait_for(lambda: len(pacs.call("/instances")) == len(files), 60)
+    received = tmp_path / "destination"
+    received.mkdir()
+    with running_peer(["storescp", "-aet", "DEST", "-od", str(received), str(destination_port)],
+                      destination_port, "DEST"):  # fmt: skip
+        moved = dcmtk("movescu", "-S", "-aet", "VIEWER", "-aec", "ANON", "-aem", "DEST",
+                      "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={original.StudyInstanceUID}",
+                      "127.0.0.1", str(daemon.port), timeout=120)  # fmt: skip
+    assert moved.returncode == 0, moved.stderr
+    got = [dcmread(f) for f in received.iterdir()]
+    assert len(got) == len(files)
+    assert {ds.StudyInstanceUID for ds in got} != {original.StudyInstanceUID}  # as the backend holds it
+    assert all(ds.PatientIdentityRemoved == "YES" for ds in got)
+    # Orthanc did move them to the proxy first: kept as they came, not de-identified again.
+    log = [json.loads(line) for line in daemon.log.read_text().splitlines() if line.startswith("{")]
+    assert any(r.get("event") == "association established" and r.get("calling_ae") == "ORTHANC" for r in log)
+    assert len(daemon.rows()) == len(files)
+    assert len(pacs.call("/instances")) == len(files)  # nothing forwarded back

@@ -14,7 +14,7 @@ from fabricatord.db import InstanceIndex, open_database
 from fabricatord.db.models import Instance
 from fabricatord.dicom.part10 import Part10Encoder
 from fabricatord.dicom.storage import InstanceWriter, index_entry, relative_path
-from fabricatord.workflow.retention import Cleaner
+from fabricatord.service import with_cleanup
 from tests.helpers import study
 
 
@@ -91,8 +91,7 @@ def test_cleanup_deletes_by_age_and_for_the_quota_never_a_young_or_busy_study(
     database = open_database(settings.database_url)
     index = InstanceIndex(database)
     writer = InstanceWriter(index, settings.storage_dir, settings.tmp_dir, quota_bytes=int(size * 3.5))
-    cleaner = Cleaner(settings, database, writer)
-    writer.reclaim = cleaner.make_room
+    cleaner = with_cleanup(settings, database, writer)
     studies = [study("CT", images=1, seed=seed)[0] for seed in range(1, 6)]
     for ds in studies[:3]:
         writer.write(ds, "received")
@@ -156,8 +155,7 @@ def test_cleanup_spares_a_study_an_acquisition_is_making_and_stops_at_90_percent
     database = open_database(settings.database_url)
     index = InstanceIndex(database)
     writer = InstanceWriter(index, settings.storage_dir, settings.tmp_dir, quota_bytes=quota)
-    cleaner = Cleaner(settings, database, writer)
-    writer.reclaim = cleaner.make_room
+    with_cleanup(settings, database, writer)
     studies = [study("CT", images=1, seed=seed)[0] for seed in range(1, 12)]
     for ds in studies[:10]:
         writer.write(ds, "received")
