@@ -21,6 +21,7 @@ from fabricatord.config.values import show_size
 EX_USAGE = 64
 EX_DATAERR = 65
 EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 EX_NOPERM = 77
 EX_CONFIG = 78
@@ -171,6 +172,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from fabricatord.dicom.storage import OutOfSpace
     from fabricatord.service import storage_writer, with_cleanup
     from fabricatord.synth.templates import TEMPLATES
+    from fabricatord.workflow.fhir import Exports
     from fabricatord.workflow.generation import GenerateOptions, StudyGenerator
 
     settings = _settings(args)
@@ -202,6 +204,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             study = generator.generate(options, _Progress(total, f"{args.modality.upper()} {number + 1}/{args.count}"))
         except OutOfSpace as exc:
             raise CliError(f"not stored: {exc}", EX_CANTCREAT) from exc
+        if writer is not None:  # a generated study is complete: its FHIR jobs are due
+            Exports(settings).complete(database, [study.study_instance_uid])
         name = study.patient.name.replace("^", " ").strip()
         _print(f"Study Instance UID: {study.study_instance_uid}")
         _print(f"Accession Number:   {study.accession_number}")
@@ -643,10 +647,10 @@ def cmd_acquire(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from fabricatord.db.jobs import Acquisitions, RouteJobs
+    from fabricatord.db.jobs import Acquisitions, FhirJobs, RouteJobs
 
     database = _database(_settings(args))
-    acquisitions, routes = Acquisitions(database), RouteJobs(database)
+    acquisitions, routes, exports = Acquisitions(database), RouteJobs(database), FhirJobs(database)
     if args.action == "list":
         states = [args.state] if args.state else []
         if args.kind in ("all", "acquisitions"):
@@ -655,12 +659,17 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         if args.kind in ("all", "routes"):
             for r in reversed(_shown(routes.listing(states, args.study, args.limit + 1), args.limit, "route jobs")):
                 _print(_route_line(r))
+        if args.kind in ("all", "fhir"):
+            for f in reversed(_shown(exports.listing(states, args.study, args.limit + 1), args.limit, "FHIR jobs")):
+                _print(_fhir_line(f))
         return 0
-    wanted: dict[str, list[int]] = {"a": [], "r": []}
+    wanted: dict[str, list[int]] = {"a": [], "r": [], "f": []}
     for name in args.ids:
         kind, number = name[:1].lower(), name[1:]
         if kind not in wanted or not number.isdigit():
-            raise CliError(f"{name!r}: a job is a1 (acquisition) or r1 (route), as `jobs list` shows", EX_USAGE)
+            raise CliError(
+                f"{name!r}: a job is a1 (acquisition), r1 (route) or f1 (FHIR), as `jobs list` shows", EX_USAGE
+            )
         wanted[kind].append(int(number))
     if args.action == "show":
         for a in acquisitions.by_ids(wanted["a"]):
@@ -670,19 +679,30 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             _print(_route_line(r))
             at = r.next_attempt_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
             _print(f"  study {r.study_instance_uid}  route {r.route}  next attempt {at}")
+        for f in exports.by_ids(wanted["f"]):
+            _print(_fhir_line(f))
+            at = f.next_attempt_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+            _print(f"  next attempt {at}  {f.last_error}".rstrip())
         return 0
     if args.action == "retry":
-        touched = [f"a{pk}" for pk in acquisitions.retry(wanted["a"])] + [f"r{pk}" for pk in routes.retry(wanted["r"])]
+        touched = (
+            [f"a{pk}" for pk in acquisitions.retry(wanted["a"])]
+            + [f"r{pk}" for pk in routes.retry(wanted["r"])]
+            + [f"f{pk}" for pk in exports.retry(wanted["f"])]
+        )
         _print(f"{len(touched)} job(s) due again now{': ' if touched else ''}{' '.join(touched)}")
-        why = "only failed, canceled and pending jobs waiting out their backoff are retried"
+        why = "only failed, canceled (and for FHIR, done) jobs and pending ones waiting out their backoff are retried"
     else:
-        touched = [f"a{pk}" for pk in acquisitions.cancel_jobs(wanted["a"])] + [
-            f"r{pk}" for pk in routes.cancel(wanted["r"])
-        ]
+        touched = (
+            [f"a{pk}" for pk in acquisitions.cancel_jobs(wanted["a"])]
+            + [f"r{pk}" for pk in routes.cancel(wanted["r"])]
+            + [f"f{pk}" for pk in exports.cancel(wanted["f"])]
+        )
         _print(f"{len(touched)} job(s) canceled{': ' if touched else ''}{' '.join(touched)}")
         why = "only pending (and waiting) jobs are canceled"
     state_of = {f"a{a.id}": a.state for a in acquisitions.by_ids(wanted["a"])}
     state_of.update({f"r{r.id}": r.state for r in routes.by_ids(wanted["r"])})
+    state_of.update({f"f{f.id}": f.state for f in exports.by_ids(wanted["f"])})
     untouched = [name for name in dict.fromkeys(n.lower() for n in args.ids) if name not in touched]
     for name in untouched:
         state = state_of.get(name)
@@ -710,6 +730,26 @@ def _acquisition_line(a: Any) -> str:
 def _route_line(r: Any) -> str:
     head = f"{'r' + str(r.id):<7} route    {r.peer:<12} {r.state:<9} tries {r.attempts}"
     return f"{head}  {r.sop_instance_uid}  {r.last_error}".rstrip()
+
+
+def _fhir_line(f: Any) -> str:
+    head = f"{'f' + str(f.id):<7} fhir     {f.destination:<12} {f.state:<9} tries {f.attempts}"
+    return f"{head}  {f.study_instance_uid}  {f.last_error}".rstrip()
+
+
+def cmd_fhir(args: argparse.Namespace) -> int:
+    """A stored study's transaction Bundle, as the FHIR destinations receive it."""
+    from fabricatord.workflow.fhir import study_bundle
+
+    settings = _settings(args)
+    try:
+        bundle = study_bundle(settings, _database(settings), args.study)
+    except ValueError as exc:
+        raise CliError(str(exc), EX_SOFTWARE) from None
+    if bundle is None:
+        raise CliError(f"no study {args.study!r} is stored", EX_DATAERR)
+    _print(json.dumps(bundle, indent=2, ensure_ascii=False))
+    return 0
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
@@ -1341,12 +1381,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="until the daemon has stored the study (or given up), at most SECONDS (default 600)",
     )
-    jobs = command("jobs", cmd_jobs, "acquisition (a1) and route (r1) jobs: list, show, retry, cancel")
+    jobs = command("jobs", cmd_jobs, "acquisition (a1), route (r1) and FHIR (f1) jobs: list, show, retry, cancel")
     job_actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing_jobs = job_actions.add_parser("list", help="newest last")
-    listing_jobs.add_argument("kind", nargs="?", default="all", choices=["all", "acquisitions", "routes"])
+    listing_jobs.add_argument("kind", nargs="?", default="all", choices=["all", "acquisitions", "routes", "fhir"])
     listing_jobs.add_argument("--state", default="", help="waiting, pending, running, sending, done, failed, canceled")
-    listing_jobs.add_argument("--study", default="", metavar="STUDY_UID", help="route jobs of one study")
+    listing_jobs.add_argument("--study", default="", metavar="STUDY_UID", help="route and FHIR jobs of one study")
     listing_jobs.add_argument("--limit", type=_positive, default=50)
     for action, text in (
         ("show", "one job or more, whole"),
@@ -1357,6 +1397,8 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in job_actions.choices.values():
         sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="TOML file")
 
+    fhir = command("fhir", cmd_fhir, "a stored study as the FHIR transaction Bundle its destinations receive")
+    fhir.add_argument("study", metavar="STUDY_UID")
     cleanup = command("cleanup", cmd_cleanup, "delete studies past [dicom] retention, and the oldest over the quota")
     cleanup.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
     cleanup.add_argument("--json", action="store_true", help="one JSON object per study")

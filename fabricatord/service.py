@@ -21,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+from sqlalchemy import Connection
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints, reactor
@@ -29,7 +30,7 @@ from twisted.internet.task import LoopingCall
 from fabricatord import __version__
 from fabricatord.config import ConfigError, Settings, load
 from fabricatord.config.values import parse_duration, parse_size
-from fabricatord.db import Database, InstanceIndex, open_database
+from fabricatord.db import Database, IndexEntry, InstanceIndex, open_database
 from fabricatord.db.audit import AuditLog
 from fabricatord.db.engine import MigrationFailed, dispose_all
 from fabricatord.dicom.storage import InstanceWriter
@@ -47,6 +48,7 @@ from fabricatord.synth.checks import settings_problems
 from fabricatord.workflow.access import Directory
 from fabricatord.workflow.acquisition import Acquirer
 from fabricatord.workflow.audit import AuditTrail
+from fabricatord.workflow.fhir import Exporter, Exports
 from fabricatord.workflow.hl7 import Inbox
 from fabricatord.workflow.monitor import Monitor
 from fabricatord.workflow.presence import Presence
@@ -83,13 +85,22 @@ QUOTA_RECOUNT = 1.0
 """On PostgreSQL other processes store too: the quota's count is at most this old (seconds)."""
 
 
-def storage_writer(settings: Settings, database: Database, rules: Rules | None = None) -> InstanceWriter:
+def storage_writer(
+    settings: Settings, database: Database, rules: Rules | None = None, exports: Exports | None = None
+) -> InstanceWriter:
     """The atomic writer over `data_dir/storage`, as the settings shape it."""
-    # Routes queue their jobs in the transaction that indexes each instance, whoever stores it
-    # (the node, the simulated modality, `fabricatord generate`); the daemon's router sends them.
+    # Routes queue their jobs, and a received study's FHIR jobs move a stable age on, in the
+    # transaction that indexes each instance, whoever stores it (the node, the simulated
+    # modality, `fabricatord generate`); the daemon's router and exporter send them.
     rules = rules if rules is not None else Rules(settings)
+    exports = exports if exports is not None else Exports(settings)
+
+    def indexed(connection: Connection, entries: list[IndexEntry]) -> None:
+        rules.enqueue(connection, entries)
+        exports.arrived(connection, entries)
+
     return InstanceWriter(
-        InstanceIndex(database, on_indexed=rules.enqueue, node=settings.node_name),
+        InstanceIndex(database, on_indexed=indexed, node=settings.node_name),
         settings.storage_dir,
         settings.tmp_dir,
         settings.dicom.storage_layout,
@@ -142,32 +153,42 @@ def build(
     if presence is not None:
         presence.join()  # before storage recovery and job claims: refuses a second process of this name
         _WorkerService(presence).setServiceParent(root)  # first started, last stopped: it signs off
-    rules = Rules(settings)
-    writer = storage_writer(settings, database, rules)
+    rules, exports = Rules(settings), Exports(settings)
+    writer = storage_writer(settings, database, rules, exports)
     if seat is None:
         _recover(writer)
     # One cleaner makes room for every store of this process and, on the leader, looks daily.
     cleaner = with_cleanup(settings, database, writer, lambda: presence is not None and presence.leader)
     audit = AuditTrail(database)
     _WorkerService(audit).setServiceParent(root)
-    acquirer = Acquirer(settings, database, writer) if first else None
+    acquirer = Acquirer(settings, database, writer, exports) if first else None
     # Another worker's new order or fetched step waits for the first worker's next look (a second).
     on_due = acquirer.wake if acquirer is not None else _nothing
     inherited = seat.listeners if seat is not None else {}
     counts = seat.counts() if seat is not None else None
     proxies = Proxies(settings, database)  # every key checked before anything is accepted
     node = DicomNode(
-        settings, database, writer, audit, on_due, inherited=inherited.get("dicom"), counts=counts, proxies=proxies
+        settings,
+        database,
+        writer,
+        audit,
+        on_due,
+        inherited=inherited.get("dicom"),
+        counts=counts,
+        proxies=proxies,
+        exports=exports,
     )
     node.setServiceParent(root)
     inbox = Inbox(settings, database, on_due=on_due)
     mllp = MllpListener(settings, inbox, reactor_, inherited=inherited.get("mllp"), counts=counts)
     mllp.setServiceParent(root)
     if acquirer is None or presence is None:
-        return root, [rules, node, inbox, cleaner]
+        return root, [rules, exports, node, inbox, cleaner]
     _WorkerService(acquirer).setServiceParent(root)  # after the node: it sends MPPS to it
     router = Router(settings, database)
     _WorkerService(router).setServiceParent(root)
+    exporter = Exporter(settings, database)
+    _WorkerService(exporter).setServiceParent(root)
     monitor = Monitor(settings, database, leading=lambda: presence.leader)
     _WorkerService(monitor).setServiceParent(root)
     _WorkerService(cleaner).setServiceParent(root)
@@ -194,7 +215,7 @@ def build(
         proxies=proxies,
     )
     StreamServerEndpointService(http, site(department)).setServiceParent(root)
-    return root, [rules, node, inbox, acquirer, router, monitor, cleaner, department]
+    return root, [rules, exports, node, inbox, acquirer, router, exporter, monitor, cleaner, department]
 
 
 def _nothing() -> None:

@@ -21,6 +21,7 @@ from fabricatord.config.schema import (
     MODALITY_KEY,
     SECTIONS,
     TABLE_ARRAYS,
+    FhirDestination,
     Hl7Profile,
     ModalityOverride,
     Settings,
@@ -117,9 +118,10 @@ def load(
     _apply_environment(raw, environ, problems)
     settings = builder.settings(raw)
     # Keys that failed above kept their defaults, so the checks that span keys still run:
-    # one pass reports everything.
+    # one pass reports everything, a key once (its default may break a rule its value broke too).
+    named = {problem.path for problem in problems}
     for check in (_cross_check, *checks):
-        problems.extend(ConfigProblem(origin, where, what) for where, what in check(settings))
+        problems.extend(ConfigProblem(origin, where, what) for where, what in check(settings) if where not in named)
     if problems:
         raise ConfigError(problems)
     node = settings.node
@@ -136,7 +138,7 @@ def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str], problems
         parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
         section_cls = SECTIONS.get(parts[0])
         fields = {f.name: f for f in dataclasses.fields(section_cls)} if section_cls else {}
-        if len(parts) != 2 or parts[1] not in fields or parts[1] in ("modality", "profiles"):
+        if len(parts) != 2 or parts[1] not in fields or parts[1] in ("modality", "profiles", "destinations"):
             problems.append(
                 ConfigProblem(
                     "environment",
@@ -242,6 +244,10 @@ class _Builder:
             expected = "tables [[hl7.profiles]]"
             if isinstance(value, list) and all(isinstance(item, dict) for item in value):
                 converted = [self.section(Hl7Profile, item, f"{where}[{i}]") for i, item in enumerate(value)]
+        elif origin is list and args[0] is FhirDestination:
+            expected = "tables [[fhir.destinations]]"
+            if isinstance(value, list) and all(isinstance(item, dict) for item in value):
+                converted = [self.section(FhirDestination, item, f"{where}[{i}]") for i, item in enumerate(value)]
         elif origin is dict and args[1] is ModalityOverride:
             expected = "tables such as [synth.modality.CT]"
             if isinstance(value, dict):
@@ -368,6 +374,14 @@ def _cross_check(settings: Settings) -> Iterable[tuple[str, str]]:
             yield f"{where}.key_file", "a proxy needs a key file (fabricatord proxy keygen > FILE)"
         elif not proxy.key_file.is_file():
             yield f"{where}.key_file", f"{proxy.key_file} does not exist or is not a file"
+    servers: set[str] = set()
+    for index, server in enumerate(settings.fhir.destinations):
+        where = f"fhir.destinations[{index}]"
+        if not server.name or server.name in servers:
+            yield f"{where}.name", "every FHIR destination needs a name of its own"
+        servers.add(server.name)
+        if not server.url:
+            yield f"{where}.url", "a FHIR destination needs the server's base URL"
     if settings.node.workers > 1 and not settings.shared:
         yield "node.workers", "more than one worker process needs PostgreSQL ([node] database): SQLite has one writer"
     if settings.dicom.file_naming == "instance-number" and settings.dicom.storage_layout == "flat":

@@ -387,6 +387,60 @@ class RouteSettings:
     )
 
 
+def _check_uri(value: object) -> str | None:
+    """An identifier system: an absolute URI, as FHIR's `Identifier.system` must be."""
+    if not isinstance(value, str) or not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$", value):
+        return "an absolute URI such as urn:oid:1.2.3 or https://hospital.example/mrn"
+    return None
+
+
+def _check_endpoint(value: object) -> str | None:
+    if not isinstance(value, str) or not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+        return "an http:// or https:// URL of a FHIR server's base"
+    return None
+
+
+@dataclass(frozen=True)
+class FhirDestination:
+    """`[[fhir.destinations]]`: a FHIR server that receives a transaction Bundle per complete study."""
+
+    name: str = key("", "Destination name, for logs, metrics and `fabricatord jobs`.")
+    url: str = key("", "The server's base URL; the Bundle is POSTed to it.", _check_endpoint)
+    bearer_token: str = key("", "Sent as `Authorization: Bearer …` when set.")
+    timeout: str = key("30s", "How long one POST may take before it counts as failed and is retried.", check_duration)
+
+
+@dataclass(frozen=True)
+class FhirSettings:
+    stable_age: str = key(
+        "60s",
+        "A received study is complete once no instance has arrived for this long (Orthanc's StableAge); "
+        "acquired studies are complete at MPPS COMPLETED, generated ones when `generate` finishes.",
+        check_duration,
+    )
+    patient_id_system: str = key(
+        "urn:fabricatord:patient-id", "`Patient.identifier.system` of the Patient ID (your MRN's URI).", _check_uri
+    )
+    accession_system: str = key(
+        "urn:fabricatord:accession", "`identifier.system` of the accession number (type ACSN).", _check_uri
+    )
+    placer_system: str = key(
+        "urn:fabricatord:placer-order", "`ServiceRequest.identifier.system` of the placer order number.", _check_uri
+    )
+    filler_system: str = key(
+        "urn:fabricatord:filler-order", "`ServiceRequest.identifier.system` of the filler order number.", _check_uri
+    )
+    attempts: int = key(
+        8,
+        "Sends of a FHIR job before it is kept as `failed` (`fabricatord jobs retry` sends it again); a refusal "
+        "the server would repeat (4xx) fails at once.",
+        check_positive,
+    )
+    destinations: list[FhirDestination] = key(
+        [], "FHIR servers that receive every complete study: `[[fhir.destinations]]` (docs/fhir.md)."
+    )
+
+
 @dataclass(frozen=True)
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
@@ -395,6 +449,7 @@ class Settings:
     hl7: Hl7Settings = field(default_factory=Hl7Settings)
     http: HttpSettings = field(default_factory=HttpSettings)
     synth: SynthSettings = field(default_factory=SynthSettings)
+    fhir: FhirSettings = field(default_factory=FhirSettings)
     peers: list[PeerSettings] = field(default_factory=list)
     routes: list[RouteSettings] = field(default_factory=list)
     proxies: list[ProxySettings] = field(default_factory=list)
@@ -453,6 +508,7 @@ SECTIONS: dict[str, type] = {
     "hl7": Hl7Settings,
     "http": HttpSettings,
     "synth": SynthSettings,
+    "fhir": FhirSettings,
 }
 TABLE_ARRAYS: dict[str, type] = {"peers": PeerSettings, "routes": RouteSettings, "proxies": ProxySettings}
 

@@ -15,6 +15,7 @@ from fabricatord.db.engine import Database, aware, hold_keys, patient_key
 from fabricatord.db.models import (
     Acquisition,
     AuditEvent,
+    FhirJob,
     Instance,
     Patient,
     RequestedProcedure,
@@ -469,11 +470,14 @@ class InstanceIndex:
 
 
 def _candidates(arrived_before: datetime | None) -> Any:
-    """Studies with their last arrival, instances and bytes, none with a route job pending or
-    being sent, nor one an acquisition is about to make or making."""
+    """Studies with their last arrival, instances and bytes, none with a route or FHIR job
+    pending or being sent, nor one an acquisition is about to make or making."""
     last = func.max(Instance.created_at)
     busy_routes = select(RouteJob.id).where(
         RouteJob.study_instance_uid == Study.study_instance_uid, RouteJob.state.in_(("pending", "sending"))
+    )
+    busy_exports = select(FhirJob.id).where(
+        FhirJob.study_instance_uid == Study.study_instance_uid, FhirJob.state.in_(("pending", "sending"))
     )
     busy_acquisitions = (
         select(Acquisition.id)
@@ -491,7 +495,7 @@ def _candidates(arrived_before: datetime | None) -> Any:
         select(Study.study_instance_uid, last, func.count(Instance.id), func.coalesce(func.sum(Instance.size), 0))
         .join(Series, Series.study_pk == Study.id)
         .join(Instance, Instance.series_pk == Series.id)
-        .where(~exists(busy_routes), ~exists(busy_acquisitions))
+        .where(~exists(busy_routes), ~exists(busy_exports), ~exists(busy_acquisitions))
         .group_by(Study.id, Study.study_instance_uid)
         .order_by(last, Study.id)
     )

@@ -1,24 +1,25 @@
-"""Durable jobs: acquisitions (worklist steps the simulated modality performs) and route jobs
-(stored instances to send to peers). A worker claims a job by moving it to `running` or
-`sending` in a transaction of its own, under a lease in its node's name (`FOR UPDATE SKIP
-LOCKED` on PostgreSQL: several nodes claim side by side without waiting on each other). The
-node renews the lease while it works; a job whose lease ran out (its node died) is claimed by
-another, and at start a node takes back what it left claimed itself: a restart neither loses
-nor forgets a job."""
+"""Durable jobs: acquisitions (worklist steps the simulated modality performs), route jobs (stored
+instances to send to peers) and FHIR jobs (complete studies to send to FHIR servers). A worker
+claims a job by moving it to `running` or `sending` in a transaction of its own, under a lease
+in its node's name (`FOR UPDATE SKIP LOCKED` on PostgreSQL: several nodes claim side by side
+without waiting on each other). The node renews the lease while it works; a job whose lease ran
+out (its node died) is claimed by another, and at start a node takes back what it left claimed
+itself: a restart neither loses nor forgets a job."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Select, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Select, and_, bindparam, exists, func, insert, or_, select, update
+from sqlalchemy.orm import aliased
 
 from fabricatord.config import Settings
 from fabricatord.db import raw
 from fabricatord.db.engine import Database
-from fabricatord.db.models import Acquisition, RequestedProcedure, RouteJob, ScheduledStep
+from fabricatord.db.models import Acquisition, FhirJob, RequestedProcedure, RouteJob, ScheduledStep, Study
 
 OPEN_ROUTE = ("pending", "sending")
 LEASE = timedelta(seconds=30)
@@ -333,30 +334,7 @@ class RouteJobs:
     def settle(self, done: Iterable[int], retry: dict[int, tuple[datetime, str]], failed: dict[int, str]) -> None:
         """After a send: `done` ids, ids to retry at a time (with why), ids given up (with why).
         A job whose lease this node lost meanwhile is left to the node that took it."""
-        now = datetime.now(UTC)
-        ours = and_(RouteJob.leased_by == self._node, RouteJob.state == "sending")
-        with self._db.writer.begin() as connection:
-            finished = list(done)
-            if finished:
-                connection.execute(
-                    update(RouteJob)
-                    .where(RouteJob.id.in_(finished), ours)
-                    .values(state="done", last_error="", lease_until=None, updated_at=now)
-                )
-            for pk, (when, why) in retry.items():
-                connection.execute(
-                    update(RouteJob)
-                    .where(RouteJob.id == pk, ours)
-                    .values(
-                        state="pending", next_attempt_at=when, last_error=why[:512], lease_until=None, updated_at=now
-                    )
-                )
-            for pk, why in failed.items():
-                connection.execute(
-                    update(RouteJob)
-                    .where(RouteJob.id == pk, ours)
-                    .values(state="failed", last_error=why[:512], lease_until=None, updated_at=now)
-                )
+        _settle(self._db, RouteJob, self._node, done, retry, failed)
 
     def delivered(self, peer: str, study_instance_uid: str) -> int | None:
         """How many of the study's jobs to `peer` are done; None while any is still open."""
@@ -388,13 +366,7 @@ class RouteJobs:
     def recover(self) -> int:
         """At start: what this node was sending when it died is sent again (C-STORE is
         at-least-once); rows from before leases had names count as this node's."""
-        with self._db.writer.begin() as connection:
-            result = connection.execute(
-                update(RouteJob)
-                .where(RouteJob.state == "sending", RouteJob.leased_by.in_((self._node, "")))
-                .values(state="pending", lease_until=None)
-            )
-            return int(getattr(result, "rowcount", 0) or 0)
+        return _recover_sending(self._db, RouteJob, self._node)
 
     def listing(self, states: Iterable[str] = (), study_instance_uid: str = "", limit: int = 50) -> list[RouteRecord]:
         statement = select(*_ROUTE_COLUMNS).order_by(RouteJob.id.desc()).limit(limit)
@@ -436,18 +408,222 @@ class RouteJobs:
 
     def cancel(self, pks: Iterable[int]) -> list[int]:
         """Pending jobs canceled; the ids touched."""
-        with self._db.writer.begin() as connection:
-            touched = (
-                connection.execute(
-                    update(RouteJob)
-                    .where(RouteJob.id.in_(list(pks)), RouteJob.state == "pending")
-                    .values(state="canceled", updated_at=datetime.now(UTC))
-                    .returning(RouteJob.id)
-                )
-                .scalars()
-                .all()
+        return _cancel_pending(self._db, RouteJob, pks)
+
+
+@dataclass(frozen=True)
+class FhirRecord:
+    id: int
+    study_instance_uid: str
+    destination: str
+    state: str
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str
+    updated_at: datetime
+
+
+_FHIR_COLUMNS = [getattr(FhirJob, name) for name in FhirRecord.__dataclass_fields__]
+_OTHER_FHIR = aliased(FhirJob)
+
+
+class FhirJobs:
+    """Complete studies to send to FHIR destinations: one job per study and destination, put
+    in the transaction that made the study complete (or indexed its latest arrival)."""
+
+    def __init__(self, database: Database, node: str = "", lease: timedelta = LEASE) -> None:
+        self._db = database
+        self._node = node
+        self._lease = lease
+
+    @staticmethod
+    def schedule(
+        connection: Connection, study_uids: Iterable[str], destinations: Sequence[str], due: datetime, sooner: bool
+    ) -> int:
+        """A pending job per study and destination, due at `due`. One pending already moves to
+        `due`: with `sooner` only forward (a study complete now), else wherever it falls (each
+        arrival puts its study's job a stable age after it). A study not stored gets none. How
+        many were made."""
+        wanted = sorted(set(study_uids))
+        if not wanted or not destinations:
+            return 0
+        # Only stored studies: an MPPS COMPLETED may come before the images; their arrival schedules it.
+        stored = select(Study.study_instance_uid).where(Study.study_instance_uid.in_(wanted))
+        studies = sorted(connection.execute(stored).scalars())
+        if not studies:
+            return 0
+        pending = connection.execute(
+            select(FhirJob.id, FhirJob.study_instance_uid, FhirJob.destination).where(
+                FhirJob.study_instance_uid.in_(studies),
+                FhirJob.destination.in_(list(destinations)),
+                FhirJob.state == "pending",
             )
-        return sorted(touched)
+        ).all()
+        now = datetime.now(UTC)
+        if pending:
+            moved = update(FhirJob).where(FhirJob.id.in_([row.id for row in pending]))
+            if sooner:
+                moved = moved.where(FhirJob.next_attempt_at > due)
+            connection.execute(moved.values(next_attempt_at=due, updated_at=now))
+        have = {(row.study_instance_uid, row.destination) for row in pending}
+        rows = [
+            {
+                "study_instance_uid": study,
+                "destination": destination,
+                "state": "pending",
+                "attempts": 0,
+                "next_attempt_at": due,
+                "last_error": "",
+                "leased_by": "",
+                "created_at": now,
+                "updated_at": now,
+            }
+            for study in studies
+            for destination in destinations
+            if (study, destination) not in have
+        ]
+        if rows:
+            connection.execute(insert(FhirJob), rows)
+        return len(rows)
+
+    def _claimable(self, now: datetime) -> ColumnElement[bool]:
+        return _claimable(FhirJob, FhirJob.next_attempt_at, "sending", now)
+
+    def claim(self) -> list[FhirRecord]:
+        """The due jobs of one study and destination (several when arrivals came during a
+        send), never while another node still sends that pair, moved to `sending`."""
+        now = datetime.now(UTC)
+        if not _any(self._db, select(FhirJob.id).where(self._claimable(now))):
+            return []
+        busy = select(_OTHER_FHIR.id).where(
+            _OTHER_FHIR.study_instance_uid == FhirJob.study_instance_uid,
+            _OTHER_FHIR.destination == FhirJob.destination,
+            _OTHER_FHIR.state == "sending",
+            _OTHER_FHIR.lease_until >= now,
+        )
+        with self._db.writer.begin() as connection:
+            first = connection.execute(
+                select(FhirJob.study_instance_uid, FhirJob.destination)
+                .where(self._claimable(now), ~exists(busy))
+                .order_by(FhirJob.next_attempt_at, FhirJob.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            ).first()
+            if first is None:
+                return []
+            rows = connection.execute(
+                select(*_FHIR_COLUMNS)
+                .where(
+                    self._claimable(now),
+                    FhirJob.study_instance_uid == first.study_instance_uid,
+                    FhirJob.destination == first.destination,
+                )
+                .order_by(FhirJob.id)
+                .with_for_update(skip_locked=True)
+            ).all()
+            connection.execute(
+                update(FhirJob)
+                .where(FhirJob.id.in_([row.id for row in rows]))
+                .values(
+                    state="sending",
+                    attempts=FhirJob.attempts + 1,
+                    leased_by=self._node,
+                    lease_until=now + self._lease,
+                    updated_at=now,
+                )
+            )
+            return [FhirRecord(*row) for row in rows]
+
+    def settle(self, done: Iterable[int], retry: dict[int, tuple[datetime, str]], failed: dict[int, str]) -> None:
+        _settle(self._db, FhirJob, self._node, done, retry, failed)
+
+    def recover(self) -> int:
+        """At start: what this node was sending when it died is sent again (the conditional
+        requests make a resend harmless)."""
+        return _recover_sending(self._db, FhirJob, self._node)
+
+    def listing(self, states: Iterable[str] = (), study_instance_uid: str = "", limit: int = 50) -> list[FhirRecord]:
+        statement = select(*_FHIR_COLUMNS).order_by(FhirJob.id.desc()).limit(limit)
+        wanted = list(states)
+        if wanted:
+            statement = statement.where(FhirJob.state.in_(wanted))
+        if study_instance_uid:
+            statement = statement.where(FhirJob.study_instance_uid == study_instance_uid)
+        with self._db.engine.connect() as connection:
+            return [FhirRecord(*row) for row in connection.execute(statement)]
+
+    def by_ids(self, pks: Iterable[int]) -> list[FhirRecord]:
+        with self._db.engine.connect() as connection:
+            return [
+                FhirRecord(*row) for row in connection.execute(select(*_FHIR_COLUMNS).where(FhirJob.id.in_(list(pks))))
+            ]
+
+    def retry(self, pks: Iterable[int]) -> list[int]:
+        """As route jobs, and a done one too: the study sent again (the EHR lost it, or was
+        reset), which its conditional requests make harmless."""
+        with self._db.writer.begin() as connection:
+            return _due_now(connection, FhirJob, FhirJob.next_attempt_at, list(pks), ("failed", "canceled", "done"))
+
+    def cancel(self, pks: Iterable[int]) -> list[int]:
+        return _cancel_pending(self._db, FhirJob, pks)
+
+
+def _settle(
+    database: Database,
+    job: Any,
+    node: str,
+    done: Iterable[int],
+    retry: dict[int, tuple[datetime, str]],
+    failed: dict[int, str],
+) -> None:
+    """Route or FHIR jobs after a send (`job` their model), only those still this node's."""
+    now = datetime.now(UTC)
+    ours = and_(job.leased_by == node, job.state == "sending")
+    with database.writer.begin() as connection:
+        finished = list(done)
+        if finished:
+            connection.execute(
+                update(job)
+                .where(job.id.in_(finished), ours)
+                .values(state="done", last_error="", lease_until=None, updated_at=now)
+            )
+        for pk, (when, why) in retry.items():
+            connection.execute(
+                update(job)
+                .where(job.id == pk, ours)
+                .values(state="pending", next_attempt_at=when, last_error=why[:512], lease_until=None, updated_at=now)
+            )
+        for pk, why in failed.items():
+            connection.execute(
+                update(job)
+                .where(job.id == pk, ours)
+                .values(state="failed", last_error=why[:512], lease_until=None, updated_at=now)
+            )
+
+
+def _recover_sending(database: Database, job: Any, node: str) -> int:
+    with database.writer.begin() as connection:
+        result = connection.execute(
+            update(job)
+            .where(job.state == "sending", job.leased_by.in_((node, "")))
+            .values(state="pending", lease_until=None)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+
+def _cancel_pending(database: Database, job: Any, pks: Iterable[int]) -> list[int]:
+    with database.writer.begin() as connection:
+        touched = (
+            connection.execute(
+                update(job)
+                .where(job.id.in_(list(pks)), job.state == "pending")
+                .values(state="canceled", updated_at=datetime.now(UTC))
+                .returning(job.id)
+            )
+            .scalars()
+            .all()
+        )
+    return sorted(touched)
 
 
 def _claimable(job: Any, due: Any, claimed: str, now: datetime) -> ColumnElement[bool]:
@@ -456,13 +632,15 @@ def _claimable(job: Any, due: Any, claimed: str, now: datetime) -> ColumnElement
     return or_(and_(job.state == "pending", due <= now), and_(job.state == claimed, job.lease_until < now))
 
 
-def _due_now(connection: Connection, job: Any, due: Any, wanted: list[int]) -> list[int]:
-    """`jobs retry` for either kind of job (`job` its model, `due` its due column): failed and
-    canceled ones pending again with a fresh count, pending ones in backoff due at once."""
+def _due_now(
+    connection: Connection, job: Any, due: Any, wanted: list[int], ended: tuple[str, ...] = ("failed", "canceled")
+) -> list[int]:
+    """`jobs retry` for any kind of job (`job` its model, `due` its due column): `ended` ones
+    pending again with a fresh count, pending ones in backoff due at once."""
     now = datetime.now(UTC)
     again = (
         update(job)
-        .where(job.id.in_(wanted), job.state.in_(("failed", "canceled")))
+        .where(job.id.in_(wanted), job.state.in_(ended))
         .values({job.state: "pending", job.attempts: 0, due: now, job.updated_at: now})
         .returning(job.id)
     )

@@ -353,6 +353,26 @@ class RouteJob(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
+class FhirJob(Base):
+    """Owner: `fabricatord.db.jobs`. One complete study to be sent to one FHIR destination. A
+    received study's job waits `[fhir] stable_age` after its last arrival; each new arrival
+    pushes that back."""
+
+    __tablename__ = "fhir_jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)  # pending | sending | done | failed | canceled
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str] = mapped_column(String(512), default="")
+    leased_by: Mapped[str] = mapped_column(String(64), default="")
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 class User(Base):
     """Owner: `fabricatord.db.users`. Someone who may use the console and the API."""
 

@@ -9,6 +9,7 @@ from sqlalchemy import func, select, text
 from fabricatord.db.engine import Database
 from fabricatord.db.models import (
     Acquisition,
+    FhirJob,
     Instance,
     Order,
     Patient,
@@ -46,4 +47,5 @@ def counts(database: Database) -> dict[str, Any]:
             "storage_bytes": int(connection.execute(select(func.coalesce(func.sum(Instance.size), 0))).scalar_one()),
             "acquisitions": by_state(Acquisition.state),
             "route_jobs": by_state(RouteJob.state),
+            "fhir_jobs": by_state(FhirJob.state),
         }

@@ -25,6 +25,21 @@ STEP_COUNTER = "scheduled_step"
 """The counters behind generated requested procedure and step IDs (`RP0000001`, `SPS0000001`)."""
 
 
+@dataclass(frozen=True)
+class StudyOrder:
+    """The order a study was made for, as the FHIR export tells it."""
+
+    placer_order_number: str
+    filler_order_number: str
+    accession_number: str
+    status: str
+    priority: str
+    procedure_code: tuple[str, str, str]
+    procedure_description: str
+    requesting_physician: str
+    authored: datetime
+
+
 class UnknownPatient(LookupError):
     """An order names a patient the registry does not hold."""
 
@@ -221,6 +236,32 @@ class Worklist:
             issuer=patient.issuer,
             order_pk=order.id,
         )
+
+    def order_of_study(self, study_instance_uid: str) -> StudyOrder | None:
+        """The order whose requested procedure is this study; None for a study no order asked for."""
+        with self._db.reads() as session:
+            row = session.execute(
+                select(RequestedProcedure, Order)
+                .join(Order, RequestedProcedure.order_pk == Order.id)
+                .where(RequestedProcedure.study_instance_uid == study_instance_uid)
+            ).first()
+            if row is None:
+                return None
+            procedure, order = row
+            steps = set(session.scalars(select(ScheduledStep.status).where(ScheduledStep.procedure_pk == procedure.id)))
+            # The order's own status moves with HL7; its steps move with MPPS: all performed is done.
+            done = order.status not in ("CANCELED", "DISCONTINUED") and steps == {"COMPLETED"}
+            return StudyOrder(
+                placer_order_number=order.placer_order_number,
+                filler_order_number=order.filler_order_number,
+                accession_number=order.accession_number,
+                status="COMPLETED" if done else order.status,
+                priority=procedure.priority,
+                procedure_code=(procedure.code_value, procedure.code_scheme, procedure.code_meaning),
+                procedure_description=procedure.description,
+                requesting_physician=order.requesting_physician,
+                authored=order.created_at,
+            )
 
     def steps_named(self, name: str) -> list[int]:
         """Steps whose SPS ID, or whose order's accession number, is `name`."""

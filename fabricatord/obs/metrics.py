@@ -173,6 +173,17 @@ ROUTE_SEND_SECONDS = Histogram(
     ["peer"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
+FHIR_EXPORTS = Counter(
+    "fabricatord_fhir_exports_total",
+    "Studies sent to a FHIR destination as a transaction Bundle, by destination and outcome (done, retry, failed).",
+    ["destination", "outcome"],
+)
+FHIR_SEND_SECONDS = Histogram(
+    "fabricatord_fhir_send_seconds",
+    "Time to build and POST one study's Bundle, by destination.",
+    ["destination"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
 SENT_BYTES = Counter(
     "fabricatord_sent_bytes_total",
     "Bytes of stored files a peer took (C-STORE success or warning), by service (route, C-MOVE, "

@@ -31,6 +31,7 @@ from fabricatord.obs.logging import get_logger, in_context
 from fabricatord.synth.builder import OrderContext
 from fabricatord.synth.templates import TEMPLATES
 from fabricatord.synth.uids import UidFactory
+from fabricatord.workflow.fhir import Exports
 from fabricatord.workflow.generation import GeneratedStudy, GenerateOptions, StudyGenerator
 
 log = get_logger(__name__)
@@ -42,10 +43,11 @@ MAX_ATTEMPTS = 5
 class SimulatedModality:
     """Performs one worklist step: MPPS, the study, MPPS again."""
 
-    def __init__(self, settings: Settings, database: Database, writer: InstanceWriter) -> None:
+    def __init__(self, settings: Settings, database: Database, writer: InstanceWriter, exports: Exports) -> None:
         self._settings = settings
         self._database = database
         self._writer = writer
+        self._exports = exports
         self._generator = StudyGenerator(settings, database, writer)
 
     def perform(self, item: StepDetail) -> tuple[GeneratedStudy, str]:
@@ -101,8 +103,11 @@ class SimulatedModality:
         self._generator = StudyGenerator(settings, self._database, self._writer)
 
     def _mark(self, item: StepDetail, status: str) -> None:
+        """What our MPPS SCP does when the MPPS comes to us, for MPPS sent to another peer."""
         with self._database.writer.begin() as connection:
             Worklist.perform(connection, (item.sps_id,), item.study_instance_uid, status)
+            if status == "COMPLETED":
+                self._exports.completed(connection, [item.study_instance_uid])
 
     def _mpps_peer(self) -> scu.Peer:
         """Where MPPS goes: our own node (`self`) or a `[[peers]]` entry."""
@@ -170,10 +175,10 @@ def _completed(study: GeneratedStudy, ended: datetime) -> Dataset:
 class Acquirer:
     """The worker thread that runs due acquisition jobs, one at a time."""
 
-    def __init__(self, settings: Settings, database: Database, writer: InstanceWriter) -> None:
+    def __init__(self, settings: Settings, database: Database, writer: InstanceWriter, exports: Exports) -> None:
         self._jobs = Acquisitions(database, settings.node_name, timedelta(seconds=parse_duration(settings.node.lease)))
         self._worklist = Worklist(database)
-        self._modality = SimulatedModality(settings, database, writer)
+        self._modality = SimulatedModality(settings, database, writer, exports)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

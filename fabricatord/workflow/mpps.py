@@ -3,7 +3,10 @@ rules of PS3.4 F, and carried onto the worklist steps they perform, in one trans
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pydicom.dataset import Dataset
+from sqlalchemy import Connection
 
 from fabricatord.db import Database
 from fabricatord.db.performed import PerformedRecord, PerformedSteps
@@ -25,9 +28,14 @@ STEP_STATUS = {"IN PROGRESS": "STARTED", "COMPLETED": "COMPLETED", "DISCONTINUED
 """Performed Procedure Step Status → the status of the scheduled steps it performs."""
 
 
+Completed = Callable[[Connection, list[str]], None]
+"""Told, in the N-SET's transaction, which studies an MPPS COMPLETED finished (FHIR export)."""
+
+
 class PerformedProcedureSteps:
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, on_completed: Completed | None = None) -> None:
         self._db = database
+        self._on_completed = on_completed
 
     def create(self, sop_instance_uid: str, attributes: Dataset, calling_ae: str) -> Dataset:
         """N-CREATE: the step IN PROGRESS, its scheduled steps STARTED. MppsError says why not."""
@@ -59,6 +67,8 @@ class PerformedProcedureSteps:
                 changed = Worklist.perform(
                     connection, summary.sps_ids, summary.study_instance_uid, STEP_STATUS[summary.status]
                 )
+                if summary.status == "COMPLETED" and summary.study_instance_uid and self._on_completed:
+                    self._on_completed(connection, [summary.study_instance_uid])
         log.info(
             "mpps updated",
             sop_instance_uid=sop_instance_uid,

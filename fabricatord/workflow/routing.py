@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Protocol
 
 from sqlalchemy import Connection
 
@@ -200,7 +201,7 @@ class Router:
         route = _route(self._settings, jobs[0].route)  # one peer, one study: one route
 
         def later(job: RouteRecord, why: str, permanent: bool) -> None:
-            _later(job, why, route.attempts, permanent, retry, failed)
+            reschedule(job, why, route.attempts, permanent, retry, failed)
 
         started = time.perf_counter()
         if by_path:
@@ -257,8 +258,17 @@ class Router:
             )
 
 
-def _later(
-    job: RouteRecord,
+class Claimed(Protocol):
+    """A claimed job of either sending kind (route or FHIR), as its record was read at the claim."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def attempts(self) -> int: ...
+
+
+def reschedule(
+    job: Claimed,
     why: str,
     allowed: int,
     permanent: bool,

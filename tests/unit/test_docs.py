@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from fabricatord.cli import build_parser
-from fabricatord.config.schema import SECTIONS, TABLE_ARRAYS, Hl7Profile, ModalityOverride
+from fabricatord.config.schema import SECTIONS, TABLE_ARRAYS, FhirDestination, Hl7Profile, ModalityOverride
 from tests.conftest import ROOT
 
 
@@ -15,6 +15,7 @@ def test_configuration_doc_lists_every_key() -> None:
         *((f"[{n}]", c) for n, c in SECTIONS.items()),
         ("[synth.modality.XX]", ModalityOverride),
         ("[[hl7.profiles]]", Hl7Profile),
+        ("[[fhir.destinations]]", FhirDestination),
         *((f"[[{n}]]", c) for n, c in TABLE_ARRAYS.items()),
     ]:
         section = text.split(f"## {title}\n", 1)
@@ -29,7 +30,7 @@ def test_shipped_config_mentions_every_scalar_key() -> None:
     for name, cls in SECTIONS.items():
         assert f"[{name}]" in text
         for field in dataclasses.fields(cls):
-            if field.name not in ("modality", "profiles"):
+            if field.name not in ("modality", "profiles", "destinations"):
                 assert f"{field.name} =" in text, f"conf/fabricatord.toml lacks {name}.{field.name}"
 
 

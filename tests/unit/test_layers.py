@@ -13,6 +13,7 @@ LAYERS = {
     "synth": 2,
     "hl7": 2,
     "dicom": 3,
+    "fhir": 3,
     "workflow": 4,
     "servers": 5,
     "service": 6,

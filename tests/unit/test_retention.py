@@ -11,10 +11,12 @@ from sqlalchemy import update
 
 from fabricatord.config.values import parse_duration
 from fabricatord.db import InstanceIndex, open_database
+from fabricatord.db.jobs import FhirJobs
 from fabricatord.db.models import Instance
 from fabricatord.dicom.part10 import Part10Encoder
 from fabricatord.dicom.storage import InstanceWriter, index_entry, relative_path
 from fabricatord.service import with_cleanup
+from fabricatord.workflow.fhir import Exports
 from tests.helpers import study
 
 
@@ -184,3 +186,26 @@ def test_cleanup_spares_a_study_an_acquisition_is_making_and_stops_at_90_percent
     assert studies[10].SOPInstanceUID in held  # the study being stored is never a candidate
     assert studies[1].SOPInstanceUID not in held  # the oldest eligible went first
     assert len(held) < 11 and index.total_size() <= quota * 0.9 + 1.1 * size  # down to 90 %, then the new one
+
+
+def test_cleanup_spares_a_study_until_its_fhir_export_is_settled(
+    database_url: str, tmp_path: Path, make_settings: object
+) -> None:
+    settings = make_settings(  # type: ignore[operator]
+        '[dicom]\nretention = "10d"\n[fhir]\nstable_age = "1h"\n[[fhir.destinations]]\nname = "ehr"\n'
+        'url = "http://127.0.0.1:9/fhir"\n',
+        database=database_url,
+    )
+    database = open_database(settings.database_url)
+    exports = Exports(settings)
+    index = InstanceIndex(database, on_indexed=exports.arrived)
+    writer = InstanceWriter(index, settings.storage_dir, settings.tmp_dir)
+    cleaner = with_cleanup(settings, database, writer)
+    [ds] = study("CT", images=1, seed=7)
+    writer.write(ds, "received")  # its FHIR job waits out the stable age
+    _age(settings.database_url, ds.SOPInstanceUID, 30)
+    [job] = FhirJobs(database).listing()
+    assert (job.state, job.study_instance_uid) == ("pending", ds.StudyInstanceUID)
+    assert cleaner.clean(dry_run=True) == []
+    FhirJobs(database).cancel([job.id])
+    assert [r.study_instance_uid for r in cleaner.clean()] == [ds.StudyInstanceUID]

@@ -66,6 +66,7 @@ from fabricatord.servers.dicom import echo, find, mpps, retrieve, store
 from fabricatord.servers.dicom.context import MAX_ERROR_COMMENT, Request, Response, Served, Status
 from fabricatord.servers.listen import WorkerCounts, adopt
 from fabricatord.workflow.audit import AuditTrail
+from fabricatord.workflow.fhir import Exports
 from fabricatord.workflow.mpps import PerformedProcedureSteps
 from fabricatord.workflow.proxy import Proxies
 from fabricatord.workflow.worklist import Fetches
@@ -228,6 +229,7 @@ class DicomNode(Service):
         inherited: int | None = None,
         counts: WorkerCounts | None = None,
         proxies: Proxies | None = None,
+        exports: Exports | None = None,
     ) -> None:
         """`on_due`: an `on_query` acquisition became due because a modality fetched its item.
         A worker process listens on the socket `inherited` from its parent and counts its
@@ -242,7 +244,7 @@ class DicomNode(Service):
         self.parts = Parts(
             database,
             writer,
-            PerformedProcedureSteps(database),
+            PerformedProcedureSteps(database, exports.completed if exports is not None else None),
             Fetches(database, on_due),
             WalkLimits(inflated=parse_size(settings.dicom.max_dataset_size)),
             proxies=proxies,

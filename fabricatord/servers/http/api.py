@@ -21,7 +21,7 @@ from fabricatord import __version__
 from fabricatord.config import PeerSettings
 from fabricatord.config.values import is_valid_uid, parse_duration
 from fabricatord.db import InstanceIndex, PatientRegistry
-from fabricatord.db.jobs import Acquisitions, RouteJobs
+from fabricatord.db.jobs import Acquisitions, FhirJobs, RouteJobs
 from fabricatord.db.messages import MessageLog
 from fabricatord.db.status import counts, reachable
 from fabricatord.db.timeline import timeline
@@ -44,6 +44,7 @@ from fabricatord.workflow.access import (
     UserExists,
     may_reach,
 )
+from fabricatord.workflow.fhir import Exports
 from fabricatord.workflow.generation import GenerateOptions, StudyGenerator
 from fabricatord.workflow.hl7 import Inbox
 from fabricatord.workflow.worklist import Scheduler, WorklistRequest, parse_code
@@ -307,11 +308,11 @@ def install(router: Router, department: Department) -> None:
 
     # -- jobs --------------------------------------------------------------------------------
 
-    @router.add("GET", f"{api}/jobs", "user", "Acquisition (a1) and route (r1) jobs (`kind`, `state`, `study`)")
+    @router.add("GET", f"{api}/jobs", "user", "Acquisition (a1), route (r1), FHIR (f1) jobs (`kind`, `state`, `study`)")
     def jobs(call: Call) -> Reply:
         kind = call.arg("kind", "all")
-        if kind not in ("all", "acquisitions", "routes"):
-            raise HttpError(400, "kind is all, acquisitions or routes")
+        if kind not in ("all", "acquisitions", "routes", "fhir"):
+            raise HttpError(400, "kind is all, acquisitions, routes or fhir")
         states = [call.arg("state")] if call.arg("state") else []
         limit = call.int_arg("limit", 100, 1, PAGE_LIMIT)
         found: list[dict[str, Any]] = []
@@ -319,6 +320,8 @@ def install(router: Router, department: Department) -> None:
             found += [_acquisition(a) for a in Acquisitions(d.database).listing(states, limit)]
         if kind in ("all", "routes"):
             found += [_route(r) for r in RouteJobs(d.database).listing(states, call.arg("study"), limit)]
+        if kind in ("all", "fhir"):
+            found += [_fhir(f) for f in FhirJobs(d.database).listing(states, call.arg("study"), limit)]
         return json_reply({"jobs": found})
 
     @router.add("GET", f"{api}/jobs/{{id}}", "user", "One job")
@@ -470,6 +473,7 @@ def generate_study(d: Department, call: Call, body: dict[str, Any]) -> dict[str,
         study = StudyGenerator(d.settings, d.database, d.writer).generate(options)
     except ValueError as exc:
         raise HttpError(400, str(exc)) from None
+    Exports(d.settings).complete(d.database, [study.study_instance_uid])
     made: dict[str, Any] = {
         "study_instance_uid": study.study_instance_uid,
         "accession_number": study.accession_number,
@@ -610,25 +614,31 @@ def act_on_jobs(d: Department, call: Call, action: str, names: Iterable[str]) ->
     """Retry or cancel jobs; a route job to a peer the caller's role may not send to is refused
     (403 when it is the only one asked for, else listed under `refused`)."""
     wanted = _job_ids(names)
-    acquisitions, routes = Acquisitions(d.database), RouteJobs(d.database)
+    acquisitions, routes, exports = Acquisitions(d.database), RouteJobs(d.database), FhirJobs(d.database)
     role = call.user().role
     refused = []
     for job in routes.by_ids(wanted["r"]):
         peer = d.settings.peer(job.peer)
         if not may_reach(role, peer.environment if peer else "test", True):
             refused.append(f"r{job.id}")
-    if refused and len(wanted["r"]) + len(wanted["a"]) == 1:
+    if refused and sum(len(pks) for pks in wanted.values()) == 1:
         raise HttpError(403, f"{refused[0]} sends to a production peer, and the role {role} may not send to it")
     wanted["r"] = [pk for pk in wanted["r"] if f"r{pk}" not in refused]
     if action == "retry":
-        touched = [f"a{pk}" for pk in acquisitions.retry(wanted["a"])] + [f"r{pk}" for pk in routes.retry(wanted["r"])]
+        touched = (
+            [f"a{pk}" for pk in acquisitions.retry(wanted["a"])]
+            + [f"r{pk}" for pk in routes.retry(wanted["r"])]
+            + [f"f{pk}" for pk in exports.retry(wanted["f"])]
+        )
     else:
-        touched = [f"a{pk}" for pk in acquisitions.cancel_jobs(wanted["a"])] + [
-            f"r{pk}" for pk in routes.cancel(wanted["r"])
-        ]
+        touched = (
+            [f"a{pk}" for pk in acquisitions.cancel_jobs(wanted["a"])]
+            + [f"r{pk}" for pk in routes.cancel(wanted["r"])]
+            + [f"f{pk}" for pk in exports.cancel(wanted["f"])]
+        )
     if wanted["a"] and action == "retry":
         d.wake_acquirer()
-    asked = [f"a{pk}" for pk in wanted["a"]] + [f"r{pk}" for pk in wanted["r"]]
+    asked = [f"{kind}{pk}" for kind, pks in wanted.items() for pk in pks]
     call.audit_detail = f"{action} {len(touched)} of {len(asked) + len(refused)} jobs"
     return {
         "action": action,
@@ -876,21 +886,27 @@ def _route(r: Any) -> dict[str, Any]:
     return {"id": f"r{r.id}", "kind": "route", **{k: v for k, v in asdict(r).items() if k != "id"}}
 
 
+def _fhir(f: Any) -> dict[str, Any]:
+    return {"id": f"f{f.id}", "kind": "fhir", **{k: v for k, v in asdict(f).items() if k != "id"}}
+
+
 def _job_ids(names: Iterable[str]) -> dict[str, list[int]]:
-    wanted: dict[str, list[int]] = {"a": [], "r": []}
+    wanted: dict[str, list[int]] = {"a": [], "r": [], "f": []}
     for name in names:
         kind, number = str(name)[:1].lower(), str(name)[1:]
         if kind not in wanted or not is_number(number, 9):
-            raise HttpError(400, f"{name!r}: a job is a1 (acquisition) or r1 (route)")
+            raise HttpError(400, f"{name!r}: a job is a1 (acquisition), r1 (route) or f1 (FHIR)")
         wanted[kind].append(int(number))
     return wanted
 
 
 def _jobs(d: Department, names: list[str]) -> list[dict[str, Any]]:
     wanted = _job_ids(names)
-    return [_acquisition(a) for a in Acquisitions(d.database).by_ids(wanted["a"])] + [
-        _route(r) for r in RouteJobs(d.database).by_ids(wanted["r"])
-    ]
+    return (
+        [_acquisition(a) for a in Acquisitions(d.database).by_ids(wanted["a"])]
+        + [_route(r) for r in RouteJobs(d.database).by_ids(wanted["r"])]
+        + [_fhir(f) for f in FhirJobs(d.database).by_ids(wanted["f"])]
+    )
 
 
 def _selected_jobs(d: Department, body: dict[str, Any]) -> list[str]:
@@ -907,6 +923,8 @@ def _selected_jobs(d: Department, body: dict[str, Any]) -> list[str]:
         names += [f"a{a.id}" for a in Acquisitions(d.database).listing([state], 100_000)]
     if kind in ("all", "routes"):
         names += [f"r{r.id}" for r in RouteJobs(d.database).listing([state], str(body.get("study", "")), 100_000)]
+    if kind in ("all", "fhir"):
+        names += [f"f{f.id}" for f in FhirJobs(d.database).listing([state], str(body.get("study", "")), 100_000)]
     return names
 
 

@@ -16,7 +16,7 @@ from urllib.parse import quote, urlparse
 
 from fabricatord import __version__
 from fabricatord.db import InstanceIndex
-from fabricatord.db.jobs import Acquisitions, RouteJobs
+from fabricatord.db.jobs import Acquisitions, FhirJobs, RouteJobs
 from fabricatord.db.messages import MessageLog
 from fabricatord.db.status import counts
 from fabricatord.db.timeline import timeline
@@ -241,7 +241,7 @@ def install(router: Router, department: Department) -> None:
         ack = [s for s in message.ack.decode("utf-8", errors="replace").replace("\n", "\r").split("\r") if s]
         return render(call, "hl7_message.html", message=message, segments=segments, ack=ack)
 
-    @router.add("GET", "/jobs", "user", "Acquisition and route jobs")
+    @router.add("GET", "/jobs", "user", "Acquisition, route and FHIR jobs")
     def jobs(call: Call) -> Reply:
         state = call.arg("state")
         states = [state] if state else []
@@ -250,6 +250,7 @@ def install(router: Router, department: Department) -> None:
             "jobs.html",
             acquisitions=Acquisitions(d.database).listing(states, 100),
             routes=RouteJobs(d.database).listing(states, call.arg("study"), 200),
+            exports=FhirJobs(d.database).listing(states, call.arg("study"), 100),
             sendable={peer.name for peer, _, may_send in d.peers_for(call.user().role) if may_send},
             state=state,
             study=call.arg("study"),
