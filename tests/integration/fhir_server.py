@@ -19,9 +19,9 @@ from tests.conftest import free_port
 
 
 class FhirServer:
-    def __init__(self, token: str = "") -> None:
+    def __init__(self, token: str = "", port: int = 0) -> None:
         self.token = token
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/fhir"
         self.resources: dict[str, dict[str, dict[str, Any]]] = {}
         """Resource type → id → resource."""
@@ -33,11 +33,11 @@ class FhirServer:
         self.refusals: list[str] = []
         self._lock = threading.Lock()
         self._next = 0
-        self._http = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
-        self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
 
     def __enter__(self) -> FhirServer:
-        self._thread.start()
+        """Listening from here on (made but not entered, its port refuses connections)."""
+        self._http = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+        threading.Thread(target=self._http.serve_forever, daemon=True).start()
         return self
 
     def __exit__(self, *_: object) -> None:

@@ -19,6 +19,7 @@ from tests.integration.conftest import BOTH_BACKENDS, Daemon, generated, halt, l
 from tests.integration.fhir_server import FhirServer, references
 from tests.integration.test_acquisition import IHE, STUDY_UID, wait_for
 from tests.integration.test_hl7_listener import frame_of, msa, send
+from tests.integration.web import Client, add_user, users
 
 pytestmark = pytest.mark.integration
 
@@ -32,6 +33,37 @@ def destination(server: FhirServer, stable_age: str = "1s", attempts: int = 8) -
         f'[fhir]\nstable_age = "{stable_age}"\npatient_id_system = "https://north.example/mrn"\n'
         f'attempts = {attempts}\n[[fhir.destinations]]\nname = "ehr"\nurl = "{server.url}"\n{token}'
     )
+
+
+def test_jobs_are_seen_and_retried_from_the_api_and_the_console(tmp_path: Path) -> None:
+    """The EHR is down past the attempts: the job fails; once it is up, a retry over the API sends it."""
+    down = FhirServer()  # made, not started: nobody listens on its port yet
+    daemon = launch(tmp_path, extra=destination(down, attempts=1))
+    try:
+        add_user(daemon.config, "writer", "test_write")
+        api = Client(daemon.http_port, token=users(daemon.config, "token", "writer"))
+        made = api.post("/api/v1/generate", {"modality": "DX", "images": 1}).json()
+        uid = made["study_instance_uid"]
+
+        def jobs() -> list[dict[str, Any]]:
+            return list(api.get(f"/api/v1/jobs?kind=fhir&study={uid}").json()["jobs"])
+
+        wait_for(lambda: [job["state"] for job in jobs()] == ["failed"], 30)
+        [job] = jobs()
+        assert job["kind"] == "fhir" and job["destination"] == "ehr" and "cannot reach" in job["last_error"]
+        assert api.get("/api/v1/status").json()["fhir_jobs"] == {"failed": 1}
+        console = Client(daemon.http_port)
+        assert console.login("writer").status == 303
+        page = console.get("/jobs").text
+        assert f'id="job-{job["id"]}"' in page and "cannot reach" in page
+        with FhirServer(port=down.port) as server:
+            retried = api.post("/api/v1/jobs/retry", {"kind": "fhir", "state": "failed"}).json()
+            assert retried["done"] == [job["id"]]
+            wait_for(lambda: api.get(f"/api/v1/jobs/{job['id']}").json()["state"] == "done", 30)
+            [study] = server.of_type("ImagingStudy")
+            assert study["identifier"][0]["value"] == f"urn:oid:{uid}"
+    finally:
+        halt(daemon)
 
 
 def fhir_jobs(daemon: Daemon, *options: str) -> list[str]:
