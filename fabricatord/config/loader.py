@@ -26,7 +26,7 @@ from fabricatord.config.schema import (
     ModalityOverride,
     Settings,
 )
-from fabricatord.config.values import check_ae_title
+from fabricatord.config.values import check_ae_title, check_uri
 
 ENV_PREFIX = "FABRICATORD__"
 CONFIG_VARIABLE = "FABRICATORD_CONFIG"
@@ -374,6 +374,10 @@ def _cross_check(settings: Settings) -> Iterable[tuple[str, str]]:
             yield f"{where}.key_file", "a proxy needs a key file (fabricatord proxy keygen > FILE)"
         elif not proxy.key_file.is_file():
             yield f"{where}.key_file", f"{proxy.key_file} does not exist or is not a file"
+    for issuer, system in settings.fhir.issuer_systems.items():
+        problem = check_uri(system)
+        if problem:
+            yield f"fhir.issuer_systems.{issuer}", f"expected {problem}, got {system!r}"
     servers: set[str] = set()
     for index, server in enumerate(settings.fhir.destinations):
         where = f"fhir.destinations[{index}]"

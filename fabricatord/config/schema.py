@@ -26,6 +26,7 @@ from fabricatord.config.values import (
     check_positive,
     check_size,
     check_uid_root,
+    check_uri,
     parse_duration_range,
 )
 
@@ -387,13 +388,6 @@ class RouteSettings:
     )
 
 
-def _check_uri(value: object) -> str | None:
-    """An identifier system: an absolute URI, as FHIR's `Identifier.system` must be."""
-    if not isinstance(value, str) or not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$", value):
-        return "an absolute URI such as urn:oid:1.2.3 or https://hospital.example/mrn"
-    return None
-
-
 def _check_endpoint(value: object) -> str | None:
     if not isinstance(value, str) or not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
         return "an http:// or https:// URL of a FHIR server's base"
@@ -419,16 +413,21 @@ class FhirSettings:
         check_duration,
     )
     patient_id_system: str = key(
-        "urn:fabricatord:patient-id", "`Patient.identifier.system` of the Patient ID (your MRN's URI).", _check_uri
+        "urn:fabricatord:patient-id", "`Patient.identifier.system` of the Patient ID (your MRN's URI).", check_uri
+    )
+    issuer_systems: dict[str, str] = key(
+        {},
+        'Issuer of Patient ID → the system of the IDs it assigns: `{ NORTHHOSP = "https://north.example/mrn" }`; '
+        "a Patient whose issuer is not here gets `patient_id_system`.",
     )
     accession_system: str = key(
-        "urn:fabricatord:accession", "`identifier.system` of the accession number (type ACSN).", _check_uri
+        "urn:fabricatord:accession", "`identifier.system` of the accession number (type ACSN).", check_uri
     )
     placer_system: str = key(
-        "urn:fabricatord:placer-order", "`ServiceRequest.identifier.system` of the placer order number.", _check_uri
+        "urn:fabricatord:placer-order", "`ServiceRequest.identifier.system` of the placer order number.", check_uri
     )
     filler_system: str = key(
-        "urn:fabricatord:filler-order", "`ServiceRequest.identifier.system` of the filler order number.", _check_uri
+        "urn:fabricatord:filler-order", "`ServiceRequest.identifier.system` of the filler order number.", check_uri
     )
     attempts: int = key(
         8,

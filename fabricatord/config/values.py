@@ -144,3 +144,10 @@ check_duration = _parsable(parse_duration, "a duration such as 30s, 2m or 500ms"
 check_duration_range = _parsable(
     parse_duration_range, "a duration, or a range such as 10s-60s that ends after it starts"
 )
+
+
+def check_uri(value: object) -> str | None:
+    """An identifier system: an absolute URI, as FHIR's `Identifier.system` must be."""
+    if not isinstance(value, str) or not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$", value):
+        return "an absolute URI such as urn:oid:1.2.3 or https://hospital.example/mrn"
+    return None

@@ -13,12 +13,25 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Select, and_, bindparam, exists, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Select,
+    and_,
+    bindparam,
+    case,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import aliased
 
 from fabricatord.config import Settings
 from fabricatord.db import raw
-from fabricatord.db.engine import Database
+from fabricatord.db.engine import Database, hold_keys
 from fabricatord.db.models import Acquisition, FhirJob, RequestedProcedure, RouteJob, ScheduledStep, Study
 
 OPEN_ROUTE = ("pending", "sending")
@@ -452,19 +465,20 @@ class FhirJobs:
         studies = sorted(connection.execute(stored).scalars())
         if not studies:
             return 0
+        now = datetime.now(UTC)
+        # Moved only while still pending: one the exporter claimed meanwhile may have been built
+        # without the newest instance, so the pair gets a pending job of its own below.
+        when = case((FhirJob.next_attempt_at > due, due), else_=FhirJob.next_attempt_at) if sooner else due
         pending = connection.execute(
-            select(FhirJob.id, FhirJob.study_instance_uid, FhirJob.destination).where(
+            update(FhirJob)
+            .where(
                 FhirJob.study_instance_uid.in_(studies),
                 FhirJob.destination.in_(list(destinations)),
                 FhirJob.state == "pending",
             )
+            .values(next_attempt_at=when, updated_at=now)
+            .returning(FhirJob.study_instance_uid, FhirJob.destination)
         ).all()
-        now = datetime.now(UTC)
-        if pending:
-            moved = update(FhirJob).where(FhirJob.id.in_([row.id for row in pending]))
-            if sooner:
-                moved = moved.where(FhirJob.next_attempt_at > due)
-            connection.execute(moved.values(next_attempt_at=due, updated_at=now))
         have = {(row.study_instance_uid, row.destination) for row in pending}
         rows = [
             {
@@ -511,16 +525,19 @@ class FhirJobs:
             ).first()
             if first is None:
                 return []
+            # One claimer per pair at a time (other processes wait here, then see its claim), and
+            # every claimable row of the pair taken together: never two sends of it at once.
+            hold_keys(connection, [f"f{first.study_instance_uid}|{first.destination}"])
+            pair = (FhirJob.study_instance_uid == first.study_instance_uid, FhirJob.destination == first.destination)
+            if connection.execute(
+                select(FhirJob.id).where(*pair, FhirJob.state == "sending", FhirJob.lease_until >= now).limit(1)
+            ).first():
+                return []
             rows = connection.execute(
-                select(*_FHIR_COLUMNS)
-                .where(
-                    self._claimable(now),
-                    FhirJob.study_instance_uid == first.study_instance_uid,
-                    FhirJob.destination == first.destination,
-                )
-                .order_by(FhirJob.id)
-                .with_for_update(skip_locked=True)
+                select(*_FHIR_COLUMNS).where(self._claimable(now), *pair).order_by(FhirJob.id).with_for_update()
             ).all()
+            if not rows:
+                return []
             connection.execute(
                 update(FhirJob)
                 .where(FhirJob.id.in_([row.id for row in rows]))

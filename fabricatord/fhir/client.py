@@ -11,8 +11,16 @@ from dataclasses import dataclass
 from typing import Any
 
 FHIR_JSON = "application/fhir+json"
-AGAIN = frozenset({408, 425, 429})
-"""4xx statuses that say "later", not "never"."""
+AGAIN = frozenset({408, 409, 425, 429})
+"""4xx statuses that say "later", not "never" (409: a conflict of concurrent writes, as HAPI says)."""
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *_: object, **__: object) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 class FhirError(Exception):
@@ -38,10 +46,16 @@ def post_transaction(url: str, bundle: dict[str, Any], bearer_token: str = "", t
         headers["Authorization"] = f"Bearer {bearer_token}"
     request = urllib.request.Request(url, json.dumps(bundle).encode(), headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _OPENER.open(request, timeout=timeout) as response:
             body = response.read()
     except urllib.error.HTTPError as exc:
-        detail = _diagnostics(exc.read())
+        if 300 <= exc.code < 400:  # urllib would follow it as a GET: the Bundle would never arrive
+            where = exc.headers.get("Location", "")
+            raise FhirError(f"HTTP {exc.code} redirects to {where}: give that URL as the destination", True) from None
+        try:
+            detail = _diagnostics(exc.read())
+        except (OSError, http.client.HTTPException):
+            detail = ""
         permanent = 400 <= exc.code < 500 and exc.code not in AGAIN
         raise FhirError(f"HTTP {exc.code} {exc.reason}{': ' + detail if detail else ''}", permanent) from None
     except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, cut short
@@ -51,13 +65,21 @@ def post_transaction(url: str, bundle: dict[str, Any], bearer_token: str = "", t
         answer = json.loads(body)
     except ValueError:
         raise FhirError("the server's answer is not JSON") from None
-    if not isinstance(answer, dict) or answer.get("resourceType") != "Bundle":
+    if not isinstance(answer, dict) or answer.get("type") != "transaction-response":
         raise FhirError("the server's answer is not a transaction-response Bundle")
-    responses = [entry.get("response") or {} for entry in answer.get("entry") or []]
+    entries = answer.get("entry")
+    listed = entries if isinstance(entries, list) else []
+    responses: list[dict[str, Any]] = [
+        e["response"] for e in listed if isinstance(e, dict) and isinstance(e.get("response"), dict)
+    ]
+    sent = len(bundle.get("entry", []))
+    if len(responses) != sent or len(listed) != sent:
+        raise FhirError(f"the server answered {len(responses)} entries for {sent}")
     statuses = [str(r.get("status", "")) for r in responses]
     failed = [s for s in statuses if not s.startswith("2")]
     if failed:
-        raise FhirError(f"entries refused: {', '.join(failed)}", all(s.startswith("4") for s in failed))
+        permanent = all(s.startswith("4") and int(s[:3]) not in AGAIN for s in failed if s[:3].isdigit())
+        raise FhirError(f"entries refused: {', '.join(failed)}", permanent)
     return Outcome(statuses, [str(r.get("location", "")) for r in responses])
 
 

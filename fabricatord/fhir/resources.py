@@ -11,9 +11,10 @@ references to whichever resource each condition found."""
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 from fabricatord.db.engine import aware
 from fabricatord.db.index import StudyTree
@@ -50,6 +51,11 @@ class Systems:
     accession: str
     placer: str
     filler: str
+    issuers: dict[str, str] = field(default_factory=dict)
+    """Issuer of Patient ID → the system of the IDs it assigns (`[fhir] issuer_systems`)."""
+
+    def of_patient(self, issuer: str) -> str:
+        return self.issuers.get(issuer, self.patient_id)
 
 
 def transaction(tree: StudyTree, order: StudyOrder | None, systems: Systems) -> dict[str, Any]:
@@ -57,10 +63,13 @@ def transaction(tree: StudyTree, order: StudyOrder | None, systems: Systems) -> 
     resource invalid (a mapping bug: nothing is sent)."""
     from fhir.resources.R4B.bundle import Bundle
 
-    patient_identifier = _identifier(systems.patient_id, tree.patient_id, "MR")
+    if not tree.patient_id.strip():
+        raise ValueError(f"study {tree.study_instance_uid} has no Patient ID: no Patient can be found or made for it")
+    system = systems.of_patient(tree.issuer_of_patient_id)
+    patient_identifier = _identifier(system, tree.patient_id, "MR")
     if tree.issuer_of_patient_id:
         patient_identifier["assigner"] = {"display": tree.issuer_of_patient_id}
-    patient_url = _full_url(systems.patient_id, tree.patient_id)
+    patient_url = _full_url(system, tree.patient_id)
     entries = [_entry(patient_url, _patient(tree, patient_identifier), "POST", "Patient", patient_identifier)]
     accession = _identifier(systems.accession, tree.accession_number, "ACSN") if tree.accession_number else None
     based_on: list[dict[str, str]] = []
@@ -84,11 +93,19 @@ def transaction(tree: StudyTree, order: StudyOrder | None, systems: Systems) -> 
 def _entry(full_url: str, resource: dict[str, Any], method: str, kind: str, key: dict[str, Any]) -> dict[str, Any]:
     """One entry, conditional on `key`: POST with ifNoneExist (create unless one matches) or
     PUT to a search URL (update the one that matches, create when none does)."""
-    search = f"identifier={key['system']}|{key['value']}"
+    search = f"identifier={_token(key['system'])}|{_token(key['value'])}"
     request = {"method": method, "url": kind, "ifNoneExist": search} if method == "POST" else {"method": method}
     if method == "PUT":
         request["url"] = f"{kind}?{search}"
     return {"fullUrl": full_url, "resource": resource, "request": request}
+
+
+def _token(text: str) -> str:
+    """One half of a token search's `system|value`: FHIR's escapes (\\ | , $) first, then the
+    URL's, so that an ID with `&`, `+`, `#` or a space finds the resource made for it."""
+    for special in ("\\", "|", ",", "$"):
+        text = text.replace(special, "\\" + special)
+    return quote(text, safe=":/.-_~")
 
 
 def _full_url(system: str, value: str) -> str:
@@ -171,7 +188,7 @@ def _imaging_study(
     study["series"] = [
         {
             "uid": s.series_instance_uid,
-            **({"number": s.series_number} if s.series_number is not None else {}),
+            **({"number": s.series_number} if _unsigned(s.series_number) else {}),
             "modality": {"system": DCM, "code": s.modality or "OT"},
             **({"description": s.series_description} if s.series_description else {}),
             "numberOfInstances": len(s.instances),
@@ -179,7 +196,7 @@ def _imaging_study(
                 {
                     "uid": i.sop_instance_uid,
                     "sopClass": {"system": URI_SYSTEM, "code": f"urn:oid:{i.sop_class_uid}"},
-                    **({"number": i.instance_number} if i.instance_number is not None else {}),
+                    **({"number": i.instance_number} if _unsigned(i.instance_number) else {}),
                 }
                 for i in s.instances
             ],
@@ -187,6 +204,11 @@ def _imaging_study(
         for s in tree.series
     ]
     return study
+
+
+def _unsigned(number: int | None) -> bool:
+    """FHIR's numbers are unsignedInt; DICOM's IS may be negative, which FHIR has no place for."""
+    return number is not None and number >= 0
 
 
 def _concept(code: tuple[str, str, str], text: str) -> dict[str, Any] | None:

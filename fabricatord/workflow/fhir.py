@@ -3,10 +3,10 @@ transaction that made it complete; a worker thread builds the study's transactio
 what is stored at that moment and POSTs it, retrying with backoff like a route job.
 
 Complete means: MPPS COMPLETED for a study we acquire (or a modality reported to us), the end
-of `generate` for a generated one, and for a received one no new instance for `[fhir]
-stable_age` (each arrival puts the job that long after it, as Orthanc's StableAge does; an
-instance arriving after the export makes the study complete again later, and the resend
-updates the ImagingStudy)."""
+of `generate` for a generated one, and for any study no new instance for `[fhir] stable_age`
+(each arrival puts the job that long after it, in the transaction that indexes it, as Orthanc's
+StableAge does; an instance arriving after the export makes the study complete again later, and
+the resend updates the ImagingStudy)."""
 
 from __future__ import annotations
 
@@ -45,11 +45,13 @@ class Exports:
         self._proxies = frozenset(p.ae_title for p in settings.proxies)
 
     def arrived(self, connection: Connection, entries: list[IndexEntry]) -> None:
-        """The index's hook: each received study's job put a stable age after this arrival. A
-        proxy's de-identified copies are not ours to report."""
+        """The index's hook: each study's job put a stable age after this arrival, received or
+        generated alike, so that a study whose completion never comes (a crash between the last
+        store and `completed`, an MPPS never sent) is still reported. A proxy's de-identified
+        copies are not ours to report."""
         if not self._destinations:
             return
-        studies = {e.study_instance_uid for e in entries if e.source == "received" and e.called_ae not in self._proxies}
+        studies = {e.study_instance_uid for e in entries if e.called_ae not in self._proxies}
         if studies:
             FhirJobs.schedule(connection, studies, self._destinations, datetime.now(UTC) + self._stable_age, False)
 
@@ -71,7 +73,9 @@ def study_bundle(settings: Settings, database: Database, study_instance_uid: str
     if tree is None:
         return None
     fhir = settings.fhir
-    systems = resources.Systems(fhir.patient_id_system, fhir.accession_system, fhir.placer_system, fhir.filler_system)
+    systems = resources.Systems(
+        fhir.patient_id_system, fhir.accession_system, fhir.placer_system, fhir.filler_system, fhir.issuer_systems
+    )
     return resources.transaction(tree, Worklist(database).order_of_study(study_instance_uid), systems)
 
 
@@ -137,9 +141,13 @@ class Exporter:
             )
             faultpoint("fhir.after_send")
             done = [job.id for job in jobs]
-        except (client.FhirError, ValueError) as exc:  # ValueError: a resource the validator refused
-            error = str(exc)
-            permanent = getattr(exc, "permanent", True)
+        except Exception as exc:  # whatever it was, the claimed jobs are settled, never left "sending"
+            error = str(exc) or type(exc).__name__
+            # A refusal the server would repeat, or a Bundle the validator refused (ValueError),
+            # fails at once; anything else (the database, a bug) is tried again later.
+            permanent = exc.permanent if isinstance(exc, client.FhirError) else isinstance(exc, ValueError)
+            if not isinstance(exc, (client.FhirError, ValueError)):
+                log.exception("FHIR export failed unexpectedly", destination=name, study_instance_uid=study_uid)
             for job in jobs:
                 reschedule(job, error, self._settings.fhir.attempts, permanent, retry, failed)
         self._jobs.settle(done, retry, failed)

@@ -9,6 +9,7 @@ rewritten to the resources they resolved to. `outages` answers 503 that many tim
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,6 +30,8 @@ class FhirServer:
         """Every Bundle POSTed, as sent."""
         self.answers: list[int] = []
         """The HTTP status of every POST, in order."""
+        self.responses: list[dict[str, Any]] = []
+        """What was answered to every POST, in order."""
         self.outages = 0
         self.refusals: list[str] = []
         self._lock = threading.Lock()
@@ -62,7 +65,7 @@ class FhirServer:
     def _matches(self, kind: str, search: str) -> list[str]:
         """Ids of `kind` whose identifier matches `identifier=system|value`, the only search used."""
         wanted = str(parse_qs(search).get("identifier", [""])[0])
-        system, _, value = wanted.partition("|")
+        system, value = (re.sub(r"\\(.)", r"\1", part) for part in re.split(r"(?<!\\)\|", wanted, maxsplit=1))
         return [
             rid
             for rid, resource in self.resources.get(kind, {}).items()
@@ -134,6 +137,7 @@ class FhirServer:
                 with server._lock:
                     status, answer = self._answer(body)
                     server.answers.append(status)
+                    server.responses.append(answer)
                     if status >= 400:
                         server.refusals.append(json.dumps(answer))
                 data = json.dumps(answer).encode()

@@ -6,17 +6,22 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from fabricatord.db import InstanceIndex, open_database
 from fabricatord.db.index import InstanceNode, SeriesNode, StudyTree
+from fabricatord.db.jobs import FhirJobs
 from fabricatord.db.worklist import StudyOrder
+from fabricatord.dicom.storage import InstanceWriter
 from fabricatord.fhir import client
 from fabricatord.fhir.resources import Systems, fhir_date, fhir_datetime, human_name, transaction
 from tests.conftest import free_port
+from tests.helpers import study
 
 SYSTEMS = Systems("https://h.example/mrn", "https://h.example/acsn", "https://h.example/plac", "https://h.example/fill")
 
@@ -191,11 +196,14 @@ def _response(*statuses: str) -> dict[str, Any]:
 
 def test_the_client_sends_fhir_json_with_the_token_and_reads_each_entry(answering: Any) -> None:
     server = answering(200, _response("201 Created", "200 OK"))
-    outcome = client.post_transaction(f"http://127.0.0.1:{server.port}/fhir", {"resourceType": "Bundle"}, "tok")
+    sent = {"resourceType": "Bundle", "entry": [{}, {}]}
+    outcome = client.post_transaction(f"http://127.0.0.1:{server.port}/fhir", sent, "tok")
     assert outcome.statuses == ["201 Created", "200 OK"]
     headers, body = server.seen[0]
     assert headers["Authorization"] == "Bearer tok" and headers["Content-Type"].startswith("application/fhir+json")
-    assert body == {"resourceType": "Bundle"}
+    assert body == sent
+    with pytest.raises(client.FhirError, match="answered 2 entries for 3"):  # an entry the server skipped
+        client.post_transaction(f"http://127.0.0.1:{server.port}/fhir", {"entry": [{}, {}, {}]})
 
 
 @pytest.mark.parametrize(
@@ -206,7 +214,9 @@ def test_the_client_sends_fhir_json_with_the_token_and_reads_each_entry(answerin
         (429, {}, False, "HTTP 429"),
         (503, {}, False, "HTTP 503"),
         (200, {"resourceType": "OperationOutcome"}, False, "not a transaction-response"),
-        (200, _response("201 Created", "409 Conflict"), True, "409 Conflict"),
+        (200, _response("201 Created", "422 Unprocessable Entity"), True, "422 Unprocessable Entity"),
+        (200, _response("409 Conflict"), False, "409 Conflict"),
+        (302, {}, True, "redirects to"),
     ],
 )
 def test_refusals_say_whether_another_try_would_help(
@@ -214,7 +224,7 @@ def test_refusals_say_whether_another_try_would_help(
 ) -> None:
     server = answering(status, body)
     with pytest.raises(client.FhirError) as raised:
-        client.post_transaction(f"http://127.0.0.1:{server.port}/fhir", {})
+        client.post_transaction(f"http://127.0.0.1:{server.port}/fhir", {"entry": [{}] * len(body.get("entry", []))})
     assert raised.value.permanent is permanent and says in str(raised.value)
 
 
@@ -222,3 +232,45 @@ def test_nobody_listening_is_worth_another_try() -> None:
     with pytest.raises(client.FhirError) as raised:
         client.post_transaction(f"http://127.0.0.1:{free_port()}/fhir", {}, timeout=5)
     assert not raised.value.permanent and "cannot reach" in str(raised.value)
+
+
+def test_an_id_with_search_characters_is_escaped_in_every_condition() -> None:
+    odd = tree(patient_id="A&b=c,d|e #1", issuer_of_patient_id="SOUTH")
+    systems = Systems(**{**SYSTEMS.__dict__, "issuers": {"SOUTH": "https://south.example/mrn"}})
+    patient = entries(transaction(odd, None, systems))["Patient"]
+    assert patient["request"]["ifNoneExist"] == "identifier=https://south.example/mrn|A%26b%3Dc%5C%2Cd%5C%7Ce%20%231"
+    assert patient["resource"]["identifier"][0]["system"] == "https://south.example/mrn"  # the issuer's system
+    assert patient["resource"]["identifier"][0]["value"] == "A&b=c,d|e #1"  # the value itself as it is
+
+
+def test_what_fhir_cannot_say_is_left_out_or_refused_by_name() -> None:
+    negative = [SeriesNode("1.2.3.4.1", "CT", -1, "", "", [InstanceNode("1.2.3.4.1.1", "1.2.3", -5, "", 1, "r", "")])]
+    series = entries(transaction(tree(series=negative), None, SYSTEMS))["ImagingStudy"]["resource"]["series"][0]
+    assert "number" not in series and "number" not in series["instance"][0]
+    with pytest.raises(ValueError, match="has no Patient ID"):
+        transaction(tree(patient_id=""), None, SYSTEMS)
+
+
+def test_jobs_of_a_pair_are_claimed_together_and_never_beside_a_send(database_url: str, tmp_path: Path) -> None:
+    database = open_database(database_url)
+    writer = InstanceWriter(InstanceIndex(database), tmp_path / "storage", tmp_path / "tmp")
+    [ds] = study("CT", images=1, seed=3)
+    writer.write(ds, "received")
+    uid, later, now = ds.StudyInstanceUID, datetime.now(UTC) + timedelta(hours=1), datetime.now(UTC)
+    jobs = FhirJobs(database, "node-a")
+
+    def schedule(when: datetime, sooner: bool, studies: tuple[str, ...] = (uid,)) -> int:
+        with database.writer.begin() as connection:
+            return FhirJobs.schedule(connection, studies, ["ehr"], when, sooner)
+
+    assert schedule(later, False, (uid, "9.9.9")) == 1  # a study not stored gets none
+    assert schedule(later, False) == 0 and jobs.claim() == []  # moved, not doubled; not due
+    assert schedule(now, True) == 0  # complete: due now
+    assert schedule(later, True) == 0  # `sooner` never puts it back
+    [claimed] = jobs.claim()
+    assert claimed.state == "pending" and claimed.attempts == 0  # as read at the claim
+    assert schedule(now, True) == 1  # arrived while sending: a job of its own
+    assert FhirJobs(database, "node-b").claim() == []  # never beside the send of the pair
+    jobs.settle([claimed.id], {}, {})
+    [again] = FhirJobs(database, "node-b").claim()
+    assert again.id != claimed.id and [j.state for j in jobs.by_ids([claimed.id, again.id])] == ["done", "sending"]

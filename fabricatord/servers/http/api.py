@@ -331,7 +331,9 @@ def install(router: Router, department: Department) -> None:
             raise HttpError(404, f"no job {call.params['id']}")
         return json_reply(found[0])
 
-    @router.add("POST", f"{api}/jobs/{{id}}/retry", "change", "A failed, canceled or waiting job due again now")
+    @router.add(
+        "POST", f"{api}/jobs/{{id}}/retry", "change", "A failed, canceled or waiting job due again now (FHIR: or done)"
+    )
     def retry(call: Call) -> Reply:
         return json_reply(act_on_jobs(d, call, "retry", [call.params["id"]]))
 
