@@ -175,17 +175,7 @@ class Acquisitions:
                 .with_for_update(skip_locked=True)
             ).all()
             if rows:
-                connection.execute(
-                    update(Acquisition)
-                    .where(Acquisition.id.in_([row.id for row in rows]))
-                    .values(
-                        state="running",
-                        attempts=Acquisition.attempts + 1,
-                        leased_by=self._node,
-                        lease_until=now + self._lease,
-                        updated_at=now,
-                    )
-                )
+                _take(connection, Acquisition, [row.id for row in rows], "running", self._node, now, self._lease)
             return [AcquisitionRecord(*row) for row in rows]
 
     def finish(
@@ -331,17 +321,7 @@ class RouteJobs:
                 .limit(limit)
                 .with_for_update(skip_locked=True)
             ).all()
-            connection.execute(
-                update(RouteJob)
-                .where(RouteJob.id.in_([row.id for row in rows]))
-                .values(
-                    state="sending",
-                    attempts=RouteJob.attempts + 1,
-                    leased_by=self._node,
-                    lease_until=now + self._lease,
-                    updated_at=now,
-                )
-            )
+            _take(connection, RouteJob, [row.id for row in rows], "sending", self._node, now, self._lease)
             return [RouteRecord(*row) for row in rows]
 
     def settle(self, done: Iterable[int], retry: dict[int, tuple[datetime, str]], failed: dict[int, str]) -> None:
@@ -538,17 +518,7 @@ class FhirJobs:
             ).all()
             if not rows:
                 return []
-            connection.execute(
-                update(FhirJob)
-                .where(FhirJob.id.in_([row.id for row in rows]))
-                .values(
-                    state="sending",
-                    attempts=FhirJob.attempts + 1,
-                    leased_by=self._node,
-                    lease_until=now + self._lease,
-                    updated_at=now,
-                )
-            )
+            _take(connection, FhirJob, [row.id for row in rows], "sending", self._node, now, self._lease)
             return [FhirRecord(*row) for row in rows]
 
     def settle(self, done: Iterable[int], retry: dict[int, tuple[datetime, str]], failed: dict[int, str]) -> None:
@@ -583,6 +553,17 @@ class FhirJobs:
 
     def cancel(self, pks: Iterable[int]) -> list[int]:
         return _cancel_pending(self._db, FhirJob, pks)
+
+
+def _take(
+    connection: Connection, job: Any, ids: list[int], claimed: str, node: str, now: datetime, lease: timedelta
+) -> None:
+    """Claimed jobs of any kind (`job` its model) moved to `claimed` under `node`'s lease, one attempt more."""
+    connection.execute(
+        update(job)
+        .where(job.id.in_(ids))
+        .values(state=claimed, attempts=job.attempts + 1, leased_by=node, lease_until=now + lease, updated_at=now)
+    )
 
 
 def _settle(
