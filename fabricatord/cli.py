@@ -16,6 +16,7 @@ from typing import Any
 from fabricatord import __version__
 from fabricatord.config import ConfigError, Settings, locate
 from fabricatord.config import load as load_config
+from fabricatord.config.tls import client_context, enabled
 from fabricatord.config.values import show_size
 
 EX_USAGE = 64
@@ -42,7 +43,12 @@ def _settings(args: argparse.Namespace) -> Settings:
     located = locate(args.config, os.environ, Path.cwd())
     if not args.config:
         print(f"fabricatord: {located.describe()}", file=sys.stderr, flush=True)
-    return load_config(located.path, checks=[settings_problems, profile_problems])
+    settings = load_config(located.path, checks=[settings_problems, profile_problems])
+    if enabled(settings.tls):  # `send`, `find`, `move`… reach `tls = true` peers with it
+        from fabricatord.dicom import scu
+
+        scu.use_tls(client_context(settings.tls))
+    return settings
 
 
 def _logging(settings: Settings) -> None:

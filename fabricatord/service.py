@@ -22,17 +22,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import Connection
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet import endpoints, reactor
+from twisted.internet import reactor
 from twisted.internet.task import LoopingCall
 
 from fabricatord import __version__
 from fabricatord.config import ConfigError, Settings, load
+from fabricatord.config.tls import client_context, enabled
 from fabricatord.config.values import parse_duration, parse_size
 from fabricatord.db import Database, IndexEntry, InstanceIndex, open_database
 from fabricatord.db.audit import AuditLog
 from fabricatord.db.engine import MigrationFailed, dispose_all
+from fabricatord.dicom import scu
 from fabricatord.dicom.storage import InstanceWriter
 from fabricatord.hl7.mapping import profile_problems
 from fabricatord.obs import metrics
@@ -41,8 +42,9 @@ from fabricatord.obs.systemd import notify, watchdog_interval
 from fabricatord.servers.dicom import DicomNode
 from fabricatord.servers.dicom.node import LISTEN_BACKLOG
 from fabricatord.servers.http import Department, site
-from fabricatord.servers.listen import family_of, open_listener
+from fabricatord.servers.listen import Listening, open_listener
 from fabricatord.servers.mllp import MllpListener
+from fabricatord.servers.tls import of as tls_of
 from fabricatord.servers.workers import BEAT_EVERY, Seat, Supervisor
 from fabricatord.synth.checks import settings_problems
 from fabricatord.workflow.access import Directory
@@ -167,23 +169,28 @@ def build(
     inherited = seat.listeners if seat is not None else {}
     counts = seat.counts() if seat is not None else None
     proxies = Proxies(settings, database)  # every key checked before anything is accepted
+    # One TLS context for every listener of this process, made again on SIGHUP.
+    server_tls = tls_of(settings)
+    scu.use_tls(client_context(settings.tls) if enabled(settings.tls) else None)
     node = DicomNode(
         settings,
         database,
         writer,
         audit,
         on_due,
-        inherited=inherited.get("dicom"),
+        inherited=inherited,
+        tls=server_tls,
         counts=counts,
         proxies=proxies,
         exports=exports,
     )
     node.setServiceParent(root)
     inbox = Inbox(settings, database, on_due=on_due)
-    mllp = MllpListener(settings, inbox, reactor_, inherited=inherited.get("mllp"), counts=counts)
+    mllp = MllpListener(settings, inbox, reactor_, inherited=inherited, counts=counts, tls=server_tls)
     mllp.setServiceParent(root)
+    reloadable: list[_Reloadable] = [rules, exports, node, inbox, cleaner, *([server_tls] if server_tls else [])]
     if acquirer is None or presence is None:
-        return root, [rules, exports, node, inbox, cleaner]
+        return root, reloadable
     _WorkerService(acquirer).setServiceParent(root)  # after the node: it sends MPPS to it
     router = Router(settings, database)
     _WorkerService(router).setServiceParent(root)
@@ -192,16 +199,7 @@ def build(
     monitor = Monitor(settings, database, leading=lambda: presence.leader)
     _WorkerService(monitor).setServiceParent(root)
     _WorkerService(cleaner).setServiceParent(root)
-    http: Any = (
-        endpoints.AdoptedStreamServerEndpoint(reactor_, inherited["http"], family_of(settings.http.host))
-        if "http" in inherited
-        else endpoints.TCP4ServerEndpoint(reactor_, settings.http.port, interface=settings.http.host)
-    )
-    listeners = {
-        "dicom": f"{settings.dicom.host}:{settings.dicom.port}",
-        "mllp": f"{settings.hl7.host}:{settings.hl7.port}",
-        "http": f"{settings.http.host}:{settings.http.port}",
-    }
+    listeners = {name: f"{section.host}:{port}" for name, section, port in _ports(settings)}
     checks = [("dicom", lambda: node.listening), ("mllp", lambda: mllp.listening), ("storage", writer.has_room)]
     department = Department(
         settings,
@@ -214,12 +212,46 @@ def build(
         checks,
         proxies=proxies,
     )
-    StreamServerEndpointService(http, site(department)).setServiceParent(root)
-    return root, [rules, exports, node, inbox, acquirer, router, exporter, monitor, cleaner, department]
+    _HttpService(settings, site(department), reactor_, Listening("http", inherited), server_tls).setServiceParent(root)
+    return root, [*reloadable, acquirer, router, exporter, monitor, department]
 
 
 def _nothing() -> None:
     pass
+
+
+def _ports(settings: Settings) -> list[tuple[str, Any, int]]:
+    """(name, section, port) of every port the settings open: plain unless `plain = false`, and
+    `NAME-tls` beside it when `[tls]` has a certificate."""
+    tls = enabled(settings.tls)
+    found = []
+    for name, section in (("dicom", settings.dicom), ("mllp", settings.hl7), ("http", settings.http)):
+        if section.plain:
+            found.append((name, section, section.port))
+        if tls:
+            found.append((f"{name}-tls", section, section.tls_port))
+    return found
+
+
+class _HttpService(Service):
+    """The HTTP endpoint on its plain and HTTPS ports."""
+
+    def __init__(self, settings: Settings, factory: Any, reactor_: Any, listening: Listening, tls: Any) -> None:
+        self._settings, self._factory, self._reactor, self._listening, self._tls = (
+            settings,
+            factory,
+            reactor_,
+            listening,
+            tls,
+        )
+
+    def startService(self) -> None:
+        self._listening.open(self._reactor, self._factory, self._settings.http, self._tls)
+        super().startService()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self._listening.close()
 
 
 class DataDirInUse(RuntimeError):
@@ -330,9 +362,7 @@ def supervise(settings: Settings) -> int:
         _recover(storage_writer(settings, database))
         dispose_all()  # the workers open their own connections
         listeners = {
-            "dicom": open_listener(settings.dicom.host, settings.dicom.port, LISTEN_BACKLOG),
-            "mllp": open_listener(settings.hl7.host, settings.hl7.port, LISTEN_BACKLOG),
-            "http": open_listener(settings.http.host, settings.http.port, LISTEN_BACKLOG),
+            name: open_listener(section.host, port, LISTEN_BACKLOG) for name, section, port in _ports(settings)
         }
     except Exception as exc:  # a name or a port in use, a database away: one clear line
         log.error("startup failed", error=str(exc))
@@ -362,9 +392,7 @@ def supervise(settings: Settings) -> int:
             version=__version__,
             workers=settings.node.workers,
             pids=supervisor.pids,
-            dicom=f"{settings.dicom.host}:{listeners['dicom'].getsockname()[1]}",
-            mllp=f"{settings.hl7.host}:{listeners['mllp'].getsockname()[1]}",
-            http=f"{settings.http.host}:{listeners['http'].getsockname()[1]}",
+            **{name.replace("-", "_"): listener.getsockname()[1] for name, listener in listeners.items()},
         )
         notify("READY=1", f"STATUS=serving DICOM on {settings.dicom.port}, MLLP on {settings.hl7.port}")
 
@@ -422,8 +450,9 @@ def _configure_logging(settings: Settings, seat: Seat | None) -> None:
 
 
 def _reload(current: Settings, parts: list[_Reloadable], seat: Seat | None = None) -> None:
-    """SIGHUP: peers, routes, mapping profiles, synth and log level from the file again; an
-    invalid file changes nothing. Ports, data_dir and the database take effect at a restart."""
+    """SIGHUP: peers, routes, mapping profiles, synth, log level and the TLS certificate files
+    from the file again; an invalid file changes nothing. Ports (TLS ones too), data_dir and the
+    database take effect at a restart."""
     notify("RELOADING=1", "STATUS=reloading the configuration")
     try:
         fresh = load(current.source, checks=[settings_problems, profile_problems])
@@ -434,6 +463,7 @@ def _reload(current: Settings, parts: list[_Reloadable], seat: Seat | None = Non
         _configure_logging(fresh, seat)
         for part in parts:
             part.reload(fresh)
+        scu.use_tls(client_context(fresh.tls) if enabled(fresh.tls) else None)  # new certificate files too
         log.info("configuration reloaded", source=str(current.source), peers=len(fresh.peers), routes=len(fresh.routes))
     notify("READY=1", "STATUS=serving")
 

@@ -26,6 +26,7 @@ from fabricatord.config.schema import (
     ModalityOverride,
     Settings,
 )
+from fabricatord.config.tls import problems as tls_problems
 from fabricatord.config.values import check_ae_title, check_uri
 
 ENV_PREFIX = "FABRICATORD__"
@@ -386,6 +387,7 @@ def _cross_check(settings: Settings) -> Iterable[tuple[str, str]]:
         servers.add(server.name)
         if not server.url:
             yield f"{where}.url", "a FHIR destination needs the server's base URL"
+    yield from tls_problems(settings)
     if settings.node.workers > 1 and not settings.shared:
         yield "node.workers", "more than one worker process needs PostgreSQL ([node] database): SQLite has one writer"
     if settings.dicom.file_naming == "instance-number" and settings.dicom.storage_layout == "flat":

@@ -106,6 +106,10 @@ class LogSettings:
 class DicomSettings:
     host: str = key("127.0.0.1", "Address the DICOM listener binds.", check_host)
     port: int = key(11112, "DICOM listener port.", check_port)
+    tls_port: int = key(
+        2762, "DICOM over TLS (the registered dicom-tls port), open when `[tls]` has a certificate.", check_port
+    )
+    plain: bool = key(True, "Keep the plain `port` open beside the TLS one; false: TLS only.")
     max_associations: int = key(
         20, "Concurrent associations, over every worker process; the excess is rejected (RJ 2/3/2).", check_positive
     )
@@ -219,6 +223,8 @@ class Hl7Profile:
 class Hl7Settings:
     host: str = key("127.0.0.1", "Address the MLLP listener binds.", check_host)
     port: int = key(2575, "MLLP listener port.", check_port)
+    tls_port: int = key(2576, "MLLP over TLS, open when `[tls]` has a certificate.", check_port)
+    plain: bool = key(True, "Keep the plain `port` open beside the TLS one; false: TLS only.")
     max_message_bytes: int = key(
         10 * 1024 * 1024,
         "Largest HL7 frame accepted (bytes); a larger one is answered AR and the connection closed.",
@@ -250,6 +256,10 @@ class Hl7Settings:
 class HttpSettings:
     host: str = key("127.0.0.1", "Address the HTTP endpoint binds.", check_host)
     port: int = key(8080, "HTTP port (metrics, health, the API and the console).", check_port)
+    tls_port: int = key(
+        8443, "HTTPS, open when `[tls]` has a certificate; its session cookies are always Secure.", check_port
+    )
+    plain: bool = key(True, "Keep the plain `port` open beside the HTTPS one; false: HTTPS only.")
     cookie_secure: bool = key(
         False,
         "Mark the session cookie `Secure`: set it when a TLS proxy serves the console, so that the "
@@ -335,6 +345,7 @@ class PeerSettings:
     allow_move: bool = key(True, "May C-MOVE from us.")
     allow_get: bool = key(True, "May C-GET from us.")
     allow_mpps: bool = key(True, "May send Modality Performed Procedure Step N-CREATE and N-SET.")
+    tls: bool = key(False, "Associations we open to it use TLS, verified against `[tls] ca`, with our certificate.")
 
 
 @dataclass(frozen=True)
@@ -395,6 +406,22 @@ def _check_endpoint(value: object) -> str | None:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """`[tls]`: one certificate for every TLS listener and every TLS association we open."""
+
+    certificate: Path = key(
+        Path(), "PEM certificate (chain) we present, as server and as client; set: TLS listeners open."
+    )
+    private_key: Path = key(Path(), "PEM private key of `certificate` (unencrypted).")
+    ca: Path = key(
+        Path(), "PEM certificates we trust: a client's, when `verify_client`, and every `tls = true` peer's."
+    )
+    verify_client: bool = key(
+        True, "A client must present a certificate `ca` signed (as DCMTK's storescp asks); false: TLS without one."
+    )
+
+
+@dataclass(frozen=True)
 class FhirDestination:
     """`[[fhir.destinations]]`: a FHIR server that receives a transaction Bundle per complete study."""
 
@@ -449,6 +476,7 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     synth: SynthSettings = field(default_factory=SynthSettings)
     fhir: FhirSettings = field(default_factory=FhirSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
     peers: list[PeerSettings] = field(default_factory=list)
     routes: list[RouteSettings] = field(default_factory=list)
     proxies: list[ProxySettings] = field(default_factory=list)
@@ -508,6 +536,7 @@ SECTIONS: dict[str, type] = {
     "http": HttpSettings,
     "synth": SynthSettings,
     "fhir": FhirSettings,
+    "tls": TlsSettings,
 }
 TABLE_ARRAYS: dict[str, type] = {"peers": PeerSettings, "routes": RouteSettings, "proxies": ProxySettings}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import ssl
 import threading
 import time
 import weakref
@@ -62,11 +63,38 @@ class Peer:
     port: int
     name: str = "other"
     """The `[[peers]]` name, or `other` for an address typed on the command line (metric label)."""
+    tls: bool = False
+    """Associations to it use TLS, with the context `use_tls` gave."""
 
     @classmethod
     def of(cls, peer: PeerSettings) -> Peer:
         """A `[[peers]]` entry, to associate with."""
-        return cls(peer.ae_title, peer.host, peer.port, peer.name)
+        return cls(peer.ae_title, peer.host, peer.port, peer.name, peer.tls)
+
+    @classmethod
+    def own(cls, ae_title: str, dicom: DicomSettings, name: str = "self") -> Peer:
+        """Our own node as a client reaches it: a wildcard bind on loopback, and on its TLS
+        port when the plain one is closed."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(dicom.host, dicom.host)
+        return cls(ae_title, host, dicom.port if dicom.plain else dicom.tls_port, name, not dicom.plain)
+
+
+_CLIENT_TLS: list[ssl.SSLContext | None] = [None]
+
+
+def use_tls(context: ssl.SSLContext | None) -> None:
+    """The context of every TLS association this process opens (`[tls]`, at start and on SIGHUP)."""
+    _CLIENT_TLS[0] = context
+
+
+def tls_for(peer: Peer | PeerSettings) -> ssl.SSLContext | None:
+    """The context for an association with `peer`: None for a plain one; ScuError (permanent)
+    when it wants TLS and this process has none."""
+    if not peer.tls:
+        return None
+    if _CLIENT_TLS[0] is None:
+        raise ScuError(f"{peer.name} wants TLS, and [tls] has no certificate, key and ca", True)
+    return _CLIENT_TLS[0]
 
 
 @dataclass(frozen=True)
@@ -167,8 +195,15 @@ def _application(calling_ae: str, timeouts: Timeouts) -> AE:
 
 
 def _associate(ae: AE, peer: Peer) -> Any:
+    context = tls_for(peer)
     try:
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=_HANDLERS)
+        assoc = ae.associate(
+            peer.host,
+            peer.port,
+            ae_title=peer.ae_title,
+            evt_handlers=_HANDLERS,
+            tls_args=(context, peer.host) if context is not None else None,  # the name is SNI only
+        )
     except OSError as exc:  # the host name does not resolve
         metrics.SCU_OPERATIONS.labels("associate", peer.name, "failure").inc()
         raise ScuError(f"association with {peer.ae_title}@{peer.host}:{peer.port} failed: {exc.strerror}") from exc
@@ -307,6 +342,7 @@ def _request(peer: Peer, calling_ae: str, contexts: list[tuple[str, list[str]]],
             calling_ae,
             contexts,
             RequestorTimeouts(timeouts.connect, timeouts.acse, timeouts.dimse),
+            tls_for(peer),
         )
     except AssociationRefused as exc:
         metrics.SCU_OPERATIONS.labels("associate", peer.name, "failure").inc()

@@ -184,6 +184,17 @@ FHIR_SEND_SECONDS = Histogram(
     ["destination"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+TLS_CERTIFICATE_EXPIRY = Gauge(
+    "fabricatord_tls_certificate_expiry_seconds",
+    "When the [tls] certificate expires, in seconds since the epoch (alert on it minus time()).",
+    multiprocess_mode="livemostrecent",
+)
+TLS_HANDSHAKE_FAILURES = Counter(
+    "fabricatord_tls_handshake_failures_total",
+    "TLS connections closed before the handshake finished (no or a wrong client certificate, plain text "
+    "on a TLS port), by listener (dicom, mllp, http).",
+    ["listener"],
+)
 SENT_BYTES = Counter(
     "fabricatord_sent_bytes_total",
     "Bytes of stored files a peer took (C-STORE success or warning), by service (route, C-MOVE, "

@@ -14,7 +14,7 @@ import mmap
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +135,46 @@ class WorkerCounts:
         """Whether this worker holds more than the least busy of its siblings that listen."""
         mine = int(_SLOT.unpack_from(self._map, self._offset(row, self._index))[0])
         return mine > min((other for other in self._others(row) if other != ABSENT), default=mine)
+
+
+class Listening:
+    """A listener's ports: the plain one (unless `plain = false`) and, with `[tls]`, the TLS one,
+    each bound here or adopted from the parent (`inherited`: `name` and `name-tls`)."""
+
+    def __init__(self, name: str, inherited: Mapping[str, int] | None = None) -> None:
+        self.name = name
+        self._inherited = inherited or {}
+        self.ports: dict[str, Any] = {}
+
+    def open(
+        self,
+        reactor: Any,
+        factory: Any,
+        section: Any,
+        tls: Any,
+        busier: Callable[[], bool] = lambda: False,
+        backlog: int = 50,
+    ) -> None:
+        """`section`: the settings' `[dicom]`, `[hl7]` or `[http]` (host, port, tls_port, plain);
+        `tls`: a `servers.tls.ServerTls`, or None."""
+        wanted = []
+        if section.plain:
+            wanted.append((self.name, factory, section.port))
+        if tls is not None:
+            wanted.append((f"{self.name}-tls", tls.wrap(factory, self.name), section.tls_port))
+        for key, serving, number in wanted:
+            if key in self._inherited:
+                self.ports[key] = adopt(reactor, self._inherited[key], serving, busier)
+            else:
+                self.ports[key] = reactor.listenTCP(number, serving, backlog=backlog, interface=section.host)
+
+    def number(self, tls: bool = False) -> int:
+        """The bound port (the configured one, or the one the system chose for port 0)."""
+        return int(self.ports[f"{self.name}-tls" if tls else self.name].getHost().port)
+
+    def close(self) -> Any:
+        """Stop listening on every port; a Deferred that fires when all have stopped."""
+        from twisted.internet import defer
+
+        ports, self.ports = list(self.ports.values()), {}
+        return defer.gatherResults([defer.maybeDeferred(port.stopListening) for port in ports])

@@ -9,7 +9,7 @@ plus a short queue: beyond that we stop reading from it until the queue drains.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application.service import Service
@@ -27,7 +27,8 @@ from fabricatord.hl7.mllp import END, START, frame
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
 from fabricatord.servers import worker_pool
-from fabricatord.servers.listen import WorkerCounts, adopt
+from fabricatord.servers.listen import Listening, WorkerCounts
+from fabricatord.servers.tls import ServerTls
 from fabricatord.workflow.hl7 import Frame, Inbox
 
 log = get_logger(__name__)
@@ -223,41 +224,44 @@ class MllpListener(Service):
         settings: Settings,
         inbox: Inbox,
         reactor_: Any = reactor,
-        inherited: int | None = None,
+        inherited: Mapping[str, int] | None = None,
         counts: WorkerCounts | None = None,
+        tls: ServerTls | None = None,
     ) -> None:
-        """A worker process listens on the socket `inherited` from its parent and counts its
+        """A worker process listens on the sockets `inherited` from its parent and counts its
         connections in `counts`, beside its siblings'."""
         self._settings = settings
-        self._inherited = inherited
+        self._listening = Listening("mllp", inherited)
+        self._tls = tls
         self._counts = counts
         self._reactor = reactor_
         self._pool = worker_pool("hl7", 1)
         self._factory = MllpFactory(settings, inbox, self._pool)
         if counts is not None:
             self._factory.on_count = lambda active: counts.set("mllp", active)
-        self._port: Any = None
 
     @property
     def listening(self) -> bool:
-        return self._port is not None
+        return bool(self._listening.ports)
 
     def startService(self) -> None:
         hl7 = self._settings.hl7
-        if self._inherited is not None:
-            counts = self._counts
-            busier = (lambda: counts.busier("mllp")) if counts is not None else (lambda: False)
-            self._port = adopt(self._reactor, self._inherited, self._factory, busier)
-            if counts is not None:
-                counts.set("mllp", 0)  # listening now: siblings may leave connections to us
-        else:
-            self._port = self._reactor.listenTCP(hl7.port, self._factory, interface=hl7.host)
+        counts = self._counts
+        busier = (lambda: counts.busier("mllp")) if counts is not None else (lambda: False)
+        self._listening.open(self._reactor, self._factory, hl7, self._tls, busier)
+        if counts is not None:
+            counts.set("mllp", 0)  # listening now: siblings may leave connections to us
         self._pool.start()  # after the port: a start that fails leaves no thread to wait for
-        log.info("mllp listener started", host=hl7.host, port=self._port.getHost().port)
+        log.info(
+            "mllp listener started",
+            host=hl7.host,
+            port=self._listening.number() if hl7.plain else None,
+            tls_port=self._listening.number(tls=True) if self._tls else None,
+        )
         super().startService()
 
     def stopService(self) -> Any:
         super().stopService()
-        stopped = self._port.stopListening() if self._port is not None else None
+        stopped = self._listening.close()
         self._pool.stop()  # waits for the message in hand: its ACK is committed or never sent
         return stopped

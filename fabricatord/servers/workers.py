@@ -57,7 +57,8 @@ class Seat:
     parent: int
     slots: Path
     listeners: Mapping[str, int]
-    """`dicom`, `mllp` and, for the first worker, `http`: inherited listening sockets."""
+    """`dicom`, `mllp` and, for the first worker, `http` (each also `NAME-tls` with `[tls]`, and
+    without its plain one when it says `plain = false`): inherited listening sockets."""
     beats: int
 
     @property
@@ -219,7 +220,7 @@ class Supervisor:
         listeners: dict[str, int] = {}
         next_fd = _FIRST_FD
         for name, listener in self._listeners.items():
-            if name == "http" and index != 0:
+            if name.startswith("http") and index != 0:
                 continue
             child_fds[next_fd] = listener.fileno()
             listeners[name] = next_fd

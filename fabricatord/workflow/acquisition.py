@@ -113,9 +113,7 @@ class SimulatedModality:
         """Where MPPS goes: our own node (`self`) or a `[[peers]]` entry."""
         name = self._settings.synth.mpps_peer
         if name == "self":
-            dicom = self._settings.dicom
-            host = "127.0.0.1" if dicom.host in ("0.0.0.0", "") else dicom.host
-            return scu.Peer(self._settings.node.ae_title, host, dicom.port, "self")
+            return scu.Peer.own(self._settings.node.ae_title, self._settings.dicom)
         peer = self._settings.peer(name)
         assert peer is not None  # the config loader checked the name
         return scu.Peer.of(peer)

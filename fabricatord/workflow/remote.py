@@ -47,9 +47,7 @@ def resolve(settings: Settings, text: str) -> scu.Peer:
 
 def own_node(settings: Settings) -> scu.Peer:
     """Our node as a client reaches it: a wildcard bind is reached on loopback."""
-    host = settings.dicom.host
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-    return scu.Peer(settings.node.ae_title, host, settings.dicom.port, SELF)
+    return scu.Peer.own(settings.node.ae_title, settings.dicom, SELF)
 
 
 def prod_entry(settings: Settings, peer: scu.Peer) -> PeerSettings | None:

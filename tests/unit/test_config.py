@@ -7,6 +7,7 @@ import pytest
 from fabricatord.config import ConfigError, load, locate
 from fabricatord.synth.checks import settings_problems
 from tests.conftest import ROOT
+from tests.pki import make_material
 
 DESIGN_EXAMPLE = """
 [node]
@@ -203,3 +204,32 @@ def test_a_proxy_needs_its_own_ae_title_a_backend_and_a_key_file(tmp_path: Path)
     assert any("proxies[1].name" in p for p in found)
     assert any("proxies[1].to" in p and "nowhere" in p for p in found)
     assert any("proxies[1].key_file" in p and "missing.key" in p for p in found)
+
+
+def test_tls_files_are_checked_and_what_needs_them_is_named(tmp_path: Path) -> None:
+    material = make_material(tmp_path / "pki")
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    config = tmp_path / "f.toml"
+    config.write_text(
+        '[tls]\ncertificate = "pki/server.crt"\nprivate_key = "pki/client.key"\nca = "missing.pem"\n'
+        '[[peers]]\nname = "pacs"\nae_title = "PACS"\ntls = true\n'
+    )
+    found = problems(config)
+    assert any("tls.private_key" in p and "not the key of" in p for p in found)
+    assert any("tls.ca" in p and "missing.pem" in p for p in found)
+    config.write_text('[tls]\ncertificate = "junk.pem"\n[dicom]\nplain = false\n[hl7]\nplain = false\n')
+    found = problems(config)
+    assert any("tls.certificate" in p and "not a PEM file" in p for p in found)
+    assert any("tls.private_key" in p and "its private key" in p for p in found)
+    assert any("tls.ca" in p and "verify_client" in p for p in found)
+    config.write_text('[http]\nplain = false\n[[peers]]\nname = "pacs"\nae_title = "PACS"\ntls = true\n')
+    found = problems(config)
+    assert any("http.plain" in p and "no port open" in p for p in found)
+    assert any("peers[0].tls" in p for p in found)
+    config.write_text(
+        f'[tls]\ncertificate = "{material.server_cert}"\nprivate_key = "{material.server_key}"\nca = "{material.ca}"\n'
+        '[dicom]\nplain = false\n[[peers]]\nname = "pacs"\nae_title = "PACS"\ntls = true\n'
+    )
+    settings = load(config)
+    assert settings.tls.certificate == material.server_cert and settings.dicom.tls_port == 2762
+    assert settings.peers[0].tls and not settings.dicom.plain

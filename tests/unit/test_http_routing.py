@@ -49,10 +49,17 @@ def test_status_is_open_unless_the_setting_closes_it(make_settings: Callable[...
     assert _call(closed, "GET", "/healthz").status == 200  # health and metrics stay open
 
 
-def test_the_session_cookie_is_secure_when_the_setting_says_so(make_settings: Callable[..., Settings]) -> None:
-    for setting, secure in (("cookie_secure = false", False), ("cookie_secure = true", True)):
+def test_the_session_cookie_is_secure_over_https_or_when_the_setting_says_so(
+    make_settings: Callable[..., Settings],
+) -> None:
+    for setting, https, secure in (
+        ("cookie_secure = false", False, False),
+        ("cookie_secure = true", False, True),
+        ("cookie_secure = false", True, True),
+    ):
         table, _ = _router(make_settings, setting)
-        cookie = table.session_cookie("secret")
+        call = Call("GET", "/", {}, {}, {}, b"", {}, "127.0.0.1", secure=https)
+        cookie = table.session_cookie(call, "secret")
         assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
         assert ("Secure" in cookie.split("; ")) is secure
 

@@ -12,6 +12,7 @@ answers anything else, aborts, closes or stays silent past the timeout ends the 
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
@@ -78,8 +79,10 @@ class Requestor:
         calling_ae: str,
         proposed: Iterable[tuple[str, list[str]]],
         timeouts: Timeouts,
+        tls: ssl.SSLContext | None = None,
     ) -> Requestor:
-        """Connect and negotiate; AssociationRefused when the peer will not have it."""
+        """Connect (with `tls`, and its handshake) and negotiate; AssociationRefused when the
+        peer will not have it."""
         contexts = [
             pdu.PresentationContext(2 * number + 1, abstract, tuple(syntaxes))
             for number, (abstract, syntaxes) in enumerate(proposed)
@@ -89,6 +92,14 @@ class Requestor:
         except OSError as exc:
             reason = exc.strerror or str(exc) or type(exc).__name__
             raise AssociationRefused(f"cannot connect: {reason[:1].lower()}{reason[1:]}") from exc
+        if tls is not None:
+            try:
+                connection = tls.wrap_socket(connection, server_hostname=host)  # SNI; names are not checked
+            except (OSError, ssl.SSLError) as exc:
+                connection.close()
+                # A certificate the peer or we refuse stays refused until someone changes one.
+                permanent = isinstance(exc, ssl.SSLCertVerificationError) or "certificate" in str(exc).lower()
+                raise AssociationRefused(f"TLS handshake failed: {exc}", permanent) from exc
         try:
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             connection.settimeout(timeouts.acse)

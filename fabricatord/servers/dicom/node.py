@@ -14,7 +14,7 @@ import ipaddress
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from io import BytesIO
@@ -64,7 +64,8 @@ from fabricatord.obs.logging import get_logger, in_context
 from fabricatord.servers import worker_pool
 from fabricatord.servers.dicom import echo, find, mpps, retrieve, store
 from fabricatord.servers.dicom.context import MAX_ERROR_COMMENT, Request, Response, Served, Status
-from fabricatord.servers.listen import WorkerCounts, adopt
+from fabricatord.servers.listen import Listening, WorkerCounts
+from fabricatord.servers.tls import ServerTls
 from fabricatord.workflow.audit import AuditTrail
 from fabricatord.workflow.fhir import Exports
 from fabricatord.workflow.mpps import PerformedProcedureSteps
@@ -226,13 +227,14 @@ class DicomNode(Service):
         audit: AuditTrail | None = None,
         on_due: Callable[[], None] = lambda: None,
         reactor: Any = None,
-        inherited: int | None = None,
+        inherited: Mapping[str, int] | None = None,
         counts: WorkerCounts | None = None,
         proxies: Proxies | None = None,
         exports: Exports | None = None,
+        tls: ServerTls | None = None,
     ) -> None:
         """`on_due`: an `on_query` acquisition became due because a modality fetched its item.
-        A worker process listens on the socket `inherited` from its parent and counts its
+        A worker process listens on the sockets `inherited` from its parent and counts its
         associations and connections in `counts`, beside its siblings'."""
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -252,8 +254,8 @@ class DicomNode(Service):
         self.reload(settings)
         self.sessions: set[Session] = set()
         self.pool = worker_pool("dicom", WORKERS)
-        self._port: Any = None
-        self._inherited = inherited
+        self.listening_on = Listening("dicom", inherited)
+        self.tls = tls
         self.counts = counts
         self._networks = [ipaddress.ip_network(h, strict=False) for h in settings.dicom.allowed_hosts]
 
@@ -268,7 +270,7 @@ class DicomNode(Service):
 
     @property
     def listening(self) -> bool:
-        return self._port is not None
+        return bool(self.listening_on.ports)
 
     def live_associations(self) -> int:
         """A slot is an association: established ones, and one asking now. A connection that has
@@ -278,8 +280,8 @@ class DicomNode(Service):
 
     @property
     def port(self) -> int:
-        """The bound port (the configured one, or the one the system chose for port 0)."""
-        return int(self._port.getHost().port)
+        """The bound plain port (the configured one, or the one the system chose for port 0)."""
+        return self.listening_on.number(tls=not self.settings.dicom.plain)
 
     def startService(self) -> None:
         dicom = self.settings.dicom
@@ -290,24 +292,26 @@ class DicomNode(Service):
         _config.LOG_HANDLER_LEVEL = "none"
         _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
         factory = _Factory(self)
-        if self._inherited is not None:
-            counts = self.counts
-            busier = (lambda: counts.busier("dicom")) if counts is not None else (lambda: False)
-            self._port = adopt(self.reactor, self._inherited, factory, busier)
-            if counts is not None:
-                counts.set("dicom", 0)  # listening now: siblings may leave connections to us
-        else:
-            self._port = self.reactor.listenTCP(dicom.port, factory, backlog=LISTEN_BACKLOG, interface=dicom.host)
+        counts = self.counts
+        busier = (lambda: counts.busier("dicom")) if counts is not None else (lambda: False)
+        self.listening_on.open(self.reactor, factory, dicom, self.tls, busier, LISTEN_BACKLOG)
+        if counts is not None:
+            counts.set("dicom", 0)  # listening now: siblings may leave connections to us
         self.pool.start()  # after the port: a start that fails leaves no thread to wait for
-        log.info("dicom listener started", host=dicom.host, port=self.port, ae_title=self.settings.node.ae_title)
+        log.info(
+            "dicom listener started",
+            host=dicom.host,
+            port=self.listening_on.number() if dicom.plain else None,
+            tls_port=self.listening_on.number(tls=True) if self.tls else None,
+            ae_title=self.settings.node.ae_title,
+        )
         super().startService()
 
     def stopService(self) -> defer.Deferred[None]:
         """No new associations; those under way get `[node] shutdown_grace` to finish (a C-STORE
         answered success is already kept), then the rest are aborted."""
         super().stopService()
-        port, self._port = self._port, None
-        stopped = defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
+        stopped = self.listening_on.close()
         grace = parse_duration(self.settings.node.shutdown_grace)
         deadline = time.monotonic() + grace
         finished: defer.Deferred[None] = defer.Deferred()

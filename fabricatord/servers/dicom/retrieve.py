@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.dsutils import encode
 
 from fabricatord.config.values import parse_duration
-from fabricatord.dicom import query
+from fabricatord.dicom import query, scu
 from fabricatord.dicom.scu import MAX_CONTEXTS, ScuError, storage_contexts
 from fabricatord.dicom.scu import Timeouts as ScuTimeouts
 from fabricatord.dicom.stored import StoredDataset, outgoing
@@ -217,10 +217,17 @@ def _associate(request: Request, destination: Any, found: list[Any]) -> Requesto
         dimse=parse_duration(dicom.dimse_timeout),
     )
     try:
+        tls = scu.tls_for(destination)
         return Requestor.open(
-            destination.host, destination.port, destination.ae_title, request.settings.node.ae_title, contexts, timeouts
+            destination.host,
+            destination.port,
+            destination.ae_title,
+            request.settings.node.ae_title,
+            contexts,
+            timeouts,
+            tls,
         )
-    except AssociationRefused as exc:
+    except (AssociationRefused, scu.ScuError) as exc:
         log.warning("c-move association refused", destination=destination.name, error=str(exc))
         return None
 

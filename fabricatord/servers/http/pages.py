@@ -123,7 +123,9 @@ def install(router: Router, department: Department) -> None:
             first_user=not d.directory.has_users(),
             error="",
         )
-        return Reply(reply.status, reply.body, reply.content_type, (("Set-Cookie", router.login_csrf_cookie(token)),))
+        return Reply(
+            reply.status, reply.body, reply.content_type, (("Set-Cookie", router.login_csrf_cookie(call, token)),)
+        )
 
     @router.add("POST", "/login", "open", "Sign in: a session cookie")
     def login(call: Call) -> Reply:
@@ -139,20 +141,20 @@ def install(router: Router, department: Department) -> None:
             router.audit_login(call, name, "locked")
             token = new_csrf()
             reply = render(call, "login.html", 429, csrf_login=token, next=target, first_user=False, error=str(exc))
-            headers = (("Retry-After", str(exc.retry_after)), ("Set-Cookie", router.login_csrf_cookie(token)))
+            headers = (("Retry-After", str(exc.retry_after)), ("Set-Cookie", router.login_csrf_cookie(call, token)))
             return Reply(429, reply.body, reply.content_type, headers)
         except BadCredentials as exc:
             router.audit_login(call, name, "failed")
             token = new_csrf()
             reply = render(call, "login.html", 401, csrf_login=token, next=target, first_user=False, error=str(exc))
-            return Reply(401, reply.body, reply.content_type, (("Set-Cookie", router.login_csrf_cookie(token)),))
+            return Reply(401, reply.body, reply.content_type, (("Set-Cookie", router.login_csrf_cookie(call, token)),))
         router.audit_login(call, name, "signed in")
-        return redirect(target, (("Set-Cookie", router.session_cookie(signed_in.secret)),))
+        return redirect(target, (("Set-Cookie", router.session_cookie(call, signed_in.secret)),))
 
     @router.add("POST", "/logout", "user", "Sign out: the session ends")
     def logout(call: Call) -> Reply:
         d.directory.sign_out(call.user())
-        return redirect("/login", (("Set-Cookie", router.session_cookie("", max_age=0)),))
+        return redirect("/login", (("Set-Cookie", router.session_cookie(call, "", max_age=0)),))
 
     # -- pages -------------------------------------------------------------------------------
 

@@ -85,6 +85,8 @@ class Call:
     body: bytes
     cookies: dict[str, str]
     client: str
+    secure: bool = False
+    """Over HTTPS: the cookies set are Secure whatever `[http] cookie_secure` says."""
     identity: Identity | None = None
     set_cookies: list[str] = field(default_factory=list)
     audit_detail: str = ""
@@ -186,17 +188,17 @@ class Router:
 
     # -- the checks every call passes ----------------------------------------------------------
 
-    def session_cookie(self, secret: str, max_age: int | None = None) -> str:
+    def session_cookie(self, call: Call, secret: str, max_age: int | None = None) -> str:
         parts = [f"{SESSION_COOKIE}={secret}", "Path=/", "HttpOnly", "SameSite=Strict"]
         if max_age is not None:
             parts.append(f"Max-Age={max_age}")
-        if self._cookie_secure():
+        if call.secure or self._cookie_secure():
             parts.append("Secure")
         return "; ".join(parts)
 
-    def login_csrf_cookie(self, value: str) -> str:
+    def login_csrf_cookie(self, call: Call, value: str) -> str:
         parts = [f"{LOGIN_CSRF_COOKIE}={value}", "Path=/login", "HttpOnly", "SameSite=Strict"]
-        if self._cookie_secure():
+        if call.secure or self._cookie_secure():
             parts.append("Secure")
         return "; ".join(parts)
 
@@ -346,6 +348,7 @@ class Front(Resource):
             body=b"",
             cookies=_cookies(request),
             client=_client(request),
+            secure=bool(request.isSecure()),
         )
         try:
             route, call.params = self._router.resolve(method, raw_path)
