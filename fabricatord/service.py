@@ -166,7 +166,7 @@ def build(
     acquirer = Acquirer(settings, database, writer, exports) if first else None
     # Another worker's new order or fetched step waits for the first worker's next look (a second).
     on_due = acquirer.wake if acquirer is not None else _nothing
-    inherited = seat.listeners if seat is not None else {}
+    inherited = seat.listeners if seat is not None else None
     counts = seat.counts() if seat is not None else None
     proxies = Proxies(settings, database)  # every key checked before anything is accepted
     # One TLS context for every listener of this process, made again on SIGHUP.
@@ -218,6 +218,11 @@ def build(
 
 def _nothing() -> None:
     pass
+
+
+def _serving(settings: Settings) -> str:
+    """The systemd STATUS line: which ports serve what."""
+    return ", ".join(f"{name.upper().replace('-TLS', ' over TLS')} on {port}" for name, _, port in _ports(settings))
 
 
 def _ports(settings: Settings) -> list[tuple[str, Any, int]]:
@@ -330,8 +335,7 @@ def run(settings: Settings) -> int:
         "fabricatord started",
         version=__version__,
         data_dir=str(settings.node.data_dir),
-        http=f"{settings.http.host}:{settings.http.port}",
-        mllp=f"{settings.hl7.host}:{settings.hl7.port}",
+        **{name.replace("-", "_"): f"{section.host}:{port}" for name, section, port in _ports(settings)},
         worker=seat.index if seat is not None else None,
     )
     signal.signal(signal.SIGHUP, lambda *_: the_reactor.callFromThread(_reload, settings, reloadable, seat))
@@ -339,7 +343,7 @@ def run(settings: Settings) -> int:
         seat.ready()
         LoopingCall(seat.beat).start(BEAT_EVERY, now=False)
         _stop_once_on_signals(the_reactor)
-    notify("READY=1", f"STATUS=serving DICOM on {settings.dicom.port}, MLLP on {settings.hl7.port}")
+    notify("READY=1", f"STATUS=serving {_serving(settings)}")
     interval = watchdog_interval()
     if interval is not None:
         LoopingCall(notify, "WATCHDOG=1").start(interval, now=True)
@@ -392,9 +396,12 @@ def supervise(settings: Settings) -> int:
             version=__version__,
             workers=settings.node.workers,
             pids=supervisor.pids,
-            **{name.replace("-", "_"): listener.getsockname()[1] for name, listener in listeners.items()},
+            **{
+                name.replace("-", "_"): "{}:{}".format(*listener.getsockname()[:2])
+                for name, listener in listeners.items()
+            },
         )
-        notify("READY=1", f"STATUS=serving DICOM on {settings.dicom.port}, MLLP on {settings.hl7.port}")
+        notify("READY=1", f"STATUS=serving {_serving(settings)}")
 
     def failed(failure: Any) -> None:
         log.error("startup failed", error=failure.getErrorMessage())
@@ -463,7 +470,10 @@ def _reload(current: Settings, parts: list[_Reloadable], seat: Seat | None = Non
         _configure_logging(fresh, seat)
         for part in parts:
             part.reload(fresh)
-        scu.use_tls(client_context(fresh.tls) if enabled(fresh.tls) else None)  # new certificate files too
+        try:  # new certificate files for the associations we open too; a broken one keeps the old
+            scu.use_tls(client_context(fresh.tls) if enabled(fresh.tls) else None)
+        except (OSError, ValueError) as exc:
+            log.error("TLS client certificate not reloaded, the old one stays", error=str(exc))
         log.info("configuration reloaded", source=str(current.source), peers=len(fresh.peers), routes=len(fresh.routes))
     notify("READY=1", "STATUS=serving")
 

@@ -1,10 +1,11 @@
-"""`[tls]`'s files read and checked (PEM, the key the certificate's, when it expires), and the
-client context of every TLS association we open. The server side, which Twisted serves with
-pyOpenSSL, is made from the same files by `fabricatord.servers.tls`.
+"""`[tls]`'s files read and checked (PEM, every certificate of a file, the key the
+certificate's and not encrypted, when it expires), and the client context of every TLS
+association we open. The server side, which Twisted serves with pyOpenSSL, is made from the
+same files by `fabricatord.servers.tls`.
 
 The profiles are PS3.15 B.12 and B.13 (BCP 195 with RFC 8996 and 9325): TLS 1.2 or later,
-1.3 preferred (OpenSSL's three TLS 1.3 suites), and for TLS 1.2 only ECDHE with AES-GCM, what
-B.13 permits and what DCMTK 3.6.7's default non-downgrading BCP 195 profile offers. DHE is left
+1.3 preferred (OpenSSL's TLS 1.3 suites, all AEAD), and for TLS 1.2 only ECDHE with AES-GCM,
+what B.13 permits and what DCMTK 3.6.7's non-downgrading BCP 195 profile offers. DHE is left
 out (B.13 allows it only where the key length is set, 2048 bits or more). Host names are not
 checked, as DCMTK does not: a peer is trusted for a certificate `ca` signed."""
 
@@ -32,21 +33,22 @@ def enabled(tls: TlsSettings) -> bool:
 def problems(settings: Settings) -> Iterator[tuple[str, str]]:
     """Every `[tls]` key that cannot be used, by name, and what needs TLS without it."""
     tls = settings.tls
-    wanted = enabled(tls) or bool(tls.private_key.name)
-    if wanted:
-        for name in ("certificate", "private_key"):
-            if not getattr(tls, name).name:
-                yield f"tls.{name}", "a certificate needs its private key, and a key its certificate"
-    readable = {name: _readable(getattr(tls, name)) for name in ("certificate", "private_key", "ca")}
-    for name, problem in readable.items():
-        if getattr(tls, name).name and problem:
+    if enabled(tls) != bool(tls.private_key.name):
+        missing = "private_key" if enabled(tls) else "certificate"
+        yield f"tls.{missing}", "a certificate needs its private key, and a key its certificate"
+    found = {
+        "certificate": _certificates(tls.certificate),
+        "private_key": _key(tls.private_key),
+        "ca": _certificates(tls.ca),
+    }
+    for name, problem in found.items():
+        if problem:
             yield f"tls.{name}", problem
-    pair_readable = not readable["certificate"] and not readable["private_key"]
-    if pair_readable and tls.private_key.name and tls.certificate.name:
+    if enabled(tls) and tls.private_key.name and not found["certificate"] and not found["private_key"]:
         try:
             ssl.create_default_context().load_cert_chain(tls.certificate, tls.private_key)
-        except ssl.SSLError as exc:
-            yield "tls.private_key", f"not the key of {tls.certificate} or not a PEM key: {exc.reason or exc}"
+        except (ssl.SSLError, OSError) as exc:
+            yield "tls.private_key", f"not the key of {tls.certificate}: {getattr(exc, 'reason', None) or exc}"
     if enabled(tls) and tls.verify_client and not tls.ca.name:
         yield "tls.ca", "verify_client needs the certificates clients are checked against (or verify_client = false)"
     for index, peer in enumerate(settings.peers):
@@ -57,21 +59,36 @@ def problems(settings: Settings) -> Iterator[tuple[str, str]]:
             yield f"{section}.plain", "false leaves no port open: TLS needs [tls] certificate and private_key"
 
 
-def _readable(path: Path) -> str:
-    """Why a PEM file cannot be used, or empty."""
+def _certificates(path: Path) -> str:
+    """Why a PEM file of certificates cannot be used (every one of them parsed), or empty."""
     if not path.name:
         return ""
+    from cryptography import x509
+
     try:
-        text = path.read_bytes()
+        x509.load_pem_x509_certificates(path.read_bytes())
     except OSError as exc:
         return f"cannot read {path}: {exc.strerror}"
-    if b"-----BEGIN " not in text:
-        return f"{path} is not a PEM file"
-    if b"CERTIFICATE-----" in text:
-        try:
-            not_after(path)
-        except ValueError as exc:
-            return f"{path}: {exc}"
+    except ValueError as exc:
+        return f"{path} is not a PEM file of certificates: {exc}"
+    return ""
+
+
+def _key(path: Path) -> str:
+    """Why a PEM private key cannot be used (an encrypted one would stop the start for a
+    pass phrase nobody types), or empty."""
+    if not path.name:
+        return ""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        load_pem_private_key(path.read_bytes(), None)
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    except TypeError:
+        return f"{path} is encrypted: give the key without a pass phrase (and keep the file 0600)"
+    except ValueError as exc:
+        return f"{path} is not a PEM private key: {exc}"
     return ""
 
 
@@ -83,13 +100,18 @@ def not_after(path: Path) -> datetime:
 
 
 def client_context(tls: TlsSettings) -> ssl.SSLContext:
-    """For associations we request to a `tls = true` peer: the peer verified against `ca`, our
-    certificate presented (DCMTK's storescp asks for one)."""
+    """For associations we request over TLS: the peer verified against `ca`, and our own
+    certificate trusted too (our node reached as `self` over its TLS port whatever `ca`
+    holds); our certificate presented (DCMTK's storescp asks for one)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_REQUIRED
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
     context.set_ciphers(TLS12_CIPHERS)
-    context.load_verify_locations(cafile=str(tls.ca))
+    if tls.ca.name:
+        context.load_verify_locations(cafile=str(tls.ca))
+    context.load_verify_locations(cafile=str(tls.certificate))
     context.load_cert_chain(str(tls.certificate), str(tls.private_key))
     return context

@@ -87,6 +87,11 @@ def use_tls(context: ssl.SSLContext | None) -> None:
     _CLIENT_TLS[0] = context
 
 
+def client_tls() -> ssl.SSLContext | None:
+    """The process's client context (MLLP to our own TLS port uses it too)."""
+    return _CLIENT_TLS[0]
+
+
 def tls_for(peer: Peer | PeerSettings) -> ssl.SSLContext | None:
     """The context for an association with `peer`: None for a plain one; ScuError (permanent)
     when it wants TLS and this process has none."""

@@ -4,6 +4,7 @@ each acknowledgement, with a timeout and a frame check python-hl7's `MLLPClient`
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 
 START = b"\x0b"
@@ -19,9 +20,17 @@ def frame(message: bytes) -> bytes:
 
 
 class MllpClient:
-    def __init__(self, host: str, port: int, timeout: float = 30.0) -> None:
-        self._socket = socket.create_connection((host, port), timeout=timeout)
-        self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def __init__(self, host: str, port: int, timeout: float = 30.0, tls: ssl.SSLContext | None = None) -> None:
+        """`tls`: MLLP over TLS with this context."""
+        connection = socket.create_connection((host, port), timeout=timeout)
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            try:
+                connection = tls.wrap_socket(connection, server_hostname=host)
+            except OSError:
+                connection.close()
+                raise
+        self._socket = connection
         self._timeout = timeout
         self._buffer = b""
 

@@ -142,8 +142,10 @@ class Listening:
     each bound here or adopted from the parent (`inherited`: `name` and `name-tls`)."""
 
     def __init__(self, name: str, inherited: Mapping[str, int] | None = None) -> None:
+        """`inherited` None: this process binds its ports; else it is a worker, and serves
+        only the sockets its parent bound and passed (never a port of its own beside them)."""
         self.name = name
-        self._inherited = inherited or {}
+        self._inherited = inherited
         self.ports: dict[str, Any] = {}
 
     def open(
@@ -163,10 +165,10 @@ class Listening:
         if tls is not None:
             wanted.append((f"{self.name}-tls", tls.wrap(factory, self.name), section.tls_port))
         for key, serving, number in wanted:
-            if key in self._inherited:
-                self.ports[key] = adopt(reactor, self._inherited[key], serving, busier)
-            else:
+            if self._inherited is None:
                 self.ports[key] = reactor.listenTCP(number, serving, backlog=backlog, interface=section.host)
+            elif key in self._inherited:
+                self.ports[key] = adopt(reactor, self._inherited[key], serving, busier)
 
     def number(self, tls: bool = False) -> int:
         """The bound port (the configured one, or the one the system chose for port 0)."""

@@ -5,12 +5,13 @@ line for every handshake that fails, so that a peer with the wrong certificate i
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 from OpenSSL import SSL
+from twisted.internet import reactor
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import connectionDone
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -38,7 +39,7 @@ class ServerTls:
         longer loads keeps the old context, with an error in the log."""
         try:
             self._context = _context(settings)
-        except (SSL.Error, OSError) as exc:
+        except Exception as exc:  # a file the check passed and OpenSSL refused: the old one serves on
             log.error("TLS certificate not reloaded, the old one stays", error=str(exc))
             return
         _watch_expiry(settings)
@@ -49,9 +50,17 @@ class ServerTls:
 
     def wrap(self, factory: Any, listener: str) -> TLSMemoryBIOFactory:
         """`factory`'s protocol behind TLS; a failed handshake logged and counted for `listener`."""
-        wrapped = TLSMemoryBIOFactory(self, False, factory)  # type: ignore[arg-type]  # zope, not a class
+        wrapped = _Refusing(self, False, factory)  # type: ignore[arg-type]  # zope, not a class
         wrapped.protocol = _logged(listener)
         return wrapped
+
+
+class _Refusing(TLSMemoryBIOFactory):
+    """A connection the wrapped factory turns away (`allowed_hosts`) is closed, not wrapped."""
+
+    def buildProtocol(self, addr: Any) -> Any:
+        inner = self.wrappedFactory.buildProtocol(addr)
+        return None if inner is None else self.protocol(self, inner)
 
 
 def of(settings: Settings) -> ServerTls | None:
@@ -93,13 +102,38 @@ def _watch_expiry(settings: Settings) -> None:
         )
 
 
-def _logged(listener: str) -> type[TLSMemoryBIOProtocol]:
-    class Logged(TLSMemoryBIOProtocol):
+CLOSE_GRACE = 2.0
+"""Seconds a closing TLS connection waits for the peer's close_notify before it is cut: a
+silent or paused peer must not hold the connection (timeouts close through here)."""
+
+
+def _logged(listener: str) -> type[BufferingTLSTransport]:
+    class Logged(BufferingTLSTransport):
+        _cut: Any = None
+
+        def loseConnection(self) -> None:
+            super().loseConnection()
+            if self.connected and self._cut is None:
+                self.resumeProducing()  # the close_notify answer must be read
+                self._cut = cast(Any, reactor).callLater(CLOSE_GRACE, self._give_up)
+
+        def _give_up(self) -> None:
+            self._cut = None
+            if self.connected:
+                self.abortConnection()
+
         def connectionLost(self, reason: Failure = connectionDone) -> None:
-            if not getattr(self, "_handshakeDone", False):
+            if self._cut is not None and self._cut.active():
+                self._cut.cancel()
+            why = getattr(self, "_reason", None) or reason
+            if not getattr(self, "_handshakeDone", False) and isinstance(why.value, SSL.Error):
                 peer = self.getPeer()
-                why = reason.getErrorMessage()
-                log.warning("TLS handshake failed", listener=listener, peer=f"{peer.host}:{peer.port}", error=why)
+                log.warning(
+                    "TLS handshake failed",
+                    listener=listener,
+                    peer=f"{peer.host}:{peer.port}",
+                    error=why.getErrorMessage(),
+                )
                 metrics.TLS_HANDSHAKE_FAILURES.labels(listener).inc()
             super().connectionLost(reason)
 

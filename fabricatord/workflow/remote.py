@@ -42,7 +42,9 @@ def resolve(settings: Settings, text: str) -> scu.Peer:
     if address is None:
         names = ", ".join(p.name for p in settings.peers) or "none configured"
         raise UnknownPeer(f"unknown peer {text!r}: give a [[peers]] name ({names}), self, or AET@host:port")
-    return address
+    # An address a `tls = true` entry serves is reached over TLS as that entry is.
+    known = next((p for p in settings.peers if (p.host, p.port) == (address.host, address.port)), None)
+    return replace(address, tls=known.tls) if known is not None else address
 
 
 def own_node(settings: Settings) -> scu.Peer:

@@ -8,9 +8,10 @@ import signal
 import socket
 import ssl
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,9 @@ IHE = ROOT / "tests" / "data" / "hl7" / "ihe_orm_o01_v251.hl7"
 
 
 def tls_section(material: Material, verify_client: bool = True) -> str:
-    return (
-        f'[tls]\ncertificate = "{material.server_cert}"\nprivate_key = "{material.server_key}"\n'
-        f'ca = "{material.ca}"\nverify_client = {"true" if verify_client else "false"}\n'
+    """Without client verification, no `ca` either: TLS for anyone, as a console's browsers need."""
+    return f'[tls]\ncertificate = "{material.server_cert}"\nprivate_key = "{material.server_key}"\n' + (
+        f'ca = "{material.ca}"\nverify_client = true\n' if verify_client else "verify_client = false\n"
     )
 
 
@@ -42,11 +43,13 @@ def start(
 ) -> tuple[Daemon, int, int, int]:
     """A daemon with `[tls]`; (daemon, DICOM TLS port, MLLP TLS port, HTTPS port)."""
     dicom_tls, hl7_tls, https = free_port(), free_port(), free_port()
+    allowed = options.pop("dicom_allowed", "")
     daemon = launch(
         folder,
         extra=tls_section(material, options.pop("verify_client", True)) + extra,
-        dicom_extra=f"tls_port = {dicom_tls}\nplain = {'true' if plain else 'false'}\n",
-        hl7_extra=f"tls_port = {hl7_tls}\n",
+        dicom_extra=f"tls_port = {dicom_tls}\nplain = {'true' if plain else 'false'}\n"
+        + (f"allowed_hosts = {allowed}\n" if allowed else ""),
+        hl7_extra=f"tls_port = {hl7_tls}\n{options.pop('hl7_more', '')}",
         wait=plain,
         env={"FABRICATORD__HTTP__TLS_PORT": str(https), **options.pop("env", {})},
         **options,
@@ -96,7 +99,9 @@ def test_dcmtk_echoes_stores_and_finds_over_tls_and_the_unverified_are_turned_aw
         assert expiry is not None and abs(expiry - (datetime.now(UTC) + timedelta(days=365)).timestamp()) < 3600
     finally:
         log = daemon.stop()
-    assert log.count("TLS handshake failed") == 3 and "dicom listener started" in log
+    failures = [json.loads(line) for line in log.splitlines() if "TLS handshake failed" in line]
+    assert len(failures) == 3 and all(f["listener"] == "dicom" and f["peer"].startswith("127.0.0.1:") for f in failures)
+    assert "certificate" in failures[0]["error"] and "version" in failures[2]["error"]  # why, as OpenSSL says
 
 
 def test_routes_and_moves_go_over_tls_to_a_tls_peer_from_a_tls_only_node(tmp_path: Path, material: Material) -> None:
@@ -118,18 +123,24 @@ def test_routes_and_moves_go_over_tls_to_a_tls_peer_from_a_tls_only_node(tmp_pat
             routed = run_cli("generate", "--modality", "CR", "--images", "2", "--description", "ROUTED CR",
                              "--config", str(daemon.config))  # fmt: skip
             routed_uid = routed.stdout.split("Study Instance UID:")[1].split()[0]
-            wait_for(lambda: len(list(received.iterdir())) == 2, 60)
-            assert {dcmread(f).StudyInstanceUID for f in received.iterdir()} == {routed_uid}
+            wait_for(lambda: arrived(received) == [routed_uid, routed_uid], 60)
             for file in received.iterdir():
                 file.unlink()
             other = run_cli("generate", "--modality", "DX", "--images", "2", "--config", str(daemon.config))
             other_uid = other.stdout.split("Study Instance UID:")[1].split()[0]
             moved = run_cli("move", "--from", "self", "--to", "pacs", other_uid, "--config", str(daemon.config))
             assert f"{other_uid}: 2 moved to PACS, 0 with warnings, 0 failed" in moved.stdout
-            assert {dcmread(f).StudyInstanceUID for f in received.iterdir()} == {other_uid}
-            assert len(list(received.iterdir())) == 2
+            wait_for(lambda: arrived(received) == [other_uid, other_uid], 30)
     finally:
         halt(daemon)
+
+
+def arrived(folder: Path) -> list[str]:
+    """The Study Instance UIDs of the files a DCMTK peer wrote; none while one is half written."""
+    try:
+        return sorted(dcmread(f).StudyInstanceUID for f in folder.iterdir())
+    except Exception:  # a file being written: look again
+        return []
 
 
 @contextmanager
@@ -155,7 +166,7 @@ def _client_context(material: Material, certificate: bool = True) -> ssl.SSLCont
 def test_mllp_over_tls_acknowledges_after_commit_and_refuses_a_client_without_certificate(
     tmp_path: Path, material: Material
 ) -> None:
-    daemon, _, hl7_tls, _ = start(tmp_path, material)
+    daemon, _, hl7_tls, _ = start(tmp_path, material, hl7_more='idle_timeout = "2s"\n')
     try:
         raw = socket.create_connection(("127.0.0.1", hl7_tls), timeout=30)
         with _client_context(material).wrap_socket(raw) as secure:
@@ -173,8 +184,27 @@ def test_mllp_over_tls_acknowledges_after_commit_and_refuses_a_client_without_ce
             bare.sendall(b"\x0b" + frame_of(IHE) + b"\x1c\r")
             assert bare.recv(65536) == b""  # TLS 1.3: the refusal comes with the first read
         assert daemon.query("SELECT count(*) FROM hl7_messages") == [(1,)]  # nothing of it kept
+        # A client that goes silent is closed by the idle timeout, TLS or not.
+        raw = socket.create_connection(("127.0.0.1", hl7_tls), timeout=30)
+        with _client_context(material).wrap_socket(raw) as silent:
+            started = time.monotonic()
+            with suppress(ssl.SSLError, ConnectionError):
+                assert silent.recv(65536) == b""
+            assert time.monotonic() - started < 15
     finally:
         halt(daemon)
+
+
+def test_a_host_not_allowed_is_closed_on_the_tls_port_too(tmp_path: Path, material: Material) -> None:
+    daemon, dicom_tls, _, _ = start(tmp_path, material, plain=False, dicom_allowed='["192.0.2.7"]')
+    try:
+        wait_for_port(dicom_tls)
+        assert echo(dicom_tls, *tls_args(material)).returncode != 0
+        assert echo(dicom_tls, *tls_args(material)).returncode != 0
+        assert daemon.process.poll() is None
+    finally:
+        log = daemon.stop()
+    assert "Traceback" not in log and "Unhandled" not in log
 
 
 def test_the_console_over_https_in_chromium_sets_secure_cookies(tmp_path: Path, material: Material) -> None:
@@ -244,5 +274,9 @@ def test_worker_processes_serve_tls_on_the_ports_their_parent_bound(
             assert b"MSA|AA|IHE0001" in secure.recv(65536)
         with urllib.request.urlopen(f"https://127.0.0.1:{https}/healthz", context=_client_context(material)) as answer:
             assert answer.status == 200
+        started = [json.loads(line) for line in daemon.log.read_text().splitlines() if "listener started" in line]
+        dicom = [line for line in started if line["event"] == "dicom listener started"]
+        assert sorted(line["worker"] for line in dicom) == [0, 1]  # both workers serve the TLS port
+        assert all(line["tls_port"] == dicom_tls for line in dicom)
     finally:
         halt(daemon)

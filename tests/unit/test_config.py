@@ -233,3 +233,23 @@ def test_tls_files_are_checked_and_what_needs_them_is_named(tmp_path: Path) -> N
     settings = load(config)
     assert settings.tls.certificate == material.server_cert and settings.dicom.tls_port == 2762
     assert settings.peers[0].tls and not settings.dicom.plain
+
+
+def test_an_encrypted_tls_key_is_refused_by_name(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    material = make_material(tmp_path / "pki")
+    key = serialization.load_pem_private_key(material.server_key.read_bytes(), None)
+    locked = tmp_path / "locked.key"
+    locked.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    config = tmp_path / "f.toml"
+    config.write_text(
+        f'[tls]\ncertificate = "{material.server_cert}"\nprivate_key = "locked.key"\nverify_client = false\n'
+    )
+    assert any("tls.private_key" in p and "encrypted" in p for p in problems(config))

@@ -116,6 +116,9 @@ class Requestor:
             )
             connection.sendall(pdu.encode(request))
             answer = _read(connection)
+        except ssl.SSLError as exc:  # TLS 1.3: the peer refuses our certificate after the handshake
+            connection.close()
+            raise AssociationRefused(f"TLS refused: {exc}", "alert" in str(exc).lower()) from exc
         except (OSError, pdu.PduError, AssociationLost) as exc:
             connection.close()
             raise AssociationRefused(f"no answer to the association request: {exc}") from exc

@@ -572,16 +572,19 @@ def send_message(d: Department, call: Call, body: dict[str, Any]) -> dict[str, A
     if not text.strip():
         raise HttpError(400, "message: paste an HL7 v2 message, or give `orm` to generate one")
     target = str(body.get("to", "self") or "self")
-    if target == "self":
-        host, port = d.settings.hl7.host, d.settings.hl7.port
+    tls = None
+    if target == "self":  # our listener: its TLS port when the plain one is closed
+        hl7 = d.settings.hl7
+        host, port = hl7.host, hl7.port if hl7.plain else hl7.tls_port
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        tls = None if hl7.plain else scu.client_tls()
     else:
         host, _, port_text = target.rpartition(":")
         if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
             raise HttpError(400, f"to is self or HOST:PORT, not {target!r}")
         port = int(port_text)
     try:
-        with MllpClient(host, port, 30.0) as client:
+        with MllpClient(host, port, 30.0, tls) as client:
             ack = client.send(as_wire(text.encode())).decode("utf-8", errors="replace")
     except OSError as exc:
         raise HttpError(502, f"{host}:{port}: {exc}") from None
