@@ -506,7 +506,9 @@ class FhirJobs:
             if first is None:
                 return []
             # One claimer per pair at a time (other processes wait here, then see its claim), and
-            # every claimable row of the pair taken together: never two sends of it at once.
+            # every claimable row of the pair nobody else is claiming taken together: never two
+            # sends of it at once. A row another claimer locked is skipped, never waited for: it
+            # waits for our advisory lock, and we would wait for it.
             hold_keys(connection, [f"f{first.study_instance_uid}|{first.destination}"])
             pair = (FhirJob.study_instance_uid == first.study_instance_uid, FhirJob.destination == first.destination)
             if connection.execute(
@@ -514,7 +516,10 @@ class FhirJobs:
             ).first():
                 return []
             rows = connection.execute(
-                select(*_FHIR_COLUMNS).where(self._claimable(now), *pair).order_by(FhirJob.id).with_for_update()
+                select(*_FHIR_COLUMNS)
+                .where(self._claimable(now), *pair)
+                .order_by(FhirJob.id)
+                .with_for_update(skip_locked=True)
             ).all()
             if not rows:
                 return []
