@@ -491,7 +491,7 @@ def cmd_hl7(args: argparse.Namespace) -> int:
                 files.append((Path(name).name, Path(name).read_bytes()))
             except OSError as exc:
                 raise CliError(f"{name}: {exc.strerror}", EX_DATAERR) from None
-        return _hl7_send(args.address, files, args.timeout)
+        return _hl7_send(args.address, files, args.timeout, _mllp_tls(args))
     from fabricatord.workflow.worklist import Scheduler
 
     settings = _settings(args)
@@ -513,11 +513,22 @@ def cmd_hl7(args: argparse.Namespace) -> int:
         for _, message in messages:
             _print(message.replace("\r", "\n") + "\n")
     if args.send:
-        return _hl7_send(args.send, [(f"{c}.hl7", m.encode()) for c, m in messages], args.timeout)
+        return _hl7_send(args.send, [(f"{c}.hl7", m.encode()) for c, m in messages], args.timeout, _mllp_tls(args))
     return 0
 
 
-def _hl7_send(address: str, messages: Sequence[tuple[str, bytes]], timeout: float) -> int:
+def _mllp_tls(args: argparse.Namespace) -> Any:
+    """With --tls, the `[tls]` client context (the listener verified against `ca`, our
+    certificate presented); else None."""
+    if not args.tls:
+        return None
+    settings = _settings(args)
+    if not enabled(settings.tls):
+        raise CliError("--tls needs [tls] certificate, private_key and ca in the configuration", EX_USAGE)
+    return client_context(settings.tls)
+
+
+def _hl7_send(address: str, messages: Sequence[tuple[str, bytes]], timeout: float, tls: Any = None) -> int:
     """Send each (name, message) over one MLLP connection and print its acknowledgement; 0 when
     all are AA/CA."""
     import hl7
@@ -529,7 +540,7 @@ def _hl7_send(address: str, messages: Sequence[tuple[str, bytes]], timeout: floa
         raise CliError(f"expected HOST:PORT, not {address!r}", EX_USAGE)
     accepted = 0
     try:
-        with MllpClient(host, int(port), timeout) as client:
+        with MllpClient(host, int(port), timeout, tls) as client:
             for name, data in messages:
                 reply = client.send(as_wire(data))
                 ack = hl7.parse(reply.decode("utf-8", errors="replace"))
@@ -1374,6 +1385,8 @@ def build_parser() -> argparse.ArgumentParser:
     hl7_log.add_argument("--show", type=int, metavar="ID", help="one message whole: the raw text and its ACK")
     preview = hl7_actions.add_parser("preview", help="the worklist items a message would make; nothing is kept")
     preview.add_argument("file", metavar="FILE")
+    for sub in (orm, send_hl7):
+        sub.add_argument("--tls", action="store_true", help="MLLP over TLS, with the [tls] certificate and ca")
     for sub in hl7_actions.choices.values():
         sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="TOML file")
 

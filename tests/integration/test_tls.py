@@ -179,11 +179,15 @@ def test_mllp_over_tls_acknowledges_after_commit_and_refuses_a_client_without_ce
                 ack += chunk
         assert msa(ack.strip(b"\x0b\x1c\r").decode())[0] == "AA"
         assert daemon.query("SELECT accession_number FROM orders") == [("ACC1001",)]
+        # `fabricatord hl7 send --tls` with the node's own [tls], as a RIS-side script would.
+        sent = run_cli("hl7", "send", "--tls", f"127.0.0.1:{hl7_tls}", str(IHE), "--config", str(daemon.config))
+        assert "AA" in sent.stdout
+        logged = daemon.query("SELECT count(*) FROM hl7_messages")
         raw = socket.create_connection(("127.0.0.1", hl7_tls), timeout=30)
         with pytest.raises((ssl.SSLError, ConnectionError)), _client_context(material, False).wrap_socket(raw) as bare:
             bare.sendall(b"\x0b" + frame_of(IHE) + b"\x1c\r")
             assert bare.recv(65536) == b""  # TLS 1.3: the refusal comes with the first read
-        assert daemon.query("SELECT count(*) FROM hl7_messages") == [(1,)]  # nothing of it kept
+        assert daemon.query("SELECT count(*) FROM hl7_messages") == logged  # nothing of it kept
         # A client that goes silent is closed by the idle timeout, TLS or not.
         raw = socket.create_connection(("127.0.0.1", hl7_tls), timeout=30)
         with _client_context(material).wrap_socket(raw) as silent:
