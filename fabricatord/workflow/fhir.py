@@ -26,8 +26,8 @@ from fabricatord.db.worklist import Worklist
 from fabricatord.fhir import client, resources
 from fabricatord.obs import metrics
 from fabricatord.obs.faults import faultpoint
-from fabricatord.obs.logging import get_logger, in_context
-from fabricatord.workflow.routing import reschedule
+from fabricatord.obs.logging import get_logger
+from fabricatord.workflow.routing import reschedule, send_claimed
 
 log = get_logger(__name__)
 
@@ -109,16 +109,7 @@ class Exporter:
         self._settings = settings
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                jobs = self._jobs.claim()
-                if jobs:
-                    with in_context(jobs=[f"f{job.id}" for job in jobs]):  # as `fabricatord jobs` names them
-                        self._send(jobs)
-                    continue
-            except Exception as exc:  # the database went away for a moment: try again shortly
-                log.error("FHIR export paused", error=str(exc))
-            self._stop.wait(self.POLL)
+        send_claimed(self._stop, self._jobs.claim, self._send, "f", "FHIR export", lambda: self._stop.wait(self.POLL))
 
     def _send(self, jobs: list[FhirRecord]) -> None:
         """One study to one destination: every claimed job of the pair settles alike."""

@@ -10,10 +10,11 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import Connection
 
@@ -169,17 +170,11 @@ class Router:
         self._settings = settings
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                jobs = self._jobs.claim()
-                if jobs:
-                    with in_context(jobs=[f"r{job.id}" for job in jobs]):  # as `fabricatord jobs` names them
-                        self._send(jobs)
-                    continue
-            except Exception as exc:  # the database went away for a moment: try again shortly
-                log.error("routing paused", error=str(exc))
-            self._wake.wait(timeout=0.25)  # jobs queued by another process cannot wake us
-            self._wake.clear()
+        send_claimed(self._stop, self._jobs.claim, self._send, "r", "routing", self._idle)
+
+    def _idle(self) -> None:
+        self._wake.wait(timeout=0.25)  # jobs queued by another process cannot wake us
+        self._wake.clear()
 
     def _send(self, jobs: list[RouteRecord]) -> None:
         peer_settings = self._settings.peer(jobs[0].peer)
@@ -256,6 +251,29 @@ class Router:
             log.warning(
                 "route not verified", peer=peer.name, study_instance_uid=study_instance_uid, held=held, sent=delivered
             )
+
+
+def send_claimed(
+    stop: threading.Event,
+    claim: Callable[[], Sequence[Claimed]],
+    send: Callable[[Any], None],
+    prefix: str,
+    what: str,
+    idle: Callable[[], object],
+) -> None:
+    """A sending worker thread (routes, FHIR): claim a group of jobs and send it, in a log
+    context naming the jobs as `fabricatord jobs` does (`prefix` + id), until `stop`; `idle`
+    when nothing is due or the database failed for a moment."""
+    while not stop.is_set():
+        try:
+            jobs = claim()
+            if jobs:
+                with in_context(jobs=[f"{prefix}{job.id}" for job in jobs]):
+                    send(jobs)
+                continue
+        except Exception as exc:  # the database went away for a moment: try again shortly
+            log.error(f"{what} paused", error=str(exc))
+        idle()
 
 
 class Claimed(Protocol):
