@@ -24,6 +24,7 @@ EX_DATAERR = 65
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
+EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
 ROLE_NAMES = ("admin", "test_write", "test_read", "prod_write", "prod_read")
@@ -991,6 +992,66 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_commit(args: argparse.Namespace) -> int:
+    """Ask a peer for Storage Commitment of every indexed instance of a study and wait for its
+    report: on our association, or on the daemon's listener (this command shares its database)."""
+    from fabricatord.config.values import is_valid_uid
+    from fabricatord.db import InstanceIndex
+    from fabricatord.dicom.commitment import reason_text
+    from fabricatord.workflow.commitment import StorageCommitment
+
+    settings = _settings(args)
+    peer = _peer(settings, args.peer)
+    if not is_valid_uid(args.study):
+        raise CliError(f"{args.study!r} is not a Study Instance UID", EX_USAGE)
+    database = _database(settings)
+    stored = InstanceIndex(database).study_instances(args.study)
+    if not stored:
+        raise CliError(f"no stored study has Study Instance UID {args.study}", EX_DATAERR)
+    if not _listening(settings):
+        print(
+            f"warning: nothing listens on our DICOM port {settings.dicom.port}: a report the peer sends on "
+            "an association of its own cannot arrive (start `fabricatord serve` with this configuration)",
+            file=sys.stderr,
+        )
+    service = StorageCommitment(settings, database)
+    started = time.monotonic()
+    instances = [(s.sop_class_uid, s.sop_instance_uid, None) for s in stored]
+    transaction = service.request(peer, args.study, instances, args.timeout)
+    if transaction.state == "refused":
+        raise CliError(f"{peer.ae_title}@{peer.host}:{peer.port}: {transaction.last_error}", EX_UNAVAILABLE)
+    uid = transaction.transaction_uid
+    while transaction.state == "requested" and time.monotonic() - started < args.timeout:
+        time.sleep(0.2)
+        transaction = service.transactions.transaction(uid, "out") or transaction
+    if transaction.state == "requested":
+        _print(f"{peer.ae_title}: no report within {args.timeout:g} s (transaction {uid})")
+        return EX_TEMPFAIL
+    failed = transaction.failed
+    _print(
+        f"{peer.ae_title}: {len(transaction.committed)} of {len(transaction.items)} instances committed, "
+        f"{len(failed)} failed (transaction {uid})"
+    )
+    for item in failed:
+        reason = reason_text(int(item.failure_reason or 0))
+        _print(f"  failed: {item.sop_instance_uid} ({item.sop_class_uid}): {reason}")
+    return EX_UNAVAILABLE if failed else 0
+
+
+def _listening(settings: Settings) -> bool:
+    """Whether something accepts connections on our own DICOM port."""
+    import socket
+
+    from fabricatord.workflow import remote
+
+    own = remote.own_node(settings)
+    try:
+        socket.create_connection((own.host, own.port), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
 # -- find / move ----------------------------------------------------------------------------
 
 
@@ -1446,6 +1507,15 @@ def build_parser() -> argparse.ArgumentParser:
     send_cmd.add_argument("peer")
     send_cmd.add_argument("items", nargs="+", metavar="FILE|DIR|STUDY_UID")
     send_cmd.add_argument("--prod", action="store_true", help='allow a peer with environment = "prod"')
+
+    commit_cmd = command(
+        "commit", cmd_commit, "ask a peer for Storage Commitment of a stored study and wait for its report"
+    )
+    commit_cmd.add_argument("peer", help="[[peers]] name, self, or AET@host:port")
+    commit_cmd.add_argument("study", metavar="STUDY_UID")
+    commit_cmd.add_argument(
+        "--timeout", type=float, default=60.0, metavar="SECONDS", help="longest wait for the report (default 60)"
+    )
 
     key_help = "a query key as DCMTK's -k: Keyword, Keyword=value or (gggg,eeee)=value; repeat it"
     find_cmd = command("find", cmd_find, "C-FIND studies, series or images at one or more peers, side by side")

@@ -50,6 +50,7 @@ from fabricatord.synth.checks import settings_problems
 from fabricatord.workflow.access import Directory
 from fabricatord.workflow.acquisition import Acquirer
 from fabricatord.workflow.audit import AuditTrail
+from fabricatord.workflow.commitment import Reporter, StorageCommitment
 from fabricatord.workflow.fhir import Exporter, Exports
 from fabricatord.workflow.hl7 import Inbox
 from fabricatord.workflow.monitor import Monitor
@@ -172,6 +173,7 @@ def build(
     # One TLS context for every listener of this process, made again on SIGHUP.
     server_tls = tls_of(settings)
     scu.use_tls(client_context(settings.tls) if enabled(settings.tls) else None)
+    commitments = StorageCommitment(settings, database)
     node = DicomNode(
         settings,
         database,
@@ -183,17 +185,21 @@ def build(
         counts=counts,
         proxies=proxies,
         exports=exports,
+        commitments=commitments,
     )
     node.setServiceParent(root)
     inbox = Inbox(settings, database, on_due=on_due)
     mllp = MllpListener(settings, inbox, reactor_, inherited=inherited, counts=counts, tls=server_tls)
     mllp.setServiceParent(root)
-    reloadable: list[_Reloadable] = [rules, exports, node, inbox, cleaner, *([server_tls] if server_tls else [])]
+    reloadable: list[_Reloadable] = [
+        rules, exports, node, inbox, cleaner, commitments, *([server_tls] if server_tls else [])
+    ]  # fmt: skip
     if acquirer is None or presence is None:
         return root, reloadable
     _WorkerService(acquirer).setServiceParent(root)  # after the node: it sends MPPS to it
-    router = Router(settings, database)
+    router = Router(settings, database, commitments)
     _WorkerService(router).setServiceParent(root)
+    _WorkerService(Reporter(commitments)).setServiceParent(root)
     exporter = Exporter(settings, database)
     _WorkerService(exporter).setServiceParent(root)
     monitor = Monitor(settings, database, leading=lambda: presence.leader)

@@ -216,7 +216,15 @@ class _Builder:
             if from_env and value.text == "":
                 return None
             return self.value(inner, value, where)
-        if origin is typing.Literal:
+        if origin in (types.UnionType, typing.Union) and bool in args:  # a switch with named modes
+            names = next(typing.get_args(a) for a in args if typing.get_origin(a) is typing.Literal)
+            expected = "true, false or one of " + ", ".join(repr(a) for a in names)
+            text = value.text if from_env else value
+            if text in names:
+                converted = text
+            else:
+                converted = _parse_bool(text) if from_env else value if isinstance(value, bool) else _INVALID
+        elif origin is typing.Literal:
             expected = "one of " + ", ".join(repr(a) for a in args)
             text = value.text if from_env else value
             converted = text if text in args else _INVALID

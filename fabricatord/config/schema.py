@@ -187,6 +187,11 @@ class DicomSettings:
         "it; `0`: no age limit.",
         check_duration,
     )
+    commitment_retention: str = key(
+        "7d",
+        "Cleanup never deletes a study with an instance we committed to (Storage Commitment) within this long.",
+        check_duration,
+    )
     cleanup: bool = key(
         False,
         "Delete whole studies instead of refusing new ones: daily those older than `retention`, and when "
@@ -345,6 +350,9 @@ class PeerSettings:
     allow_move: bool = key(True, "May C-MOVE from us.")
     allow_get: bool = key(True, "May C-GET from us.")
     allow_mpps: bool = key(True, "May send Modality Performed Procedure Step N-CREATE and N-SET.")
+    allow_storage_commitment: bool = key(
+        True, "May ask us for Storage Commitment (N-ACTION); its report goes back to this entry's address."
+    )
     tls: bool = key(False, "Associations we open to it use TLS, verified against `[tls] ca`, with our certificate.")
 
 
@@ -382,14 +390,16 @@ class ProxySettings:
 @dataclass(frozen=True)
 class RouteSettings:
     name: str = key("", "Route name, for logs and metrics.")
+
     match: dict[str, str] = key(
         {}, "What to match: `source`, `modality`, `calling_ae`, `called_ae`, `study_description`."
     )
     to: list[str] = key([], "`[[peers]]` names that receive every matching instance.")
     allow_prod: bool = key(False, 'Allow this route to send to peers with `environment = "prod"`.')
-    verify: bool = key(
+    verify: bool | Literal["find", "commitment"] = key(
         False,
-        "Once every instance of a study is delivered, count them at the peer by C-FIND and record the study verified.",
+        "After a send: `true` or `find` counts the study's instances at the peer by C-FIND once all are delivered; "
+        "`commitment` asks the peer for Storage Commitment of what was sent and records its report on the jobs.",
     )
     attempts: int = key(
         8,
@@ -397,6 +407,11 @@ class RouteSettings:
         "again): 8 retries over about 8 minutes. A refusal the peer would repeat fails at once.",
         check_positive,
     )
+
+    @property
+    def verification(self) -> str:
+        """`find`, `commitment`, or empty: how a delivery is confirmed."""
+        return "find" if self.verify is True else self.verify or ""
 
 
 def _check_endpoint(value: object) -> str | None:

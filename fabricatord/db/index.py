@@ -15,6 +15,8 @@ from fabricatord.db.engine import Database, aware, hold_keys, patient_key
 from fabricatord.db.models import (
     Acquisition,
     AuditEvent,
+    Commitment,
+    CommitmentItem,
     FhirJob,
     Instance,
     Patient,
@@ -94,6 +96,7 @@ class Eligible:
     """What makes a study deletable by cleanup, checked again as it is deleted."""
 
     arrived_before: datetime | None
+    committed_since: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -415,7 +418,7 @@ class InstanceIndex:
             if study_pk is None:
                 return None
             if eligible is not None:
-                query = _candidates(eligible.arrived_before).where(Study.id == study_pk)
+                query = _candidates(eligible.arrived_before, eligible.committed_since).where(Study.id == study_pk)
                 if session.execute(query).first() is None:
                     return None
             if audit is not None:
@@ -458,10 +461,13 @@ class InstanceIndex:
         """The next value of the counter `sequence` file names are made from."""
         return Sequences(self._db).take("storage_file", 1, 1)[0]
 
-    def cleanup_candidates(self, arrived_before: datetime | None = None, excluding: str = "") -> list[Candidate]:
+    def cleanup_candidates(
+        self, arrived_before: datetime | None = None, excluding: str = "", committed_since: datetime | None = None
+    ) -> list[Candidate]:
         """Studies cleanup may delete, oldest last arrival first: with `arrived_before`, only
-        those whose last instance arrived earlier; never `excluding` (the study being stored)."""
-        query = _candidates(arrived_before).where(Study.study_instance_uid != excluding)
+        those whose last instance arrived earlier; never `excluding` (the study being stored),
+        nor one with an instance we committed to (Storage Commitment) since `committed_since`."""
+        query = _candidates(arrived_before, committed_since).where(Study.study_instance_uid != excluding)
         with self._db.reads() as session:
             return [
                 Candidate(uid, aware(arrived), int(count), int(size))
@@ -469,9 +475,10 @@ class InstanceIndex:
             ]
 
 
-def _candidates(arrived_before: datetime | None) -> Any:
+def _candidates(arrived_before: datetime | None, committed_since: datetime | None = None) -> Any:
     """Studies with their last arrival, instances and bytes, none with a route or FHIR job
-    pending or being sent, nor one an acquisition is about to make or making."""
+    pending or being sent, nor one an acquisition is about to make or making, nor (with
+    `committed_since`) one with an instance we committed to since then."""
     last = func.max(Instance.created_at)
     busy_routes = select(RouteJob.id).where(
         RouteJob.study_instance_uid == Study.study_instance_uid, RouteJob.state.in_(("pending", "sending"))
@@ -499,6 +506,18 @@ def _candidates(arrived_before: datetime | None) -> Any:
         .group_by(Study.id, Study.study_instance_uid)
         .order_by(last, Study.id)
     )
+    if committed_since is not None:
+        committed = (
+            select(CommitmentItem.id)
+            .join(Commitment, CommitmentItem.commitment_pk == Commitment.id)
+            .where(
+                CommitmentItem.study_instance_uid == Study.study_instance_uid,
+                CommitmentItem.failure_reason == 0,
+                Commitment.direction == "in",
+                Commitment.created_at >= committed_since,
+            )
+        )
+        query = query.where(~exists(committed))
     return query.having(last < arrived_before) if arrived_before is not None else query
 
 

@@ -356,6 +356,15 @@ class RouteJobs:
                 .values(verified_at=now)
             )
 
+    def note(self, pks: Iterable[int], why: str) -> None:
+        """Why done jobs were not confirmed (their state stays)."""
+        with self._db.writer.begin() as connection:
+            connection.execute(
+                update(RouteJob)
+                .where(RouteJob.id.in_(list(pks)), RouteJob.state == "done")
+                .values(last_error=why[:512], updated_at=datetime.now(UTC))
+            )
+
     def recover(self) -> int:
         """At start: what this node was sending when it died is sent again (C-STORE is
         at-least-once); rows from before leases had names count as this node's."""

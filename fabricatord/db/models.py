@@ -373,6 +373,51 @@ class FhirJob(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
+class Commitment(Base):
+    """Owner: `fabricatord.db.commitments`. One Storage Commitment transaction (PS3.4 J): asked of
+    us by a peer (`in`: the report we owe it, a durable job until the peer answers it), or asked
+    by us of a peer (`out`: the report we wait for)."""
+
+    __tablename__ = "commitments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    transaction_uid: Mapped[str] = mapped_column(String(64))
+    direction: Mapped[str] = mapped_column(String(3))  # in | out
+    peer_ae: Mapped[str] = mapped_column(String(16))
+    """The calling AE title of the request (in), or the called one (out)."""
+    peer: Mapped[str] = mapped_column(String(64), default="")
+    """Its `[[peers]]` name, or empty for an AE title no entry has."""
+    study_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    """The study we asked about (out); empty for a request of a peer's, which may span studies."""
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    """in: pending | sending | done | failed; out: requested | committed | failed | refused."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str] = mapped_column(String(512), default="")
+    leased_by: Mapped[str] = mapped_column(String(64), default="")
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """When the report was answered (in) or arrived (out)."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class CommitmentItem(Base):
+    """Owner: `fabricatord.db.commitments`. One instance of a Storage Commitment transaction."""
+
+    __tablename__ = "commitment_items"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    commitment_pk: Mapped[int] = mapped_column(ForeignKey("commitments.id", ondelete="CASCADE"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
+    failure_reason: Mapped[int | None] = mapped_column(Integer)
+    """0: committed; a Failure Reason (0008,1197); None: no report yet."""
+    route_job_pk: Mapped[int | None] = mapped_column(Integer)
+    """The route job that sent it (a route with `verify = "commitment"`)."""
+
+
 class User(Base):
     """Owner: `fabricatord.db.users`. Someone who may use the console and the API."""
 
@@ -413,6 +458,7 @@ class LoginFailure(Base):
 
 
 Index("ix_patients_patient_id", Patient.patient_id)
+Index("ix_commitments_direction_transaction", Commitment.direction, Commitment.transaction_uid, unique=True)
 Index("ix_login_failures_name_at", LoginFailure.name, LoginFailure.at)
 Index(
     "ix_hl7_messages_sender_control_id",

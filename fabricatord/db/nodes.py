@@ -15,7 +15,7 @@ from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from fabricatord.db.engine import Database, aware
-from fabricatord.db.models import Acquisition, FhirJob, Lease, Node, RouteJob
+from fabricatord.db.models import Acquisition, Commitment, FhirJob, Lease, Node, RouteJob
 
 LEADER = "leader"
 
@@ -90,6 +90,11 @@ class Nodes:
             )
             connection.execute(
                 update(FhirJob).where(FhirJob.leased_by == name, FhirJob.state == "sending").values(lease_until=until)
+            )
+            connection.execute(
+                update(Commitment)
+                .where(Commitment.leased_by == name, Commitment.state == "sending")
+                .values(lease_until=until)
             )
 
     def lead(self, name: str, lease: timedelta, role: str = LEADER) -> bool:

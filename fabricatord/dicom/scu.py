@@ -1,4 +1,5 @@
-"""SCU operations: echo, store, find, move and the C-FIND count that confirms a delivery.
+"""SCU operations: echo, store, find, move, MPPS, Storage Commitment both ways, and the C-FIND
+count that confirms a delivery.
 
 Each opens its own association. TCP_NODELAY is set on every connection: with Nagle's
 algorithm and delayed ACKs a small PDU stalls ~40 ms on Linux, which caps a C-STORE stream to
@@ -22,7 +23,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import AE, build_role, evt
 
 # Generated at import time by pynetdicom, so invisible to type checkers.
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -33,12 +34,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from fabricatord.config.schema import DicomSettings, PeerSettings
 from fabricatord.config.values import parse_duration
+from fabricatord.dicom import commitment
 from fabricatord.dicom.mpps import MPPS_SOP_CLASS
 from fabricatord.dicom.stored import outgoing
 from fabricatord.dicom.ul.requestor import AssociationLost, AssociationRefused, Requestor
 from fabricatord.dicom.ul.requestor import Timeouts as RequestorTimeouts
 from fabricatord.obs import metrics
+from fabricatord.obs.logging import get_logger
 
+log = get_logger(__name__)
 _ADDRESS = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1–255
 SEND_ATTEMPTS = 2
@@ -199,14 +203,15 @@ def _application(calling_ae: str, timeouts: Timeouts) -> AE:
     return ae
 
 
-def _associate(ae: AE, peer: Peer) -> Any:
+def _associate(ae: AE, peer: Peer, handlers: Sequence[Any] = (), ext_neg: Sequence[Any] | None = None) -> Any:
     context = tls_for(peer)
     try:
         assoc = ae.associate(
             peer.host,
             peer.port,
             ae_title=peer.ae_title,
-            evt_handlers=_HANDLERS,
+            ext_neg=list(ext_neg) if ext_neg else None,
+            evt_handlers=[*_HANDLERS, *handlers],
             tls_args=(context, peer.host) if context is not None else None,  # the name is SNI only
         )
     except OSError as exc:  # the host name does not resolve
@@ -531,6 +536,68 @@ def performed_procedure_step(
         if code != STATUS_SUCCESS:
             comment = str(status.get("ErrorComment", "")) if status else ""
             raise ScuError(f"MPPS {service} answered {_show_status(code)} {comment}".strip())
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def request_commitment(
+    peer: Peer,
+    calling_ae: str,
+    action: Dataset,
+    timeouts: Timeouts,
+    on_report: Callable[[int, Dataset], int],
+    settled: Callable[[], bool],
+    wait: float,
+) -> None:
+    """Storage Commitment N-ACTION (PS3.4 J.3.2) of `action` (its Action Information), then the
+    association kept open for the report: up to `wait` seconds, until `settled()` says it came
+    (here, or on our listener), or until the peer ends it. A report on this association goes to
+    `on_report(event type, event information)`, whose status answers it. ScuError when the peer
+    refuses the association or the request."""
+    ae = _application(calling_ae, timeouts)
+    ae.add_requested_context(commitment.SOP_CLASS, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+
+    def reported(event: Any) -> tuple[int, None]:
+        try:
+            return on_report(int(event.request.EventTypeID), event.event_information), None
+        except Exception as exc:  # an answer the peer can act on, never a dead reactor thread
+            log.warning("storage commitment report not taken", error=str(exc))
+            return commitment.PROCESSING_FAILURE, None
+
+    assoc = _associate(ae, peer, [(evt.EVT_N_EVENT_REPORT, reported)])
+    try:
+        status, _ = assoc.send_n_action(action, commitment.REQUEST_COMMITMENT, commitment.SOP_CLASS,
+                                        commitment.SOP_INSTANCE)  # fmt: skip
+        code = int(status.Status) if status and "Status" in status else None
+        metrics.SCU_OPERATIONS.labels("N-ACTION", peer.name, _status_class(code)).inc()
+        if code != STATUS_SUCCESS:
+            comment = str(status.get("ErrorComment", "")) if status else ""
+            refusal = f"N-ACTION answered {_show_status(code)}{f': {comment}' if comment else ''}"
+            raise ScuError(refusal, code is not None)
+        deadline = time.monotonic() + wait
+        while assoc.is_established and time.monotonic() < deadline and not settled():
+            time.sleep(0.05)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def report_commitment(peer: Peer, calling_ae: str, event_type: int, information: Dataset, timeouts: Timeouts) -> None:
+    """A Storage Commitment N-EVENT-REPORT on an association of our own, as PS3.4 J.3.3 has the
+    SCP do once the requesting one is gone: the Push Model proposed with us in the SCP role
+    (SCU-role 0, SCP-role 1). ScuError when it is not answered with success."""
+    ae = _application(calling_ae, timeouts)
+    ae.add_requested_context(commitment.SOP_CLASS, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    role = build_role(commitment.SOP_CLASS, scu_role=False, scp_role=True)
+    assoc = _associate(ae, peer, ext_neg=[role])
+    try:
+        status = assoc.send_n_event_report(information, event_type, commitment.SOP_CLASS, commitment.SOP_INSTANCE)[0]
+        code = int(status.Status) if status and "Status" in status else None
+        metrics.SCU_OPERATIONS.labels("N-EVENT-REPORT", peer.name, _status_class(code)).inc()
+        if code != STATUS_SUCCESS:
+            comment = str(status.get("ErrorComment", "")) if status else ""
+            raise ScuError(f"N-EVENT-REPORT answered {_show_status(code)}{f': {comment}' if comment else ''}")
     finally:
         if assoc.is_established:
             assoc.release()

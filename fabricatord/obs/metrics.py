@@ -184,6 +184,24 @@ FHIR_SEND_SECONDS = Histogram(
     ["destination"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+COMMITMENT_REQUESTS = Counter(
+    "fabricatord_commitment_requests_total",
+    "Storage Commitment requests (N-ACTION), by role (scp: a peer asked us; scu: we asked a peer), peer name "
+    "and outcome (accepted, refused).",
+    ["role", "peer", "outcome"],
+)
+COMMITMENT_REPORTS = Counter(
+    "fabricatord_commitment_reports_total",
+    "Storage Commitment reports (N-EVENT-REPORT), by role (scp: sent by us; scu: received), peer name and "
+    "outcome (same_association, new_association, retry, failed; received: committed, failures, unknown).",
+    ["role", "peer", "outcome"],
+)
+COMMITMENT_INSTANCES = Counter(
+    "fabricatord_commitment_instances_total",
+    "Instances in Storage Commitment reports, by role (scp: we reported; scu: a peer reported) and result "
+    "(committed, failed).",
+    ["role", "result"],
+)
 TLS_CERTIFICATE_EXPIRY = Gauge(
     "fabricatord_tls_certificate_expiry_seconds",
     "When the [tls] certificate expires, in seconds since the epoch (alert on it minus time()).",

@@ -5,7 +5,8 @@ Two triggers: once a day (on the leader), the studies whose last instance arrive
 `retention` ago; and when a store finds `storage_quota` or `min_free_space` reached, the oldest
 eligible studies until storage is under 90 % of the quota (or the disk has a tenth more than
 the watermark free), so that the instance is accepted. A study is eligible when it is older
-than `retention` and no route job or acquisition of it is pending (`InstanceIndex.
+than `retention`, no route job or acquisition of it is pending, and none of its instances was
+committed to a peer (Storage Commitment) within `commitment_retention` (`InstanceIndex.
 cleanup_candidates`). The storage writer deletes each one crash-safe; every deletion is audited.
 """
 
@@ -125,13 +126,18 @@ class Cleaner:
         retention = parse_duration(self._settings.dicom.retention)
         return datetime.now(UTC) - timedelta(seconds=retention) if retention > 0 else None
 
+    def _committed_since(self) -> datetime | None:
+        """`[dicom] commitment_retention`: what we committed to within it is kept."""
+        keep = parse_duration(self._settings.dicom.commitment_retention)
+        return datetime.now(UTC) - timedelta(seconds=keep) if keep > 0 else None
+
     def _by_age(self, dry_run: bool) -> list[Removal]:
         cutoff = self._cutoff()
         if cutoff is None:
             return []
         return [
             removal
-            for candidate in self._index.cleanup_candidates(cutoff)
+            for candidate in self._index.cleanup_candidates(cutoff, committed_since=self._committed_since())
             if (removal := self._remove(candidate, "age", dry_run)) is not None
         ]
 
@@ -158,7 +164,8 @@ class Cleaner:
                 return []
             target, sign = int(min_free * FREE_MARGIN) + needed, 1
         removals: list[Removal] = []
-        for candidate in self._index.cleanup_candidates(self._cutoff(), excluding=study):
+        committed_since = self._committed_since()
+        for candidate in self._index.cleanup_candidates(self._cutoff(), study, committed_since):
             if sign * (level - target) >= 0:  # used at or under the target, or free at or over it
                 break
             if candidate.study_instance_uid in gone:
@@ -190,7 +197,8 @@ class Cleaner:
             bytes=candidate.bytes,
             detail=detail[:512],
         )
-        deleted = self._writer.delete_study(candidate.study_instance_uid, Eligible(self._cutoff()), record)
+        eligible = Eligible(self._cutoff(), self._committed_since())
+        deleted = self._writer.delete_study(candidate.study_instance_uid, eligible, record)
         if deleted is None:
             return None
         metrics.CLEANUP_STUDIES.labels(reason).inc()

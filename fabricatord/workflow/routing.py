@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Connection
 
@@ -28,11 +28,17 @@ from fabricatord.obs import metrics
 from fabricatord.obs.faults import faultpoint
 from fabricatord.obs.logging import get_logger, in_context
 
+if TYPE_CHECKING:
+    from fabricatord.workflow.commitment import StorageCommitment
+
 log = get_logger(__name__)
 
 FIRST_RETRY = timedelta(seconds=2)
 LONGEST_RETRY = timedelta(minutes=5)
 WORKERS = 2
+ROUTE_WAIT = 5.0
+"""How long a route keeps its Storage Commitment association open for the report on it; one
+that comes later comes on a new association, which the listener takes whenever it arrives."""
 """Route workers; each holds at most one association, to one peer, for one study."""
 
 
@@ -139,8 +145,10 @@ def backoff(attempts: int) -> timedelta:
 class Router:
     """Worker threads that send due route jobs."""
 
-    def __init__(self, settings: Settings, database: Database) -> None:
+    def __init__(self, settings: Settings, database: Database, commitments: StorageCommitment | None = None) -> None:
+        """`commitments`: what routes with `verify = "commitment"` ask through."""
         self._settings = settings
+        self._commitments = commitments
         self._jobs = RouteJobs(database, settings.node_name, timedelta(seconds=parse_duration(settings.node.lease)))
         self._index = InstanceIndex(database)
         self._wake = threading.Event()
@@ -219,8 +227,10 @@ class Router:
                     later(job, str(exc), getattr(exc, "permanent", False))
         metrics.ROUTE_SEND_SECONDS.labels(peer.name).observe(time.perf_counter() - started)
         self._jobs.settle(done, retry, failed)
-        if done and route.verify:
+        if done and route.verification == "find":
             self._verify(peer, jobs[0].study_instance_uid)
+        elif done and route.verification == "commitment":
+            self._commit(peer, [(job, stored[job.sop_instance_uid].sop_class_uid) for job in jobs if job.id in done])
         errors = [why for _, why in retry.values()] + list(failed.values())
         (log.warning if errors else log.info)(
             "routed",
@@ -231,6 +241,17 @@ class Router:
             failed=len(failed),
             error=errors[0] if errors else None,
         )
+
+    def _commit(self, peer: scu.Peer, sent: list[tuple[RouteRecord, str]]) -> None:
+        """What this send delivered, asked of the peer for Storage Commitment; its report marks
+        the jobs verified, or failed with the reason, whenever and wherever it arrives."""
+        if self._commitments is None:
+            return
+        instances = [(sop_class, job.sop_instance_uid, job.id) for job, sop_class in sent]
+        transaction = self._commitments.request(peer, sent[0][0].study_instance_uid, instances, ROUTE_WAIT)
+        if transaction.state == "refused":
+            why = f"sent; storage commitment not asked: {transaction.last_error}"
+            self._jobs.note([job.id for job, _ in sent], why)
 
     def _verify(self, peer: scu.Peer, study_instance_uid: str) -> None:
         """Once nothing of the study is left to send: the peer's own count, by C-FIND."""

@@ -48,6 +48,7 @@ class Status(IntEnum):
     NOT_AUTHORIZED = 0x0124
     SOP_CLASS_NOT_SUPPORTED = 0x0122
     NO_SUCH_SOP_CLASS = 0x0118
+    NO_SUCH_SOP_INSTANCE = 0x0112
     UNRECOGNIZED_OPERATION = 0x0211
     PROCESSING_FAILURE = 0x0110
 
@@ -61,6 +62,8 @@ class Response:
     comment: str = ""
     identifier: bytes | None = None
     fields: dict[str, Any] = field(default_factory=dict)
+    then: Callable[[], None] | None = None
+    """Run on the reactor once this final response is written (a report that follows it)."""
 
 
 @dataclass
@@ -112,6 +115,10 @@ class Request:
     """Send a request of our own on this association (C-GET's C-STOREs) and wait for its
     response: (context ID, message ID, command set, dataset source) → the response, None if
     none came."""
+    notify: Callable[[dict[str, Any], bytes, Callable[[Message | None], None]], None] | None = None
+    """From the reactor: send a request of ours on this request's context (a Storage Commitment
+    report) without waiting: (command fields, dataset, told the response on a worker thread,
+    None when none came or the association is no longer open for requests)."""
 
     @property
     def command(self) -> dict[str, Any]:
@@ -150,5 +157,6 @@ PERMISSIONS = {
     "C-MOVE": "allow_move",
     "C-GET": "allow_get",
     "MPPS": "allow_mpps",
+    "STORAGE-COMMITMENT": "allow_storage_commitment",
 }
 """What each service needs of a `[[peers]]` entry, as Orthanc's AllowEcho/Store/Find/FindWorklist/Move/Get."""

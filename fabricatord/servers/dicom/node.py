@@ -45,6 +45,7 @@ from fabricatord.config import PeerSettings, Settings
 from fabricatord.config.values import parse_duration, parse_size
 from fabricatord.db import Database
 from fabricatord.db.audit import AuditRecord
+from fabricatord.dicom import commitment as commitment_codes
 from fabricatord.dicom.storage import InstanceWriter
 from fabricatord.dicom.ul import pdu
 from fabricatord.dicom.ul.dimse import (
@@ -62,11 +63,12 @@ from fabricatord.dicom.walk import Malformed, WalkLimits, walk
 from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger, in_context
 from fabricatord.servers import worker_pool
-from fabricatord.servers.dicom import echo, find, mpps, retrieve, store
+from fabricatord.servers.dicom import commitment, echo, find, mpps, retrieve, store
 from fabricatord.servers.dicom.context import MAX_ERROR_COMMENT, Request, Response, Served, Status
 from fabricatord.servers.listen import Listening, WorkerCounts
 from fabricatord.servers.tls import ServerTls
 from fabricatord.workflow.audit import AuditTrail
+from fabricatord.workflow.commitment import StorageCommitment
 from fabricatord.workflow.fhir import Exports
 from fabricatord.workflow.mpps import PerformedProcedureSteps
 from fabricatord.workflow.proxy import Proxies
@@ -111,12 +113,19 @@ _MPPS = {
         CommandField.N_SET_RQ: mpps.serve_set,
     }
 }
+_COMMITMENT = {
+    commitment_codes.SOP_CLASS: {
+        CommandField.N_ACTION_RQ: commitment.serve_action,
+        CommandField.N_EVENT_REPORT_RQ: commitment.serve_report,
+    }
+}
 STORAGE_CLASSES = frozenset(str(c.abstract_syntax) for c in AllStoragePresentationContexts)
 SERVICES: dict[str, dict[CommandField, Service_]] = {
     **_VERIFICATION,
     **_QUERIES,
     **_RETRIEVES,
     **_MPPS,
+    **_COMMITMENT,
     **{sop_class: {CommandField.C_STORE_RQ: store.serve} for sop_class in STORAGE_CLASSES},
 }
 """Every service, by the abstract syntax of its context and the request's Command Field."""
@@ -143,7 +152,7 @@ went through two thread hand-offs for a status."""
 
 TIMED = frozenset({"C-STORE", "C-FIND", "MWL", "C-MOVE", "C-GET"})
 """The services `fabricatord_dimse_seconds` times, from the request's turn to its final response."""
-COUNTED_AS = {"N-CREATE": "MPPS", "N-SET": "MPPS"}
+COUNTED_AS = {"N-CREATE": "MPPS", "N-SET": "MPPS", "N-ACTION": "COMMITMENT", "N-EVENT-REPORT": "COMMITMENT-REPORT"}
 """The `service` label of `fabricatord_dimse_operations_total` where it is not the operation's."""
 WARNINGS = frozenset({0x0001, 0x0107, 0x0116})
 """Warning statuses outside 0xB000-0xBFFF (PS3.7 C): the operation was done."""
@@ -181,14 +190,16 @@ def policy(settings: Settings) -> Policy:
     contexts: dict[str, tuple[str, ...]] = {str(Verification): tuple(DEFAULT_TRANSFER_SYNTAXES)}
     contexts.update(dict.fromkeys(_QUERIES, QUERY_SYNTAXES))
     contexts[str(ModalityPerformedProcedureStep)] = QUERY_SYNTAXES
+    contexts[commitment_codes.SOP_CLASS] = QUERY_SYNTAXES
     contexts.update({model: tuple(DEFAULT_TRANSFER_SYNTAXES) for model in _RETRIEVES})
     contexts.update({sop_class: tuple(ALL_TRANSFER_SYNTAXES) for sop_class in STORAGE_CLASSES})
     return Policy(
         ae_title=settings.node.ae_title,
         contexts=contexts,
         # A C-GET requestor may take the Storage SCP role (PS3.7 D.3.3.4); without that role
-        # selection its C-GET gets no sub-operations.
-        role_classes=STORAGE_CLASSES,
+        # selection its C-GET gets no sub-operations. A Storage Commitment SCP reporting on an
+        # association of its own takes the SCP role of the Push Model (PS3.4 J.3.3.1.3).
+        role_classes=STORAGE_CLASSES | {commitment_codes.SOP_CLASS},
         max_length=settings.dicom.max_pdu,
         implementation_class_uid=IMPLEMENTATION_CLASS_UID,
         implementation_version_name=IMPLEMENTATION_VERSION_NAME,
@@ -208,6 +219,8 @@ class Parts:
     peers: dict[str, PeerSettings] = field(default_factory=dict)
     proxies: Proxies | None = None
     """The anonymizing proxies whose AE titles we answer to."""
+    commitments: StorageCommitment | None = None
+    """Storage Commitment, both roles."""
 
     def peer_by_ae(self, ae_title: str) -> PeerSettings | None:
         return self.peers.get(ae_title)
@@ -232,6 +245,7 @@ class DicomNode(Service):
         proxies: Proxies | None = None,
         exports: Exports | None = None,
         tls: ServerTls | None = None,
+        commitments: StorageCommitment | None = None,
     ) -> None:
         """`on_due`: an `on_query` acquisition became due because a modality fetched its item.
         A worker process listens on the sockets `inherited` from its parent and counts its
@@ -250,6 +264,7 @@ class DicomNode(Service):
             Fetches(database, on_due),
             WalkLimits(inflated=parse_size(settings.dicom.max_dataset_size)),
             proxies=proxies,
+            commitments=commitments,
         )
         self.reload(settings)
         self.sessions: set[Session] = set()
@@ -507,6 +522,7 @@ class Session:
             pending=lambda response: self._pending(message, response),
             cancelled=self.stop,
             sub_request=self._sub_request,
+            notify=lambda fields, dataset, answered: self._notify(message.context_id, fields, dataset, answered),
         )
         if service in ON_THE_REACTOR:
             self._run(service, request)
@@ -587,9 +603,15 @@ class Session:
             self.in_flight.release()
 
     def _final(self, message: Message, response: Response) -> None:
-        """The last response of an operation: sent, audited, and the next request read."""
+        """The last response of an operation: sent, audited, what follows it started, and the
+        next request read."""
         try:
             self._finish(message, response)
+            if response.then is not None:
+                try:
+                    response.then()
+                except Exception as exc:  # what follows failed: the association goes on
+                    log.exception("after the response", error=str(exc))
         finally:
             self.current = None
             self.association.done()
@@ -630,6 +652,22 @@ class Session:
             fields["AffectedSOPInstanceUID"] = command.get("AffectedSOPInstanceUID")
         fields.update(response.fields)
         self.association.send(message.context_id, encode_command(fields), response.identifier)
+
+    def _notify(
+        self, context_id: int, fields: dict[str, Any], dataset: bytes, answered: Callable[[Message | None], None]
+    ) -> None:
+        """On the reactor: a request of ours, not waited for; `answered` gets its response on a
+        worker, or None at once when the association is not open for it (released, asked to
+        release, or gone)."""
+        pool = self.node.pool
+        if self.association.state is not State.ESTABLISHED:
+            pool.callInThread(answered, None)
+            return
+        message_id = self.served.next_message_id()
+        timeout = parse_duration(self.node.settings.dicom.dimse_timeout)
+        waiting = self.association.expect_response(message_id, timeout)
+        self.association.send(context_id, encode_command({**fields, "MessageID": message_id}), dataset)
+        waiting.addCallback(lambda answer: pool.callInThread(answered, answer))
 
     def _sub_request(self, context_id: int, message_id: int, command: bytes, source: Any) -> Message | None:
         """From a worker: send a request of ours on this association and wait for its answer."""
