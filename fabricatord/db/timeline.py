@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, case, func, select
 
 from fabricatord.db.engine import Database
 from fabricatord.db.models import (
     Acquisition,
+    Commitment,
+    CommitmentItem,
     Hl7Message,
     Hl7MessageOrder,
     Instance,
@@ -113,6 +115,35 @@ def timeline(database: Database, accession_number: str) -> Timeline | None:
             events.append(Event(_utc(first), f"{count} route job(s) to {peer} queued"))
             events.append(Event(_utc(last), f"{count} route job(s) to {peer} {state} (at most {attempts} attempt(s))"))
             if verified is not None:
-                events.append(Event(_utc(verified), f"{count} instance(s) verified at {peer} by C-FIND"))
+                events.append(Event(_utc(verified), f"{count} instance(s) verified at {peer}"))
+        events += _commitments(connection, studies)
     events.sort(key=lambda event: event.at)
     return Timeline(accession_number, studies, events)
+
+
+def _commitments(connection: Connection, studies: list[str]) -> list[Event]:
+    """Storage Commitment of the studies' instances: asked of peers by us, and of us by peers."""
+    events: list[Event] = []
+    committed = func.sum(case((CommitmentItem.failure_reason == 0, 1), else_=0))
+    for row in connection.execute(
+        select(Commitment.direction, Commitment.peer_ae, Commitment.state, Commitment.created_at,
+               Commitment.updated_at, Commitment.reported_at, Commitment.last_error, func.count(CommitmentItem.id),
+               committed)
+        .join(CommitmentItem, CommitmentItem.commitment_pk == Commitment.id)
+        .where(CommitmentItem.study_instance_uid.in_(studies))
+        .group_by(Commitment.id)  # the columns above depend on the primary key (PostgreSQL allows it)
+    ):  # fmt: skip
+        direction, peer_ae, state, created, updated, reported, error, count, held = row
+        if direction == "out":
+            events.append(Event(_utc(created), f"storage commitment of {count} instance(s) asked of {peer_ae}"))
+            if reported is not None:
+                events.append(Event(_utc(reported), f"{peer_ae} committed {held} of {count} instance(s)"))
+            elif state == "refused":
+                events.append(Event(_utc(updated), f"{peer_ae} refused the storage commitment request: {error}"))
+        else:
+            events.append(Event(_utc(created), f"{peer_ae} asked us to commit {count} instance(s); {held} held"))
+            if reported is not None:
+                events.append(Event(_utc(reported), f"storage commitment reported to {peer_ae}"))
+            elif state == "failed":
+                events.append(Event(_utc(updated), f"storage commitment report to {peer_ae} failed: {error}"))
+    return events

@@ -83,7 +83,7 @@ class Modality:
         report came on it (or `wait` passed)."""
         ae = AE(ae_title=self.ae_title)
         ae.add_requested_context(StorageCommitmentPushModel)
-        handlers = [(evt.EVT_N_EVENT_REPORT, self._take)] if on_association else []
+        handlers: list[Any] = [(evt.EVT_N_EVENT_REPORT, self._take)] if on_association else []
         assoc = ae.associate("127.0.0.1", daemon.port, ae_title="FABRICATORD", evt_handlers=handlers)
         assert assoc.is_established
         try:
