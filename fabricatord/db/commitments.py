@@ -2,24 +2,29 @@
 another node forgets one.
 
 A request a peer made of us (`in`) is kept with what we found of each instance before the
-N-ACTION is answered; the report it is owed is then a job like a route job: `pending`, claimed
-as `sending` under a node's lease, `done` once the peer answered the N-EVENT-REPORT, `failed`
-when the attempts ran out. A request we made (`out`) waits as `requested` for the peer's report,
+N-ACTION is answered; the report it is owed is then a job like a route job: `pending` (first
+for the requesting association to take, a while, then for the sender thread), claimed as
+`sending` under a node's lease, `done` once the peer answered the N-EVENT-REPORT, `failed` when
+the attempts ran out or nobody can be told. A request we made (`out`) waits as `requested` for the peer's report,
 which may come on any node's listener, matched by Transaction UID.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Connection, and_, delete, func, insert, select, update
+from sqlalchemy import Connection, and_, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from fabricatord.db.engine import Database
-from fabricatord.db.jobs import LEASE, _claimable, _recover_sending, _settle, _take
-from fabricatord.db.models import Commitment, CommitmentItem, Instance, RouteJob, Series, Study
+from fabricatord.db.jobs import LEASE, RouteJobs, claimable, recover_claimed, settle_claimed, take
+from fabricatord.db.models import Commitment, CommitmentItem, Instance, Series, Study
 
+NO_SUCH_OBJECT_INSTANCE = 0x0112
+"""The Failure Reason of an instance not held (PS3.4 J.3.3.1.1)."""
 CHUNK = 500
 """UIDs per IN (...) list: a request may name thousands of instances."""
 
@@ -116,42 +121,95 @@ class Commitments:
                 found.update({row[0]: Held(row[1], row[2], row[3]) for row in rows})
         return found
 
-    def received(self, transaction_uid: str, calling_ae: str, peer: str, items: Sequence[Item], claim: bool) -> int:
+    def received(
+        self, transaction_uid: str, calling_ae: str, peer: str, items: Sequence[Item], report_after: float
+    ) -> list[Item]:
         """A peer's request, with each instance's outcome, kept before the N-ACTION is answered;
-        its id. `claim`: this node reports it now on the requesting association (the row is
-        `sending` under our lease, so that no other sender takes it meanwhile). A Transaction UID
-        asked again is asked anew: its items replaced, its report owed again."""
+        the outcomes as kept. An instance decided committed that is no longer indexed when the
+        transaction commits is kept as 0x0112 (a study deleted meanwhile). The report is due
+        `report_after` seconds from now: the time the requesting association has to take it
+        first (`reported_here`). A Transaction UID asked again is asked anew: its items
+        replaced, its report owed again."""
+        try:
+            return self._received(transaction_uid, calling_ae, peer, items, report_after)
+        except IntegrityError:  # the same Transaction UID kept by another process meanwhile
+            return self._received(transaction_uid, calling_ae, peer, items, report_after)
+
+    def _received(
+        self, transaction_uid: str, calling_ae: str, peer: str, items: Sequence[Item], report_after: float
+    ) -> list[Item]:
         now = datetime.now(UTC)
         with self._db.writer.begin() as connection:
+            promised = [item.sop_instance_uid for item in items if item.failure_reason == 0]
+            still: set[str] = set()
+            for chunk in _chunks(promised):
+                still.update(
+                    connection.execute(
+                        select(Instance.sop_instance_uid)
+                        .where(Instance.sop_instance_uid.in_(chunk))
+                        .with_for_update(read=True)  # a deletion waits for the promise
+                    ).scalars()
+                )
+            kept = [
+                replace(item, failure_reason=NO_SUCH_OBJECT_INSTANCE)
+                if item.failure_reason == 0 and item.sop_instance_uid not in still
+                else item
+                for item in items
+            ]
             known = connection.execute(
-                select(Commitment.id).where(Commitment.direction == "in", Commitment.transaction_uid == transaction_uid)
+                select(Commitment.id)
+                .where(Commitment.direction == "in", Commitment.transaction_uid == transaction_uid)
+                .with_for_update()
             ).scalar()
             values = {
                 "peer_ae": calling_ae,
                 "peer": peer,
-                "state": "sending" if claim else "pending",
-                "attempts": 1 if claim else 0,
-                "next_attempt_at": now,
+                "state": "pending",
+                "attempts": 0,
+                "next_attempt_at": now + timedelta(seconds=report_after),
                 "last_error": "",
-                "leased_by": self._node if claim else "",
-                "lease_until": now + self._lease if claim else None,
+                "leased_by": "",
+                "lease_until": None,
                 "reported_at": None,
+                "created_at": now,
                 "updated_at": now,
             }
             if known is None:
                 pk = int(
                     connection.execute(
                         insert(Commitment)
-                        .values(transaction_uid=transaction_uid, direction="in", created_at=now, **values)
+                        .values(transaction_uid=transaction_uid, direction="in", **values)
                         .returning(Commitment.id)
                     ).scalar_one()
                 )
             else:
                 pk = int(known)
-                connection.execute(update(Commitment).where(Commitment.id == pk).values(created_at=now, **values))
+                connection.execute(update(Commitment).where(Commitment.id == pk).values(**values))
                 connection.execute(delete(CommitmentItem).where(CommitmentItem.commitment_pk == pk))
-            _add_items(connection, pk, items)
-        return pk
+            _add_items(connection, pk, kept)
+        return kept
+
+    def reported_here(self, transaction_uid: str, error: str, nobody: bool) -> None:
+        """After the attempt on the requesting association, unless the sender thread took the
+        report meanwhile: done when the peer answered it; else due now for the sender thread,
+        or, `nobody` to send it to, failed with `error`."""
+        now = datetime.now(UTC)
+        if not error:
+            values: dict[str, object] = {"state": "done", "reported_at": now}
+        elif nobody:
+            values = {"state": "failed", "last_error": error[:512]}
+        else:
+            values = {"next_attempt_at": now, "last_error": error[:512]}
+        with self._db.writer.begin() as connection:
+            connection.execute(
+                update(Commitment)
+                .where(
+                    Commitment.direction == "in",
+                    Commitment.transaction_uid == transaction_uid,
+                    Commitment.state == "pending",
+                )
+                .values(updated_at=now, **values)
+            )
 
     def requested(self, transaction_uid: str, peer_ae: str, peer: str, study_instance_uid: str,
                   items: Sequence[Item]) -> int:  # fmt: skip
@@ -225,26 +283,13 @@ class Commitments:
                 connection.execute(
                     update(CommitmentItem).where(CommitmentItem.id.in_(pks)).values(failure_reason=reason)
                 )
-            failed = any(outcome.keys() - {0})
+            failed = bool(outcome.keys() - {0})
             connection.execute(
                 update(Commitment)
                 .where(Commitment.id == pk)
                 .values(state="failed" if failed else "committed", reported_at=now, updated_at=now)
             )
-            if verified:
-                connection.execute(
-                    update(RouteJob).where(RouteJob.id.in_(verified), RouteJob.state == "done").values(verified_at=now)
-                )
-            for route_job_pk, reason in not_committed.items():
-                connection.execute(
-                    update(RouteJob)
-                    .where(RouteJob.id == route_job_pk, RouteJob.state == "done")
-                    .values(
-                        state="failed",
-                        last_error=f"sent, but the peer did not commit it: failure reason 0x{reason:04X}",
-                        updated_at=now,
-                    )
-                )
+            RouteJobs.committed(connection, verified, not_committed)
         return self.transaction(transaction_uid, "out")
 
     def transaction(self, transaction_uid: str, direction: str) -> Transaction | None:
@@ -254,12 +299,7 @@ class Commitments:
                     Commitment.direction == direction, Commitment.transaction_uid == transaction_uid
                 )
             ).first()
-            if row is None:
-                return None
-            items = connection.execute(
-                select(*_ITEM_COLUMNS).where(CommitmentItem.commitment_pk == row.id).order_by(CommitmentItem.id)
-            ).all()
-        return Transaction(*row, items=[Item(*item) for item in items])
+            return None if row is None else _transaction(connection, row)
 
     def state(self, pk: int) -> str:
         """A transaction's state now (polled while a report is awaited)."""
@@ -269,15 +309,16 @@ class Commitments:
     # -- the reports we owe ----------------------------------------------------------------------
 
     def claim(self) -> Transaction | None:
-        """The next report due (or one whose sender's lease ran out), `sending` under our lease."""
+        """The next report due (or one whose sender's lease ran out), `sending` under our lease;
+        as it was read before the claim (its attempts not counting this one)."""
         now = datetime.now(UTC)
-        due = and_(Commitment.direction == "in", _claimable(Commitment, Commitment.next_attempt_at, "sending", now))
+        due = and_(Commitment.direction == "in", claimable(Commitment, Commitment.next_attempt_at, "sending", now))
         with self._db.engine.connect() as connection:
             if connection.execute(select(Commitment.id).where(due).limit(1)).first() is None:
                 return None
         with self._db.writer.begin() as connection:
             row = connection.execute(
-                select(Commitment.id, Commitment.transaction_uid)
+                select(*_COLUMNS)
                 .where(due)
                 .order_by(Commitment.next_attempt_at, Commitment.id)
                 .limit(1)
@@ -285,13 +326,14 @@ class Commitments:
             ).first()
             if row is None:
                 return None
-            _take(connection, Commitment, [row.id], "sending", self._node, now, self._lease)
-        return self.transaction(row.transaction_uid, "in")
+            claimed = _transaction(connection, row)
+            take(connection, Commitment, [row.id], "sending", self._node, now, self._lease)
+        return claimed
 
     def settle(self, done: Iterable[int], retry: dict[int, tuple[datetime, str]], failed: dict[int, str]) -> None:
         """After a report was sent, or could not be: only rows still this node's."""
         finished = list(done)
-        _settle(self._db, Commitment, self._node, finished, retry, failed)
+        settle_claimed(self._db, Commitment, self._node, finished, retry, failed)
         if finished:
             with self._db.writer.begin() as connection:
                 connection.execute(
@@ -302,18 +344,14 @@ class Commitments:
 
     def recover(self) -> int:
         """At start: reports this node was sending when it died are owed again."""
-        return _recover_sending(self._db, Commitment, self._node)
+        return recover_claimed(self._db, Commitment, self._node)
 
-    def owed(self) -> int:
-        """Reports not yet answered (pending or being sent), for the metrics."""
-        with self._db.engine.connect() as connection:
-            return int(
-                connection.execute(
-                    select(func.count(Commitment.id)).where(
-                        Commitment.direction == "in", Commitment.state.in_(("pending", "sending"))
-                    )
-                ).scalar_one()
-            )
+
+def _transaction(connection: Connection, row: Any) -> Transaction:
+    items = connection.execute(
+        select(*_ITEM_COLUMNS).where(CommitmentItem.commitment_pk == row.id).order_by(CommitmentItem.id)
+    ).all()
+    return Transaction(**row._mapping, items=[Item(*item) for item in items])
 
 
 def _add_items(connection: Connection, pk: int, items: Sequence[Item]) -> None:

@@ -111,7 +111,7 @@ class Acquisitions:
         self._lease = lease
 
     def _claimable(self, now: datetime) -> ColumnElement[bool]:
-        return _claimable(Acquisition, Acquisition.due_at, "running", now)
+        return claimable(Acquisition, Acquisition.due_at, "running", now)
 
     @staticmethod
     def schedule_order(connection: Connection, order_pk: int, settings: Settings) -> int:
@@ -175,7 +175,7 @@ class Acquisitions:
                 .with_for_update(skip_locked=True)
             ).all()
             if rows:
-                _take(connection, Acquisition, [row.id for row in rows], "running", self._node, now, self._lease)
+                take(connection, Acquisition, [row.id for row in rows], "running", self._node, now, self._lease)
             return [AcquisitionRecord(*row) for row in rows]
 
     def finish(
@@ -292,7 +292,7 @@ class RouteJobs:
         return len(rows)
 
     def _claimable(self, now: datetime) -> ColumnElement[bool]:
-        return _claimable(RouteJob, RouteJob.next_attempt_at, "sending", now)
+        return claimable(RouteJob, RouteJob.next_attempt_at, "sending", now)
 
     def claim(self, limit: int = 500) -> list[RouteRecord]:
         """Due jobs of one peer and one study (one association sends them), and sending ones
@@ -321,13 +321,13 @@ class RouteJobs:
                 .limit(limit)
                 .with_for_update(skip_locked=True)
             ).all()
-            _take(connection, RouteJob, [row.id for row in rows], "sending", self._node, now, self._lease)
+            take(connection, RouteJob, [row.id for row in rows], "sending", self._node, now, self._lease)
             return [RouteRecord(*row) for row in rows]
 
     def settle(self, done: Iterable[int], retry: dict[int, tuple[datetime, str]], failed: dict[int, str]) -> None:
         """After a send: `done` ids, ids to retry at a time (with why), ids given up (with why).
         A job whose lease this node lost meanwhile is left to the node that took it."""
-        _settle(self._db, RouteJob, self._node, done, retry, failed)
+        settle_claimed(self._db, RouteJob, self._node, done, retry, failed)
 
     def delivered(self, peer: str, study_instance_uid: str) -> int | None:
         """How many of the study's jobs to `peer` are done; None while any is still open."""
@@ -356,6 +356,27 @@ class RouteJobs:
                 .values(verified_at=now)
             )
 
+    @staticmethod
+    def committed(connection: Connection, verified: Iterable[int], not_committed: dict[int, int]) -> None:
+        """A Storage Commitment report on sent jobs, in the caller's transaction: those committed
+        verified; the others failed with their Failure Reason, for `jobs retry` to send again."""
+        now = datetime.now(UTC)
+        confirmed = list(verified)
+        if confirmed:
+            connection.execute(
+                update(RouteJob).where(RouteJob.id.in_(confirmed), RouteJob.state == "done").values(verified_at=now)
+            )
+        for pk, reason in not_committed.items():
+            connection.execute(
+                update(RouteJob)
+                .where(RouteJob.id == pk, RouteJob.state == "done")
+                .values(
+                    state="failed",
+                    last_error=f"sent, but the peer did not commit it: failure reason 0x{reason:04X}",
+                    updated_at=now,
+                )
+            )
+
     def note(self, pks: Iterable[int], why: str) -> None:
         """Why done jobs were not confirmed (their state stays)."""
         with self._db.writer.begin() as connection:
@@ -368,7 +389,7 @@ class RouteJobs:
     def recover(self) -> int:
         """At start: what this node was sending when it died is sent again (C-STORE is
         at-least-once); rows from before leases had names count as this node's."""
-        return _recover_sending(self._db, RouteJob, self._node)
+        return recover_claimed(self._db, RouteJob, self._node)
 
     def listing(self, states: Iterable[str] = (), study_instance_uid: str = "", limit: int = 50) -> list[RouteRecord]:
         statement = select(*_ROUTE_COLUMNS).order_by(RouteJob.id.desc()).limit(limit)
@@ -490,7 +511,7 @@ class FhirJobs:
         return len(rows)
 
     def _claimable(self, now: datetime) -> ColumnElement[bool]:
-        return _claimable(FhirJob, FhirJob.next_attempt_at, "sending", now)
+        return claimable(FhirJob, FhirJob.next_attempt_at, "sending", now)
 
     def claim(self) -> list[FhirRecord]:
         """The due jobs of one study and destination (several when arrivals came during a
@@ -532,16 +553,16 @@ class FhirJobs:
             ).all()
             if not rows:
                 return []
-            _take(connection, FhirJob, [row.id for row in rows], "sending", self._node, now, self._lease)
+            take(connection, FhirJob, [row.id for row in rows], "sending", self._node, now, self._lease)
             return [FhirRecord(*row) for row in rows]
 
     def settle(self, done: Iterable[int], retry: dict[int, tuple[datetime, str]], failed: dict[int, str]) -> None:
-        _settle(self._db, FhirJob, self._node, done, retry, failed)
+        settle_claimed(self._db, FhirJob, self._node, done, retry, failed)
 
     def recover(self) -> int:
         """At start: what this node was sending when it died is sent again (the conditional
         requests make a resend harmless)."""
-        return _recover_sending(self._db, FhirJob, self._node)
+        return recover_claimed(self._db, FhirJob, self._node)
 
     def listing(self, states: Iterable[str] = (), study_instance_uid: str = "", limit: int = 50) -> list[FhirRecord]:
         statement = select(*_FHIR_COLUMNS).order_by(FhirJob.id.desc()).limit(limit)
@@ -569,7 +590,7 @@ class FhirJobs:
         return _cancel_pending(self._db, FhirJob, pks)
 
 
-def _take(
+def take(
     connection: Connection, job: Any, ids: list[int], claimed: str, node: str, now: datetime, lease: timedelta
 ) -> None:
     """Claimed jobs of any kind (`job` its model) moved to `claimed` under `node`'s lease, one attempt more."""
@@ -580,7 +601,7 @@ def _take(
     )
 
 
-def _settle(
+def settle_claimed(
     database: Database,
     job: Any,
     node: str,
@@ -613,7 +634,7 @@ def _settle(
             )
 
 
-def _recover_sending(database: Database, job: Any, node: str) -> int:
+def recover_claimed(database: Database, job: Any, node: str) -> int:
     with database.writer.begin() as connection:
         result = connection.execute(
             update(job)
@@ -638,7 +659,7 @@ def _cancel_pending(database: Database, job: Any, pks: Iterable[int]) -> list[in
     return sorted(touched)
 
 
-def _claimable(job: Any, due: Any, claimed: str, now: datetime) -> ColumnElement[bool]:
+def claimable(job: Any, due: Any, claimed: str, now: datetime) -> ColumnElement[bool]:
     """Either kind of job a node may claim now: pending and due, or claimed (`claimed` state)
     by a node whose lease ran out."""
     return or_(and_(job.state == "pending", due <= now), and_(job.state == claimed, job.lease_until < now))

@@ -24,7 +24,7 @@ REQUEST_COMMITMENT = 1
 ALL_COMMITTED, SOME_FAILED = 1, 2
 """Event Type IDs of the report: every instance committed, or some not."""
 
-# PS3.4 J.3.3.1.1.3? no: Table J.3-2, the Failure Reasons (0008,1197) of the Failed SOP Sequence.
+# PS3.4 J.3.3.1.1: the Failure Reasons (0008,1197) of the Failed SOP Sequence.
 PROCESSING_FAILURE = 0x0110
 NO_SUCH_OBJECT_INSTANCE = 0x0112
 RESOURCE_LIMITATION = 0x0213
@@ -40,9 +40,10 @@ FAILURE_REASONS = {
     DUPLICATE_TRANSACTION: "duplicate transaction UID",
 }
 
-# PS3.7 C.4 statuses of the N-ACTION and N-EVENT-REPORT answers used here.
+# Statuses of the N-ACTION and N-EVENT-REPORT answers used here (PS3.7 10.1.4.1.10, 10.1.1.1.8):
+# Action or Event Information missing an attribute, or with one that is not right, is an
+# invalid argument value, the attribute named in the Error Comment.
 INVALID_ARGUMENT_VALUE = 0x0115
-MISSING_ATTRIBUTE = 0x0120
 NO_SUCH_ACTION = 0x0123
 NO_SUCH_EVENT_TYPE = 0x0113
 
@@ -100,7 +101,7 @@ def read_request(dataset: Dataset) -> Request:
     """A requester's Action Information, checked; CommitmentError names what is wrong."""
     transaction_uid = _uid(dataset, "TransactionUID", "Transaction UID (0008,1195)")
     if "ReferencedSOPSequence" not in dataset:
-        raise CommitmentError(MISSING_ATTRIBUTE, "Referenced SOP Sequence (0008,1199) is missing")
+        raise CommitmentError(INVALID_ARGUMENT_VALUE, "Referenced SOP Sequence (0008,1199) is missing")
     references = [
         _reference(item, f"Referenced SOP Sequence item {number}")
         for number, item in enumerate(dataset.ReferencedSOPSequence, 1)
@@ -142,7 +143,7 @@ def read_report(event_type: int, dataset: Dataset) -> Report:
         where = f"Failed SOP Sequence item {number}"
         reason = item.get("FailureReason")
         if reason is None or reason == "":
-            raise CommitmentError(MISSING_ATTRIBUTE, f"{where}: Failure Reason (0008,1197) is missing")
+            raise CommitmentError(INVALID_ARGUMENT_VALUE, f"{where}: Failure Reason (0008,1197) is missing")
         failed.append((_reference(item, where), int(reason)))
     return Report(transaction_uid, committed, failed)
 
@@ -183,7 +184,7 @@ def _reference(item: Dataset, where: str) -> Reference:
 def _uid(dataset: Dataset, keyword: str, name: str) -> str:
     value = dataset.get(keyword)
     if value is None or str(value).strip() == "":
-        raise CommitmentError(MISSING_ATTRIBUTE, f"{name} is missing")
+        raise CommitmentError(INVALID_ARGUMENT_VALUE, f"{name} is missing")
     text = str(value).strip()
     if not is_valid_uid(text):
         raise CommitmentError(INVALID_ARGUMENT_VALUE, f"{name} is not a UID: {text[:64]!r}")

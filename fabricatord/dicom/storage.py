@@ -31,6 +31,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.valuerep import TEXT_VR_DELIMS
+from pynetdicom import AllStoragePresentationContexts
 
 from fabricatord.config.values import is_valid_uid, show_size
 from fabricatord.db import IndexEntry, InstanceIndex
@@ -44,6 +45,8 @@ from fabricatord.obs.faults import faultpoint
 Layout = Literal["study/series", "study", "patient", "patient/study/series", "date", "received-date", "flat"]
 Naming = Literal["sop-uid", "instance-number", "timestamp", "sequence"]
 Outcome = Literal["new", "identical", "kept", "overwritten"]
+STORAGE_CLASSES = frozenset(str(c.abstract_syntax) for c in AllStoragePresentationContexts)
+"""Every storage SOP Class we accept and can hold (pynetdicom's list)."""
 _IO_THREADS = 2
 _UID_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _MAX_SUFFIX = 100_000

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from pydicom.dataset import Dataset
-from pynetdicom import AllStoragePresentationContexts
 
 from fabricatord.config import PeerSettings, Settings
 from fabricatord.config.values import parse_duration
@@ -30,6 +29,7 @@ from fabricatord.db.audit import AuditLog, AuditRecord
 from fabricatord.db.commitments import Commitments, Item, Transaction
 from fabricatord.dicom import commitment, scu
 from fabricatord.dicom.commitment import CommitmentError, Reference, Report
+from fabricatord.dicom.storage import STORAGE_CLASSES
 from fabricatord.obs import metrics
 from fabricatord.obs.faults import faultpoint
 from fabricatord.obs.logging import get_logger
@@ -38,17 +38,18 @@ from fabricatord.workflow.routing import reschedule, send_claimed
 
 log = get_logger(__name__)
 
-STORAGE_CLASSES = frozenset(str(c.abstract_syntax) for c in AllStoragePresentationContexts)
 REPORT_ATTEMPTS = 10
 """Sends of a report on an association of ours before it is kept as failed (about 15 minutes)."""
 POLL = 0.5
+SAME_ASSOCIATION_MARGIN = 10.0
+"""Seconds past `[dicom] dimse_timeout` before a report the requesting association was to take
+falls due for the sender thread: by then that attempt has been answered or aborted."""
 
 
 @dataclass(frozen=True)
 class Owed:
     """A report we owe a peer for its request: what it says, and to whom."""
 
-    pk: int
     report: Report
     calling_ae: str
     peer: str
@@ -80,8 +81,6 @@ class StorageCommitment:
             request.references, {uid: h.sop_class_uid for uid, h in held.items()}, STORAGE_CLASSES
         )
         items: list[Item] = []
-        committed: list[Reference] = []
-        failed: list[tuple[Reference, int]] = []
         for reference, decided in outcomes:
             found = held.get(reference.sop_instance_uid)
             reason = decided
@@ -89,12 +88,13 @@ class StorageCommitment:
                 reason = commitment.PROCESSING_FAILURE  # indexed, yet its file is gone: nothing to promise
             study = found.study_instance_uid if found is not None else ""
             items.append(Item(reference.sop_class_uid, reference.sop_instance_uid, reason, study))
-            if reason:
-                failed.append((reference, reason))
-            else:
-                committed.append(reference)
         name = peer.name if peer is not None else ""
-        pk = self.transactions.received(request.transaction_uid, calling_ae, name, items, report_here)
+        dimse = parse_duration(self._settings.dicom.dimse_timeout) or 30.0
+        wait = dimse + SAME_ASSOCIATION_MARGIN if report_here else 0.0
+        kept = self.transactions.received(request.transaction_uid, calling_ae, name, items, wait)
+        committed = [Reference(i.sop_class_uid, i.sop_instance_uid) for i in kept if i.failure_reason == 0]
+        failed = [(Reference(i.sop_class_uid, i.sop_instance_uid), int(i.failure_reason or 0)) for i in kept
+                  if i.failure_reason]  # fmt: skip
         metrics.COMMITMENT_REQUESTS.labels("scp", name or "other", "accepted").inc()
         log.info(
             "storage commitment requested",
@@ -104,7 +104,7 @@ class StorageCommitment:
             committed=len(committed),
             failed=len(failed),
         )
-        return Owed(pk, Report(request.transaction_uid, committed, failed), calling_ae, name)
+        return Owed(Report(request.transaction_uid, committed, failed), calling_ae, name)
 
     def information(self, report: Report) -> Dataset:
         """The Event Information of a report of ours: we are where the instances are retrieved."""
@@ -114,16 +114,17 @@ class StorageCommitment:
         """After the attempt on the requesting association: done when the peer answered success;
         else the report is owed on a new association (due now), or, for a requester without a
         `[[peers]]` entry, failed: nobody knows where to send it."""
+        uid = owed.report.transaction_uid
         if not error:
-            self.transactions.settle([owed.pk], {}, {})
+            self.transactions.reported_here(uid, "", nobody=False)
             self._counted(owed, "same_association", "")
         elif owed.peer:
-            self.transactions.settle([], {owed.pk: (datetime.now(UTC), error)}, {})
-            log.info("storage commitment report owed on a new association", transaction_uid=owed.report.transaction_uid,
+            self.transactions.reported_here(uid, error, nobody=False)
+            log.info("storage commitment report owed on a new association", transaction_uid=uid,
                      calling_ae=owed.calling_ae, why=error)  # fmt: skip
         else:
             why = f"{error}; {owed.calling_ae} has no [[peers]] entry to report to on an association of ours"
-            self.transactions.settle([], {}, {owed.pk: why})
+            self.transactions.reported_here(uid, why, nobody=True)
             self._counted(owed, "failed", why)
 
     def send_owed(self, transaction: Transaction) -> None:
@@ -133,7 +134,7 @@ class StorageCommitment:
             [Reference(i.sop_class_uid, i.sop_instance_uid) for i in transaction.committed],
             [(Reference(i.sop_class_uid, i.sop_instance_uid), int(i.failure_reason or 0)) for i in transaction.failed],
         )
-        owed = Owed(transaction.id, report, transaction.peer_ae, transaction.peer)
+        owed = Owed(report, transaction.peer_ae, transaction.peer)
         settings = self._settings
         peer = settings.peer(transaction.peer) or next(
             (p for p in settings.peers if p.ae_title == transaction.peer_ae), None
@@ -208,8 +209,10 @@ class StorageCommitment:
             )
             metrics.COMMITMENT_REQUESTS.labels("scu", peer.name, "accepted").inc()
             log.info("storage commitment asked", peer=peer.name, transaction_uid=transaction_uid, instances=len(items))
-        except scu.ScuError as exc:
-            self.transactions.refused(pk, str(exc))
+        except Exception as exc:  # whatever it was, the request is settled, never left waiting for a report
+            if not isinstance(exc, (scu.ScuError, OSError)):
+                log.exception("storage commitment request failed", peer=peer.name, transaction_uid=transaction_uid)
+            self.transactions.refused(pk, str(exc) or type(exc).__name__)
             metrics.COMMITMENT_REQUESTS.labels("scu", peer.name, "refused").inc()
             log.warning("storage commitment not asked", peer=peer.name, transaction_uid=transaction_uid, error=str(exc))
         transaction = self.transactions.transaction(transaction_uid, "out")
@@ -224,6 +227,11 @@ class StorageCommitment:
         except CommitmentError as exc:
             log.warning("storage commitment report refused", calling_ae=calling_ae, reason=str(exc))
             return exc.status, str(exc)
+        asked = self.transactions.transaction(report.transaction_uid, "out")
+        if asked is not None and asked.peer_ae != calling_ae:
+            log.warning("storage commitment report from another AE than the one asked", calling_ae=calling_ae,
+                        asked=asked.peer_ae, transaction_uid=report.transaction_uid)  # fmt: skip
+            return commitment.PROCESSING_FAILURE, f"this transaction was asked of {asked.peer_ae}"
         failures = {reference.sop_instance_uid: reason for reference, reason in report.failed}
         transaction = self.transactions.reported(
             report.transaction_uid, failures, [r.sop_instance_uid for r in report.committed]

@@ -45,15 +45,15 @@ def _item(sop_class: str, sop_instance: str) -> Dataset:
 @pytest.mark.parametrize(
     ("dataset", "status", "named"),
     [
-        (_action(ReferencedSOPSequence=[_item(CT, "1.2.3")]), 0x0120, "Transaction UID (0008,1195) is missing"),
+        (_action(ReferencedSOPSequence=[_item(CT, "1.2.3")]), 0x0115, "Transaction UID (0008,1195) is missing"),
         (_action(TransactionUID="1.2.x", ReferencedSOPSequence=[_item(CT, "1.2.3")]), 0x0115, "not a UID"),
-        (_action(TransactionUID="1.2.3"), 0x0120, "Referenced SOP Sequence (0008,1199) is missing"),
+        (_action(TransactionUID="1.2.3"), 0x0115, "Referenced SOP Sequence (0008,1199) is missing"),
         (_action(TransactionUID="1.2.3", ReferencedSOPSequence=[]), 0x0115, "is empty"),
         (
             _action(
                 TransactionUID="1.2.3", ReferencedSOPSequence=[_item(CT, "1.2.3"), _action(ReferencedSOPClassUID=CT)]
             ),
-            0x0120,
+            0x0115,
             "item 2: Referenced SOP Instance UID (0008,1155) is missing",
         ),
     ],
@@ -150,14 +150,17 @@ def test_transactions_both_ways_are_kept_and_reports_land_on_the_route_jobs(
         settings.storage_dir / InstanceIndex(database).lookup([held[0].SOPInstanceUID])[held[0].SOPInstanceUID].path
     ).unlink()
     again = service.receive("MODALITY", None, information, report_here=False)
-    assert again.pk == owed.pk and again.report.failed[0][1] == 0x0110  # its file is gone now
+    assert again.report.failed[0][1] == 0x0110  # its file is gone now
     kept = service.transactions.transaction(transaction_uid, "in")
     assert kept is not None and [i.failure_reason for i in kept.items] == [0x0110, 0x0112]
 
     # The report owed is a job: claimed once, recovered after a crash, settled.
     claims = Commitments(database, "node-a")
     claimed = claims.claim()
-    assert claimed is not None and claimed.transaction_uid == transaction_uid and claimed.state == "sending"
+    assert claimed is not None and claimed.transaction_uid == transaction_uid
+    assert claimed.attempts == 0  # as read before this claim: `reschedule` counts this one
+    sending = claims.transaction(transaction_uid, "in")
+    assert sending is not None and sending.state == "sending"
     assert claims.claim() is None
     assert claims.recover() == 1
     claimed = claims.claim()
@@ -165,6 +168,13 @@ def test_transactions_both_ways_are_kept_and_reports_land_on_the_route_jobs(
     claims.settle([claimed.id], {}, {})
     done = claims.transaction(transaction_uid, "in")
     assert done is not None and done.state == "done" and done.reported_at is not None
+    # A report the requesting association is to take is not due for the sender thread meanwhile.
+    here = generate_uid()
+    owed = service.receive("MODALITY", None, commitment.action_information(here, [Reference(CT, "1.2.3.998")]), True)
+    assert claims.claim() is None
+    service.reported_here(owed, "")
+    answered = claims.transaction(here, "in")
+    assert answered is not None and answered.state == "done"
 
     # A request of ours from a route: the report marks its jobs.
     with database.writer.begin() as connection:

@@ -24,16 +24,18 @@ def serve_action(request: Request) -> Response:
     refused = (
         _refused_action(request)
         if service is not None
-        else Response(Status.SOP_CLASS_NOT_SUPPORTED, "Storage Commitment is not served here")
+        else Response(Status.NO_SUCH_SOP_CLASS, "Storage Commitment is not served here")
     )
-    if refused is not None or service is None:
-        assert refused is not None
+    if refused is not None:
         refused.fields.update(fields)
         return refused
+    assert service is not None
     fields["ActionTypeID"] = commitment.REQUEST_COMMITMENT
     served = request.served
+    send = request.notify
     try:
-        owed = service.receive(served.calling_ae, served.peer, identifier(request), report_here=True)
+        owed = service.receive(served.calling_ae, served.peer, identifier(request), report_here=send is not None)
+        information = encode(service.information(owed.report), *request.encoding) or b""
     except CommitmentError as exc:
         log.warning("storage commitment refused", status=f"0x{exc.status:04X}", reason=str(exc))
         return Response(exc.status, str(exc), fields=fields)
@@ -42,8 +44,6 @@ def serve_action(request: Request) -> Response:
         return Response(Status.PROCESSING_FAILURE, "the request could not be kept", fields=fields)
     served.answers = len(owed.report.committed)
     served.detail = f"transaction {owed.report.transaction_uid} failed={len(owed.report.failed)}"
-    information = encode(service.information(owed.report), *request.encoding) or b""
-    send = request.notify
     if send is None:
         return Response(Status.SUCCESS, fields=fields)
 
@@ -73,21 +73,24 @@ def _refused_action(request: Request) -> Response | None:
     if request.command.get("RequestedSOPInstanceUID") != commitment.SOP_INSTANCE:
         return Response(Status.NO_SUCH_SOP_INSTANCE, f"the SOP Instance is {commitment.SOP_INSTANCE}")
     if not request.message.has_dataset:
-        return Response(commitment.MISSING_ATTRIBUTE, "no Action Information")
+        return Response(commitment.INVALID_ARGUMENT_VALUE, "no Action Information")
     return None
 
 
 def _answered(service: StorageCommitment, owed: Owed, answer: Message | None) -> None:
-    """On a worker: how the requester answered our report (None: it did not)."""
+    """On a worker: how the requester answered our report (None: it did not). If this fails,
+    the report falls due for the sender thread once the requesting association's time is up."""
     if answer is None:
-        service.reported_here(owed, "the requesting association ended before the report was answered")
-        return
-    status = int(answer.command.get("Status", 0xC000))
-    if status != Status.SUCCESS:
+        error = "the requesting association ended before the report was answered"
+    elif (status := int(answer.command.get("Status", 0xC000))) != Status.SUCCESS:
         comment = str(answer.command.get("ErrorComment") or "")
-        service.reported_here(owed, f"the report on the requesting association was answered 0x{status:04X} {comment}")
-        return
-    service.reported_here(owed)
+        error = f"the report on the requesting association was answered 0x{status:04X} {comment}".strip()
+    else:
+        error = ""
+    try:
+        service.reported_here(owed, error)
+    except Exception as exc:
+        log.error("storage commitment report not settled", transaction_uid=owed.report.transaction_uid, error=str(exc))
 
 
 def serve_report(request: Request) -> Response:
@@ -96,11 +99,11 @@ def serve_report(request: Request) -> Response:
     fields = {"AffectedSOPInstanceUID": request.command.get("AffectedSOPInstanceUID") or None}
     fields["EventTypeID"] = event_type
     if service is None:
-        return Response(Status.SOP_CLASS_NOT_SUPPORTED, "Storage Commitment is not served here", fields=fields)
+        return Response(Status.NO_SUCH_SOP_CLASS, "Storage Commitment is not served here", fields=fields)
     if request.command.get("AffectedSOPInstanceUID") != commitment.SOP_INSTANCE:
         return Response(Status.NO_SUCH_SOP_INSTANCE, f"the SOP Instance is {commitment.SOP_INSTANCE}", fields=fields)
     if not request.message.has_dataset:
-        return Response(commitment.MISSING_ATTRIBUTE, "no Event Information", fields=fields)
+        return Response(commitment.INVALID_ARGUMENT_VALUE, "no Event Information", fields=fields)
     try:
         status, comment = service.take_report(event_type, identifier(request), request.served.calling_ae, False)
     except (SQLAlchemyError, OSError) as exc:

@@ -21,7 +21,7 @@ from io import BytesIO
 from typing import Any
 
 from pydicom.uid import UID
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config
+from pynetdicom import ALL_TRANSFER_SYNTAXES, _config
 from pynetdicom._globals import DEFAULT_TRANSFER_SYNTAXES
 
 # Generated at import time by pynetdicom, so invisible to type checkers.
@@ -46,7 +46,7 @@ from fabricatord.config.values import parse_duration, parse_size
 from fabricatord.db import Database
 from fabricatord.db.audit import AuditRecord
 from fabricatord.dicom import commitment as commitment_codes
-from fabricatord.dicom.storage import InstanceWriter
+from fabricatord.dicom.storage import STORAGE_CLASSES, InstanceWriter
 from fabricatord.dicom.ul import pdu
 from fabricatord.dicom.ul.dimse import (
     NO_DATASET,
@@ -119,7 +119,6 @@ _COMMITMENT = {
         CommandField.N_EVENT_REPORT_RQ: commitment.serve_report,
     }
 }
-STORAGE_CLASSES = frozenset(str(c.abstract_syntax) for c in AllStoragePresentationContexts)
 SERVICES: dict[str, dict[CommandField, Service_]] = {
     **_VERIFICATION,
     **_QUERIES,
