@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from fabricatord.db.engine import Database
+from fabricatord.db.engine import Database, hold_keys
 from fabricatord.db.jobs import LEASE, RouteJobs, claimable, recover_claimed, settle_claimed, take
 from fabricatord.db.models import Commitment, CommitmentItem, Instance, Series, Study
 
@@ -140,14 +140,14 @@ class Commitments:
     ) -> list[Item]:
         now = datetime.now(UTC)
         with self._db.writer.begin() as connection:
-            promised = [item.sop_instance_uid for item in items if item.failure_reason == 0]
+            promised = [item for item in items if item.failure_reason == 0]
+            # A deletion of these studies (cleanup) waits for this promise, then sees it and spares them.
+            hold_keys(connection, [], shared=sorted({f"s{item.study_instance_uid}" for item in promised}))
             still: set[str] = set()
-            for chunk in _chunks(promised):
+            for chunk in _chunks([item.sop_instance_uid for item in promised]):
                 still.update(
                     connection.execute(
-                        select(Instance.sop_instance_uid)
-                        .where(Instance.sop_instance_uid.in_(chunk))
-                        .with_for_update(read=True)  # a deletion waits for the promise
+                        select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(chunk))
                     ).scalars()
                 )
             kept = [
@@ -256,13 +256,16 @@ class Commitments:
         now = datetime.now(UTC)
         committed_uids = set(committed)
         with self._db.writer.begin() as connection:
-            pk = connection.execute(
-                select(Commitment.id)
+            found = connection.execute(
+                select(Commitment.id, Commitment.state)
                 .where(Commitment.direction == "out", Commitment.transaction_uid == transaction_uid)
                 .with_for_update()
-            ).scalar()
-            if pk is None:
+            ).first()
+            if found is None:
                 return None
+            pk = found.id
+            if found.state not in ("requested", "refused"):  # reported before: kept as it was
+                return _transaction(connection, connection.execute(select(*_COLUMNS).where(Commitment.id == pk)).one())
             items = connection.execute(
                 select(CommitmentItem.id, CommitmentItem.sop_instance_uid, CommitmentItem.route_job_pk).where(
                     CommitmentItem.commitment_pk == pk

@@ -364,7 +364,9 @@ class RouteJobs:
         confirmed = list(verified)
         if confirmed:
             connection.execute(
-                update(RouteJob).where(RouteJob.id.in_(confirmed), RouteJob.state == "done").values(verified_at=now)
+                update(RouteJob)
+                .where(RouteJob.id.in_(confirmed), RouteJob.state == "done")
+                .values(verified_at=now, last_error="")
             )
         for pk, reason in not_committed.items():
             connection.execute(
@@ -378,11 +380,11 @@ class RouteJobs:
             )
 
     def note(self, pks: Iterable[int], why: str) -> None:
-        """Why done jobs were not confirmed (their state stays)."""
+        """Why done jobs are not confirmed (yet): their state stays; one confirmed meanwhile is left."""
         with self._db.writer.begin() as connection:
             connection.execute(
                 update(RouteJob)
-                .where(RouteJob.id.in_(list(pks)), RouteJob.state == "done")
+                .where(RouteJob.id.in_(list(pks)), RouteJob.state == "done", RouteJob.verified_at.is_(None))
                 .values(last_error=why[:512], updated_at=datetime.now(UTC))
             )
 

@@ -144,6 +144,8 @@ def read_report(event_type: int, dataset: Dataset) -> Report:
         reason = item.get("FailureReason")
         if reason is None or reason == "":
             raise CommitmentError(INVALID_ARGUMENT_VALUE, f"{where}: Failure Reason (0008,1197) is missing")
+        if int(reason) == 0:
+            raise CommitmentError(INVALID_ARGUMENT_VALUE, f"{where}: Failure Reason (0008,1197) is 0, not a failure")
         failed.append((_reference(item, where), int(reason)))
     return Report(transaction_uid, committed, failed)
 

@@ -16,6 +16,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -575,12 +576,25 @@ def request_commitment(
             comment = str(status.get("ErrorComment", "")) if status else ""
             refusal = f"N-ACTION answered {_show_status(code)}{f': {comment}' if comment else ''}"
             raise ScuError(refusal, code is not None)
-        deadline = time.monotonic() + wait
-        while assoc.is_established and time.monotonic() < deadline and not settled():
-            time.sleep(0.05)
-    finally:
+    except BaseException:
         if assoc.is_established:
             assoc.release()
+        raise
+    # Accepted: from here nothing is raised, whatever the wait or the release meet.
+    deadline = time.monotonic() + wait
+    while assoc.is_established and time.monotonic() < deadline and not _settled(settled):
+        time.sleep(0.2)
+    with suppress(Exception):
+        if assoc.is_established:
+            assoc.release()
+
+
+def _settled(settled: Callable[[], bool]) -> bool:
+    try:
+        return settled()
+    except Exception as exc:  # the database, for a moment: the report may still come here
+        log.warning("storage commitment report not looked for", error=str(exc))
+        return False
 
 
 def report_commitment(peer: Peer, calling_ae: str, event_type: int, information: Dataset, timeouts: Timeouts) -> None:

@@ -225,13 +225,19 @@ class StorageCommitment:
         try:
             report = commitment.read_report(event_type, information)
         except CommitmentError as exc:
+            metrics.COMMITMENT_REPORTS.labels("scu", "other", "refused").inc()
             log.warning("storage commitment report refused", calling_ae=calling_ae, reason=str(exc))
             return exc.status, str(exc)
         asked = self.transactions.transaction(report.transaction_uid, "out")
         if asked is not None and asked.peer_ae != calling_ae:
+            metrics.COMMITMENT_REPORTS.labels("scu", asked.peer or "other", "refused").inc()
             log.warning("storage commitment report from another AE than the one asked", calling_ae=calling_ae,
                         asked=asked.peer_ae, transaction_uid=report.transaction_uid)  # fmt: skip
             return commitment.PROCESSING_FAILURE, f"this transaction was asked of {asked.peer_ae}"
+        if asked is not None and asked.state in ("committed", "failed"):
+            log.info("storage commitment report again, kept as first reported", calling_ae=calling_ae,
+                     transaction_uid=report.transaction_uid)  # fmt: skip
+            return 0, ""
         failures = {reference.sop_instance_uid: reason for reference, reason in report.failed}
         transaction = self.transactions.reported(
             report.transaction_uid, failures, [r.sop_instance_uid for r in report.committed]

@@ -36,10 +36,10 @@ log = get_logger(__name__)
 FIRST_RETRY = timedelta(seconds=2)
 LONGEST_RETRY = timedelta(minutes=5)
 WORKERS = 2
-ROUTE_WAIT = 5.0
+"""Route workers; each holds at most one association, to one peer, for one study."""
+ROUTE_WAIT = 2.0
 """How long a route keeps its Storage Commitment association open for the report on it; one
 that comes later comes on a new association, which the listener takes whenever it arrives."""
-"""Route workers; each holds at most one association, to one peer, for one study."""
 
 
 PROXY_ROUTE = "proxy:"
@@ -251,7 +251,11 @@ class Router:
         transaction = self._commitments.request(peer, sent[0][0].study_instance_uid, instances, ROUTE_WAIT)
         if transaction.state == "refused":
             why = f"sent; storage commitment not asked: {transaction.last_error}"
-            self._jobs.note([job.id for job, _ in sent], why)
+        elif transaction.state == "requested":
+            why = f"sent; storage commitment asked (transaction {transaction.transaction_uid}), no report yet"
+        else:
+            return
+        self._jobs.note([job.id for job, _ in sent], why)
 
     def _verify(self, peer: scu.Peer, study_instance_uid: str) -> None:
         """Once nothing of the study is left to send: the peer's own count, by C-FIND."""

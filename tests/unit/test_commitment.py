@@ -84,6 +84,9 @@ def test_a_report_carries_each_sequence_only_when_it_has_items_and_reads_back() 
     with pytest.raises(CommitmentError) as refused:
         commitment.read_report(3, all_committed)
     assert refused.value.status == 0x0113
+    none_committed.FailedSOPSequence[0].FailureReason = 0
+    with pytest.raises(CommitmentError, match="is 0, not a failure"):
+        commitment.read_report(2, none_committed)
     del none_committed.FailedSOPSequence[0].FailureReason
     with pytest.raises(CommitmentError, match="Failure Reason"):
         commitment.read_report(2, none_committed)
@@ -207,6 +210,15 @@ def test_transactions_both_ways_are_kept_and_reports_land_on_the_route_jobs(
         verified = dict(connection.execute(select(RouteJob.sop_instance_uid, RouteJob.verified_at)).all())
     assert verified[held[0].SOPInstanceUID] is not None and verified[held[1].SOPInstanceUID] is None
     assert service.take_report(1, _action(TransactionUID=generate_uid()), "PACS", same=False)[0] == 0x0110
+    # A report from another AE than the one asked, and one again: nothing changes.
+    all_committed = commitment.event_information(
+        Report(ours, [Reference(CT, ds.SOPInstanceUID) for ds in held], []), "PACS"
+    )
+    assert service.take_report(1, all_committed, "OTHER", same=False) == (0x0110, "this transaction was asked of PACS")
+    assert service.take_report(1, all_committed, "PACS", same=False) == (0, "")
+    unchanged = service.transactions.transaction(ours, "out")
+    assert unchanged is not None and unchanged.state == "failed" and len(unchanged.failed) == 1
+    assert {job.sop_instance_uid: job.state for job in jobs.listing()}[held[1].SOPInstanceUID] == "failed"
     with database.engine.connect() as connection:  # what `fabricatord trace` tells of them
         told = sorted(event.what for event in timeline._commitments(connection, [held[0].StudyInstanceUID]))
     assert told == [

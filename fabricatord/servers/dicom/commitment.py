@@ -10,6 +10,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from fabricatord.dicom import commitment
 from fabricatord.dicom.commitment import CommitmentError
 from fabricatord.dicom.ul.dimse import CommandField, Message
+from fabricatord.obs import metrics
 from fabricatord.obs.logging import get_logger
 from fabricatord.servers.dicom.context import Request, Response, Status
 from fabricatord.servers.dicom.find import identifier
@@ -28,6 +29,7 @@ def serve_action(request: Request) -> Response:
     )
     if refused is not None:
         refused.fields.update(fields)
+        metrics.COMMITMENT_REQUESTS.labels("scp", request.served.peer_label, "refused").inc()
         return refused
     assert service is not None
     fields["ActionTypeID"] = commitment.REQUEST_COMMITMENT
@@ -37,9 +39,11 @@ def serve_action(request: Request) -> Response:
         owed = service.receive(served.calling_ae, served.peer, identifier(request), report_here=send is not None)
         information = encode(service.information(owed.report), *request.encoding) or b""
     except CommitmentError as exc:
+        metrics.COMMITMENT_REQUESTS.labels("scp", served.peer_label, "refused").inc()
         log.warning("storage commitment refused", status=f"0x{exc.status:04X}", reason=str(exc))
         return Response(exc.status, str(exc), fields=fields)
     except (SQLAlchemyError, OSError) as exc:
+        metrics.COMMITMENT_REQUESTS.labels("scp", served.peer_label, "refused").inc()
         log.error("storage commitment not kept", error=str(exc))
         return Response(Status.PROCESSING_FAILURE, "the request could not be kept", fields=fields)
     served.answers = len(owed.report.committed)

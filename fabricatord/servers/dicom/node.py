@@ -151,7 +151,7 @@ went through two thread hand-offs for a status."""
 
 TIMED = frozenset({"C-STORE", "C-FIND", "MWL", "C-MOVE", "C-GET"})
 """The services `fabricatord_dimse_seconds` times, from the request's turn to its final response."""
-COUNTED_AS = {"N-CREATE": "MPPS", "N-SET": "MPPS", "N-ACTION": "COMMITMENT", "N-EVENT-REPORT": "COMMITMENT-REPORT"}
+COUNTED_AS = {"N-CREATE": "MPPS", "N-SET": "MPPS", "N-ACTION": "COMMITMENT", "N-EVENT-REPORT": "COMMITMENT-RESULT"}
 """The `service` label of `fabricatord_dimse_operations_total` where it is not the operation's."""
 WARNINGS = frozenset({0x0001, 0x0107, 0x0116})
 """Warning statuses outside 0xB000-0xBFFF (PS3.7 C): the operation was done."""
@@ -663,7 +663,7 @@ class Session:
             pool.callInThread(answered, None)
             return
         message_id = self.served.next_message_id()
-        timeout = parse_duration(self.node.settings.dicom.dimse_timeout)
+        timeout = parse_duration(self.node.settings.dicom.dimse_timeout) or None
         waiting = self.association.expect_response(message_id, timeout)
         self.association.send(context_id, encode_command({**fields, "MessageID": message_id}), dataset)
         waiting.addCallback(lambda answer: pool.callInThread(answered, answer))
