@@ -258,6 +258,18 @@ def _status_class(status: int | None) -> str:
     return "failure"
 
 
+def _succeeded(service: str, peer: Peer, status: Dataset | None, refused: bool = False, what: str = "") -> None:
+    """The one response of a C-ECHO or N-service, counted; ScuError with its status and Error
+    Comment unless it is success (`refused`: a failure status is the peer's refusal for good;
+    `what`: how the error names the operation, `service` by default)."""
+    code = int(status.Status) if status and "Status" in status else None
+    metrics.SCU_OPERATIONS.labels(service, peer.name, _status_class(code)).inc()
+    if code != STATUS_SUCCESS:
+        comment = str(status.get("ErrorComment", "")) if status else ""
+        raise ScuError(f"{what or service} answered {_show_status(code)}{f': {comment}' if comment else ''}",
+                       refused and code is not None)  # fmt: skip
+
+
 def echo(peer: Peer, calling_ae: str, timeouts: Timeouts = Timeouts()) -> float:
     """C-ECHO; returns the round trip in seconds including association set-up."""
     ae = _application(calling_ae, timeouts)
@@ -265,11 +277,7 @@ def echo(peer: Peer, calling_ae: str, timeouts: Timeouts = Timeouts()) -> float:
     started = time.perf_counter()
     assoc = _associate(ae, peer)
     try:
-        status = assoc.send_c_echo()
-        code = int(status.Status) if "Status" in status else None
-        metrics.SCU_OPERATIONS.labels("C-ECHO", peer.name, _status_class(code)).inc()
-        if code != STATUS_SUCCESS:
-            raise ScuError(f"C-ECHO answered {_show_status(code)}")
+        _succeeded("C-ECHO", peer, assoc.send_c_echo())
     finally:
         assoc.release()
     return time.perf_counter() - started
@@ -532,11 +540,7 @@ def performed_procedure_step(
             status, _ = assoc.send_n_create(attributes, MPPS_SOP_CLASS, sop_instance_uid)
         else:
             status, _ = assoc.send_n_set(attributes, MPPS_SOP_CLASS, sop_instance_uid)
-        code = int(status.Status) if status and "Status" in status else None
-        metrics.SCU_OPERATIONS.labels(service, peer.name, _status_class(code)).inc()
-        if code != STATUS_SUCCESS:
-            comment = str(status.get("ErrorComment", "")) if status else ""
-            raise ScuError(f"MPPS {service} answered {_show_status(code)} {comment}".strip())
+        _succeeded(service, peer, status, what=f"MPPS {service}")
     finally:
         if assoc.is_established:
             assoc.release()
@@ -570,12 +574,7 @@ def request_commitment(
     try:
         status, _ = assoc.send_n_action(action, commitment.REQUEST_COMMITMENT, commitment.SOP_CLASS,
                                         commitment.SOP_INSTANCE)  # fmt: skip
-        code = int(status.Status) if status and "Status" in status else None
-        metrics.SCU_OPERATIONS.labels("N-ACTION", peer.name, _status_class(code)).inc()
-        if code != STATUS_SUCCESS:
-            comment = str(status.get("ErrorComment", "")) if status else ""
-            refusal = f"N-ACTION answered {_show_status(code)}{f': {comment}' if comment else ''}"
-            raise ScuError(refusal, code is not None)
+        _succeeded("N-ACTION", peer, status, refused=True)
     except BaseException:
         if assoc.is_established:
             assoc.release()
@@ -607,11 +606,7 @@ def report_commitment(peer: Peer, calling_ae: str, event_type: int, information:
     assoc = _associate(ae, peer, ext_neg=[role])
     try:
         status = assoc.send_n_event_report(information, event_type, commitment.SOP_CLASS, commitment.SOP_INSTANCE)[0]
-        code = int(status.Status) if status and "Status" in status else None
-        metrics.SCU_OPERATIONS.labels("N-EVENT-REPORT", peer.name, _status_class(code)).inc()
-        if code != STATUS_SUCCESS:
-            comment = str(status.get("ErrorComment", "")) if status else ""
-            raise ScuError(f"N-EVENT-REPORT answered {_show_status(code)}{f': {comment}' if comment else ''}")
+        _succeeded("N-EVENT-REPORT", peer, status)
     finally:
         if assoc.is_established:
             assoc.release()

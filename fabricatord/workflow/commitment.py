@@ -92,19 +92,17 @@ class StorageCommitment:
         dimse = parse_duration(self._settings.dicom.dimse_timeout) or 30.0
         wait = dimse + SAME_ASSOCIATION_MARGIN if report_here else 0.0
         kept = self.transactions.received(request.transaction_uid, calling_ae, name, items, wait)
-        committed = [Reference(i.sop_class_uid, i.sop_instance_uid) for i in kept if i.failure_reason == 0]
-        failed = [(Reference(i.sop_class_uid, i.sop_instance_uid), int(i.failure_reason or 0)) for i in kept
-                  if i.failure_reason]  # fmt: skip
+        report = _report(request.transaction_uid, kept)
         metrics.COMMITMENT_REQUESTS.labels("scp", name or "other", "accepted").inc()
         log.info(
             "storage commitment requested",
             transaction_uid=request.transaction_uid,
             calling_ae=calling_ae,
             instances=len(items),
-            committed=len(committed),
-            failed=len(failed),
+            committed=len(report.committed),
+            failed=len(report.failed),
         )
-        return Owed(Report(request.transaction_uid, committed, failed), calling_ae, name)
+        return Owed(report, calling_ae, name)
 
     def information(self, report: Report) -> Dataset:
         """The Event Information of a report of ours: we are where the instances are retrieved."""
@@ -129,11 +127,7 @@ class StorageCommitment:
 
     def send_owed(self, transaction: Transaction) -> None:
         """A claimed report, on an association of ours to the requester's `[[peers]]` entry."""
-        report = Report(
-            transaction.transaction_uid,
-            [Reference(i.sop_class_uid, i.sop_instance_uid) for i in transaction.committed],
-            [(Reference(i.sop_class_uid, i.sop_instance_uid), int(i.failure_reason or 0)) for i in transaction.failed],
-        )
+        report = _report(transaction.transaction_uid, transaction.items)
         owed = Owed(report, transaction.peer_ae, transaction.peer)
         settings = self._settings
         peer = settings.peer(transaction.peer) or next(
@@ -286,6 +280,13 @@ class StorageCommitment:
             )
         except Exception as exc:  # the trail is a record of traffic: the commitment goes on
             log.error("audit event could not be written", operation=operation, error=str(exc))
+
+
+def _report(transaction_uid: str, items: Sequence[Item]) -> Report:
+    """What a report says of decided items."""
+    committed = [Reference(i.sop_class_uid, i.sop_instance_uid) for i in items if i.failure_reason == 0]
+    failed = [(Reference(i.sop_class_uid, i.sop_instance_uid), i.failure_reason) for i in items if i.failure_reason]
+    return Report(transaction_uid, committed, failed)
 
 
 class Reporter:

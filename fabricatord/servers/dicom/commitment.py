@@ -34,9 +34,8 @@ def serve_action(request: Request) -> Response:
     assert service is not None
     fields["ActionTypeID"] = commitment.REQUEST_COMMITMENT
     served = request.served
-    send = request.notify
     try:
-        owed = service.receive(served.calling_ae, served.peer, identifier(request), report_here=send is not None)
+        owed = service.receive(served.calling_ae, served.peer, identifier(request), report_here=True)
         information = encode(service.information(owed.report), *request.encoding) or b""
     except CommitmentError as exc:
         metrics.COMMITMENT_REQUESTS.labels("scp", served.peer_label, "refused").inc()
@@ -48,8 +47,6 @@ def serve_action(request: Request) -> Response:
         return Response(Status.PROCESSING_FAILURE, "the request could not be kept", fields=fields)
     served.answers = len(owed.report.committed)
     served.detail = f"transaction {owed.report.transaction_uid} failed={len(owed.report.failed)}"
-    if send is None:
-        return Response(Status.SUCCESS, fields=fields)
 
     def report() -> None:
         """On the reactor, once the N-ACTION-RSP is written: the report on the same association."""
@@ -60,7 +57,7 @@ def serve_action(request: Request) -> Response:
             "AffectedSOPInstanceUID": commitment.SOP_INSTANCE,
             "EventTypeID": owed.report.event_type,
         }
-        send(command, information, lambda answer: _answered(service, owed, answer))
+        request.notify(command, information, lambda answer: _answered(service, owed, answer))
 
     return Response(Status.SUCCESS, fields=fields, then=report)
 

@@ -111,14 +111,14 @@ class Request:
     pending: Callable[[Response], None]
     """Send a pending response now (from the worker thread; it waits while the peer is slow)."""
     cancelled: threading.Event
+    notify: Callable[[dict[str, Any], bytes, Callable[[Message | None], None]], None]
+    """From the reactor: send a request of ours on this request's context (a Storage Commitment
+    report) without waiting: (command fields, dataset, told the response on a worker thread,
+    None when none came or the association is no longer open for requests)."""
     sub_request: Callable[[int, int, bytes, Any], Message | None] | None = None
     """Send a request of our own on this association (C-GET's C-STOREs) and wait for its
     response: (context ID, message ID, command set, dataset source) → the response, None if
     none came."""
-    notify: Callable[[dict[str, Any], bytes, Callable[[Message | None], None]], None] | None = None
-    """From the reactor: send a request of ours on this request's context (a Storage Commitment
-    report) without waiting: (command fields, dataset, told the response on a worker thread,
-    None when none came or the association is no longer open for requests)."""
 
     @property
     def command(self) -> dict[str, Any]:

@@ -520,8 +520,8 @@ class Session:
             context=context,
             pending=lambda response: self._pending(message, response),
             cancelled=self.stop,
-            sub_request=self._sub_request,
             notify=lambda fields, dataset, answered: self._notify(message.context_id, fields, dataset, answered),
+            sub_request=self._sub_request,
         )
         if service in ON_THE_REACTOR:
             self._run(service, request)
