@@ -80,16 +80,25 @@ class Modality:
 
     def ask(self, daemon: Daemon, dataset: Dataset, on_association: bool = True, wait: float = 10.0) -> Dataset:
         """The N-ACTION's status; with `on_association`, the association stays open until a
-        report came on it (or `wait` passed)."""
+        report came on it (or `wait` passed); without, the report on it is refused (0x0110) and
+        the association released only after that answer went out: pynetdicom cannot answer a
+        request once it asked to release."""
         ae = AE(ae_title=self.ae_title)
         ae.add_requested_context(StorageCommitmentPushModel)
-        handlers: list[Any] = [(evt.EVT_N_EVENT_REPORT, self._take)] if on_association else []
+        refused = threading.Event()
+
+        def refuse(event: Any) -> tuple[int, None]:
+            refused.set()
+            return 0x0110, None
+
+        handlers = [(evt.EVT_N_EVENT_REPORT, self._take if on_association else refuse)]
         assoc = ae.associate("127.0.0.1", daemon.port, ae_title="FABRICATORD", evt_handlers=handlers)
         assert assoc.is_established
         try:
             status, _ = assoc.send_n_action(dataset, 1, StorageCommitmentPushModel, SOP_INSTANCE)
-            if on_association and status.Status == 0:
-                self.arrived.wait(wait)
+            if status.Status == 0:
+                (self.arrived if on_association else refused).wait(wait)
+                time.sleep(0.2)  # the answer is sent once the handler returned
         finally:
             assoc.release()
         return status
@@ -152,7 +161,7 @@ def test_a_modality_gets_its_report_on_its_association_with_what_we_do_not_hold(
     answer = Modality("ANYONE").ask(daemon, broken)
     assert answer.Status == 0x0115
     assert "Transaction UID" in str(answer.ErrorComment)
-    # A requester without an entry that does not stay for its report: nobody to report to.
+    # A requester without an entry that refuses its report on the association: nobody to report to.
     gone = generate_uid()
     assert Modality("ANYONE").ask(daemon, action(gone, references[:1]), on_association=False).Status == 0
     state = wait_until(
@@ -174,8 +183,8 @@ def test_a_report_owed_when_the_daemon_is_killed_goes_out_after_the_restart(
         daemon = start_daemon(peers, env={"FABRICATORD_FAULTPOINT": "commitment.before_report:kill"})
         held = stored_ct(tmp_path, daemon, images=3)
         transaction = generate_uid()
-        # The modality takes no report on its association (pynetdicom answers 0x0110 without a
-        # handler) and releases: the report is owed on an association of ours.
+        # The modality refuses the report on its association (0x0110) and releases: the report is
+        # owed on an association of ours.
         status = modality.ask(daemon, action(transaction, [(c, i) for c, i, _ in held]), on_association=False)
         assert status.Status == 0x0000
         daemon.process.wait(timeout=30)
