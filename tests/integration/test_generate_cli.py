@@ -109,7 +109,9 @@ def test_show_renders_and_ocr_reads_the_accession(tmp_path: Path) -> None:
     png = tmp_path / "cr.png"
     shown = run_cli("show", str(image), "--png", str(png)).stdout
     assert accession in shown and "Computed Radiography Image Storage" in shown
-    text = subprocess.run([tesseract, str(png), "-"], capture_output=True, text=True, timeout=120).stdout
+    # One OpenMP thread: tesseract's threads spin against each other, several times slower.
+    single = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    text = subprocess.run([tesseract, str(png), "-"], capture_output=True, text=True, timeout=120, env=single).stdout
     assert accession in text.replace(" ", ""), text
     assert "SYNTHETIC" in text and "NOT FOR CLINICAL USE" in text
 
