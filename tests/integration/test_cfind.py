@@ -3,35 +3,40 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
 
 from tests.conftest import run_cli
-from tests.integration.conftest import Daemon, findscu
+from tests.integration.conftest import Daemon, findscu, halt, launch
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def archive(start_daemon: Callable[..., Daemon], tmp_path: Path) -> tuple[Daemon, dict[str, str]]:
-    """A node holding three studies of two patients, sent by `generate --send` and confirmed by C-FIND."""
-    daemon = start_daemon(synth="seed = 42\n", env={"FABRICATORD__DICOM__MAX_FIND_RESULTS": "10"})
-    node = f"FABRICATORD@127.0.0.1:{daemon.port}"
-    studies: dict[str, str] = {}
-    for name, args in (
-        ("ct", ["--modality", "CT", "--images", "3"]),
-        ("mr", ["--modality", "MR", "--images", "2", "--patient-id", "PID0000001"]),
-        ("cr", ["--modality", "CR", "--rows", "256", "--columns", "200"]),
-    ):
-        out = run_cli(
-            "generate", "--config", str(daemon.config), *args, "--out", str(tmp_path / name), "--send", node
-        ).stdout
-        assert "Confirmed by C-FIND at FABRICATORD" in out
-        studies[name] = re.search(r"Study Instance UID:\s+(\S+)", out).group(1)  # type: ignore[union-attr]
-    return daemon, studies
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, dict[str, str]]]:
+    """A node holding three studies of two patients, sent by `generate --send` and confirmed by
+    C-FIND; the tests of this module only query it, so they share it."""
+    folder = tmp_path_factory.mktemp("archive")
+    daemon = launch(folder, synth="seed = 42\n", env={"FABRICATORD__DICOM__MAX_FIND_RESULTS": "10"})
+    try:
+        node = f"FABRICATORD@127.0.0.1:{daemon.port}"
+        studies: dict[str, str] = {}
+        for name, args in (
+            ("ct", ["--modality", "CT", "--images", "3"]),
+            ("mr", ["--modality", "MR", "--images", "2", "--patient-id", "PID0000001"]),
+            ("cr", ["--modality", "CR", "--rows", "256", "--columns", "200"]),
+        ):
+            out = run_cli(
+                "generate", "--config", str(daemon.config), *args, "--out", str(folder / name), "--send", node
+            ).stdout
+            assert "Confirmed by C-FIND at FABRICATORD" in out
+            studies[name] = re.search(r"Study Instance UID:\s+(\S+)", out).group(1)  # type: ignore[union-attr]
+        yield daemon, studies
+    finally:
+        halt(daemon)
 
 
 def test_study_level_matching_and_computed_keys(archive: tuple[Daemon, dict[str, str]], tmp_path: Path) -> None:
