@@ -1,7 +1,7 @@
 """The peer table of docs/robustness.md, measured again: fabricatord, pynetdicom's storescp,
 DCMTK's storescp and Orthanc each get every DICOM bad input of benchmarks/robustness.py, and
-must answer what the table says they answer. A changed peer, or a changed fabricatord, fails
-here until the table says so."""
+must answer what the table says they answer (one of them, where a cell names several). A
+changed peer, or a changed fabricatord, fails here until the table says so."""
 
 from __future__ import annotations
 
@@ -40,4 +40,10 @@ def test_each_peer_answers_what_the_documented_table_says(peer: str, tmp_path: P
         answers = answers_of(server)
     finally:
         server.stop()
-    assert answers == documented()[peer]
+    table = documented()[peer]
+    assert answers.keys() == table.keys()
+    # A cell may name the answers a peer gives by turns ("A or B"): pynetdicom's state machine
+    # does not always answer the same bytes the same way.
+    differing = {label: (answer, table[label]) for label, answer in answers.items()
+                 if answer not in table[label].split(" or ")}  # fmt: skip
+    assert not differing, differing
